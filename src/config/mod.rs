@@ -1,0 +1,133 @@
+//! Configuration: one TOML file per node.
+//!
+//! Loading happens in two stages, so that every later stage can trust its
+//! input: [`raw`] mirrors the file (serde, unknown keys rejected), and
+//! [`validate`] turns it into a typed [`Config`] or a [`ConfigError`] that
+//! names the file and the key. Nothing is started or written before this
+//! succeeds. Every key is documented in `docs/configuration.md`.
+
+mod error;
+pub mod raw;
+mod validate;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use error::ConfigError;
+
+use crate::model::MemberName;
+use crate::secret::SecretString;
+
+/// A validated node configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The file this came from (for messages).
+    pub path: PathBuf,
+    pub cluster: String,
+    pub namespace: String,
+    pub name: MemberName,
+    pub state_dir: PathBuf,
+    pub etcd: EtcdConfig,
+    pub ha: HaConfig,
+    pub postgres: PostgresConfig,
+    pub api: ApiConfig,
+}
+
+#[derive(Clone, Debug)]
+pub struct EtcdConfig {
+    pub endpoints: Vec<String>,
+    pub credentials: Option<(String, SecretString)>,
+}
+
+/// Timing and election settings. The relations between the durations are
+/// explained in `validate.rs` and `docs/configuration.md`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HaConfig {
+    pub ttl: Duration,
+    pub loop_wait: Duration,
+    pub retry_timeout: Duration,
+    pub fence_margin: Duration,
+    pub priority: u32,
+    pub nofailover: bool,
+    pub maximum_lag_on_failover: u64,
+}
+
+impl Default for HaConfig {
+    fn default() -> Self {
+        let raw = raw::RawHa::default();
+        HaConfig {
+            ttl: raw.ttl,
+            loop_wait: raw.loop_wait,
+            retry_timeout: raw.retry_timeout,
+            fence_margin: raw.fence_margin,
+            priority: raw.priority,
+            nofailover: raw.nofailover,
+            maximum_lag_on_failover: raw.maximum_lag_on_failover,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct RoleCredentials {
+    pub username: String,
+    pub password: SecretString,
+}
+
+#[derive(Clone, Debug)]
+pub struct PostgresConfig {
+    pub bin_dir: PathBuf,
+    pub data_dir: PathBuf,
+    pub listen_addresses: String,
+    pub connect_host: String,
+    pub port: u16,
+    pub os_user: String,
+    pub superuser: RoleCredentials,
+    pub replication: RoleCredentials,
+    pub replication_networks: Vec<String>,
+    pub client_networks: Vec<String>,
+    pub pg_hba: Vec<String>,
+    /// Extra server parameters, values already rendered as text.
+    pub parameters: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug)]
+pub struct ApiConfig {
+    pub listen: SocketAddr,
+    pub connect_url: String,
+}
+
+impl Config {
+    /// Reads and validates `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        Self::from_toml(path, &text)
+    }
+
+    /// Parses and validates `text` as if read from `path` (relative paths
+    /// inside are resolved against `path`'s directory).
+    pub fn from_toml(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let raw = validate::parse(path, text)?;
+        validate::validate(path, raw)
+    }
+
+    /// DCS key prefix for this cluster: `/<namespace>/<cluster>/`.
+    pub fn dcs_prefix(&self) -> String {
+        format!("/{}/{}/", self.namespace, self.cluster)
+    }
+
+    /// Where the agent keeps the libpq passfile it hands to PostgreSQL tools.
+    pub fn passfile_path(&self) -> PathBuf {
+        self.state_dir.join("pgpass")
+    }
+
+    /// Directory for PostgreSQL's unix socket.
+    pub fn socket_dir(&self) -> PathBuf {
+        self.state_dir.join("run")
+    }
+}
+
+#[cfg(test)]
+mod tests;

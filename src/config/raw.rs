@@ -1,0 +1,169 @@
+//! The configuration file as written: serde types that mirror the TOML
+//! exactly, with defaults, and nothing else. Turning this into values the
+//! rest of pgha can trust happens in `validate.rs`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+use crate::secret::SecretString;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// Cluster name: every member of one cluster uses the same value.
+    pub cluster: String,
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    /// This member's name, unique within the cluster.
+    pub name: String,
+    /// Files the agent owns besides the data directory (passfile, fence
+    /// state, unix sockets). Default: `<data_dir>.pgha`.
+    #[serde(default)]
+    pub state_dir: Option<PathBuf>,
+    pub etcd: RawEtcd,
+    #[serde(default)]
+    pub ha: RawHa,
+    pub postgres: RawPostgres,
+    #[serde(default)]
+    pub api: RawApi,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawEtcd {
+    pub endpoints: Vec<String>,
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password: Option<SecretString>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHa {
+    #[serde(default = "default_ttl", with = "humantime_serde")]
+    pub ttl: std::time::Duration,
+    #[serde(default = "default_loop_wait", with = "humantime_serde")]
+    pub loop_wait: std::time::Duration,
+    #[serde(default = "default_retry_timeout", with = "humantime_serde")]
+    pub retry_timeout: std::time::Duration,
+    #[serde(default = "default_fence_margin", with = "humantime_serde")]
+    pub fence_margin: std::time::Duration,
+    #[serde(default = "default_priority")]
+    pub priority: u32,
+    #[serde(default)]
+    pub nofailover: bool,
+    #[serde(default = "default_max_lag")]
+    pub maximum_lag_on_failover: u64,
+}
+
+impl Default for RawHa {
+    fn default() -> Self {
+        RawHa {
+            ttl: default_ttl(),
+            loop_wait: default_loop_wait(),
+            retry_timeout: default_retry_timeout(),
+            fence_margin: default_fence_margin(),
+            priority: default_priority(),
+            nofailover: false,
+            maximum_lag_on_failover: default_max_lag(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPostgres {
+    #[serde(default = "default_bin_dir")]
+    pub bin_dir: PathBuf,
+    pub data_dir: PathBuf,
+    #[serde(default = "default_listen")]
+    pub listen_addresses: String,
+    /// Address other members and clients use; default: the first of
+    /// `listen_addresses` (or 127.0.0.1 for `*`).
+    #[serde(default)]
+    pub connect_host: Option<String>,
+    #[serde(default = "default_pg_port")]
+    pub port: u16,
+    #[serde(default = "default_os_user")]
+    pub os_user: String,
+    pub superuser: RawRole,
+    pub replication: RawRole,
+    /// Networks (CIDR) allowed to open replication connections.
+    #[serde(default = "default_networks")]
+    pub replication_networks: Vec<String>,
+    /// Networks (CIDR) allowed to open client connections (all databases, all users, SCRAM).
+    #[serde(default = "default_networks")]
+    pub client_networks: Vec<String>,
+    /// Extra pg_hba.conf lines, appended after pgha's own.
+    #[serde(default)]
+    pub pg_hba: Vec<String>,
+    /// Extra server parameters (postgresql.conf).
+    #[serde(default)]
+    pub parameters: BTreeMap<String, toml::Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRole {
+    pub username: String,
+    pub password: SecretString,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawApi {
+    #[serde(default = "default_api_listen")]
+    pub listen: String,
+    /// URL other members use to reach this API; default `http://<listen>`.
+    #[serde(default)]
+    pub connect_url: Option<String>,
+}
+
+impl Default for RawApi {
+    fn default() -> Self {
+        RawApi { listen: default_api_listen(), connect_url: None }
+    }
+}
+
+fn default_namespace() -> String {
+    "pgha".into()
+}
+fn default_ttl() -> std::time::Duration {
+    std::time::Duration::from_secs(3)
+}
+fn default_loop_wait() -> std::time::Duration {
+    std::time::Duration::from_millis(500)
+}
+fn default_retry_timeout() -> std::time::Duration {
+    std::time::Duration::from_millis(1000)
+}
+fn default_fence_margin() -> std::time::Duration {
+    std::time::Duration::from_millis(500)
+}
+fn default_priority() -> u32 {
+    100
+}
+fn default_max_lag() -> u64 {
+    1024 * 1024
+}
+fn default_bin_dir() -> PathBuf {
+    PathBuf::from("/usr/lib/postgresql/15/bin")
+}
+fn default_listen() -> String {
+    "127.0.0.1".into()
+}
+fn default_pg_port() -> u16 {
+    5432
+}
+fn default_os_user() -> String {
+    "postgres".into()
+}
+fn default_networks() -> Vec<String> {
+    vec!["127.0.0.1/32".into()]
+}
+fn default_api_listen() -> String {
+    "127.0.0.1:8008".into()
+}

@@ -1,0 +1,291 @@
+//! Raw → typed configuration, with every rule in one place.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::raw::{RawConfig, RawRole};
+use super::{ApiConfig, Config, ConfigError, EtcdConfig, HaConfig, PostgresConfig, RoleCredentials};
+use crate::model::MemberName;
+
+/// Server parameters pgha sets itself. Letting the operator override them
+/// would break replication, fencing or the agent's own connection.
+const MANAGED_PARAMETERS: &[&str] = &[
+    "port",
+    "listen_addresses",
+    "unix_socket_directories",
+    "hba_file",
+    "ident_file",
+    "data_directory",
+    "config_file",
+    "primary_conninfo",
+    "primary_slot_name",
+    "recovery_target_timeline",
+    "hot_standby",
+    "synchronous_standby_names",
+    "wal_log_hints",
+    "password_encryption",
+];
+
+/// Binaries the agent runs; checked up front so that a wrong `bin_dir`
+/// fails at start rather than at the first failover.
+const REQUIRED_BINARIES: &[&str] = &["postgres", "initdb", "pg_ctl", "pg_basebackup", "pg_rewind", "pg_controldata"];
+
+pub(super) fn parse(path: &Path, text: &str) -> Result<RawConfig, ConfigError> {
+    let de = toml::de::Deserializer::parse(text).map_err(|e| syntax(path, text, &e))?;
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let key = e.path().to_string();
+        let inner = e.into_inner();
+        let message = inner.message().to_string();
+        if key.is_empty() || key == "." {
+            syntax(path, text, &inner)
+        } else {
+            ConfigError::invalid(path, &key, message)
+        }
+    })
+}
+
+fn syntax(path: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
+    let line = e.span().map(|s| text[..s.start.min(text.len())].lines().count().max(1)).unwrap_or(1);
+    ConfigError::Syntax { path: path.to_path_buf(), line, message: e.message().trim().to_string() }
+}
+
+pub(super) fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
+    let bad = |key: &str, msg: String| ConfigError::invalid(path, key, msg);
+    let base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let resolve = |p: &Path| if p.is_absolute() { p.to_path_buf() } else { base_dir.join(p) };
+
+    if !is_identifier_like(&raw.cluster) {
+        return Err(bad("cluster", format!("{:?} must be 1-63 characters of [A-Za-z0-9_.-]", raw.cluster)));
+    }
+    if !is_identifier_like(&raw.namespace) {
+        return Err(bad("namespace", format!("{:?} must be 1-63 characters of [A-Za-z0-9_.-]", raw.namespace)));
+    }
+    if !MemberName::is_valid(&raw.name) {
+        return Err(bad("name", format!("{:?} must be 1-63 characters of [A-Za-z0-9_.-]", raw.name)));
+    }
+
+    // etcd
+    if raw.etcd.endpoints.is_empty() {
+        return Err(bad("etcd.endpoints", "at least one endpoint is required".into()));
+    }
+    for (i, ep) in raw.etcd.endpoints.iter().enumerate() {
+        if !(ep.starts_with("http://") || ep.starts_with("https://")) || ep.len() <= "http://".len() {
+            return Err(bad(&format!("etcd.endpoints[{i}]"), format!("{ep:?} must look like http://host:port")));
+        }
+    }
+    let credentials = match (raw.etcd.username, raw.etcd.password) {
+        (Some(u), Some(p)) => Some((u, p)),
+        (None, None) => None,
+        (Some(_), None) => return Err(bad("etcd.password", "required when etcd.username is set".into())),
+        (None, Some(_)) => return Err(bad("etcd.username", "required when etcd.password is set".into())),
+    };
+
+    let ha = validate_ha(path, &raw.ha)?;
+    let ha = HaConfig { ..ha };
+
+    // postgres
+    let pg = raw.postgres;
+    let bin_dir = resolve(&pg.bin_dir);
+    if !bin_dir.is_dir() {
+        return Err(bad("postgres.bin_dir", format!("{} is not a directory", bin_dir.display())));
+    }
+    for bin in REQUIRED_BINARIES {
+        if !bin_dir.join(bin).is_file() {
+            return Err(bad("postgres.bin_dir", format!("{} has no {bin} binary", bin_dir.display())));
+        }
+    }
+    let data_dir = resolve(&pg.data_dir);
+    if data_dir.as_os_str().is_empty() || data_dir == Path::new("/") {
+        return Err(bad("postgres.data_dir", "must name a directory other than /".into()));
+    }
+    if pg.port == 0 {
+        return Err(bad("postgres.port", "must be 1-65535".into()));
+    }
+    if pg.listen_addresses.trim().is_empty() {
+        return Err(bad("postgres.listen_addresses", "must not be empty".into()));
+    }
+    let connect_host = match pg.connect_host {
+        Some(h) if h.trim().is_empty() => return Err(bad("postgres.connect_host", "must not be empty".into())),
+        Some(h) => h,
+        None => {
+            let first = pg.listen_addresses.split(',').next().unwrap_or("").trim();
+            if first == "*" || first == "0.0.0.0" || first == "::" { "127.0.0.1".to_string() } else { first.to_string() }
+        }
+    };
+    if pg.os_user.is_empty() {
+        return Err(bad("postgres.os_user", "must not be empty".into()));
+    }
+    let superuser = role(path, "postgres.superuser", pg.superuser)?;
+    let replication = role(path, "postgres.replication", pg.replication)?;
+    if superuser.username == replication.username {
+        return Err(bad("postgres.replication.username", "must differ from postgres.superuser.username".into()));
+    }
+    for (key, nets) in [("postgres.replication_networks", &pg.replication_networks), ("postgres.client_networks", &pg.client_networks)] {
+        for (i, net) in nets.iter().enumerate() {
+            if !is_cidr(net) {
+                return Err(bad(&format!("{key}[{i}]"), format!("{net:?} is not an address/prefix such as 10.0.0.0/8")));
+            }
+        }
+    }
+    for (i, line) in pg.pg_hba.iter().enumerate() {
+        if line.contains('\n') || line.trim().is_empty() {
+            return Err(bad(&format!("postgres.pg_hba[{i}]"), "must be one non-empty pg_hba.conf line".into()));
+        }
+        if line.split_whitespace().any(|w| w == "trust") {
+            // Refusing trust is deliberate: a cluster manager that quietly
+            // admits password-less logins is not secure by default.
+            return Err(bad(&format!("postgres.pg_hba[{i}]"), "the 'trust' method is not allowed; use scram-sha-256".into()));
+        }
+    }
+    let mut parameters = BTreeMap::new();
+    for (name, value) in pg.parameters {
+        let key = format!("postgres.parameters.{name}");
+        if MANAGED_PARAMETERS.contains(&name.to_ascii_lowercase().as_str()) {
+            return Err(bad(&key, "is managed by pgha and cannot be set here".into()));
+        }
+        if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.') {
+            return Err(bad(&key, "is not a valid parameter name".into()));
+        }
+        let text = match value {
+            toml::Value::String(s) => s,
+            toml::Value::Integer(i) => i.to_string(),
+            toml::Value::Float(f) => f.to_string(),
+            toml::Value::Boolean(b) => if b { "on".into() } else { "off".into() },
+            other => return Err(bad(&key, format!("must be a string, number or boolean, not {}", other.type_str()))),
+        };
+        parameters.insert(name, text);
+    }
+
+    // api
+    let listen = raw
+        .api
+        .listen
+        .parse()
+        .map_err(|_| bad("api.listen", format!("{:?} must be an ip:port address", raw.api.listen)))?;
+    let connect_url = match raw.api.connect_url {
+        Some(u) if u.starts_with("http://") || u.starts_with("https://") => u.trim_end_matches('/').to_string(),
+        Some(u) => return Err(bad("api.connect_url", format!("{u:?} must start with http:// or https://"))),
+        None => format!("http://{}", raw.api.listen),
+    };
+
+    let state_dir = match raw.state_dir {
+        Some(p) => resolve(&p),
+        None => {
+            let mut s = data_dir.clone().into_os_string();
+            s.push(".pgha");
+            PathBuf::from(s)
+        }
+    };
+    if state_dir.starts_with(&data_dir) {
+        return Err(bad("state_dir", "must not be inside postgres.data_dir (pg_basebackup and pg_rewind replace it)".into()));
+    }
+
+    Ok(Config {
+        path: path.to_path_buf(),
+        cluster: raw.cluster,
+        namespace: raw.namespace,
+        name: MemberName::new(raw.name),
+        state_dir,
+        etcd: EtcdConfig { endpoints: raw.etcd.endpoints, credentials },
+        ha,
+        postgres: PostgresConfig {
+            bin_dir,
+            data_dir,
+            listen_addresses: pg.listen_addresses,
+            connect_host,
+            port: pg.port,
+            os_user: pg.os_user,
+            superuser,
+            replication,
+            replication_networks: pg.replication_networks,
+            client_networks: pg.client_networks,
+            pg_hba: pg.pg_hba,
+            parameters,
+        },
+        api: ApiConfig { listen, connect_url },
+    })
+}
+
+/// The timing rules. They exist so that one slow etcd round trip never
+/// turns into a failover, and so that a leader always stops accepting
+/// writes before its lease can expire for the others.
+pub(crate) fn validate_ha(path: &Path, raw: &super::raw::RawHa) -> Result<HaConfig, ConfigError> {
+    let bad = |key: &str, msg: String| ConfigError::invalid(path, key, msg);
+    let ms = |d: Duration| humantime::format_duration(d).to_string();
+    // etcd leases have whole-second TTLs; rounding silently would make the
+    // fencing arithmetic below wrong.
+    if raw.ttl.subsec_nanos() != 0 || raw.ttl < Duration::from_secs(2) {
+        return Err(bad("ha.ttl", format!("must be a whole number of seconds, at least 2s (got {})", ms(raw.ttl))));
+    }
+    if raw.loop_wait < Duration::from_millis(100) {
+        return Err(bad("ha.loop_wait", format!("must be at least 100ms (got {})", ms(raw.loop_wait))));
+    }
+    if raw.retry_timeout < Duration::from_millis(100) {
+        return Err(bad("ha.retry_timeout", format!("must be at least 100ms (got {})", ms(raw.retry_timeout))));
+    }
+    if raw.fence_margin < Duration::from_millis(100) {
+        return Err(bad("ha.fence_margin", format!("must be at least 100ms (got {})", ms(raw.fence_margin))));
+    }
+    // The leader renews every loop_wait and gives one renewal up to
+    // retry_timeout; it must then still have fence_margin left before the
+    // lease can expire, to stop PostgreSQL. If the sum exceeded the TTL, a
+    // single slow renewal would fence a healthy leader.
+    let budget = raw.loop_wait + raw.retry_timeout + raw.fence_margin;
+    if budget > raw.ttl {
+        return Err(bad(
+            "ha.ttl",
+            format!(
+                "must be at least loop_wait + retry_timeout + fence_margin = {} (got {})",
+                ms(budget),
+                ms(raw.ttl)
+            ),
+        ));
+    }
+    Ok(HaConfig {
+        ttl: raw.ttl,
+        loop_wait: raw.loop_wait,
+        retry_timeout: raw.retry_timeout,
+        fence_margin: raw.fence_margin,
+        priority: raw.priority,
+        nofailover: raw.nofailover,
+        maximum_lag_on_failover: raw.maximum_lag_on_failover,
+    })
+}
+
+fn role(path: &Path, key: &str, raw: RawRole) -> Result<RoleCredentials, ConfigError> {
+    if !is_pg_identifier(&raw.username) {
+        return Err(ConfigError::invalid(
+            path,
+            &format!("{key}.username"),
+            format!("{:?} must be a lower-case identifier ([a-z_][a-z0-9_]*)", raw.username),
+        ));
+    }
+    if raw.password.expose().len() < 8 {
+        return Err(ConfigError::invalid(path, &format!("{key}.password"), "must be at least 8 characters"));
+    }
+    Ok(RoleCredentials { username: raw.username, password: raw.password })
+}
+
+fn is_identifier_like(s: &str) -> bool {
+    MemberName::is_valid(s)
+}
+
+/// Role names are used unquoted in SQL and pg_hba.conf; allowing only plain
+/// identifiers avoids every quoting problem.
+fn is_pg_identifier(s: &str) -> bool {
+    let mut chars = s.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_lowercase() || c == '_')
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && s.len() <= 63
+}
+
+fn is_cidr(s: &str) -> bool {
+    let Some((addr, prefix)) = s.split_once('/') else { return false };
+    let Ok(prefix) = prefix.parse::<u8>() else { return false };
+    match addr.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(_)) => prefix <= 32,
+        Ok(std::net::IpAddr::V6(_)) => prefix <= 128,
+        Err(_) => false,
+    }
+}

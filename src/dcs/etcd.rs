@@ -1,0 +1,419 @@
+//! The etcd v3 backend.
+//!
+//! - The leader key is created in a transaction conditioned on
+//!   `create_revision == 0` and bound to a lease with the configured TTL;
+//!   if the leader stops renewing, etcd deletes the key when the TTL runs out.
+//! - Writes only the leader may make (`history`) are conditioned on the
+//!   leader key still being bound to our lease, as etcd's own election
+//!   recipe does.
+//! - Every request carries `require_leader`, so a partitioned etcd member
+//!   answers "no leader" instead of serving stale data or renewing leases.
+//! - A background watch wakes the agent when the leader, config or
+//!   failover keys change.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp, WatchOptions,
+};
+use tokio::sync::{Mutex, Notify};
+
+use super::keys::{KeyKind, Keys};
+use super::{ClusterConfig, ClusterView, Dcs, DcsError, FailoverRequest, Initialize, LeaderKey, LeaseRenewal};
+use crate::model::{HistoryEntry, MemberName, MemberRecord};
+use crate::util::boottime_ms;
+
+pub struct EtcdDcs {
+    client: Client,
+    keys: Keys,
+    me: MemberName,
+    ttl: Duration,
+    timeout: Duration,
+    leader_lease: Mutex<Option<i64>>,
+    member_lease: Mutex<Option<i64>>,
+    changed: Arc<Notify>,
+    watch_task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for EtcdDcs {
+    fn drop(&mut self) {
+        if let Some(t) = &self.watch_task {
+            t.abort();
+        }
+    }
+}
+
+fn unavailable(action: &'static str) -> impl FnOnce(etcd_client::Error) -> DcsError {
+    move |e| DcsError::Unavailable { action, source: Box::new(e) }
+}
+
+impl EtcdDcs {
+    /// Without credentials the connection is lazy: this succeeds even when
+    /// etcd is down, and every call then fails within `timeout`, which is
+    /// what the agent needs to keep looping (and logging) instead of
+    /// hanging at start. With credentials it must authenticate first.
+    pub async fn connect(
+        endpoints: &[String],
+        credentials: Option<(String, String)>,
+        keys: Keys,
+        me: MemberName,
+        ttl: Duration,
+        timeout: Duration,
+        watch: bool,
+    ) -> Result<Self, DcsError> {
+        let mut options = ConnectOptions::new()
+            .with_connect_timeout(timeout)
+            .with_timeout(timeout)
+            .with_keep_alive(Duration::from_secs(1), timeout)
+            .with_require_leader(true);
+        if let Some((user, password)) = credentials {
+            options = options.with_user(user, password);
+        }
+        let client = tokio::time::timeout(timeout, Client::connect(endpoints, Some(options)))
+            .await
+            .map_err(|_| DcsError::Timeout { action: "connect", timeout })?
+            .map_err(unavailable("connect"))?;
+        let changed = Arc::new(Notify::new());
+        let watch_task = watch.then(|| tokio::spawn(watch_loop(client.clone(), keys.clone(), changed.clone())));
+        Ok(EtcdDcs {
+            client,
+            keys,
+            me,
+            ttl,
+            timeout,
+            leader_lease: Mutex::new(None),
+            member_lease: Mutex::new(None),
+            changed,
+            watch_task,
+        })
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    async fn timed<T, F>(&self, action: &'static str, fut: F) -> Result<T, DcsError>
+    where
+        F: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        match tokio::time::timeout(self.timeout, fut).await {
+            Ok(r) => r.map_err(unavailable(action)),
+            Err(_) => Err(DcsError::Timeout { action, timeout: self.timeout }),
+        }
+    }
+
+    fn ttl_secs(&self) -> i64 {
+        self.ttl.as_secs() as i64
+    }
+
+    /// One keepalive round trip. Returns the granted TTL (0 = lease gone).
+    async fn keep_alive_once(&self, action: &'static str, lease_id: i64) -> Result<i64, DcsError> {
+        let mut client = self.client.clone();
+        self.timed(action, async move {
+            let (mut keeper, mut stream) = client.lease_keep_alive(lease_id).await?;
+            keeper.keep_alive().await?;
+            match stream.message().await? {
+                Some(resp) => Ok(resp.ttl()),
+                None => Ok(0),
+            }
+        })
+        .await
+    }
+
+    fn renewal(&self, sent_at_ms: u64, granted_ttl: i64) -> LeaseRenewal {
+        // Deadline counts from when the request was sent: etcd received
+        // it later, so the lease lives at least this long.
+        let ttl_ms = (granted_ttl.min(self.ttl_secs()).max(0) as u64) * 1000;
+        LeaseRenewal { valid_until_ms: sent_at_ms + ttl_ms }
+    }
+}
+
+async fn watch_loop(mut client: Client, keys: Keys, changed: Arc<Notify>) {
+    loop {
+        let opts = WatchOptions::new().with_prefix();
+        if let Ok(mut stream) = client.watch(keys.prefix(), Some(opts)).await {
+            // Something may have changed while we were not watching.
+            changed.notify_one();
+            while let Ok(Some(resp)) = stream.message().await {
+                let relevant = resp.events().iter().any(|ev| {
+                    let key = ev.kv().and_then(|kv| kv.key_str().ok()).unwrap_or("");
+                    // Member records change every loop; waking on them would
+                    // turn the loop into a busy loop.
+                    !matches!(keys.classify(key), KeyKind::Member(_)) || ev.event_type() == EventType::Delete
+                });
+                if relevant {
+                    changed.notify_one();
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+fn decode_json<T: serde::de::DeserializeOwned>(key: &str, value: &[u8]) -> Result<T, DcsError> {
+    serde_json::from_slice(value).map_err(|e| DcsError::Malformed { key: key.to_string(), message: e.to_string() })
+}
+
+/// Builds a [`ClusterView`] from the raw key-values of one range read.
+pub fn decode_view(keys: &Keys, revision: i64, kvs: &[(String, Vec<u8>, i64)]) -> Result<ClusterView, DcsError> {
+    let mut view = ClusterView { revision, ..Default::default() };
+    for (key, value, lease) in kvs {
+        match keys.classify(key) {
+            KeyKind::Initialize => {
+                let text = String::from_utf8_lossy(value).to_string();
+                view.initialize = Some(match text.strip_prefix("pending:") {
+                    Some(by) => Initialize::Pending { by: MemberName::new(by) },
+                    None => Initialize::Done { system_id: text },
+                });
+            }
+            KeyKind::Leader => {
+                let name = String::from_utf8_lossy(value).to_string();
+                view.leader = Some(LeaderKey { name: MemberName::new(name), lease_id: *lease });
+            }
+            KeyKind::Member(name) => match decode_json::<MemberRecord>(key, value) {
+                Ok(rec) => {
+                    view.members.insert(name, rec);
+                }
+                // One unreadable record (say, from a newer pgha) must not
+                // blind the whole cluster: skip it, loudly.
+                Err(e) => tracing::warn!(error = %e, "ignoring member record"),
+            },
+            KeyKind::Config => view.config = decode_json::<ClusterConfig>(key, value)?,
+            KeyKind::History => view.history = decode_json(key, value)?,
+            KeyKind::Failover => match decode_json::<FailoverRequest>(key, value) {
+                Ok(f) => view.failover = Some(f),
+                Err(e) => tracing::warn!(error = %e, "ignoring failover request"),
+            },
+            KeyKind::Sync | KeyKind::Unknown => {}
+        }
+    }
+    Ok(view)
+}
+
+#[async_trait::async_trait]
+impl Dcs for EtcdDcs {
+    async fn read_cluster(&self) -> Result<ClusterView, DcsError> {
+        let mut client = self.client.clone();
+        let resp = self
+            .timed("read the cluster state", async move {
+                client.get(self.keys.prefix(), Some(GetOptions::new().with_prefix())).await
+            })
+            .await?;
+        let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+        let kvs: Vec<(String, Vec<u8>, i64)> = resp
+            .kvs()
+            .iter()
+            .map(|kv| (String::from_utf8_lossy(kv.key()).to_string(), kv.value().to_vec(), kv.lease()))
+            .collect();
+        decode_view(&self.keys, revision, &kvs)
+    }
+
+    async fn claim_initialize(&self) -> Result<bool, DcsError> {
+        let key = self.keys.initialize();
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key, format!("pending:{}", self.me), None)]);
+        let mut client = self.client.clone();
+        let resp = self.timed("claim cluster initialization", async move { client.txn(txn).await }).await?;
+        Ok(resp.succeeded())
+    }
+
+    async fn complete_initialize(&self, system_id: &str) -> Result<(), DcsError> {
+        let key = self.keys.initialize();
+        let txn = Txn::new()
+            .when([Compare::value(key.clone(), CompareOp::Equal, format!("pending:{}", self.me))])
+            .and_then([TxnOp::put(key, system_id, None)]);
+        let mut client = self.client.clone();
+        let resp = self.timed("record the system identifier", async move { client.txn(txn).await }).await?;
+        if resp.succeeded() { Ok(()) } else { Err(DcsError::NotLeader) }
+    }
+
+    async fn abandon_initialize(&self) -> Result<(), DcsError> {
+        let key = self.keys.initialize();
+        let txn = Txn::new()
+            .when([Compare::value(key.clone(), CompareOp::Equal, format!("pending:{}", self.me))])
+            .and_then([TxnOp::delete(key, None)]);
+        let mut client = self.client.clone();
+        self.timed("abandon cluster initialization", async move { client.txn(txn).await }).await?;
+        Ok(())
+    }
+
+    async fn acquire_leader(&self) -> Result<Option<LeaseRenewal>, DcsError> {
+        let sent_at = boottime_ms();
+        let mut client = self.client.clone();
+        let ttl = self.ttl_secs();
+        let grant = self.timed("grant a leader lease", async move { client.lease_grant(ttl, None).await }).await?;
+        let lease_id = grant.id();
+        let key = self.keys.leader();
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key, self.me.as_str(), Some(PutOptions::new().with_lease(lease_id)))]);
+        let mut client = self.client.clone();
+        let won = self.timed("take the leader key", async move { client.txn(txn).await }).await.map(|r| r.succeeded());
+        match won {
+            Ok(true) => {
+                *self.leader_lease.lock().await = Some(lease_id);
+                Ok(Some(self.renewal(sent_at, grant.ttl())))
+            }
+            other => {
+                // Lost the race (or do not know): the lease is useless, and
+                // it must not linger holding nothing.
+                let mut client = self.client.clone();
+                let _ = self.timed("revoke an unused lease", async move { client.lease_revoke(lease_id).await }).await;
+                other.map(|_| None)
+            }
+        }
+    }
+
+    async fn adopt_leader(&self, lease_id: i64) -> Result<Option<LeaseRenewal>, DcsError> {
+        let sent_at = boottime_ms();
+        let ttl = self.keep_alive_once("renew the adopted leader lease", lease_id).await?;
+        if ttl <= 0 {
+            return Ok(None);
+        }
+        *self.leader_lease.lock().await = Some(lease_id);
+        Ok(Some(self.renewal(sent_at, ttl)))
+    }
+
+    async fn renew_leader(&self) -> Result<Option<LeaseRenewal>, DcsError> {
+        let Some(lease_id) = *self.leader_lease.lock().await else { return Ok(None) };
+        let sent_at = boottime_ms();
+        let ttl = self.keep_alive_once("renew the leader lease", lease_id).await?;
+        if ttl <= 0 {
+            *self.leader_lease.lock().await = None;
+            return Ok(None);
+        }
+        Ok(Some(self.renewal(sent_at, ttl)))
+    }
+
+    async fn release_leader(&self) -> Result<(), DcsError> {
+        let Some(lease_id) = self.leader_lease.lock().await.take() else { return Ok(()) };
+        let key = self.keys.leader();
+        let txn = Txn::new()
+            .when([Compare::lease(key.clone(), CompareOp::Equal, lease_id)])
+            .and_then([TxnOp::delete(key, None)]);
+        let mut client = self.client.clone();
+        self.timed("delete the leader key", async move { client.txn(txn).await }).await?;
+        let mut client = self.client.clone();
+        self.timed("revoke the leader lease", async move { client.lease_revoke(lease_id).await }).await?;
+        Ok(())
+    }
+
+    async fn put_member(&self, record: &MemberRecord) -> Result<(), DcsError> {
+        let mut lease = self.member_lease.lock().await;
+        let alive = match *lease {
+            Some(id) => self.keep_alive_once("renew the member lease", id).await? > 0,
+            None => false,
+        };
+        if !alive {
+            let mut client = self.client.clone();
+            let ttl = self.ttl_secs();
+            let grant = self.timed("grant a member lease", async move { client.lease_grant(ttl, None).await }).await?;
+            *lease = Some(grant.id());
+        }
+        let lease_id = lease.expect("set above");
+        let value = serde_json::to_vec(record).expect("member records always serialize");
+        let key = self.keys.member(&self.me);
+        let mut client = self.client.clone();
+        self.timed("publish the member record", async move {
+            client.put(key, value, Some(PutOptions::new().with_lease(lease_id))).await
+        })
+        .await?;
+        Ok(())
+    }
+
+    async fn delete_member(&self) -> Result<(), DcsError> {
+        let key = self.keys.member(&self.me);
+        let mut client = self.client.clone();
+        self.timed("delete the member record", async move { client.delete(key, None).await }).await?;
+        if let Some(id) = self.member_lease.lock().await.take() {
+            let mut client = self.client.clone();
+            let _ = self.timed("revoke the member lease", async move { client.lease_revoke(id).await }).await;
+        }
+        Ok(())
+    }
+
+    async fn append_history(&self, entry: &HistoryEntry) -> Result<(), DcsError> {
+        let Some(lease_id) = *self.leader_lease.lock().await else { return Err(DcsError::NotLeader) };
+        let key = self.keys.history();
+        let mut client = self.client.clone();
+        let current = self.timed("read the history", async move { client.get(key, None).await }).await?;
+        let (mut history, mod_rev): (Vec<HistoryEntry>, i64) = match current.kvs().first() {
+            Some(kv) => (decode_json(&self.keys.history(), kv.value())?, kv.mod_revision()),
+            None => (Vec::new(), 0),
+        };
+        history.push(entry.clone());
+        let value = serde_json::to_vec(&history).expect("history serializes");
+        let key = self.keys.history();
+        let txn = Txn::new()
+            .when([
+                Compare::lease(self.keys.leader(), CompareOp::Equal, lease_id),
+                Compare::mod_revision(key.clone(), CompareOp::Equal, mod_rev),
+            ])
+            .and_then([TxnOp::put(key, value, None)]);
+        let mut client = self.client.clone();
+        let resp = self.timed("append to the history", async move { client.txn(txn).await }).await?;
+        if resp.succeeded() { Ok(()) } else { Err(DcsError::NotLeader) }
+    }
+
+    async fn put_config(&self, config: &ClusterConfig) -> Result<(), DcsError> {
+        let value = serde_json::to_vec(config).expect("config serializes");
+        let key = self.keys.config();
+        let mut client = self.client.clone();
+        self.timed("write the cluster config", async move { client.put(key, value, None).await }).await?;
+        Ok(())
+    }
+
+    async fn put_failover(&self, request: &FailoverRequest) -> Result<(), DcsError> {
+        let value = serde_json::to_vec(request).expect("failover request serializes");
+        let key = self.keys.failover();
+        let mut client = self.client.clone();
+        self.timed("write the failover request", async move { client.put(key, value, None).await }).await?;
+        Ok(())
+    }
+
+    async fn clear_failover(&self) -> Result<(), DcsError> {
+        let key = self.keys.failover();
+        let mut client = self.client.clone();
+        self.timed("clear the failover request", async move { client.delete(key, None).await }).await?;
+        Ok(())
+    }
+
+    async fn wait_for_change(&self, timeout: Duration) {
+        let _ = tokio::time::timeout(timeout, self.changed.notified()).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_a_full_view() {
+        let keys = Keys::new("pgha", "c");
+        let rec = r#"{"name":"n1","api_url":"http://a","host":"h","port":1,"role":"primary","state":"running"}"#;
+        let kvs = vec![
+            (keys.initialize(), b"7312345678901234567".to_vec(), 0),
+            (keys.leader(), b"n1".to_vec(), 42),
+            (keys.member(&"n1".into()), rec.as_bytes().to_vec(), 7),
+            (keys.member(&"bad".into()), b"{not json".to_vec(), 7),
+            (keys.config(), br#"{"paused":true}"#.to_vec(), 0),
+            (keys.failover(), br#"{"to":"n2","requested_at_unix_ms":5}"#.to_vec(), 0),
+        ];
+        let view = decode_view(&keys, 9, &kvs).unwrap();
+        assert_eq!(view.initialize, Some(Initialize::Done { system_id: "7312345678901234567".into() }));
+        assert_eq!(view.leader, Some(LeaderKey { name: "n1".into(), lease_id: 42 }));
+        assert_eq!(view.members.len(), 1, "the malformed record is skipped");
+        assert!(view.config.paused);
+        assert_eq!(view.failover.unwrap().to, Some("n2".into()));
+        assert_eq!(view.revision, 9);
+    }
+
+    #[test]
+    fn pending_initialize_names_the_claimant() {
+        let keys = Keys::new("pgha", "c");
+        let view = decode_view(&keys, 1, &[(keys.initialize(), b"pending:n3".to_vec(), 0)]).unwrap();
+        assert_eq!(view.initialize, Some(Initialize::Pending { by: "n3".into() }));
+    }
+}

@@ -1,0 +1,200 @@
+//! An in-memory [`Dcs`] for unit tests of the agent and executor.
+//!
+//! It follows the etcd backend's contract (one leader at a time, the
+//! initialize race has one winner) but has no clock: tests expire the
+//! leader lease explicitly with [`MemoryStore::expire_leader`]. Integration
+//! tests never use it; they run a real etcd.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use super::{ClusterConfig, ClusterView, Dcs, DcsError, FailoverRequest, Initialize, LeaderKey, LeaseRenewal};
+use crate::model::{HistoryEntry, MemberName, MemberRecord};
+
+/// The shared "etcd": several [`MemoryDcs`] handles (one per simulated
+/// member) point at one store.
+#[derive(Clone, Default)]
+pub struct MemoryStore {
+    inner: Arc<Mutex<StoreState>>,
+}
+
+#[derive(Default)]
+struct StoreState {
+    view: ClusterView,
+    next_lease: i64,
+    reachable: bool,
+}
+
+impl MemoryStore {
+    pub fn new() -> Self {
+        let s = MemoryStore::default();
+        s.inner.lock().unwrap().reachable = true;
+        s
+    }
+    pub fn handle(&self, me: impl Into<MemberName>) -> MemoryDcs {
+        MemoryDcs { store: self.clone(), me: me.into(), lease: Mutex::new(None) }
+    }
+    /// Simulates the leader lease running out.
+    pub fn expire_leader(&self) {
+        self.inner.lock().unwrap().view.leader = None;
+    }
+    /// Simulates a network partition between every handle and the store.
+    pub fn set_reachable(&self, reachable: bool) {
+        self.inner.lock().unwrap().reachable = reachable;
+    }
+    pub fn view(&self) -> ClusterView {
+        self.inner.lock().unwrap().view.clone()
+    }
+}
+
+pub struct MemoryDcs {
+    store: MemoryStore,
+    me: MemberName,
+    lease: Mutex<Option<i64>>,
+}
+
+const FAR_FUTURE_MS: u64 = u64::MAX / 2;
+
+impl MemoryDcs {
+    fn with<T>(&self, action: &'static str, f: impl FnOnce(&mut StoreState) -> T) -> Result<T, DcsError> {
+        let mut state = self.store.inner.lock().unwrap();
+        if !state.reachable {
+            return Err(DcsError::Unavailable { action, source: "memory store partitioned".into() });
+        }
+        Ok(f(&mut state))
+    }
+    fn holds(&self, state: &StoreState) -> bool {
+        let lease = *self.lease.lock().unwrap();
+        matches!((&state.view.leader, lease), (Some(l), Some(id)) if l.lease_id == id && l.name == self.me)
+    }
+}
+
+#[async_trait::async_trait]
+impl Dcs for MemoryDcs {
+    async fn read_cluster(&self) -> Result<ClusterView, DcsError> {
+        self.with("read the cluster state", |s| s.view.clone())
+    }
+    async fn claim_initialize(&self) -> Result<bool, DcsError> {
+        self.with("claim cluster initialization", |s| {
+            if s.view.initialize.is_some() {
+                return false;
+            }
+            s.view.initialize = Some(Initialize::Pending { by: self.me.clone() });
+            true
+        })
+    }
+    async fn complete_initialize(&self, system_id: &str) -> Result<(), DcsError> {
+        self.with("record the system identifier", |s| {
+            s.view.initialize = Some(Initialize::Done { system_id: system_id.to_string() })
+        })
+    }
+    async fn abandon_initialize(&self) -> Result<(), DcsError> {
+        self.with("abandon cluster initialization", |s| {
+            if s.view.initialize == Some(Initialize::Pending { by: self.me.clone() }) {
+                s.view.initialize = None;
+            }
+        })
+    }
+    async fn acquire_leader(&self) -> Result<Option<LeaseRenewal>, DcsError> {
+        let won = self.with("take the leader key", |s| {
+            if s.view.leader.is_some() {
+                return None;
+            }
+            s.next_lease += 1;
+            s.view.leader = Some(LeaderKey { name: self.me.clone(), lease_id: s.next_lease });
+            Some(s.next_lease)
+        })?;
+        *self.lease.lock().unwrap() = won;
+        Ok(won.map(|_| LeaseRenewal { valid_until_ms: FAR_FUTURE_MS }))
+    }
+    async fn adopt_leader(&self, lease_id: i64) -> Result<Option<LeaseRenewal>, DcsError> {
+        let ok = self.with("adopt the leader lease", |s| {
+            matches!(&s.view.leader, Some(l) if l.lease_id == lease_id && l.name == self.me)
+        })?;
+        if ok {
+            *self.lease.lock().unwrap() = Some(lease_id);
+        }
+        Ok(ok.then_some(LeaseRenewal { valid_until_ms: FAR_FUTURE_MS }))
+    }
+    async fn renew_leader(&self) -> Result<Option<LeaseRenewal>, DcsError> {
+        let ok = self.with("renew the leader lease", |s| self.holds(s))?;
+        Ok(ok.then_some(LeaseRenewal { valid_until_ms: FAR_FUTURE_MS }))
+    }
+    async fn release_leader(&self) -> Result<(), DcsError> {
+        self.with("delete the leader key", |s| {
+            if self.holds(s) {
+                s.view.leader = None;
+            }
+        })?;
+        *self.lease.lock().unwrap() = None;
+        Ok(())
+    }
+    async fn put_member(&self, record: &MemberRecord) -> Result<(), DcsError> {
+        self.with("publish the member record", |s| {
+            s.view.members.insert(self.me.clone(), record.clone());
+        })
+    }
+    async fn delete_member(&self) -> Result<(), DcsError> {
+        self.with("delete the member record", |s| {
+            s.view.members.remove(&self.me);
+        })
+    }
+    async fn append_history(&self, entry: &HistoryEntry) -> Result<(), DcsError> {
+        self.with("append to the history", |s| {
+            if !self.holds(s) {
+                return Err(DcsError::NotLeader);
+            }
+            s.view.history.push(entry.clone());
+            Ok(())
+        })?
+    }
+    async fn put_config(&self, config: &ClusterConfig) -> Result<(), DcsError> {
+        self.with("write the cluster config", |s| s.view.config = config.clone())
+    }
+    async fn put_failover(&self, request: &FailoverRequest) -> Result<(), DcsError> {
+        self.with("write the failover request", |s| s.view.failover = Some(request.clone()))
+    }
+    async fn clear_failover(&self) -> Result<(), DcsError> {
+        self.with("clear the failover request", |s| s.view.failover = None)
+    }
+    async fn wait_for_change(&self, timeout: Duration) {
+        tokio::time::sleep(timeout.min(Duration::from_millis(10))).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn one_leader_at_a_time() {
+        let store = MemoryStore::new();
+        let (a, b) = (store.handle("a"), store.handle("b"));
+        assert!(a.acquire_leader().await.unwrap().is_some());
+        assert!(b.acquire_leader().await.unwrap().is_none());
+        assert!(a.renew_leader().await.unwrap().is_some());
+        store.expire_leader();
+        assert!(a.renew_leader().await.unwrap().is_none());
+        assert!(b.acquire_leader().await.unwrap().is_some());
+        assert!(a.append_history(&sample_history()).await.is_err(), "only the leader writes history");
+    }
+
+    #[tokio::test]
+    async fn initialize_race_has_one_winner() {
+        let store = MemoryStore::new();
+        assert!(store.handle("a").claim_initialize().await.unwrap());
+        assert!(!store.handle("b").claim_initialize().await.unwrap());
+    }
+
+    fn sample_history() -> HistoryEntry {
+        HistoryEntry {
+            old_timeline: crate::model::Timeline(1),
+            new_timeline: crate::model::Timeline(2),
+            switch_lsn: crate::model::Lsn(0),
+            at_unix_ms: 0,
+            reason: "test".into(),
+            old_leader: None,
+            new_leader: "a".into(),
+        }
+    }
+}

@@ -1,0 +1,159 @@
+//! The distributed configuration store (DCS): where members find each
+//! other and where the one leader lease lives.
+//!
+//! The rest of pgha depends only on the [`Dcs`] trait. [`etcd::EtcdDcs`] is
+//! the real backend (etcd v3: leases, transactions, watches);
+//! [`memory::MemoryDcs`] implements the same contract in memory for unit
+//! tests of the agent. The key layout is in [`keys`].
+//!
+//! Safety rests on two etcd guarantees: a key bound to a lease disappears
+//! when the lease is not renewed within its TTL, and a transaction that
+//! creates a key only if its `create_revision` is 0 succeeds for exactly
+//! one caller.
+
+pub mod etcd;
+pub mod keys;
+pub mod memory;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::{HistoryEntry, MemberName, MemberRecord};
+
+/// State of the `initialize` key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Initialize {
+    /// A member won the bootstrap race and is running initdb.
+    Pending { by: MemberName },
+    /// The cluster exists; the value is PostgreSQL's system identifier.
+    Done { system_id: String },
+}
+
+/// The `leader` key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeaderKey {
+    pub name: MemberName,
+    /// etcd lease the key is bound to; a restarted agent adopts it.
+    pub lease_id: i64,
+}
+
+/// Cluster-wide settings kept in the DCS (`config` key), changed by
+/// operators at run time and obeyed by every agent.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ClusterConfig {
+    /// Maintenance mode: agents take no automatic action.
+    pub paused: bool,
+}
+
+/// A pending switchover (planned, a healthy leader hands over) or failover
+/// (operator-forced promotion when there is no healthy leader).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailoverRequest {
+    /// For a switchover: the leader that must hand over. None for failover.
+    #[serde(default)]
+    pub from: Option<MemberName>,
+    /// Target; None lets the cluster choose the best candidate.
+    #[serde(default)]
+    pub to: Option<MemberName>,
+    /// Unix time (ms) before which a switchover must not start.
+    #[serde(default)]
+    pub not_before_unix_ms: Option<u64>,
+    /// Operator accepted that the target may lack acknowledged commits.
+    #[serde(default)]
+    pub accept_data_loss: bool,
+    pub requested_at_unix_ms: u64,
+}
+
+/// Everything under the cluster prefix, read in one consistent range read.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ClusterView {
+    pub initialize: Option<Initialize>,
+    pub leader: Option<LeaderKey>,
+    pub members: BTreeMap<MemberName, MemberRecord>,
+    pub config: ClusterConfig,
+    pub history: Vec<HistoryEntry>,
+    pub failover: Option<FailoverRequest>,
+    /// etcd revision of the read, to tell fresh views from stale ones.
+    pub revision: i64,
+}
+
+impl ClusterView {
+    pub fn leader_record(&self) -> Option<&MemberRecord> {
+        self.leader.as_ref().and_then(|l| self.members.get(&l.name))
+    }
+}
+
+/// What went wrong talking to the DCS. `Unavailable` is the one that the
+/// agent treats as "cannot prove I still hold the lease".
+#[derive(Debug, thiserror::Error)]
+pub enum DcsError {
+    #[error("etcd unavailable while trying to {action}: {source}")]
+    Unavailable {
+        action: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("etcd did not answer within {timeout:?} while trying to {action}")]
+    Timeout { action: &'static str, timeout: Duration },
+    #[error("malformed value under {key}: {message}")]
+    Malformed { key: String, message: String },
+    #[error("the leader key is not held by this member")]
+    NotLeader,
+}
+
+/// Result of a renewal: until when the caller may act as leader.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LeaseRenewal {
+    /// `CLOCK_BOOTTIME` ms before which the lease cannot have expired:
+    /// the time the renewal request was *sent* plus the TTL.
+    pub valid_until_ms: u64,
+}
+
+/// The operations pgha needs from a consensus store.
+///
+/// Every call is bounded by the backend's timeout; none retries forever.
+#[async_trait::async_trait]
+pub trait Dcs: Send + Sync {
+    /// One consistent read of the whole cluster state.
+    async fn read_cluster(&self) -> Result<ClusterView, DcsError>;
+
+    /// Races to create `initialize` as `pending:<me>`. True for exactly one
+    /// caller over the life of the cluster (unless it abandons).
+    async fn claim_initialize(&self) -> Result<bool, DcsError>;
+    /// Records the system identifier once bootstrap succeeded.
+    async fn complete_initialize(&self, system_id: &str) -> Result<(), DcsError>;
+    /// Gives the claim up after a failed bootstrap, so another member may try.
+    async fn abandon_initialize(&self) -> Result<(), DcsError>;
+
+    /// Creates the leader key bound to a fresh lease if nobody holds it.
+    /// `Some` when this member is now the leader.
+    async fn acquire_leader(&self) -> Result<Option<LeaseRenewal>, DcsError>;
+    /// Takes over the lease of a leader key that already names this member
+    /// (the agent restarted while its lease was still alive).
+    async fn adopt_leader(&self, lease_id: i64) -> Result<Option<LeaseRenewal>, DcsError>;
+    /// Renews the leader lease. `Ok(None)` when the lease is gone.
+    async fn renew_leader(&self) -> Result<Option<LeaseRenewal>, DcsError>;
+    /// Deletes the leader key (if still ours) and revokes the lease, so the
+    /// others need not wait for the TTL.
+    async fn release_leader(&self) -> Result<(), DcsError>;
+
+    /// Publishes this member's record, bound to a member lease that is
+    /// renewed by this call.
+    async fn put_member(&self, record: &MemberRecord) -> Result<(), DcsError>;
+    async fn delete_member(&self) -> Result<(), DcsError>;
+
+    /// Appends to `history`; only succeeds while this member holds the leader key.
+    async fn append_history(&self, entry: &HistoryEntry) -> Result<(), DcsError>;
+
+    async fn put_config(&self, config: &ClusterConfig) -> Result<(), DcsError>;
+    async fn put_failover(&self, request: &FailoverRequest) -> Result<(), DcsError>;
+    async fn clear_failover(&self) -> Result<(), DcsError>;
+
+    /// Waits until something under the cluster prefix changes, or `timeout`.
+    /// Lets the agent react to a released lease within milliseconds instead
+    /// of a full loop.
+    async fn wait_for_change(&self, timeout: Duration);
+}
