@@ -1,1 +1,76 @@
-fn main() {}
+//! The `pgha` binary: parse the command line, set up logging, run the
+//! command, and turn errors into exit codes (2 for usage and configuration
+//! errors, 1 for everything else).
+
+use clap::Parser;
+use pgha::cli::{self, Cli, Command, EXIT_CONFIG};
+
+fn main() {
+    let cli = Cli::parse();
+    if let Command::FenceKeeper {
+        state_file,
+        data_dir,
+        agent_pid,
+    } = &cli.command
+    {
+        // No runtime, no logging framework: the keeper must stay tiny and
+        // must never wait on anything but the clock.
+        let code = match pgha::agent::fence::run_keeper(state_file, data_dir, *agent_pid) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("fence keeper: {e}");
+                1
+            }
+        };
+        std::process::exit(code);
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("PGHA_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    std::process::exit(runtime.block_on(run(cli.command)));
+}
+
+async fn run(command: Command) -> i32 {
+    let load = |path: &std::path::Path| match cli::load_config(path) {
+        Ok(c) => Ok(c),
+        Err(e) => {
+            eprintln!("error: {e}");
+            Err(EXIT_CONFIG)
+        }
+    };
+    let result = match command {
+        Command::Agent { config } => match load(&config) {
+            Ok(cfg) => pgha::agent::run(cfg).await,
+            Err(code) => return code,
+        },
+        Command::CheckConfig { config } => match load(&config) {
+            Ok(_) => {
+                println!("{}: valid", config.display());
+                Ok(())
+            }
+            Err(code) => return code,
+        },
+        Command::List { config, json } => match load(&config) {
+            Ok(cfg) => cli::list::run(&cfg, json).await,
+            Err(code) => return code,
+        },
+        Command::Demo { nodes, dir } => cli::demo::run(nodes, &dir).await,
+        Command::FenceKeeper { .. } => unreachable!("handled before the runtime starts"),
+    };
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            1
+        }
+    }
+}

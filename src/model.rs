@@ -56,7 +56,9 @@ impl<'de> Deserialize<'de> for Lsn {
 }
 
 /// A PostgreSQL timeline id. A promotion starts a new, higher timeline.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 #[serde(transparent)]
 pub struct Timeline(pub u32);
 
@@ -86,7 +88,11 @@ impl MemberName {
             .chars()
             .map(|c| {
                 let c = c.to_ascii_lowercase();
-                if c.is_ascii_lowercase() || c.is_ascii_digit() { c } else { '_' }
+                if c.is_ascii_lowercase() || c.is_ascii_digit() {
+                    c
+                } else {
+                    '_'
+                }
             })
             .collect();
         s.truncate(63);
@@ -97,7 +103,8 @@ impl MemberName {
     pub fn is_valid(s: &str) -> bool {
         !s.is_empty()
             && s.len() <= 63
-            && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
     }
 }
 
@@ -244,7 +251,11 @@ mod tests {
 
     #[test]
     fn lsn_round_trips_through_text() {
-        for (text, value) in [("0/0", 0u64), ("0/3000060", 0x300_0060), ("16/B374D848", 0x16_B374_D848)] {
+        for (text, value) in [
+            ("0/0", 0u64),
+            ("0/3000060", 0x300_0060),
+            ("16/B374D848", 0x16_B374_D848),
+        ] {
             let lsn: Lsn = text.parse().unwrap();
             assert_eq!(lsn, Lsn(value));
             assert_eq!(lsn.to_string(), text);

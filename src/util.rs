@@ -4,7 +4,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Wall-clock milliseconds since the Unix epoch, for records meant for humans.
 pub fn unix_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// Milliseconds on `CLOCK_BOOTTIME`: monotonic, shared by every process on
@@ -12,6 +15,7 @@ pub fn unix_ms() -> u64 {
 /// machine is suspended, like the etcd server's lease clock. The agent and
 /// the fence keeper exchange deadlines in this clock.
 pub fn boottime_ms() -> u64 {
-    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME).expect("CLOCK_BOOTTIME is available on Linux");
+    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+        .expect("CLOCK_BOOTTIME is available on Linux");
     ts.tv_sec() as u64 * 1000 + ts.tv_nsec() as u64 / 1_000_000
 }

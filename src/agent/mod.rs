@@ -1,1 +1,257 @@
-//! (in progress)
+//! The agent: one per PostgreSQL node.
+//!
+//! Each loop: observe (DCS view, local PostgreSQL, peers when racing) into a
+//! [`Snapshot`](crate::ha::Snapshot), call [`ha::decide`](crate::ha::decide),
+//! hand the action to the [`executor`], publish the member record, then
+//! sleep `loop_wait` — or less, when the DCS watch reports a change.
+//!
+//! Beside the loop run the [`lease`] keeper (renews the leader lease on its
+//! own task) and the [`fence`] keeper (a separate process that kills a
+//! primary whose lease deadline passes). Long operations (clone, rewind)
+//! run as background jobs so that the loop keeps publishing state.
+
+mod executor;
+pub mod fence;
+pub mod lease;
+mod observe;
+pub mod status;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::dcs::Dcs;
+use crate::dcs::etcd::EtcdDcs;
+use crate::dcs::keys::Keys;
+use crate::ha::{self, Action, Job};
+use crate::model::Lsn;
+use crate::postgres::observe::Observer;
+use crate::postgres::{Instance, PgError, StopMode};
+use fence::{Fence, FenceState};
+use lease::LeaseKeeper;
+use status::AgentStatus;
+
+/// A background job and its eventual result.
+struct RunningJob {
+    kind: Job,
+    handle: tokio::task::JoinHandle<Result<(), PgError>>,
+}
+
+pub struct Agent {
+    cfg: Config,
+    dcs: Arc<dyn Dcs>,
+    instance: Instance,
+    observer: Observer,
+    lease: LeaseKeeper,
+    fence: Fence,
+    http: reqwest::Client,
+    status: watch::Sender<AgentStatus>,
+    // What the loop remembers between iterations; everything else is
+    // observed afresh each time.
+    down_since_ms: Option<u64>,
+    not_streaming_since_ms: Option<u64>,
+    last_leader_lsn: Option<Lsn>,
+    last_leader: Option<crate::model::MemberName>,
+    rewind_failed: bool,
+    fence_armed_by_loop: bool,
+    job: Option<RunningJob>,
+    loop_count: u64,
+}
+
+/// Runs the agent until SIGTERM/SIGINT, then shuts down cleanly.
+pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    let instance = Instance::from_config(&cfg)?;
+    instance.prepare().context("prepare the state directory")?;
+    let credentials = cfg
+        .etcd
+        .credentials
+        .as_ref()
+        .map(|(u, p)| (u.clone(), p.expose().to_string()));
+    let keys = Keys::new(&cfg.namespace, &cfg.cluster);
+    let dcs: Arc<dyn Dcs> = loop {
+        match EtcdDcs::connect(
+            &cfg.etcd.endpoints,
+            credentials.clone(),
+            keys.clone(),
+            cfg.name.clone(),
+            cfg.ha.ttl,
+            cfg.ha.retry_timeout,
+            true,
+        )
+        .await
+        {
+            Ok(d) => break Arc::new(d),
+            Err(e) => {
+                tracing::warn!(error = %e, endpoints = ?cfg.etcd.endpoints, "cannot connect to etcd; retrying");
+                tokio::time::sleep(cfg.ha.loop_wait).await;
+            }
+        }
+    };
+    let fence = Fence::new(&cfg.state_dir);
+    if !matches!(fence.current(), Some(FenceState::Armed { .. })) {
+        fence.disarm();
+    }
+    fence
+        .spawn_keeper(&cfg.postgres.data_dir)
+        .context("start the fence keeper")?;
+    let lease = LeaseKeeper::start(
+        dcs.clone(),
+        fence.clone(),
+        cfg.ha.ttl,
+        cfg.ha.loop_wait,
+        cfg.ha.fence_margin,
+    );
+    let (status_tx, status_rx) = watch::channel(AgentStatus::default());
+    let api = crate::api::serve(cfg.api.listen, status_rx, cfg.clone())
+        .await
+        .with_context(|| format!("start the REST API on {}", cfg.api.listen))?;
+
+    let mut agent = Agent {
+        observer: Observer::new(instance.clone()),
+        instance,
+        dcs,
+        lease,
+        fence,
+        http: reqwest::Client::builder()
+            .timeout(Duration::from_millis(800))
+            .build()
+            .context("build the HTTP client")?,
+        status: status_tx,
+        down_since_ms: None,
+        not_streaming_since_ms: None,
+        last_leader_lsn: None,
+        last_leader: None,
+        rewind_failed: false,
+        fence_armed_by_loop: false,
+        job: None,
+        loop_count: 0,
+        cfg,
+    };
+    tracing::info!(member = %agent.cfg.name, cluster = %agent.cfg.cluster, "agent started");
+
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    loop {
+        let hurry = agent.run_once().await;
+        let wait = if hurry {
+            Duration::from_millis(20)
+        } else {
+            agent.cfg.ha.loop_wait
+        };
+        tokio::select! {
+            _ = agent.dcs.wait_for_change(wait) => {}
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+        }
+    }
+    agent.shutdown().await;
+    api.abort();
+    Ok(())
+}
+
+impl Agent {
+    /// One HA loop. Returns true when the next loop should follow at once
+    /// (the state just changed in a way that calls for another decision).
+    async fn run_once(&mut self) -> bool {
+        self.lease.heartbeat();
+        self.reap_job().await;
+        let (snapshot, running) = self.observe().await;
+        let decision = ha::decide(&snapshot);
+        let hurry = matches!(
+            decision.action,
+            Action::AcquireLease | Action::AdoptLease { .. } | Action::Promote
+        );
+        if decision.action != Action::Wait {
+            tracing::info!(action = ?decision.action, reason = %decision.reason, "decided");
+        } else {
+            tracing::debug!(reason = %decision.reason, "nothing to do");
+        }
+        let view = snapshot.dcs.clone();
+        self.execute(&decision, &snapshot).await;
+        self.keep_fence_consistent().await;
+        self.publish(&decision, view, running).await;
+        self.loop_count += 1;
+        hurry
+    }
+
+    /// Disarms the fence keeper once this member neither leads nor runs a
+    /// writable server, so it does not kill a replica later.
+    async fn keep_fence_consistent(&mut self) {
+        let lease = self.lease.snapshot();
+        if lease.held {
+            self.fence_armed_by_loop = true;
+            return;
+        }
+        if self.fence_armed_by_loop
+            || matches!(self.fence.current(), Some(FenceState::Armed { .. }))
+        {
+            let obs = self.observer.observe().await;
+            let writable = matches!(&obs.status, crate::postgres::PgStatus::Running(r) if r.role == crate::model::PgRole::Primary);
+            if !writable && !matches!(obs.status, crate::postgres::PgStatus::Starting) {
+                self.fence.disarm();
+                self.fence_armed_by_loop = false;
+            }
+        }
+    }
+
+    async fn reap_job(&mut self) {
+        let Some(job) = &self.job else { return };
+        if !job.handle.is_finished() {
+            return;
+        }
+        let job = self.job.take().expect("checked above");
+        let result = job
+            .handle
+            .await
+            .unwrap_or_else(|e| Err(PgError::Unexpected(format!("job panicked: {e}"))));
+        match (job.kind, result) {
+            (kind, Ok(())) => {
+                tracing::info!(job = ?kind, "background job finished");
+                if kind == Job::Rewinding {
+                    self.rewind_failed = false;
+                }
+            }
+            (Job::Rewinding, Err(e)) => {
+                tracing::error!(error = %e, "pg_rewind failed");
+                self.rewind_failed = true;
+            }
+            (kind, Err(e)) => tracing::error!(job = ?kind, error = %e, "background job failed"),
+        }
+        self.observer.reset();
+    }
+
+    /// Clean shutdown: a leader checkpoints and stops PostgreSQL, publishes
+    /// its final position and releases the lease, so that a replica takes
+    /// over within one loop instead of one TTL.
+    async fn shutdown(&mut self) {
+        tracing::info!("shutting down");
+        if let Some(job) = self.job.take() {
+            job.handle.abort();
+        }
+        let was_leader = self.lease.snapshot().held;
+        if let Err(e) = self
+            .instance
+            .stop(StopMode::Fast, Duration::from_secs(60))
+            .await
+        {
+            tracing::error!(error = %e, "fast shutdown failed; stopping immediately");
+            let _ = self
+                .instance
+                .stop(StopMode::Immediate, Duration::from_secs(10))
+                .await;
+        }
+        if was_leader {
+            self.publish_final_position().await;
+            self.lease.clear();
+            if let Err(e) = self.dcs.release_leader().await {
+                tracing::warn!(error = %e, "could not release the leader key; it expires with its TTL");
+            }
+        }
+        let _ = self.dcs.delete_member().await;
+        let _ = self.fence.set(FenceState::Exit);
+        tracing::info!("stopped");
+    }
+}

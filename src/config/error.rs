@@ -11,13 +11,25 @@ pub enum ConfigError {
         source: std::io::Error,
     },
     #[error("{}: line {line}: {message}", path.display())]
-    Syntax { path: PathBuf, line: usize, message: String },
+    Syntax {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
     #[error("{}: {key}: {message}", path.display())]
-    Invalid { path: PathBuf, key: String, message: String },
+    Invalid {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
 }
 
 impl ConfigError {
     pub(crate) fn invalid(path: &std::path::Path, key: &str, message: impl Into<String>) -> Self {
-        ConfigError::Invalid { path: path.to_path_buf(), key: key.to_string(), message: message.into() }
+        ConfigError::Invalid {
+            path: path.to_path_buf(),
+            key: key.to_string(),
+            message: message.into(),
+        }
     }
 }

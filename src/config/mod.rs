@@ -52,6 +52,13 @@ pub struct HaConfig {
     pub priority: u32,
     pub nofailover: bool,
     pub maximum_lag_on_failover: u64,
+    /// How long a crashed primary may take to come back in place before
+    /// the leader gives the lease up so that a replica takes over.
+    pub primary_start_timeout: Duration,
+    /// How long a replica may fail to stream from the leader before it is
+    /// assumed diverged and rewound.
+    pub stream_stall_timeout: Duration,
+    pub reclone_on_rewind_failure: bool,
 }
 
 impl Default for HaConfig {
@@ -65,6 +72,9 @@ impl Default for HaConfig {
             priority: raw.priority,
             nofailover: raw.nofailover,
             maximum_lag_on_failover: raw.maximum_lag_on_failover,
+            primary_start_timeout: raw.primary_start_timeout,
+            stream_stall_timeout: raw.stream_stall_timeout,
+            reclone_on_rewind_failure: raw.reclone_on_rewind_failure,
         }
     }
 }
@@ -101,8 +111,10 @@ pub struct ApiConfig {
 impl Config {
     /// Reads and validates `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
         Self::from_toml(path, &text)
     }
 

@@ -57,6 +57,12 @@ pub struct RawHa {
     pub nofailover: bool,
     #[serde(default = "default_max_lag")]
     pub maximum_lag_on_failover: u64,
+    #[serde(default = "default_primary_start_timeout", with = "humantime_serde")]
+    pub primary_start_timeout: std::time::Duration,
+    #[serde(default = "default_stream_stall_timeout", with = "humantime_serde")]
+    pub stream_stall_timeout: std::time::Duration,
+    #[serde(default = "default_true")]
+    pub reclone_on_rewind_failure: bool,
 }
 
 impl Default for RawHa {
@@ -69,6 +75,9 @@ impl Default for RawHa {
             priority: default_priority(),
             nofailover: false,
             maximum_lag_on_failover: default_max_lag(),
+            primary_start_timeout: default_primary_start_timeout(),
+            stream_stall_timeout: default_stream_stall_timeout(),
+            reclone_on_rewind_failure: true,
         }
     }
 }
@@ -124,7 +133,10 @@ pub struct RawApi {
 
 impl Default for RawApi {
     fn default() -> Self {
-        RawApi { listen: default_api_listen(), connect_url: None }
+        RawApi {
+            listen: default_api_listen(),
+            connect_url: None,
+        }
     }
 }
 
@@ -148,6 +160,15 @@ fn default_priority() -> u32 {
 }
 fn default_max_lag() -> u64 {
     1024 * 1024
+}
+fn default_primary_start_timeout() -> std::time::Duration {
+    std::time::Duration::from_secs(10)
+}
+fn default_stream_stall_timeout() -> std::time::Duration {
+    std::time::Duration::from_secs(15)
+}
+fn default_true() -> bool {
+    true
 }
 fn default_bin_dir() -> PathBuf {
     PathBuf::from("/usr/lib/postgresql/15/bin")

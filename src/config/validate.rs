@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::raw::{RawConfig, RawRole};
-use super::{ApiConfig, Config, ConfigError, EtcdConfig, HaConfig, PostgresConfig, RoleCredentials};
+use super::{
+    ApiConfig, Config, ConfigError, EtcdConfig, HaConfig, PostgresConfig, RoleCredentials,
+};
 use crate::model::MemberName;
 
 /// Server parameters pgha sets itself. Letting the operator override them
@@ -25,11 +27,19 @@ const MANAGED_PARAMETERS: &[&str] = &[
     "synchronous_standby_names",
     "wal_log_hints",
     "password_encryption",
+    "cluster_name",
 ];
 
 /// Binaries the agent runs; checked up front so that a wrong `bin_dir`
 /// fails at start rather than at the first failover.
-const REQUIRED_BINARIES: &[&str] = &["postgres", "initdb", "pg_ctl", "pg_basebackup", "pg_rewind", "pg_controldata"];
+const REQUIRED_BINARIES: &[&str] = &[
+    "postgres",
+    "initdb",
+    "pg_ctl",
+    "pg_basebackup",
+    "pg_rewind",
+    "pg_controldata",
+];
 
 pub(super) fn parse(path: &Path, text: &str) -> Result<RawConfig, ConfigError> {
     let de = toml::de::Deserializer::parse(text).map_err(|e| syntax(path, text, &e))?;
@@ -37,8 +47,27 @@ pub(super) fn parse(path: &Path, text: &str) -> Result<RawConfig, ConfigError> {
         let key = e.path().to_string();
         let inner = e.into_inner();
         let message = inner.message().to_string();
+        // Never echo a value back for a password key: an unquoted
+        // password would otherwise appear in the message.
+        let message = if key.ends_with("password") {
+            "must be a quoted string".to_string()
+        } else {
+            message
+        };
         if key.is_empty() || key == "." {
-            syntax(path, text, &inner)
+            // serde reports missing top-level keys without a path.
+            match message
+                .strip_prefix("missing field `")
+                .and_then(|m| m.strip_suffix('`'))
+            {
+                Some(field) => ConfigError::invalid(path, field, "is required"),
+                None => syntax(path, text, &inner),
+            }
+        } else if let Some(field) = message
+            .strip_prefix("missing field `")
+            .and_then(|m| m.strip_suffix('`'))
+        {
+            ConfigError::invalid(path, &format!("{key}.{field}"), "is required")
         } else {
             ConfigError::invalid(path, &key, message)
         }
@@ -46,58 +75,123 @@ pub(super) fn parse(path: &Path, text: &str) -> Result<RawConfig, ConfigError> {
 }
 
 fn syntax(path: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
-    let line = e.span().map(|s| text[..s.start.min(text.len())].lines().count().max(1)).unwrap_or(1);
-    ConfigError::Syntax { path: path.to_path_buf(), line, message: e.message().trim().to_string() }
+    let line = e
+        .span()
+        .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1)
+        .unwrap_or(1);
+    ConfigError::Syntax {
+        path: path.to_path_buf(),
+        line,
+        message: e.message().trim().to_string(),
+    }
 }
 
 pub(super) fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigError> {
     let bad = |key: &str, msg: String| ConfigError::invalid(path, key, msg);
     let base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
-    let resolve = |p: &Path| if p.is_absolute() { p.to_path_buf() } else { base_dir.join(p) };
+    let resolve = |p: &Path| {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            base_dir.join(p)
+        }
+    };
 
     if !is_identifier_like(&raw.cluster) {
-        return Err(bad("cluster", format!("{:?} must be 1-63 characters of [A-Za-z0-9_.-]", raw.cluster)));
+        return Err(bad(
+            "cluster",
+            format!(
+                "{:?} must be 1-63 characters of [A-Za-z0-9_.-]",
+                raw.cluster
+            ),
+        ));
     }
     if !is_identifier_like(&raw.namespace) {
-        return Err(bad("namespace", format!("{:?} must be 1-63 characters of [A-Za-z0-9_.-]", raw.namespace)));
+        return Err(bad(
+            "namespace",
+            format!(
+                "{:?} must be 1-63 characters of [A-Za-z0-9_.-]",
+                raw.namespace
+            ),
+        ));
     }
     if !MemberName::is_valid(&raw.name) {
-        return Err(bad("name", format!("{:?} must be 1-63 characters of [A-Za-z0-9_.-]", raw.name)));
+        return Err(bad(
+            "name",
+            format!("{:?} must be 1-63 characters of [A-Za-z0-9_.-]", raw.name),
+        ));
     }
 
     // etcd
     if raw.etcd.endpoints.is_empty() {
-        return Err(bad("etcd.endpoints", "at least one endpoint is required".into()));
+        return Err(bad(
+            "etcd.endpoints",
+            "at least one endpoint is required".into(),
+        ));
     }
     for (i, ep) in raw.etcd.endpoints.iter().enumerate() {
-        if !(ep.starts_with("http://") || ep.starts_with("https://")) || ep.len() <= "http://".len() {
-            return Err(bad(&format!("etcd.endpoints[{i}]"), format!("{ep:?} must look like http://host:port")));
+        let rest = ep
+            .strip_prefix("http://")
+            .or_else(|| ep.strip_prefix("https://"));
+        let valid = rest
+            .and_then(|r| r.trim_end_matches('/').rsplit_once(':'))
+            .is_some_and(|(host, port)| {
+                !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+            });
+        if !valid {
+            return Err(bad(
+                &format!("etcd.endpoints[{i}]"),
+                format!("{ep:?} must look like http://host:port"),
+            ));
         }
     }
     let credentials = match (raw.etcd.username, raw.etcd.password) {
         (Some(u), Some(p)) => Some((u, p)),
         (None, None) => None,
-        (Some(_), None) => return Err(bad("etcd.password", "required when etcd.username is set".into())),
-        (None, Some(_)) => return Err(bad("etcd.username", "required when etcd.password is set".into())),
+        (Some(_), None) => {
+            return Err(bad(
+                "etcd.password",
+                "required when etcd.username is set".into(),
+            ));
+        }
+        (None, Some(_)) => {
+            return Err(bad(
+                "etcd.username",
+                "required when etcd.password is set".into(),
+            ));
+        }
     };
 
     let ha = validate_ha(path, &raw.ha)?;
-    let ha = HaConfig { ..ha };
 
     // postgres
     let pg = raw.postgres;
     let bin_dir = resolve(&pg.bin_dir);
     if !bin_dir.is_dir() {
-        return Err(bad("postgres.bin_dir", format!("{} is not a directory", bin_dir.display())));
+        return Err(bad(
+            "postgres.bin_dir",
+            format!("{} is not a directory", bin_dir.display()),
+        ));
     }
     for bin in REQUIRED_BINARIES {
         if !bin_dir.join(bin).is_file() {
-            return Err(bad("postgres.bin_dir", format!("{} has no {bin} binary", bin_dir.display())));
+            return Err(bad(
+                "postgres.bin_dir",
+                format!("{} has no {bin} binary", bin_dir.display()),
+            ));
         }
     }
-    let data_dir = resolve(&pg.data_dir);
-    if data_dir.as_os_str().is_empty() || data_dir == Path::new("/") {
-        return Err(bad("postgres.data_dir", "must name a directory other than /".into()));
+    if pg.data_dir.as_os_str().is_empty() {
+        return Err(bad("postgres.data_dir", "must not be empty".into()));
+    }
+    // Normalised through its components so that a trailing slash does not
+    // change the derived state_dir.
+    let data_dir: PathBuf = resolve(&pg.data_dir).components().collect();
+    if data_dir == Path::new("/") {
+        return Err(bad(
+            "postgres.data_dir",
+            "must name a directory other than /".into(),
+        ));
     }
     if pg.port == 0 {
         return Err(bad("postgres.port", "must be 1-65535".into()));
@@ -106,11 +200,17 @@ pub(super) fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigErro
         return Err(bad("postgres.listen_addresses", "must not be empty".into()));
     }
     let connect_host = match pg.connect_host {
-        Some(h) if h.trim().is_empty() => return Err(bad("postgres.connect_host", "must not be empty".into())),
+        Some(h) if h.trim().is_empty() => {
+            return Err(bad("postgres.connect_host", "must not be empty".into()));
+        }
         Some(h) => h,
         None => {
             let first = pg.listen_addresses.split(',').next().unwrap_or("").trim();
-            if first == "*" || first == "0.0.0.0" || first == "::" { "127.0.0.1".to_string() } else { first.to_string() }
+            if first == "*" || first == "0.0.0.0" || first == "::" {
+                "127.0.0.1".to_string()
+            } else {
+                first.to_string()
+            }
         }
     };
     if pg.os_user.is_empty() {
@@ -119,53 +219,108 @@ pub(super) fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigErro
     let superuser = role(path, "postgres.superuser", pg.superuser)?;
     let replication = role(path, "postgres.replication", pg.replication)?;
     if superuser.username == replication.username {
-        return Err(bad("postgres.replication.username", "must differ from postgres.superuser.username".into()));
+        return Err(bad(
+            "postgres.replication.username",
+            "must differ from postgres.superuser.username".into(),
+        ));
     }
-    for (key, nets) in [("postgres.replication_networks", &pg.replication_networks), ("postgres.client_networks", &pg.client_networks)] {
+    for (key, nets) in [
+        ("postgres.replication_networks", &pg.replication_networks),
+        ("postgres.client_networks", &pg.client_networks),
+    ] {
         for (i, net) in nets.iter().enumerate() {
             if !is_cidr(net) {
-                return Err(bad(&format!("{key}[{i}]"), format!("{net:?} is not an address/prefix such as 10.0.0.0/8")));
+                return Err(bad(
+                    &format!("{key}[{i}]"),
+                    format!("{net:?} is not an address/prefix such as 10.0.0.0/8"),
+                ));
             }
         }
     }
     for (i, line) in pg.pg_hba.iter().enumerate() {
         if line.contains('\n') || line.trim().is_empty() {
-            return Err(bad(&format!("postgres.pg_hba[{i}]"), "must be one non-empty pg_hba.conf line".into()));
+            return Err(bad(
+                &format!("postgres.pg_hba[{i}]"),
+                "must be one non-empty pg_hba.conf line".into(),
+            ));
         }
-        if line.split_whitespace().any(|w| w == "trust") {
+        if line
+            .split_whitespace()
+            .nth(if line.trim_start().starts_with("local") {
+                3
+            } else {
+                4
+            })
+            .is_some_and(|m| m.trim_matches('"') == "trust")
+        {
             // Refusing trust is deliberate: a cluster manager that quietly
             // admits password-less logins is not secure by default.
-            return Err(bad(&format!("postgres.pg_hba[{i}]"), "the 'trust' method is not allowed; use scram-sha-256".into()));
+            return Err(bad(
+                &format!("postgres.pg_hba[{i}]"),
+                "the 'trust' method is not allowed; use scram-sha-256".into(),
+            ));
         }
     }
     let mut parameters = BTreeMap::new();
     for (name, value) in pg.parameters {
         let key = format!("postgres.parameters.{name}");
         if MANAGED_PARAMETERS.contains(&name.to_ascii_lowercase().as_str()) {
-            return Err(bad(&key, "is managed by pgha and cannot be set here".into()));
+            return Err(bad(
+                &key,
+                "is managed by pgha and cannot be set here".into(),
+            ));
         }
-        if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.') {
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
+        {
             return Err(bad(&key, "is not a valid parameter name".into()));
         }
         let text = match value {
             toml::Value::String(s) => s,
             toml::Value::Integer(i) => i.to_string(),
             toml::Value::Float(f) => f.to_string(),
-            toml::Value::Boolean(b) => if b { "on".into() } else { "off".into() },
-            other => return Err(bad(&key, format!("must be a string, number or boolean, not {}", other.type_str()))),
+            toml::Value::Boolean(b) => {
+                if b {
+                    "on".into()
+                } else {
+                    "off".into()
+                }
+            }
+            other => {
+                return Err(bad(
+                    &key,
+                    format!(
+                        "must be a string, number or boolean, not {}",
+                        other.type_str()
+                    ),
+                ));
+            }
         };
+        if text.contains('\n') || text.contains('\r') {
+            return Err(bad(&key, "must be a single line".into()));
+        }
         parameters.insert(name, text);
     }
 
     // api
-    let listen = raw
-        .api
-        .listen
-        .parse()
-        .map_err(|_| bad("api.listen", format!("{:?} must be an ip:port address", raw.api.listen)))?;
+    let listen = raw.api.listen.parse().map_err(|_| {
+        bad(
+            "api.listen",
+            format!("{:?} must be an ip:port address", raw.api.listen),
+        )
+    })?;
     let connect_url = match raw.api.connect_url {
-        Some(u) if u.starts_with("http://") || u.starts_with("https://") => u.trim_end_matches('/').to_string(),
-        Some(u) => return Err(bad("api.connect_url", format!("{u:?} must start with http:// or https://"))),
+        Some(u) if u.starts_with("http://") || u.starts_with("https://") => {
+            u.trim_end_matches('/').to_string()
+        }
+        Some(u) => {
+            return Err(bad(
+                "api.connect_url",
+                format!("{u:?} must start with http:// or https://"),
+            ));
+        }
         None => format!("http://{}", raw.api.listen),
     };
 
@@ -178,7 +333,10 @@ pub(super) fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigErro
         }
     };
     if state_dir.starts_with(&data_dir) {
-        return Err(bad("state_dir", "must not be inside postgres.data_dir (pg_basebackup and pg_rewind replace it)".into()));
+        return Err(bad(
+            "state_dir",
+            "must not be inside postgres.data_dir (pg_basebackup and pg_rewind replace it)".into(),
+        ));
     }
 
     Ok(Config {
@@ -187,7 +345,10 @@ pub(super) fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigErro
         namespace: raw.namespace,
         name: MemberName::new(raw.name),
         state_dir,
-        etcd: EtcdConfig { endpoints: raw.etcd.endpoints, credentials },
+        etcd: EtcdConfig {
+            endpoints: raw.etcd.endpoints,
+            credentials,
+        },
         ha,
         postgres: PostgresConfig {
             bin_dir,
@@ -203,7 +364,10 @@ pub(super) fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigErro
             pg_hba: pg.pg_hba,
             parameters,
         },
-        api: ApiConfig { listen, connect_url },
+        api: ApiConfig {
+            listen,
+            connect_url,
+        },
     })
 }
 
@@ -216,16 +380,37 @@ pub(crate) fn validate_ha(path: &Path, raw: &super::raw::RawHa) -> Result<HaConf
     // etcd leases have whole-second TTLs; rounding silently would make the
     // fencing arithmetic below wrong.
     if raw.ttl.subsec_nanos() != 0 || raw.ttl < Duration::from_secs(2) {
-        return Err(bad("ha.ttl", format!("must be a whole number of seconds, at least 2s (got {})", ms(raw.ttl))));
+        return Err(bad(
+            "ha.ttl",
+            format!(
+                "must be a whole number of seconds, at least 2s (got {})",
+                ms(raw.ttl)
+            ),
+        ));
     }
     if raw.loop_wait < Duration::from_millis(100) {
-        return Err(bad("ha.loop_wait", format!("must be at least 100ms (got {})", ms(raw.loop_wait))));
+        return Err(bad(
+            "ha.loop_wait",
+            format!("must be at least 100ms (got {})", ms(raw.loop_wait)),
+        ));
     }
     if raw.retry_timeout < Duration::from_millis(100) {
-        return Err(bad("ha.retry_timeout", format!("must be at least 100ms (got {})", ms(raw.retry_timeout))));
+        return Err(bad(
+            "ha.retry_timeout",
+            format!("must be at least 100ms (got {})", ms(raw.retry_timeout)),
+        ));
     }
     if raw.fence_margin < Duration::from_millis(100) {
-        return Err(bad("ha.fence_margin", format!("must be at least 100ms (got {})", ms(raw.fence_margin))));
+        return Err(bad(
+            "ha.fence_margin",
+            format!("must be at least 100ms (got {})", ms(raw.fence_margin)),
+        ));
+    }
+    if raw.stream_stall_timeout < Duration::from_secs(1) {
+        return Err(bad(
+            "ha.stream_stall_timeout",
+            format!("must be at least 1s (got {})", ms(raw.stream_stall_timeout)),
+        ));
     }
     // The leader renews every loop_wait and gives one renewal up to
     // retry_timeout; it must then still have fence_margin left before the
@@ -250,6 +435,9 @@ pub(crate) fn validate_ha(path: &Path, raw: &super::raw::RawHa) -> Result<HaConf
         priority: raw.priority,
         nofailover: raw.nofailover,
         maximum_lag_on_failover: raw.maximum_lag_on_failover,
+        primary_start_timeout: raw.primary_start_timeout,
+        stream_stall_timeout: raw.stream_stall_timeout,
+        reclone_on_rewind_failure: raw.reclone_on_rewind_failure,
     })
 }
 
@@ -258,13 +446,23 @@ fn role(path: &Path, key: &str, raw: RawRole) -> Result<RoleCredentials, ConfigE
         return Err(ConfigError::invalid(
             path,
             &format!("{key}.username"),
-            format!("{:?} must be a lower-case identifier ([a-z_][a-z0-9_]*)", raw.username),
+            format!(
+                "{:?} must be a lower-case identifier ([a-z_][a-z0-9_]*)",
+                raw.username
+            ),
         ));
     }
     if raw.password.expose().len() < 8 {
-        return Err(ConfigError::invalid(path, &format!("{key}.password"), "must be at least 8 characters"));
+        return Err(ConfigError::invalid(
+            path,
+            &format!("{key}.password"),
+            "must be at least 8 characters",
+        ));
     }
-    Ok(RoleCredentials { username: raw.username, password: raw.password })
+    Ok(RoleCredentials {
+        username: raw.username,
+        password: raw.password,
+    })
 }
 
 fn is_identifier_like(s: &str) -> bool {
@@ -281,8 +479,12 @@ fn is_pg_identifier(s: &str) -> bool {
 }
 
 fn is_cidr(s: &str) -> bool {
-    let Some((addr, prefix)) = s.split_once('/') else { return false };
-    let Ok(prefix) = prefix.parse::<u8>() else { return false };
+    let Some((addr, prefix)) = s.split_once('/') else {
+        return false;
+    };
+    let Ok(prefix) = prefix.parse::<u8>() else {
+        return false;
+    };
     match addr.parse::<std::net::IpAddr>() {
         Ok(std::net::IpAddr::V4(_)) => prefix <= 32,
         Ok(std::net::IpAddr::V6(_)) => prefix <= 128,

@@ -15,12 +15,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp, WatchOptions,
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp,
+    WatchOptions,
 };
 use tokio::sync::{Mutex, Notify};
 
 use super::keys::{KeyKind, Keys};
-use super::{ClusterConfig, ClusterView, Dcs, DcsError, FailoverRequest, Initialize, LeaderKey, LeaseRenewal};
+use super::{
+    ClusterConfig, ClusterView, Dcs, DcsError, FailoverRequest, Initialize, LeaderKey, LeaseRenewal,
+};
 use crate::model::{HistoryEntry, MemberName, MemberRecord};
 use crate::util::boottime_ms;
 
@@ -45,7 +48,10 @@ impl Drop for EtcdDcs {
 }
 
 fn unavailable(action: &'static str) -> impl FnOnce(etcd_client::Error) -> DcsError {
-    move |e| DcsError::Unavailable { action, source: Box::new(e) }
+    move |e| DcsError::Unavailable {
+        action,
+        source: Box::new(e),
+    }
 }
 
 impl EtcdDcs {
@@ -72,10 +78,14 @@ impl EtcdDcs {
         }
         let client = tokio::time::timeout(timeout, Client::connect(endpoints, Some(options)))
             .await
-            .map_err(|_| DcsError::Timeout { action: "connect", timeout })?
+            .map_err(|_| DcsError::Timeout {
+                action: "connect",
+                timeout,
+            })?
             .map_err(unavailable("connect"))?;
         let changed = Arc::new(Notify::new());
-        let watch_task = watch.then(|| tokio::spawn(watch_loop(client.clone(), keys.clone(), changed.clone())));
+        let watch_task =
+            watch.then(|| tokio::spawn(watch_loop(client.clone(), keys.clone(), changed.clone())));
         Ok(EtcdDcs {
             client,
             keys,
@@ -99,7 +109,10 @@ impl EtcdDcs {
     {
         match tokio::time::timeout(self.timeout, fut).await {
             Ok(r) => r.map_err(unavailable(action)),
-            Err(_) => Err(DcsError::Timeout { action, timeout: self.timeout }),
+            Err(_) => Err(DcsError::Timeout {
+                action,
+                timeout: self.timeout,
+            }),
         }
     }
 
@@ -107,15 +120,19 @@ impl EtcdDcs {
         self.ttl.as_secs() as i64
     }
 
-    /// One keepalive round trip. Returns the granted TTL (0 = lease gone).
+    /// One keepalive round trip. Returns the TTL the lease now has, 0 when
+    /// etcd says the lease no longer exists (expired or revoked).
     async fn keep_alive_once(&self, action: &'static str, lease_id: i64) -> Result<i64, DcsError> {
         let mut client = self.client.clone();
+        let ttl = self.ttl_secs();
         self.timed(action, async move {
-            let (mut keeper, mut stream) = client.lease_keep_alive(lease_id).await?;
-            keeper.keep_alive().await?;
-            match stream.message().await? {
-                Some(resp) => Ok(resp.ttl()),
-                None => Ok(0),
+            // etcd-client sends the first keepalive itself and waits for its
+            // answer; a TTL of 0 comes back as this specific error (the same
+            // variant also reports channel failures, hence the message match).
+            match client.lease_keep_alive(lease_id).await {
+                Ok(_) => Ok(ttl),
+                Err(etcd_client::Error::LeaseKeepAliveError(m)) if m == "lease not found" => Ok(0),
+                Err(e) => Err(e),
             }
         })
         .await
@@ -125,7 +142,9 @@ impl EtcdDcs {
         // Deadline counts from when the request was sent: etcd received
         // it later, so the lease lives at least this long.
         let ttl_ms = (granted_ttl.min(self.ttl_secs()).max(0) as u64) * 1000;
-        LeaseRenewal { valid_until_ms: sent_at_ms + ttl_ms }
+        LeaseRenewal {
+            valid_until_ms: sent_at_ms + ttl_ms,
+        }
     }
 }
 
@@ -140,7 +159,8 @@ async fn watch_loop(mut client: Client, keys: Keys, changed: Arc<Notify>) {
                     let key = ev.kv().and_then(|kv| kv.key_str().ok()).unwrap_or("");
                     // Member records change every loop; waking on them would
                     // turn the loop into a busy loop.
-                    !matches!(keys.classify(key), KeyKind::Member(_)) || ev.event_type() == EventType::Delete
+                    !matches!(keys.classify(key), KeyKind::Member(_))
+                        || ev.event_type() == EventType::Delete
                 });
                 if relevant {
                     changed.notify_one();
@@ -152,24 +172,39 @@ async fn watch_loop(mut client: Client, keys: Keys, changed: Arc<Notify>) {
 }
 
 fn decode_json<T: serde::de::DeserializeOwned>(key: &str, value: &[u8]) -> Result<T, DcsError> {
-    serde_json::from_slice(value).map_err(|e| DcsError::Malformed { key: key.to_string(), message: e.to_string() })
+    serde_json::from_slice(value).map_err(|e| DcsError::Malformed {
+        key: key.to_string(),
+        message: e.to_string(),
+    })
 }
 
 /// Builds a [`ClusterView`] from the raw key-values of one range read.
-pub fn decode_view(keys: &Keys, revision: i64, kvs: &[(String, Vec<u8>, i64)]) -> Result<ClusterView, DcsError> {
-    let mut view = ClusterView { revision, ..Default::default() };
+pub fn decode_view(
+    keys: &Keys,
+    revision: i64,
+    kvs: &[(String, Vec<u8>, i64)],
+) -> Result<ClusterView, DcsError> {
+    let mut view = ClusterView {
+        revision,
+        ..Default::default()
+    };
     for (key, value, lease) in kvs {
         match keys.classify(key) {
             KeyKind::Initialize => {
                 let text = String::from_utf8_lossy(value).to_string();
                 view.initialize = Some(match text.strip_prefix("pending:") {
-                    Some(by) => Initialize::Pending { by: MemberName::new(by) },
+                    Some(by) => Initialize::Pending {
+                        by: MemberName::new(by),
+                    },
                     None => Initialize::Done { system_id: text },
                 });
             }
             KeyKind::Leader => {
                 let name = String::from_utf8_lossy(value).to_string();
-                view.leader = Some(LeaderKey { name: MemberName::new(name), lease_id: *lease });
+                view.leader = Some(LeaderKey {
+                    name: MemberName::new(name),
+                    lease_id: *lease,
+                });
             }
             KeyKind::Member(name) => match decode_json::<MemberRecord>(key, value) {
                 Ok(rec) => {
@@ -197,14 +232,22 @@ impl Dcs for EtcdDcs {
         let mut client = self.client.clone();
         let resp = self
             .timed("read the cluster state", async move {
-                client.get(self.keys.prefix(), Some(GetOptions::new().with_prefix())).await
+                client
+                    .get(self.keys.prefix(), Some(GetOptions::new().with_prefix()))
+                    .await
             })
             .await?;
         let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
         let kvs: Vec<(String, Vec<u8>, i64)> = resp
             .kvs()
             .iter()
-            .map(|kv| (String::from_utf8_lossy(kv.key()).to_string(), kv.value().to_vec(), kv.lease()))
+            .map(|kv| {
+                (
+                    String::from_utf8_lossy(kv.key()).to_string(),
+                    kv.value().to_vec(),
+                    kv.lease(),
+                )
+            })
             .collect();
         decode_view(&self.keys, revision, &kvs)
     }
@@ -215,27 +258,50 @@ impl Dcs for EtcdDcs {
             .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
             .and_then([TxnOp::put(key, format!("pending:{}", self.me), None)]);
         let mut client = self.client.clone();
-        let resp = self.timed("claim cluster initialization", async move { client.txn(txn).await }).await?;
+        let resp = self
+            .timed("claim cluster initialization", async move {
+                client.txn(txn).await
+            })
+            .await?;
         Ok(resp.succeeded())
     }
 
     async fn complete_initialize(&self, system_id: &str) -> Result<(), DcsError> {
         let key = self.keys.initialize();
         let txn = Txn::new()
-            .when([Compare::value(key.clone(), CompareOp::Equal, format!("pending:{}", self.me))])
+            .when([Compare::value(
+                key.clone(),
+                CompareOp::Equal,
+                format!("pending:{}", self.me),
+            )])
             .and_then([TxnOp::put(key, system_id, None)]);
         let mut client = self.client.clone();
-        let resp = self.timed("record the system identifier", async move { client.txn(txn).await }).await?;
-        if resp.succeeded() { Ok(()) } else { Err(DcsError::NotLeader) }
+        let resp = self
+            .timed("record the system identifier", async move {
+                client.txn(txn).await
+            })
+            .await?;
+        if resp.succeeded() {
+            Ok(())
+        } else {
+            Err(DcsError::NotLeader)
+        }
     }
 
     async fn abandon_initialize(&self) -> Result<(), DcsError> {
         let key = self.keys.initialize();
         let txn = Txn::new()
-            .when([Compare::value(key.clone(), CompareOp::Equal, format!("pending:{}", self.me))])
+            .when([Compare::value(
+                key.clone(),
+                CompareOp::Equal,
+                format!("pending:{}", self.me),
+            )])
             .and_then([TxnOp::delete(key, None)]);
         let mut client = self.client.clone();
-        self.timed("abandon cluster initialization", async move { client.txn(txn).await }).await?;
+        self.timed("abandon cluster initialization", async move {
+            client.txn(txn).await
+        })
+        .await?;
         Ok(())
     }
 
@@ -243,14 +309,25 @@ impl Dcs for EtcdDcs {
         let sent_at = boottime_ms();
         let mut client = self.client.clone();
         let ttl = self.ttl_secs();
-        let grant = self.timed("grant a leader lease", async move { client.lease_grant(ttl, None).await }).await?;
+        let grant = self
+            .timed("grant a leader lease", async move {
+                client.lease_grant(ttl, None).await
+            })
+            .await?;
         let lease_id = grant.id();
         let key = self.keys.leader();
         let txn = Txn::new()
             .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(key, self.me.as_str(), Some(PutOptions::new().with_lease(lease_id)))]);
+            .and_then([TxnOp::put(
+                key,
+                self.me.as_str(),
+                Some(PutOptions::new().with_lease(lease_id)),
+            )]);
         let mut client = self.client.clone();
-        let won = self.timed("take the leader key", async move { client.txn(txn).await }).await.map(|r| r.succeeded());
+        let won = self
+            .timed("take the leader key", async move { client.txn(txn).await })
+            .await
+            .map(|r| r.succeeded());
         match won {
             Ok(true) => {
                 *self.leader_lease.lock().await = Some(lease_id);
@@ -260,7 +337,11 @@ impl Dcs for EtcdDcs {
                 // Lost the race (or do not know): the lease is useless, and
                 // it must not linger holding nothing.
                 let mut client = self.client.clone();
-                let _ = self.timed("revoke an unused lease", async move { client.lease_revoke(lease_id).await }).await;
+                let _ = self
+                    .timed("revoke an unused lease", async move {
+                        client.lease_revoke(lease_id).await
+                    })
+                    .await;
                 other.map(|_| None)
             }
         }
@@ -268,7 +349,9 @@ impl Dcs for EtcdDcs {
 
     async fn adopt_leader(&self, lease_id: i64) -> Result<Option<LeaseRenewal>, DcsError> {
         let sent_at = boottime_ms();
-        let ttl = self.keep_alive_once("renew the adopted leader lease", lease_id).await?;
+        let ttl = self
+            .keep_alive_once("renew the adopted leader lease", lease_id)
+            .await?;
         if ttl <= 0 {
             return Ok(None);
         }
@@ -277,9 +360,13 @@ impl Dcs for EtcdDcs {
     }
 
     async fn renew_leader(&self) -> Result<Option<LeaseRenewal>, DcsError> {
-        let Some(lease_id) = *self.leader_lease.lock().await else { return Ok(None) };
+        let Some(lease_id) = *self.leader_lease.lock().await else {
+            return Ok(None);
+        };
         let sent_at = boottime_ms();
-        let ttl = self.keep_alive_once("renew the leader lease", lease_id).await?;
+        let ttl = self
+            .keep_alive_once("renew the leader lease", lease_id)
+            .await?;
         if ttl <= 0 {
             *self.leader_lease.lock().await = None;
             return Ok(None);
@@ -288,15 +375,24 @@ impl Dcs for EtcdDcs {
     }
 
     async fn release_leader(&self) -> Result<(), DcsError> {
-        let Some(lease_id) = self.leader_lease.lock().await.take() else { return Ok(()) };
+        let Some(lease_id) = self.leader_lease.lock().await.take() else {
+            return Ok(());
+        };
         let key = self.keys.leader();
         let txn = Txn::new()
             .when([Compare::lease(key.clone(), CompareOp::Equal, lease_id)])
             .and_then([TxnOp::delete(key, None)]);
         let mut client = self.client.clone();
-        self.timed("delete the leader key", async move { client.txn(txn).await }).await?;
+        self.timed(
+            "delete the leader key",
+            async move { client.txn(txn).await },
+        )
+        .await?;
         let mut client = self.client.clone();
-        self.timed("revoke the leader lease", async move { client.lease_revoke(lease_id).await }).await?;
+        self.timed("revoke the leader lease", async move {
+            client.lease_revoke(lease_id).await
+        })
+        .await?;
         Ok(())
     }
 
@@ -309,7 +405,11 @@ impl Dcs for EtcdDcs {
         if !alive {
             let mut client = self.client.clone();
             let ttl = self.ttl_secs();
-            let grant = self.timed("grant a member lease", async move { client.lease_grant(ttl, None).await }).await?;
+            let grant = self
+                .timed("grant a member lease", async move {
+                    client.lease_grant(ttl, None).await
+                })
+                .await?;
             *lease = Some(grant.id());
         }
         let lease_id = lease.expect("set above");
@@ -317,7 +417,9 @@ impl Dcs for EtcdDcs {
         let key = self.keys.member(&self.me);
         let mut client = self.client.clone();
         self.timed("publish the member record", async move {
-            client.put(key, value, Some(PutOptions::new().with_lease(lease_id))).await
+            client
+                .put(key, value, Some(PutOptions::new().with_lease(lease_id)))
+                .await
         })
         .await?;
         Ok(())
@@ -326,21 +428,38 @@ impl Dcs for EtcdDcs {
     async fn delete_member(&self) -> Result<(), DcsError> {
         let key = self.keys.member(&self.me);
         let mut client = self.client.clone();
-        self.timed("delete the member record", async move { client.delete(key, None).await }).await?;
+        self.timed("delete the member record", async move {
+            client.delete(key, None).await
+        })
+        .await?;
         if let Some(id) = self.member_lease.lock().await.take() {
             let mut client = self.client.clone();
-            let _ = self.timed("revoke the member lease", async move { client.lease_revoke(id).await }).await;
+            let _ = self
+                .timed("revoke the member lease", async move {
+                    client.lease_revoke(id).await
+                })
+                .await;
         }
         Ok(())
     }
 
     async fn append_history(&self, entry: &HistoryEntry) -> Result<(), DcsError> {
-        let Some(lease_id) = *self.leader_lease.lock().await else { return Err(DcsError::NotLeader) };
+        let Some(lease_id) = *self.leader_lease.lock().await else {
+            return Err(DcsError::NotLeader);
+        };
         let key = self.keys.history();
         let mut client = self.client.clone();
-        let current = self.timed("read the history", async move { client.get(key, None).await }).await?;
+        let current = self
+            .timed(
+                "read the history",
+                async move { client.get(key, None).await },
+            )
+            .await?;
         let (mut history, mod_rev): (Vec<HistoryEntry>, i64) = match current.kvs().first() {
-            Some(kv) => (decode_json(&self.keys.history(), kv.value())?, kv.mod_revision()),
+            Some(kv) => (
+                decode_json(&self.keys.history(), kv.value())?,
+                kv.mod_revision(),
+            ),
             None => (Vec::new(), 0),
         };
         history.push(entry.clone());
@@ -353,15 +472,27 @@ impl Dcs for EtcdDcs {
             ])
             .and_then([TxnOp::put(key, value, None)]);
         let mut client = self.client.clone();
-        let resp = self.timed("append to the history", async move { client.txn(txn).await }).await?;
-        if resp.succeeded() { Ok(()) } else { Err(DcsError::NotLeader) }
+        let resp = self
+            .timed(
+                "append to the history",
+                async move { client.txn(txn).await },
+            )
+            .await?;
+        if resp.succeeded() {
+            Ok(())
+        } else {
+            Err(DcsError::NotLeader)
+        }
     }
 
     async fn put_config(&self, config: &ClusterConfig) -> Result<(), DcsError> {
         let value = serde_json::to_vec(config).expect("config serializes");
         let key = self.keys.config();
         let mut client = self.client.clone();
-        self.timed("write the cluster config", async move { client.put(key, value, None).await }).await?;
+        self.timed("write the cluster config", async move {
+            client.put(key, value, None).await
+        })
+        .await?;
         Ok(())
     }
 
@@ -369,14 +500,20 @@ impl Dcs for EtcdDcs {
         let value = serde_json::to_vec(request).expect("failover request serializes");
         let key = self.keys.failover();
         let mut client = self.client.clone();
-        self.timed("write the failover request", async move { client.put(key, value, None).await }).await?;
+        self.timed("write the failover request", async move {
+            client.put(key, value, None).await
+        })
+        .await?;
         Ok(())
     }
 
     async fn clear_failover(&self) -> Result<(), DcsError> {
         let key = self.keys.failover();
         let mut client = self.client.clone();
-        self.timed("clear the failover request", async move { client.delete(key, None).await }).await?;
+        self.timed("clear the failover request", async move {
+            client.delete(key, None).await
+        })
+        .await?;
         Ok(())
     }
 
@@ -399,11 +536,26 @@ mod tests {
             (keys.member(&"n1".into()), rec.as_bytes().to_vec(), 7),
             (keys.member(&"bad".into()), b"{not json".to_vec(), 7),
             (keys.config(), br#"{"paused":true}"#.to_vec(), 0),
-            (keys.failover(), br#"{"to":"n2","requested_at_unix_ms":5}"#.to_vec(), 0),
+            (
+                keys.failover(),
+                br#"{"to":"n2","requested_at_unix_ms":5}"#.to_vec(),
+                0,
+            ),
         ];
         let view = decode_view(&keys, 9, &kvs).unwrap();
-        assert_eq!(view.initialize, Some(Initialize::Done { system_id: "7312345678901234567".into() }));
-        assert_eq!(view.leader, Some(LeaderKey { name: "n1".into(), lease_id: 42 }));
+        assert_eq!(
+            view.initialize,
+            Some(Initialize::Done {
+                system_id: "7312345678901234567".into()
+            })
+        );
+        assert_eq!(
+            view.leader,
+            Some(LeaderKey {
+                name: "n1".into(),
+                lease_id: 42
+            })
+        );
         assert_eq!(view.members.len(), 1, "the malformed record is skipped");
         assert!(view.config.paused);
         assert_eq!(view.failover.unwrap().to, Some("n2".into()));
@@ -413,7 +565,11 @@ mod tests {
     #[test]
     fn pending_initialize_names_the_claimant() {
         let keys = Keys::new("pgha", "c");
-        let view = decode_view(&keys, 1, &[(keys.initialize(), b"pending:n3".to_vec(), 0)]).unwrap();
-        assert_eq!(view.initialize, Some(Initialize::Pending { by: "n3".into() }));
+        let view =
+            decode_view(&keys, 1, &[(keys.initialize(), b"pending:n3".to_vec(), 0)]).unwrap();
+        assert_eq!(
+            view.initialize,
+            Some(Initialize::Pending { by: "n3".into() })
+        );
     }
 }

@@ -36,7 +36,9 @@ pub enum KeyKind {
 impl Keys {
     /// `namespace` and `cluster` are validated by the config to contain no `/`.
     pub fn new(namespace: &str, cluster: &str) -> Self {
-        Keys { prefix: format!("/{namespace}/{cluster}/") }
+        Keys {
+            prefix: format!("/{namespace}/{cluster}/"),
+        }
     }
     pub fn prefix(&self) -> &str {
         &self.prefix
@@ -68,7 +70,9 @@ impl Keys {
 
     /// Classifies a full key read back from etcd.
     pub fn classify(&self, key: &str) -> KeyKind {
-        let Some(rest) = key.strip_prefix(&self.prefix) else { return KeyKind::Unknown };
+        let Some(rest) = key.strip_prefix(&self.prefix) else {
+            return KeyKind::Unknown;
+        };
         match rest {
             "initialize" => KeyKind::Initialize,
             "leader" => KeyKind::Leader,

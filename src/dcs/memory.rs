@@ -8,7 +8,9 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use super::{ClusterConfig, ClusterView, Dcs, DcsError, FailoverRequest, Initialize, LeaderKey, LeaseRenewal};
+use super::{
+    ClusterConfig, ClusterView, Dcs, DcsError, FailoverRequest, Initialize, LeaderKey, LeaseRenewal,
+};
 use crate::model::{HistoryEntry, MemberName, MemberRecord};
 
 /// The shared "etcd": several [`MemoryDcs`] handles (one per simulated
@@ -32,7 +34,11 @@ impl MemoryStore {
         s
     }
     pub fn handle(&self, me: impl Into<MemberName>) -> MemoryDcs {
-        MemoryDcs { store: self.clone(), me: me.into(), lease: Mutex::new(None) }
+        MemoryDcs {
+            store: self.clone(),
+            me: me.into(),
+            lease: Mutex::new(None),
+        }
     }
     /// Simulates the leader lease running out.
     pub fn expire_leader(&self) {
@@ -56,10 +62,17 @@ pub struct MemoryDcs {
 const FAR_FUTURE_MS: u64 = u64::MAX / 2;
 
 impl MemoryDcs {
-    fn with<T>(&self, action: &'static str, f: impl FnOnce(&mut StoreState) -> T) -> Result<T, DcsError> {
+    fn with<T>(
+        &self,
+        action: &'static str,
+        f: impl FnOnce(&mut StoreState) -> T,
+    ) -> Result<T, DcsError> {
         let mut state = self.store.inner.lock().unwrap();
         if !state.reachable {
-            return Err(DcsError::Unavailable { action, source: "memory store partitioned".into() });
+            return Err(DcsError::Unavailable {
+                action,
+                source: "memory store partitioned".into(),
+            });
         }
         Ok(f(&mut state))
     }
@@ -79,18 +92,26 @@ impl Dcs for MemoryDcs {
             if s.view.initialize.is_some() {
                 return false;
             }
-            s.view.initialize = Some(Initialize::Pending { by: self.me.clone() });
+            s.view.initialize = Some(Initialize::Pending {
+                by: self.me.clone(),
+            });
             true
         })
     }
     async fn complete_initialize(&self, system_id: &str) -> Result<(), DcsError> {
         self.with("record the system identifier", |s| {
-            s.view.initialize = Some(Initialize::Done { system_id: system_id.to_string() })
+            s.view.initialize = Some(Initialize::Done {
+                system_id: system_id.to_string(),
+            })
         })
     }
     async fn abandon_initialize(&self) -> Result<(), DcsError> {
         self.with("abandon cluster initialization", |s| {
-            if s.view.initialize == Some(Initialize::Pending { by: self.me.clone() }) {
+            if s.view.initialize
+                == Some(Initialize::Pending {
+                    by: self.me.clone(),
+                })
+            {
                 s.view.initialize = None;
             }
         })
@@ -101,24 +122,34 @@ impl Dcs for MemoryDcs {
                 return None;
             }
             s.next_lease += 1;
-            s.view.leader = Some(LeaderKey { name: self.me.clone(), lease_id: s.next_lease });
+            s.view.leader = Some(LeaderKey {
+                name: self.me.clone(),
+                lease_id: s.next_lease,
+            });
             Some(s.next_lease)
         })?;
         *self.lease.lock().unwrap() = won;
-        Ok(won.map(|_| LeaseRenewal { valid_until_ms: FAR_FUTURE_MS }))
+        Ok(won.map(|_| LeaseRenewal {
+            valid_until_ms: FAR_FUTURE_MS,
+        }))
     }
     async fn adopt_leader(&self, lease_id: i64) -> Result<Option<LeaseRenewal>, DcsError> {
-        let ok = self.with("adopt the leader lease", |s| {
-            matches!(&s.view.leader, Some(l) if l.lease_id == lease_id && l.name == self.me)
-        })?;
+        let ok = self.with(
+            "adopt the leader lease",
+            |s| matches!(&s.view.leader, Some(l) if l.lease_id == lease_id && l.name == self.me),
+        )?;
         if ok {
             *self.lease.lock().unwrap() = Some(lease_id);
         }
-        Ok(ok.then_some(LeaseRenewal { valid_until_ms: FAR_FUTURE_MS }))
+        Ok(ok.then_some(LeaseRenewal {
+            valid_until_ms: FAR_FUTURE_MS,
+        }))
     }
     async fn renew_leader(&self) -> Result<Option<LeaseRenewal>, DcsError> {
         let ok = self.with("renew the leader lease", |s| self.holds(s))?;
-        Ok(ok.then_some(LeaseRenewal { valid_until_ms: FAR_FUTURE_MS }))
+        Ok(ok.then_some(LeaseRenewal {
+            valid_until_ms: FAR_FUTURE_MS,
+        }))
     }
     async fn release_leader(&self) -> Result<(), DcsError> {
         self.with("delete the leader key", |s| {
@@ -149,10 +180,14 @@ impl Dcs for MemoryDcs {
         })?
     }
     async fn put_config(&self, config: &ClusterConfig) -> Result<(), DcsError> {
-        self.with("write the cluster config", |s| s.view.config = config.clone())
+        self.with("write the cluster config", |s| {
+            s.view.config = config.clone()
+        })
     }
     async fn put_failover(&self, request: &FailoverRequest) -> Result<(), DcsError> {
-        self.with("write the failover request", |s| s.view.failover = Some(request.clone()))
+        self.with("write the failover request", |s| {
+            s.view.failover = Some(request.clone())
+        })
     }
     async fn clear_failover(&self) -> Result<(), DcsError> {
         self.with("clear the failover request", |s| s.view.failover = None)
@@ -176,7 +211,10 @@ mod tests {
         store.expire_leader();
         assert!(a.renew_leader().await.unwrap().is_none());
         assert!(b.acquire_leader().await.unwrap().is_some());
-        assert!(a.append_history(&sample_history()).await.is_err(), "only the leader writes history");
+        assert!(
+            a.append_history(&sample_history()).await.is_err(),
+            "only the leader writes history"
+        );
     }
 
     #[tokio::test]

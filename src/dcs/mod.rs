@@ -97,7 +97,10 @@ pub enum DcsError {
         source: Box<dyn std::error::Error + Send + Sync>,
     },
     #[error("etcd did not answer within {timeout:?} while trying to {action}")]
-    Timeout { action: &'static str, timeout: Duration },
+    Timeout {
+        action: &'static str,
+        timeout: Duration,
+    },
     #[error("malformed value under {key}: {message}")]
     Malformed { key: String, message: String },
     #[error("the leader key is not held by this member")]

@@ -1,1 +1,16 @@
-//! (in progress)
+//! The local PostgreSQL instance: everything the agent does to the server
+//! on its own machine.
+//!
+//! - [`conf`]: pure renderers for postgresql.conf, pg_hba.conf, passfiles.
+//! - [`ctl`]: initdb, start, stop, promote, pg_basebackup, pg_rewind, run
+//!   as the unprivileged OS user when the agent runs as root.
+//! - [`observe`]: the server's state, through SQL and pg_controldata.
+//! - [`query`]: the SQL pgha sends, as named constants.
+
+pub mod conf;
+pub mod ctl;
+pub mod observe;
+pub mod query;
+
+pub use ctl::{Instance, PgError, StopMode};
+pub use observe::{DataDirState, Observation, PgStatus};

@@ -1,0 +1,396 @@
+//! The executor: the only code that turns an [`Action`] into side effects.
+//!
+//! Each step re-checks the one precondition that safety rests on where a
+//! race is possible (the lease before anything writable), logs what it
+//! does, and leaves retrying to the next loop: a failed step is reported
+//! and the next snapshot decides again.
+
+use std::time::Duration;
+
+use super::{Agent, RunningJob};
+use crate::dcs::{ClusterView, Initialize};
+use crate::ha::{Action, Decision, DemoteReason, Job, Snapshot};
+use crate::model::{HistoryEntry, MemberName};
+use crate::postgres::conf::Upstream;
+use crate::postgres::{Instance, PgError, PgStatus, StopMode, query};
+use crate::util::{boottime_ms, unix_ms};
+
+impl Agent {
+    pub(super) async fn execute(&mut self, decision: &Decision, s: &Snapshot) {
+        let result: anyhow::Result<()> = match &decision.action {
+            Action::Wait => Ok(()),
+            Action::Bootstrap => self.bootstrap(s).await,
+            Action::Clone { leader } => self.start_job(Job::Cloning, s, leader, false),
+            Action::Reclone { leader } => self.start_job(Job::Cloning, s, leader, true),
+            Action::Rewind { leader } => self.start_job(Job::Rewinding, s, leader, false),
+            Action::StartReplica { leader } => self.start_replica(s, leader.as_ref()).await,
+            Action::StartPrimary => self.start_primary().await,
+            Action::Follow { leader } => self.follow(s, leader).await,
+            Action::AcquireLease => self.acquire().await,
+            Action::AdoptLease { lease_id } => self.adopt(*lease_id).await,
+            Action::Promote => self.promote(s).await,
+            Action::Lead {
+                create_slots,
+                drop_slots,
+            } => self.sync_slots(create_slots, drop_slots).await,
+            Action::Demote { reason } => self.demote(*reason).await,
+            Action::ReleaseLease => self.release().await,
+            Action::StopAndRelease => {
+                let r = self
+                    .instance
+                    .stop(StopMode::Immediate, Duration::from_secs(10))
+                    .await;
+                self.release().await.and(r.map_err(Into::into))
+            }
+        };
+        if let Err(e) = result {
+            tracing::error!(action = ?decision.action, error = format!("{e:#}"), "action failed");
+        }
+    }
+
+    fn upstream_for(&self, view: Option<&ClusterView>, leader: &MemberName) -> Option<Upstream> {
+        let rec = view?.members.get(leader)?;
+        Some(Upstream {
+            host: rec.host.clone(),
+            port: rec.port,
+            user: self.cfg.postgres.replication.username.clone(),
+            slot: self.cfg.name.slot_name(),
+        })
+    }
+
+    fn lease_valid_now(&self) -> bool {
+        let l = self.lease.snapshot();
+        l.held
+            && l.valid_until_ms
+                .is_some_and(|u| boottime_ms() + self.cfg.ha.fence_margin.as_millis() as u64 <= u)
+    }
+
+    async fn bootstrap(&mut self, s: &Snapshot) -> anyhow::Result<()> {
+        let resuming = matches!(s.dcs.as_ref().and_then(|v| v.initialize.as_ref()), Some(Initialize::Pending { by }) if by == &self.cfg.name);
+        if !resuming && !self.dcs.claim_initialize().await? {
+            tracing::info!("another member won the bootstrap race");
+            return Ok(());
+        }
+        tracing::info!("won the bootstrap race; running initdb");
+        match self.bootstrap_claimed().await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                tracing::error!(
+                    error = format!("{e:#}"),
+                    "bootstrap failed; giving the claim up"
+                );
+                let _ = self
+                    .instance
+                    .stop(StopMode::Immediate, Duration::from_secs(10))
+                    .await;
+                let _ = self.release().await;
+                let _ = self.instance.remove_data_dir();
+                let _ = self.dcs.abandon_initialize().await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn bootstrap_claimed(&mut self) -> anyhow::Result<()> {
+        self.instance.remove_data_dir()?;
+        self.instance.initdb().await?;
+        // The lease comes before the first writable start, always.
+        let Some(renewal) = self.dcs.acquire_leader().await? else {
+            anyhow::bail!(
+                "the leader key is held by another member although the cluster was not initialized"
+            );
+        };
+        self.lease.record(renewal, None);
+        self.instance.write_config(false, None, None)?;
+        self.instance.start().await?;
+        self.wait_until_running(Duration::from_secs(60)).await?;
+        let client = self.observer.client().await?;
+        let verifier = postgres_protocol::password::scram_sha_256(
+            self.cfg.postgres.replication.password.expose().as_bytes(),
+        );
+        // The password goes in as a SCRAM verifier computed here, so the
+        // clear text never reaches the server (or its statement log).
+        client
+            .batch_execute(&format!(
+                "CREATE ROLE {} WITH REPLICATION LOGIN PASSWORD '{}'",
+                self.cfg.postgres.replication.username, verifier
+            ))
+            .await
+            .map_err(|source| PgError::Sql {
+                action: "create the replication role".into(),
+                source,
+            })?;
+        let row = client
+            .query_one(
+                "SELECT system_identifier::text FROM pg_control_system()",
+                &[],
+            )
+            .await
+            .map_err(|source| PgError::Sql {
+                action: "read the system identifier".into(),
+                source,
+            })?;
+        let system_id: String = row.get(0);
+        self.dcs.complete_initialize(&system_id).await?;
+        tracing::info!(system_id, "cluster initialized; this member leads");
+        Ok(())
+    }
+
+    async fn wait_until_running(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            self.lease.heartbeat();
+            let obs = self.observer.observe().await;
+            if matches!(obs.status, PgStatus::Running(_)) {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                anyhow::bail!(
+                    "PostgreSQL did not accept connections within {timeout:?}; see {}",
+                    self.instance.log_file.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Clone and rewind run in the background: they can take minutes, and
+    /// the loop must keep publishing "cloning"/"rewinding" meanwhile. Each
+    /// job ends with PostgreSQL started as a replica of `leader`.
+    fn start_job(
+        &mut self,
+        kind: Job,
+        s: &Snapshot,
+        leader: &MemberName,
+        wipe: bool,
+    ) -> anyhow::Result<()> {
+        let Some(up) = self.upstream_for(s.dcs.as_ref(), leader) else {
+            anyhow::bail!("no record for leader {leader}");
+        };
+        let instance = self.instance.clone();
+        tracing::info!(job = ?kind, %leader, host = %up.host, port = up.port, "starting background job");
+        let handle = tokio::spawn(async move {
+            match kind {
+                Job::Rewinding => {
+                    instance
+                        .stop(StopMode::Fast, Duration::from_secs(60))
+                        .await?;
+                    // The server must not start before this config is in
+                    // place: rewound data follows the leader, never leads.
+                    instance.rewind(&up.host, up.port).await?;
+                }
+                _ => {
+                    if wipe {
+                        instance
+                            .stop(StopMode::Immediate, Duration::from_secs(10))
+                            .await?;
+                        instance.remove_data_dir()?;
+                    }
+                    if let Err(e) = instance.basebackup(&up).await {
+                        // A half-copied directory is useless and would
+                        // block the next attempt.
+                        let _ = instance.remove_data_dir();
+                        return Err(e);
+                    }
+                }
+            }
+            start_as_replica(&instance, Some(up)).await
+        });
+        self.job = Some(RunningJob { kind, handle });
+        Ok(())
+    }
+
+    async fn start_replica(
+        &mut self,
+        s: &Snapshot,
+        leader: Option<&MemberName>,
+    ) -> anyhow::Result<()> {
+        let up = match leader {
+            Some(l) => Some(
+                self.upstream_for(s.dcs.as_ref(), l)
+                    .ok_or_else(|| anyhow::anyhow!("no record for leader {l}"))?,
+            ),
+            None => None,
+        };
+        start_as_replica(&self.instance, up).await?;
+        self.observer.reset();
+        Ok(())
+    }
+
+    async fn start_primary(&mut self) -> anyhow::Result<()> {
+        if !self.lease_valid_now() {
+            anyhow::bail!("refusing to start writable: the lease is not valid");
+        }
+        self.instance.write_config(false, None, None)?;
+        self.instance.start().await?;
+        self.observer.reset();
+        Ok(())
+    }
+
+    async fn follow(&mut self, s: &Snapshot, leader: &MemberName) -> anyhow::Result<()> {
+        let up = self
+            .upstream_for(s.dcs.as_ref(), leader)
+            .ok_or_else(|| anyhow::anyhow!("no record for leader {leader}"))?;
+        self.instance.write_config(true, Some(up), None)?;
+        // PostgreSQL 13+ restarts the WAL receiver on reload when
+        // primary_conninfo changes: no restart, no lost connections.
+        let client = self.observer.client().await?;
+        client
+            .batch_execute(query::RELOAD)
+            .await
+            .map_err(|source| PgError::Sql {
+                action: "reload the configuration".into(),
+                source,
+            })?;
+        Ok(())
+    }
+
+    async fn acquire(&mut self) -> anyhow::Result<()> {
+        match self.dcs.acquire_leader().await? {
+            Some(r) => {
+                self.lease.record(r, None);
+                tracing::info!("acquired the leader lease");
+            }
+            None => tracing::info!("another member acquired the leader lease first"),
+        }
+        Ok(())
+    }
+
+    async fn adopt(&mut self, lease_id: i64) -> anyhow::Result<()> {
+        match self.dcs.adopt_leader(lease_id).await? {
+            Some(r) => {
+                self.lease.record(r, None);
+                tracing::info!(lease_id, "resumed the leader lease held before the restart");
+            }
+            None => tracing::warn!(
+                lease_id,
+                "the leader lease from before the restart has expired"
+            ),
+        }
+        Ok(())
+    }
+
+    async fn promote(&mut self, s: &Snapshot) -> anyhow::Result<()> {
+        if !self.lease_valid_now() {
+            anyhow::bail!("refusing to promote: the lease is not valid");
+        }
+        let (old_tl, switch_lsn) = match &s.local.pg {
+            PgStatus::Running(r) => (
+                r.timeline.unwrap_or_default(),
+                r.wal_position().unwrap_or_default(),
+            ),
+            _ => anyhow::bail!("PostgreSQL is not running"),
+        };
+        self.instance.write_config(false, None, None)?;
+        let started = boottime_ms();
+        let client = self.observer.client().await?;
+        let done: bool = client
+            .query_one(query::PROMOTE, &[&60i32])
+            .await
+            .map_err(|source| PgError::Sql {
+                action: "promote".into(),
+                source,
+            })?
+            .get(0);
+        if !done {
+            anyhow::bail!("pg_promote did not finish within 60s");
+        }
+        // The standby.signal is gone after promotion; rewriting the config
+        // cleared primary_conninfo for the next start.
+        let obs = self.observer.observe().await;
+        let new_tl = match &obs.status {
+            PgStatus::Running(r) => r.timeline.unwrap_or_default(),
+            _ => old_tl,
+        };
+        tracing::info!(ms = boottime_ms() - started, timeline = %new_tl, "promoted");
+        let view = s.dcs.as_ref();
+        let failover = view.and_then(|v| v.failover.clone());
+        let entry = HistoryEntry {
+            old_timeline: old_tl,
+            new_timeline: new_tl,
+            switch_lsn,
+            at_unix_ms: unix_ms(),
+            reason: match &failover {
+                Some(f) if f.from.is_some() => "switchover".into(),
+                Some(_) => "manual failover".into(),
+                None => "failover".into(),
+            },
+            old_leader: failover
+                .as_ref()
+                .and_then(|f| f.from.clone())
+                .or_else(|| self.last_leader.clone()),
+            new_leader: self.cfg.name.clone(),
+        };
+        if let Err(e) = self.dcs.append_history(&entry).await {
+            tracing::warn!(error = %e, "cannot record the timeline switch in the history");
+        }
+        if failover.is_some()
+            && let Err(e) = self.dcs.clear_failover().await
+        {
+            tracing::warn!(error = %e, "cannot clear the failover request");
+        }
+        Ok(())
+    }
+
+    async fn sync_slots(&mut self, create: &[String], drop: &[String]) -> anyhow::Result<()> {
+        let client = self.observer.client().await?;
+        for slot in create {
+            client
+                .execute(query::CREATE_SLOT, &[slot])
+                .await
+                .map_err(|source| PgError::Sql {
+                    action: format!("create slot {slot}"),
+                    source,
+                })?;
+            tracing::info!(slot, "created replication slot");
+        }
+        for slot in drop {
+            client
+                .execute(query::DROP_SLOT, &[slot])
+                .await
+                .map_err(|source| PgError::Sql {
+                    action: format!("drop slot {slot}"),
+                    source,
+                })?;
+            tracing::info!(slot, "dropped replication slot");
+        }
+        Ok(())
+    }
+
+    async fn demote(&mut self, reason: DemoteReason) -> anyhow::Result<()> {
+        let mode = if reason == DemoteReason::Switchover {
+            StopMode::Fast
+        } else {
+            StopMode::Immediate
+        };
+        tracing::warn!(?reason, ?mode, "demoting: stopping PostgreSQL");
+        let stopped = self.instance.stop(mode, Duration::from_secs(60)).await;
+        if stopped.is_err() {
+            // Writes must stop; a failed fast shutdown is not an option.
+            self.instance
+                .stop(StopMode::Immediate, Duration::from_secs(10))
+                .await?;
+        }
+        self.observer.reset();
+        if reason == DemoteReason::Switchover {
+            self.publish_final_position().await;
+        }
+        if self.lease.snapshot().held {
+            self.release().await?;
+        }
+        Ok(())
+    }
+
+    async fn release(&mut self) -> anyhow::Result<()> {
+        self.lease.clear();
+        self.dcs.release_leader().await?;
+        tracing::info!("released the leader lease");
+        Ok(())
+    }
+}
+
+/// Writes a standby configuration and starts the server.
+async fn start_as_replica(instance: &Instance, up: Option<Upstream>) -> Result<(), PgError> {
+    instance.write_config(true, up, None)?;
+    instance.start().await
+}

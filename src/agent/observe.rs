@@ -1,0 +1,245 @@
+//! Building the snapshot, and publishing what the loop saw and did.
+
+use futures_util::future::join_all;
+
+use super::Agent;
+use super::status::AgentStatus;
+use crate::dcs::ClusterView;
+use crate::ha::{Decision, Job, Local, OnDisk, PeerStatus, Snapshot};
+use crate::model::{MemberRecord, PgRole, PgState};
+use crate::postgres::observe::Running;
+use crate::postgres::{DataDirState, Observation, PgStatus};
+use crate::util::{boottime_ms, unix_ms};
+
+impl Agent {
+    pub(super) async fn observe(&mut self) -> (Snapshot, Observation) {
+        let view = match self.dcs.read_cluster().await {
+            Ok(v) => Some(v),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the cluster state from etcd");
+                None
+            }
+        };
+        let obs = self.observer.observe().await;
+        let now = boottime_ms();
+
+        match &obs.status {
+            PgStatus::Running(_) => self.down_since_ms = None,
+            _ => {
+                self.down_since_ms.get_or_insert(now);
+            }
+        }
+        let running = match &obs.status {
+            PgStatus::Running(r) => Some(r.as_ref()),
+            _ => None,
+        };
+        match running {
+            Some(r) if r.role == PgRole::Replica && !r.streaming => {
+                self.not_streaming_since_ms.get_or_insert(now);
+            }
+            _ => self.not_streaming_since_ms = None,
+        }
+
+        if let Some(v) = &view
+            && let Some(leader) = v.leader_record()
+            && leader.name != self.cfg.name
+        {
+            self.last_leader_lsn = leader.wal_position().or(self.last_leader_lsn);
+            self.last_leader = Some(leader.name.clone());
+        }
+
+        let system_id = match (running, &obs.data) {
+            (Some(r), _) => Some(r.system_id.clone()),
+            (None, DataDirState::Initialized) => self
+                .instance
+                .controldata()
+                .await
+                .ok()
+                .and_then(|c| c.get("Database system identifier").cloned()),
+            _ => None,
+        };
+        let on_disk = match (&obs.status, &obs.data) {
+            (PgStatus::Stopped, DataDirState::Initialized) => self.on_disk().await,
+            _ => None,
+        };
+        let upstream = match (running, &view) {
+            (Some(r), Some(v)) => r.configured_upstream.as_ref().and_then(|(h, p)| {
+                v.members
+                    .values()
+                    .find(|m| &m.host == h && m.port == *p)
+                    .map(|m| m.name.clone())
+            }),
+            _ => None,
+        };
+        let peers = match (&view, running) {
+            (Some(v), Some(r)) if v.leader.is_none() && r.role == PgRole::Replica => {
+                self.fetch_peers(v).await
+            }
+            _ => Vec::new(),
+        };
+        let snapshot = Snapshot {
+            now_ms: now,
+            now_unix_ms: unix_ms(),
+            me: self.cfg.name.clone(),
+            ha: self.cfg.ha.clone(),
+            dcs: view,
+            lease: self.lease.snapshot(),
+            local: Local {
+                data: obs.data.clone(),
+                system_id,
+                pg: obs.status.clone(),
+                down_since_ms: self.down_since_ms,
+                on_disk,
+                upstream,
+                not_streaming_since_ms: self.not_streaming_since_ms,
+                rewind_failed: self.rewind_failed,
+            },
+            peers,
+            last_leader_lsn: self.last_leader_lsn,
+            job: self.job.as_ref().map(|j| j.kind),
+        };
+        (snapshot, obs)
+    }
+
+    /// Whether a stopped data directory was last a primary. A fresh clone
+    /// or a rewound directory carries a backup_label and is a standby even
+    /// though its control file was copied from a primary.
+    async fn on_disk(&self) -> Option<OnDisk> {
+        if self.instance.data_dir.join("backup_label").exists() {
+            return Some(OnDisk::Standby);
+        }
+        let control = self.instance.controldata().await.ok()?;
+        let state = control.get("Database cluster state")?;
+        Some(match state.as_str() {
+            "in production" | "shut down" | "in crash recovery" => OnDisk::FormerPrimary,
+            _ => OnDisk::Standby,
+        })
+    }
+
+    /// Asks every other member how far it is, in parallel, with a short
+    /// timeout: the DCS records may be a loop old, and failover must pick
+    /// the member that really has the most WAL.
+    async fn fetch_peers(&self, view: &ClusterView) -> Vec<PeerStatus> {
+        let requests = view
+            .members
+            .values()
+            .filter(|m| m.name != self.cfg.name)
+            .map(|m| {
+                let url = format!("{}/status", m.api_url);
+                let http = self.http.clone();
+                let name = m.name.clone();
+                async move {
+                    let report = match http.get(&url).send().await {
+                        Ok(resp) => resp
+                            .json::<crate::api::StatusReport>()
+                            .await
+                            .ok()
+                            .map(|s| s.peer_report()),
+                        Err(_) => None,
+                    };
+                    PeerStatus { name, report }
+                }
+            });
+        join_all(requests).await
+    }
+
+    pub(super) async fn publish(
+        &mut self,
+        decision: &Decision,
+        view: Option<ClusterView>,
+        obs: Observation,
+    ) {
+        let running = match &obs.status {
+            PgStatus::Running(r) => Some(r.as_ref()),
+            _ => None,
+        };
+        let record = self.member_record(&obs, running, Some(decision.reason.to_string()));
+        let reachable = view.is_some();
+        if reachable && let Err(e) = self.dcs.put_member(&record).await {
+            tracing::warn!(error = %e, "cannot publish the member record");
+        }
+        let lease = self.lease.snapshot();
+        let now = boottime_ms();
+        let status = AgentStatus {
+            wal_position: running.and_then(Running::wal_position),
+            member: Some(record),
+            lease_held: lease.held,
+            lease_valid: lease.held && lease.valid_until_ms.is_some_and(|u| u > now),
+            dcs_reachable: reachable,
+            paused: view.as_ref().is_some_and(|v| v.config.paused),
+            last_decision: Some(decision.reason.to_string()),
+            last_action: Some(format!("{:?}", decision.action)),
+            loop_count: self.loop_count,
+            view,
+            last_loop_ms: now,
+            renewal_latency_ms: self.lease.last_renewal_latency_ms(),
+        };
+        self.status.send_replace(status);
+    }
+
+    pub(super) fn member_record(
+        &self,
+        obs: &Observation,
+        running: Option<&Running>,
+        decision: Option<String>,
+    ) -> MemberRecord {
+        let (role, state) = match (self.job.as_ref().map(|j| j.kind), running, &obs.status) {
+            (Some(Job::Cloning), _, _) => (PgRole::Unknown, PgState::Cloning),
+            (Some(Job::Rewinding), _, _) => (PgRole::Unknown, PgState::Rewinding),
+            (Some(Job::Bootstrapping), _, _) => (PgRole::Unknown, PgState::Initializing),
+            (None, Some(r), _) if r.role == PgRole::Primary => (PgRole::Primary, PgState::Running),
+            (None, Some(r), _) if r.streaming => (PgRole::Replica, PgState::Streaming),
+            (None, Some(_), _) => (PgRole::Replica, PgState::InRecovery),
+            (None, None, PgStatus::Starting) => (PgRole::Unknown, PgState::Starting),
+            (None, None, _) => (PgRole::Unknown, PgState::Stopped),
+        };
+        MemberRecord {
+            name: self.cfg.name.clone(),
+            api_url: self.cfg.api.connect_url.clone(),
+            host: self.cfg.postgres.connect_host.clone(),
+            port: self.cfg.postgres.port,
+            role,
+            state,
+            timeline: running.and_then(|r| r.timeline),
+            received_lsn: running.and_then(|r| r.receive_lsn),
+            replayed_lsn: running.and_then(|r| r.replay_lsn),
+            flushed_lsn: running.and_then(|r| r.flush_lsn),
+            upstream: running.and_then(|r| r.sender.as_ref()).and_then(|(h, p)| {
+                self.status.borrow().view.as_ref().and_then(|v| {
+                    v.members
+                        .values()
+                        .find(|m| &m.host == h && m.port == *p)
+                        .map(|m| m.name.clone())
+                })
+            }),
+            priority: self.cfg.ha.priority,
+            nofailover: self.cfg.ha.nofailover,
+            last_decision: decision,
+            updated_at_ms: unix_ms(),
+        }
+    }
+
+    /// After a clean stop as leader: publish the shutdown checkpoint as the
+    /// final position, so that a switchover target knows what to wait for.
+    pub(super) async fn publish_final_position(&mut self) {
+        let Ok(control) = self.instance.controldata().await else {
+            return;
+        };
+        let Some(lsn) = control
+            .get("Latest checkpoint location")
+            .and_then(|s| s.parse().ok())
+        else {
+            return;
+        };
+        let obs = Observation {
+            data: DataDirState::Initialized,
+            status: PgStatus::Stopped,
+        };
+        let mut record = self.member_record(&obs, None, Some("stopped cleanly as leader".into()));
+        record.flushed_lsn = Some(lsn);
+        if let Err(e) = self.dcs.put_member(&record).await {
+            tracing::warn!(error = %e, "cannot publish the final position");
+        }
+        tracing::info!(final_lsn = %lsn, "published the final WAL position");
+    }
+}

@@ -1,0 +1,266 @@
+//! `pgha demo`: a whole cluster on one machine, from nothing.
+//!
+//! Starts a private etcd and N agents on free loopback ports, writes every
+//! node's configuration under DIR, and the superuser's credentials to
+//! DIR/pgpass. Running it again on the same DIR resumes the same cluster
+//! (the ports and passwords are read back from the files). Ctrl-C or
+//! SIGTERM stops the agents (which stop PostgreSQL), then etcd.
+
+use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::process::{Child, Command};
+
+use crate::config::Config;
+use crate::dcs::Dcs;
+
+const ETCD_BIN: &str = "etcd";
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn random_secret() -> anyhow::Result<String> {
+    let mut bytes = [0u8; 18];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Ports chosen on the first run, kept in DIR/etcd/ports so that a second
+/// run resumes the same cluster.
+fn etcd_ports(dir: &Path) -> anyhow::Result<(u16, u16)> {
+    let file = dir.join("etcd-ports");
+    if let Ok(text) = std::fs::read_to_string(&file)
+        && let Some((a, b)) = text.trim().split_once(' ')
+    {
+        return Ok((a.parse()?, b.parse()?));
+    }
+    let ports = (free_port()?, free_port()?);
+    std::fs::write(&file, format!("{} {}\n", ports.0, ports.1))?;
+    Ok(ports)
+}
+
+fn node_config(
+    dir: &Path,
+    n: usize,
+    etcd_port: u16,
+    su_password: &str,
+    repl_password: &str,
+) -> anyhow::Result<String> {
+    let node_dir = dir.join(format!("node{n}"));
+    Ok(format!(
+        r#"# pgha demo node {n}; see docs/configuration.md for every key.
+cluster = "demo"
+name = "node{n}"
+state_dir = "{state}"
+
+[etcd]
+endpoints = ["http://127.0.0.1:{etcd_port}"]
+
+[postgres]
+data_dir = "{data}"
+port = {pg_port}
+superuser = {{ username = "postgres", password = "{su_password}" }}
+replication = {{ username = "replicator", password = "{repl_password}" }}
+
+[api]
+listen = "127.0.0.1:{api_port}"
+"#,
+        state = node_dir.join("state").display(),
+        data = node_dir.join("data").display(),
+        pg_port = free_port()?,
+        api_port = free_port()?,
+    ))
+}
+
+/// PostgreSQL runs as `postgres` when the demo runs as root; make sure the
+/// account exists and can reach DIR.
+fn ensure_os_user(dir: &Path) -> anyhow::Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        return Ok(());
+    }
+    if nix::unistd::User::from_name("postgres")?.is_none() {
+        let status = std::process::Command::new("useradd")
+            .args([
+                "--system",
+                "--home-dir",
+                "/var/lib/postgresql",
+                "--shell",
+                "/bin/bash",
+                "postgres",
+            ])
+            .status()
+            .context("run useradd")?;
+        anyhow::ensure!(status.success(), "could not create the postgres OS user");
+    }
+    // Every directory on the way to DIR must be traversable by postgres.
+    let mut p = Some(dir);
+    while let Some(d) = p {
+        let meta = std::fs::metadata(d)?;
+        let mode = meta.permissions().mode();
+        if mode & 0o001 == 0 {
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(mode | 0o001))?;
+        }
+        p = d.parent();
+    }
+    Ok(())
+}
+
+fn spawn_logged(mut cmd: Command, log: &Path) -> anyhow::Result<Child> {
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)?;
+    cmd.stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        .process_group(0)
+        .kill_on_drop(true);
+    Ok(cmd.spawn()?)
+}
+
+pub async fn run(nodes: usize, dir: &Path) -> anyhow::Result<()> {
+    anyhow::ensure!((1..=9).contains(&nodes), "--nodes must be between 1 and 9");
+    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    let dir: PathBuf = dir.canonicalize()?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711))?;
+    ensure_os_user(&dir)?;
+
+    let (client_port, peer_port) = etcd_ports(&dir)?;
+    let first_config = dir.join("node1.toml");
+    let resuming = first_config.exists();
+    let (su_password, repl_password) = if resuming {
+        let cfg = Config::load(&first_config)?;
+        (
+            cfg.postgres.superuser.password.expose().to_string(),
+            cfg.postgres.replication.password.expose().to_string(),
+        )
+    } else {
+        (random_secret()?, random_secret()?)
+    };
+    let mut configs = Vec::new();
+    for n in 1..=nodes {
+        let path = dir.join(format!("node{n}.toml"));
+        if !path.exists() {
+            std::fs::create_dir_all(dir.join(format!("node{n}")))?;
+            std::fs::write(
+                &path,
+                node_config(&dir, n, client_port, &su_password, &repl_password)?,
+            )?;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        }
+        configs.push(Config::load(&path)?);
+    }
+    let pgpass = dir.join("pgpass");
+    std::fs::write(
+        &pgpass,
+        format!("127.0.0.1:*:*:postgres:{su_password}\nlocalhost:*:*:postgres:{su_password}\n"),
+    )?;
+    std::fs::set_permissions(&pgpass, std::fs::Permissions::from_mode(0o600))?;
+
+    let mut etcd_cmd = Command::new(ETCD_BIN);
+    etcd_cmd
+        .arg("--name=demo")
+        .arg(format!("--data-dir={}", dir.join("etcd").display()))
+        .arg(format!(
+            "--listen-client-urls=http://127.0.0.1:{client_port}"
+        ))
+        .arg(format!(
+            "--advertise-client-urls=http://127.0.0.1:{client_port}"
+        ))
+        .arg(format!("--listen-peer-urls=http://127.0.0.1:{peer_port}"))
+        .arg(format!(
+            "--initial-advertise-peer-urls=http://127.0.0.1:{peer_port}"
+        ))
+        .arg(format!(
+            "--initial-cluster=demo=http://127.0.0.1:{peer_port}"
+        ));
+    let mut etcd = spawn_logged(etcd_cmd, &dir.join("etcd.log"))
+        .context("start etcd (install it with: apt-get install etcd-server)")?;
+    eprintln!(
+        "etcd listening on 127.0.0.1:{client_port} (log: {})",
+        dir.join("etcd.log").display()
+    );
+
+    let exe = std::env::current_exe()?;
+    let mut agents = Vec::new();
+    for (n, cfg) in configs.iter().enumerate() {
+        let mut cmd = Command::new(&exe);
+        cmd.arg("agent").arg("-c").arg(&cfg.path);
+        let log = dir.join(format!("node{}/agent.log", n + 1));
+        agents.push(spawn_logged(cmd, &log)?);
+    }
+    let hosts: Vec<String> = configs
+        .iter()
+        .map(|c| format!("127.0.0.1:{}", c.postgres.port))
+        .collect();
+    println!(
+        "pgha demo: {nodes} node(s) in {}{}",
+        dir.display(),
+        if resuming { " (resumed)" } else { "" }
+    );
+    println!("Connect (writes go to the leader):");
+    println!(
+        "  PGPASSFILE={} psql 'postgresql://postgres@{}/postgres?target_session_attrs=read-write'",
+        pgpass.display(),
+        hosts.join(",")
+    );
+    println!(
+        "Status from another terminal:\n  pgha list -c {}",
+        first_config.display()
+    );
+    println!(
+        "Agent logs: {}/nodeN/agent.log. Ctrl-C stops everything.\n",
+        dir.display()
+    );
+
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut last_table = String::new();
+    let dcs = super::connect_dcs(&configs[0]).await?;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+            _ = tokio::signal::ctrl_c() => break,
+            _ = sigterm.recv() => break,
+        }
+        if let Ok(view) = dcs.read_cluster().await {
+            let table = super::list::render_table(&super::list::build("demo", &view));
+            if table != last_table {
+                println!("{table}");
+                last_table = table;
+            }
+        }
+    }
+    eprintln!("stopping the agents (they stop PostgreSQL cleanly)...");
+    stop_children(&mut agents, Duration::from_secs(90)).await;
+    stop_children(std::slice::from_mut(&mut etcd), Duration::from_secs(10)).await;
+    eprintln!("stopped.");
+    Ok(())
+}
+
+/// SIGTERM, wait up to `grace`, then SIGKILL the whole process group.
+async fn stop_children(children: &mut [Child], grace: Duration) {
+    use nix::sys::signal::{Signal, kill, killpg};
+    use nix::unistd::Pid;
+    for c in children.iter() {
+        if let Some(pid) = c.id() {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+        }
+    }
+    let deadline = tokio::time::Instant::now() + grace;
+    for c in children.iter_mut() {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if tokio::time::timeout(left, c.wait()).await.is_err()
+            && let Some(pid) = c.id()
+        {
+            let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+            let _ = c.wait().await;
+        }
+    }
+}

@@ -1,0 +1,195 @@
+//! `pgha list`: the member table, leader first.
+
+use serde::Serialize;
+
+use crate::dcs::{ClusterView, Dcs};
+use crate::model::{MemberRecord, PgRole};
+
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct ListOutput {
+    pub cluster: String,
+    pub paused: bool,
+    pub members: Vec<ListMember>,
+}
+
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct ListMember {
+    pub name: String,
+    /// `leader` or `replica` (or `unknown` while stopped or cloning).
+    pub role: String,
+    pub state: String,
+    pub host: String,
+    pub port: u16,
+    pub timeline: Option<u32>,
+    /// Bytes behind the leader; `None` when either position is unknown.
+    pub lag_bytes: Option<u64>,
+    pub api_url: String,
+    pub decision: Option<String>,
+}
+
+/// Builds the table from a DCS view: pure, so it is unit-tested.
+pub fn build(cluster: &str, view: &ClusterView) -> ListOutput {
+    let leader_name = view.leader.as_ref().map(|l| l.name.clone());
+    let leader_pos = view.leader_record().and_then(MemberRecord::wal_position);
+    let mut members: Vec<&MemberRecord> = view.members.values().collect();
+    members.sort_by_key(|m| (Some(&m.name) != leader_name.as_ref(), m.name.clone()));
+    ListOutput {
+        cluster: cluster.to_string(),
+        paused: view.config.paused,
+        members: members
+            .into_iter()
+            .map(|m| {
+                let is_leader = Some(&m.name) == leader_name.as_ref();
+                let role = if is_leader {
+                    "leader"
+                } else if m.role == PgRole::Replica {
+                    "replica"
+                } else {
+                    "unknown"
+                };
+                ListMember {
+                    name: m.name.to_string(),
+                    role: role.into(),
+                    state: m.state.to_string(),
+                    host: m.host.clone(),
+                    port: m.port,
+                    timeline: m.timeline.map(|t| t.0),
+                    lag_bytes: if is_leader {
+                        Some(0)
+                    } else {
+                        leader_pos
+                            .zip(m.wal_position())
+                            .map(|(l, p)| p.lag_behind(l))
+                    },
+                    api_url: m.api_url.clone(),
+                    decision: m.last_decision.clone(),
+                }
+            })
+            .collect(),
+    }
+}
+
+pub fn render_table(out: &ListOutput) -> String {
+    let mut rows = vec![
+        ["Member", "Host", "Role", "State", "TL", "Lag (bytes)"]
+            .map(String::from)
+            .to_vec(),
+    ];
+    for m in &out.members {
+        rows.push(vec![
+            m.name.clone(),
+            format!("{}:{}", m.host, m.port),
+            m.role.clone(),
+            m.state.clone(),
+            m.timeline.map(|t| t.to_string()).unwrap_or_default(),
+            m.lag_bytes
+                .map(|l| l.to_string())
+                .unwrap_or_else(|| "unknown".into()),
+        ]);
+    }
+    let widths: Vec<usize> = (0..rows[0].len())
+        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
+        .collect();
+    let mut text = format!(
+        "Cluster: {}{}\n",
+        out.cluster,
+        if out.paused {
+            " (paused: no automatic failover)"
+        } else {
+            ""
+        }
+    );
+    for r in rows {
+        let line: Vec<String> = r
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        text.push_str(line.join("  ").trim_end());
+        text.push('\n');
+    }
+    text
+}
+
+pub async fn run(cfg: &crate::config::Config, json: bool) -> anyhow::Result<()> {
+    let dcs = super::connect_dcs(cfg).await?;
+    let view = dcs.read_cluster().await?;
+    let out = build(&cfg.cluster, &view);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        print!("{}", render_table(&out));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dcs::LeaderKey;
+    use crate::model::{Lsn, PgState, Timeline};
+
+    fn rec(name: &str, role: PgRole, state: PgState, lsn: u64) -> MemberRecord {
+        MemberRecord {
+            name: name.into(),
+            api_url: format!("http://{name}"),
+            host: "127.0.0.1".into(),
+            port: 5432,
+            role,
+            state,
+            timeline: Some(Timeline(1)),
+            received_lsn: (role == PgRole::Replica).then_some(Lsn(lsn)),
+            replayed_lsn: (role == PgRole::Replica).then_some(Lsn(lsn)),
+            flushed_lsn: (role == PgRole::Primary).then_some(Lsn(lsn)),
+            upstream: None,
+            priority: 100,
+            nofailover: false,
+            last_decision: None,
+            updated_at_ms: 0,
+        }
+    }
+
+    #[test]
+    fn leader_first_with_lag() {
+        let mut view = ClusterView::default();
+        for r in [
+            rec("a", PgRole::Replica, PgState::Streaming, 90),
+            rec("b", PgRole::Primary, PgState::Running, 100),
+            rec("c", PgRole::Unknown, PgState::Stopped, 0),
+        ] {
+            view.members.insert(r.name.clone(), r);
+        }
+        view.leader = Some(LeaderKey {
+            name: "b".into(),
+            lease_id: 1,
+        });
+        let out = build("x", &view);
+        let names: Vec<_> = out
+            .members
+            .iter()
+            .map(|m| (m.name.as_str(), m.role.as_str(), m.lag_bytes))
+            .collect();
+        assert_eq!(
+            names,
+            vec![
+                ("b", "leader", Some(0)),
+                ("a", "replica", Some(10)),
+                ("c", "unknown", None)
+            ]
+        );
+        let json = serde_json::to_value(&out).unwrap();
+        for key in [
+            "name",
+            "role",
+            "state",
+            "host",
+            "port",
+            "timeline",
+            "lag_bytes",
+            "api_url",
+        ] {
+            assert!(json["members"][0].get(key).is_some(), "{key} missing");
+        }
+        assert!(render_table(&out).lines().nth(2).unwrap().starts_with("b "));
+    }
+}

@@ -1,0 +1,389 @@
+//! The decision function. The order of the checks follows the questions an
+//! operator would ask: can I see the DCS? does the cluster exist? is my data
+//! usable? who leads? am I allowed to be writable?
+
+use super::election::may_race;
+use super::snapshot::{Action, Decision, DemoteReason, Lease, OnDisk, Reason, Snapshot};
+use crate::dcs::{ClusterView, Initialize};
+use crate::model::{MemberName, PgRole, PgState};
+use crate::postgres::{DataDirState, PgStatus};
+
+/// How long a switchover/failover request steers the leader race. After
+/// that, a target that never took over no longer blocks automatic failover.
+pub const FAILOVER_REQUEST_TTL_MS: u64 = 30_000;
+
+/// One loop's decision. Pure: same snapshot, same decision.
+pub fn decide(s: &Snapshot) -> Decision {
+    if let Some(job) = s.job {
+        return Decision::wait(Reason::JobRunning(job));
+    }
+    let Some(view) = &s.dcs else {
+        return without_dcs(s);
+    };
+
+    match &view.initialize {
+        None => {
+            return match s.local.data {
+                DataDirState::Empty => Decision::new(Action::Bootstrap, Reason::NotInitialized),
+                // Local data but no cluster in the DCS: the DCS was wiped or
+                // this node points at the wrong one. Guessing could fork
+                // the cluster, so wait for an operator.
+                _ => Decision::wait(Reason::ForeignDataDirectory),
+            };
+        }
+        Some(Initialize::Pending { by }) => {
+            if by == &s.me && s.local.data == DataDirState::Empty {
+                // This member claimed the bootstrap and died before finishing.
+                return Decision::new(Action::Bootstrap, Reason::NotInitialized);
+            }
+            if by != &s.me {
+                return Decision::wait(Reason::BootstrapInProgress { by: by.clone() });
+            }
+        }
+        Some(Initialize::Done { system_id }) => {
+            if let (DataDirState::Initialized, Some(mine)) = (&s.local.data, &s.local.system_id)
+                && mine != system_id
+            {
+                return demote_or_wait(s, Reason::ForeignDataDirectory);
+            }
+        }
+    }
+
+    if let DataDirState::Unusable(_) = s.local.data {
+        return demote_or_wait(s, Reason::UnusableDataDirectory);
+    }
+
+    match &view.leader {
+        Some(l) if l.name == s.me => as_leader(s, view, l.lease_id),
+        Some(l) => as_follower(s, view, &l.name),
+        None => without_leader(s, view),
+    }
+}
+
+/// Lease usable for writes: held, and not within `fence_margin` of expiry.
+fn lease_valid(s: &Snapshot) -> bool {
+    let Lease {
+        held,
+        valid_until_ms,
+    } = s.lease;
+    held && valid_until_ms
+        .is_some_and(|until| s.now_ms + s.ha.fence_margin.as_millis() as u64 <= until)
+}
+
+fn is_primary(s: &Snapshot) -> bool {
+    s.local.role() == Some(PgRole::Primary)
+}
+
+/// A writable server must stop before anything else happens.
+fn demote_or_wait(s: &Snapshot, reason: Reason) -> Decision {
+    if is_primary(s) {
+        Decision::new(
+            Action::Demote {
+                reason: DemoteReason::NoLeaderKey,
+            },
+            reason,
+        )
+    } else {
+        Decision::wait(reason)
+    }
+}
+
+fn without_dcs(s: &Snapshot) -> Decision {
+    if is_primary(s) {
+        // The lease may still be valid: etcd being slow for one loop is no
+        // reason to fail over. Once it is about to run out, stop writes,
+        // because the others may already be promoting.
+        return if lease_valid(s) {
+            Decision::wait(Reason::DcsUnreachableLeaseValid)
+        } else {
+            Decision::new(
+                Action::Demote {
+                    reason: DemoteReason::LeaseLost,
+                },
+                Reason::LeaseRunningOut,
+            )
+        };
+    }
+    // Without the DCS this member cannot know who leads; a stopped server
+    // is started read-only so it can at least serve reads.
+    if s.local.pg == PgStatus::Stopped && s.local.data == DataDirState::Initialized {
+        return Decision::new(
+            Action::StartReplica { leader: None },
+            Reason::DcsUnreachable,
+        );
+    }
+    Decision::wait(Reason::DcsUnreachable)
+}
+
+fn as_leader(s: &Snapshot, view: &ClusterView, lease_id: i64) -> Decision {
+    if !s.lease.held {
+        // The key names this member but this agent does not hold the lease:
+        // it restarted while the lease lived on. Resume it.
+        return Decision::new(Action::AdoptLease { lease_id }, Reason::LeaderKeyIsMine);
+    }
+    if !lease_valid(s) {
+        return if is_primary(s) {
+            Decision::new(
+                Action::Demote {
+                    reason: DemoteReason::LeaseLost,
+                },
+                Reason::LeaseRunningOut,
+            )
+        } else {
+            Decision::new(Action::ReleaseLease, Reason::LeaseRunningOut)
+        };
+    }
+    if let Some(f) = &view.failover
+        && f.from.as_ref() == Some(&s.me)
+        && is_primary(s)
+    {
+        let due = f
+            .not_before_unix_ms
+            .is_none_or(|t| t <= crate_now_unix(s, view));
+        return if due {
+            Decision::new(
+                Action::Demote {
+                    reason: DemoteReason::Switchover,
+                },
+                Reason::SwitchoverRequested,
+            )
+        } else {
+            leading(s, view, Reason::SwitchoverScheduled)
+        };
+    }
+    match &s.local.pg {
+        PgStatus::Running(r) if r.role == PgRole::Primary => leading(s, view, Reason::Leading),
+        PgStatus::Running(_) => Decision::new(Action::Promote, Reason::PromotingWithLease),
+        PgStatus::Starting => {
+            if down_too_long(s) {
+                Decision::new(Action::StopAndRelease, Reason::PrimaryDownTooLong)
+            } else {
+                Decision::wait(Reason::PostgresStarting)
+            }
+        }
+        PgStatus::Stopped => match s.local.data {
+            DataDirState::Initialized if view.config.paused => Decision::wait(Reason::Paused),
+            DataDirState::Initialized if !down_too_long(s) => {
+                Decision::new(Action::StartPrimary, Reason::RestartingPrimary)
+            }
+            DataDirState::Initialized => {
+                Decision::new(Action::ReleaseLease, Reason::PrimaryDownTooLong)
+            }
+            _ => Decision::new(Action::ReleaseLease, Reason::DataDirectoryLost),
+        },
+    }
+}
+
+/// Wall-clock "now" for scheduled switchovers. The snapshot carries only
+/// the monotonic clock, so the scheduled time is compared with the DCS
+/// view's own notion of time where present.
+fn crate_now_unix(s: &Snapshot, _view: &ClusterView) -> u64 {
+    s.now_unix_ms
+}
+
+fn down_too_long(s: &Snapshot) -> bool {
+    s.local.down_since_ms.is_some_and(|since| {
+        s.now_ms.saturating_sub(since) >= s.ha.primary_start_timeout.as_millis() as u64
+    })
+}
+
+/// The steady state of a healthy leader: keep one slot per other member.
+fn leading(s: &Snapshot, view: &ClusterView, reason: Reason) -> Decision {
+    let PgStatus::Running(r) = &s.local.pg else {
+        return Decision::wait(reason);
+    };
+    let wanted: Vec<String> = view
+        .members
+        .keys()
+        .filter(|m| **m != s.me)
+        .map(MemberName::slot_name)
+        .collect();
+    let create_slots: Vec<String> = wanted
+        .iter()
+        .filter(|w| !r.slots.contains(w))
+        .cloned()
+        .collect();
+    let drop_slots: Vec<String> = r
+        .slots
+        .iter()
+        .filter(|have| !wanted.contains(have))
+        .cloned()
+        .collect();
+    if create_slots.is_empty() && drop_slots.is_empty() {
+        Decision::wait(reason)
+    } else {
+        Decision::new(
+            Action::Lead {
+                create_slots,
+                drop_slots,
+            },
+            reason,
+        )
+    }
+}
+
+fn as_follower(s: &Snapshot, view: &ClusterView, leader: &MemberName) -> Decision {
+    if is_primary(s) {
+        // Two writable primaries must never coexist; this one has no key.
+        return Decision::new(
+            Action::Demote {
+                reason: DemoteReason::OtherLeader {},
+            },
+            Reason::OtherLeaderHoldsKey {
+                leader: leader.clone(),
+            },
+        );
+    }
+    if s.lease.held {
+        // A lease this agent still thinks it holds, while the key names
+        // someone else: drop it so the keeper stops renewing.
+        return Decision::new(
+            Action::ReleaseLease,
+            Reason::OtherLeaderHoldsKey {
+                leader: leader.clone(),
+            },
+        );
+    }
+    if view.config.paused {
+        return Decision::wait(Reason::Paused);
+    }
+    let leader_running = view
+        .members
+        .get(leader)
+        .is_some_and(|m| m.role == PgRole::Primary && m.state == PgState::Running);
+    match &s.local.pg {
+        PgStatus::Running(r) => {
+            if s.local.upstream.as_ref() != Some(leader) {
+                return Decision::new(
+                    Action::Follow {
+                        leader: leader.clone(),
+                    },
+                    Reason::RepointingToLeader {
+                        leader: leader.clone(),
+                    },
+                );
+            }
+            let stalled = !r.streaming
+                && leader_running
+                && s.local.not_streaming_since_ms.is_some_and(|t| {
+                    s.now_ms.saturating_sub(t) >= s.ha.stream_stall_timeout.as_millis() as u64
+                });
+            if stalled {
+                return rewind_or_reclone(s, leader, Reason::StreamingStalled);
+            }
+            Decision::wait(Reason::Following {
+                leader: leader.clone(),
+            })
+        }
+        PgStatus::Starting => Decision::wait(Reason::PostgresStarting),
+        PgStatus::Stopped => match s.local.data {
+            DataDirState::Empty if leader_running => Decision::new(
+                Action::Clone {
+                    leader: leader.clone(),
+                },
+                Reason::CloningLeader,
+            ),
+            DataDirState::Empty => Decision::wait(Reason::NoLeaderToCloneFrom),
+            _ if s.local.rewind_failed => {
+                rewind_or_reclone(s, leader, Reason::RecloningAfterRewindFailure)
+            }
+            _ if s.local.on_disk == Some(OnDisk::FormerPrimary) && leader_running => Decision::new(
+                Action::Rewind {
+                    leader: leader.clone(),
+                },
+                Reason::RewindingFormerPrimary,
+            ),
+            // A former primary must not start following before pg_rewind
+            // can run against a live leader.
+            _ if s.local.on_disk == Some(OnDisk::FormerPrimary) => {
+                Decision::wait(Reason::NoLeaderToCloneFrom)
+            }
+            _ => Decision::new(
+                Action::StartReplica {
+                    leader: Some(leader.clone()),
+                },
+                Reason::StartingAsReplica,
+            ),
+        },
+    }
+}
+
+fn rewind_or_reclone(s: &Snapshot, leader: &MemberName, reason: Reason) -> Decision {
+    if !s.local.rewind_failed {
+        return Decision::new(
+            Action::Rewind {
+                leader: leader.clone(),
+            },
+            reason,
+        );
+    }
+    if s.ha.reclone_on_rewind_failure {
+        Decision::new(
+            Action::Reclone {
+                leader: leader.clone(),
+            },
+            Reason::RecloningAfterRewindFailure,
+        )
+    } else {
+        Decision::wait(Reason::RewindFailedNoReclone)
+    }
+}
+
+fn without_leader(s: &Snapshot, view: &ClusterView) -> Decision {
+    if is_primary(s) {
+        // Writable with no leader key at all: the lease ran out (the fence
+        // keeper should already have stopped it) or was deleted by hand.
+        return Decision::new(
+            Action::Demote {
+                reason: DemoteReason::NoLeaderKey,
+            },
+            Reason::WritableWithoutLease,
+        );
+    }
+    if s.lease.held {
+        return Decision::new(Action::ReleaseLease, Reason::LeaseRunningOut);
+    }
+    let running = match &s.local.pg {
+        PgStatus::Running(r) => r,
+        PgStatus::Starting => return Decision::wait(Reason::PostgresStarting),
+        PgStatus::Stopped => {
+            return match s.local.data {
+                DataDirState::Initialized if !view.config.paused => Decision::new(
+                    Action::StartReplica { leader: None },
+                    Reason::StartingReadOnly,
+                ),
+                DataDirState::Initialized => Decision::wait(Reason::Paused),
+                _ => Decision::wait(Reason::NoLeaderToCloneFrom),
+            };
+        }
+    };
+    // An operator-requested target races alone, even when paused, as long
+    // as the request is fresh: a target that died must not block failover.
+    if let Some(f) = &view.failover
+        && let Some(target) = &f.to
+        && s.now_unix_ms.saturating_sub(f.requested_at_unix_ms) < FAILOVER_REQUEST_TTL_MS
+    {
+        if target != &s.me {
+            return Decision::wait(Reason::WaitingForSwitchoverTarget {
+                target: target.clone(),
+            });
+        }
+        // After a switchover the old leader publishes its final position;
+        // promoting before replaying up to it would lose commits.
+        if !f.accept_data_loss
+            && let Some(old) = f.from.as_ref().and_then(|o| view.members.get(o))
+            && let Some(final_lsn) = old.flushed_lsn
+            && running.wal_position().is_none_or(|mine| mine < final_lsn)
+        {
+            return Decision::wait(Reason::CatchingUpBeforePromotion);
+        }
+        return Decision::new(Action::AcquireLease, Reason::ManualFailoverTarget);
+    }
+    if view.config.paused {
+        return Decision::wait(Reason::Paused);
+    }
+    match may_race(s, running.timeline, running.wal_position()) {
+        Ok(()) => Decision::new(Action::AcquireLease, Reason::RacingAsHealthiest),
+        Err(d) => Decision::wait(Reason::NotHealthiest(d)),
+    }
+}

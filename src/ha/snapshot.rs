@@ -1,0 +1,312 @@
+//! Inputs and outputs of [`decide`](super::decide).
+
+use std::fmt;
+
+use crate::config::HaConfig;
+use crate::dcs::ClusterView;
+use crate::model::{Lsn, MemberName, PgRole, Timeline};
+use crate::postgres::{DataDirState, PgStatus};
+
+/// Everything the decision may look at, captured at one instant.
+#[derive(Clone, Debug)]
+pub struct Snapshot {
+    /// `CLOCK_BOOTTIME` milliseconds: lease deadlines and timeouts.
+    pub now_ms: u64,
+    /// Unix milliseconds: only for comparing with operator-given times
+    /// (scheduled switchovers).
+    pub now_unix_ms: u64,
+    pub me: MemberName,
+    pub ha: HaConfig,
+    /// `None` when the DCS could not be read this loop.
+    pub dcs: Option<ClusterView>,
+    pub lease: Lease,
+    pub local: Local,
+    /// Fresh statuses of the other members, fetched from their APIs when a
+    /// leader race is on (empty otherwise).
+    pub peers: Vec<PeerStatus>,
+    /// The leader's WAL position the last time this agent saw a leader;
+    /// bounds how far behind a replica may be and still promote.
+    pub last_leader_lsn: Option<Lsn>,
+    /// A long operation (clone, rewind) running in the background.
+    pub job: Option<Job>,
+}
+
+/// What this agent knows about its own leader lease.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Lease {
+    /// The agent holds (or held until a failed renewal) the leader lease.
+    pub held: bool,
+    /// The lease cannot expire before this instant (`CLOCK_BOOTTIME` ms).
+    pub valid_until_ms: Option<u64>,
+}
+
+/// The local PostgreSQL and its data directory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Local {
+    pub data: DataDirState,
+    /// The data directory's system identifier, when known.
+    pub system_id: Option<String>,
+    pub pg: PgStatus,
+    /// When PostgreSQL was first seen not running (stopped or not answering)
+    /// since it last ran; `None` while it runs.
+    pub down_since_ms: Option<u64>,
+    /// What pg_control says about a stopped server.
+    pub on_disk: Option<OnDisk>,
+    /// The member this server was configured to stream from.
+    pub upstream: Option<MemberName>,
+    /// A replica that should be streaming from the leader but is not,
+    /// since this instant.
+    pub not_streaming_since_ms: Option<u64>,
+    /// The last pg_rewind attempt failed (cleared by a successful start).
+    pub rewind_failed: bool,
+}
+
+/// The state recorded in pg_control of a stopped server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnDisk {
+    /// Was a primary: shut down cleanly, or crashed ("in production").
+    /// Must go through pg_rewind before following another leader.
+    FormerPrimary,
+    /// Was a standby.
+    Standby,
+}
+
+/// A peer's answer to "how far are you?" during a leader race.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerStatus {
+    pub name: MemberName,
+    /// `None` when the peer's API did not answer in time.
+    pub report: Option<PeerReport>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerReport {
+    pub role: PgRole,
+    pub running: bool,
+    pub timeline: Option<Timeline>,
+    pub wal_position: Option<Lsn>,
+    pub priority: u32,
+    pub nofailover: bool,
+}
+
+/// Background operations that outlive one loop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Job {
+    Cloning,
+    Rewinding,
+    Bootstrapping,
+}
+
+/// Why a primary is being stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DemoteReason {
+    /// The lease is running out and could not be renewed.
+    LeaseLost,
+    /// Another member holds the leader key.
+    OtherLeader {},
+    /// A planned switchover.
+    Switchover,
+    /// Writable without any leader key.
+    NoLeaderKey,
+}
+
+/// The one thing the executor does this loop.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Nothing to change.
+    Wait,
+    /// Create the cluster: claim `initialize`, initdb, take the lease,
+    /// start writable.
+    Bootstrap,
+    /// Clone the leader into the (empty) data directory.
+    Clone { leader: MemberName },
+    /// Wipe the data directory and clone again.
+    Reclone { leader: MemberName },
+    /// pg_rewind a former primary onto the leader's timeline, then start as
+    /// its replica.
+    Rewind { leader: MemberName },
+    /// Start as a standby; `leader: None` = read-only, streaming from nobody.
+    StartReplica { leader: Option<MemberName> },
+    /// Start writable. Only returned while the lease is valid.
+    StartPrimary,
+    /// Re-point a running replica at a new leader (reload, no restart).
+    Follow { leader: MemberName },
+    /// Take the leader key (the race for leadership).
+    AcquireLease,
+    /// Resume a lease whose key already names this member (agent restart).
+    AdoptLease { lease_id: i64 },
+    /// Promote the local standby. Only returned while the lease is valid.
+    Promote,
+    /// Keep leading: make the leader's slots match the members.
+    Lead {
+        create_slots: Vec<String>,
+        drop_slots: Vec<String>,
+    },
+    /// Stop writes: shut the primary down and restart it read-only. For a
+    /// switchover the lease is released once PostgreSQL is down.
+    Demote { reason: DemoteReason },
+    /// Give the leader key up (PostgreSQL cannot serve as primary).
+    ReleaseLease,
+    /// Stop PostgreSQL immediately, then give the lease up.
+    StopAndRelease,
+}
+
+impl Action {
+    /// Actions that make or keep PostgreSQL writable.
+    pub fn makes_writable(&self) -> bool {
+        matches!(
+            self,
+            Action::StartPrimary | Action::Promote | Action::Bootstrap
+        )
+    }
+}
+
+/// Why the decision was what it was: logged once per loop, published in
+/// the member record, shown by `pgha list`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reason {
+    DcsUnreachable,
+    DcsUnreachableLeaseValid,
+    LeaseRunningOut,
+    NotInitialized,
+    BootstrapInProgress { by: MemberName },
+    ForeignDataDirectory,
+    UnusableDataDirectory,
+    Paused,
+    JobRunning(Job),
+    // leader side
+    Leading,
+    LeaderKeyIsMine,
+    PromotingWithLease,
+    RestartingPrimary,
+    PrimaryDownTooLong,
+    DataDirectoryLost,
+    SwitchoverRequested,
+    SwitchoverScheduled,
+    // replica side
+    Following { leader: MemberName },
+    RepointingToLeader { leader: MemberName },
+    StartingAsReplica,
+    StartingReadOnly,
+    PostgresStarting,
+    NoLeaderToCloneFrom,
+    CloningLeader,
+    RewindingFormerPrimary,
+    RecloningAfterRewindFailure,
+    RewindFailedNoReclone,
+    StreamingStalled,
+    OtherLeaderHoldsKey { leader: MemberName },
+    WritableWithoutLease,
+    // race
+    RacingAsHealthiest,
+    ManualFailoverTarget,
+    NotHealthiest(super::Disqualified),
+    WaitingForSwitchoverTarget { target: MemberName },
+    CatchingUpBeforePromotion,
+    NoLeaderNotRunning,
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use Reason::*;
+        match self {
+            DcsUnreachable => write!(f, "DCS unreachable; not changing anything"),
+            DcsUnreachableLeaseValid => write!(f, "DCS unreachable; leader lease still valid"),
+            LeaseRunningOut => write!(f, "leader lease could not be renewed and is running out"),
+            NotInitialized => write!(f, "cluster not initialized; racing to bootstrap"),
+            BootstrapInProgress { by } => write!(f, "waiting for {by} to bootstrap the cluster"),
+            ForeignDataDirectory => write!(
+                f,
+                "data directory belongs to another cluster (system identifier differs); refusing to touch it"
+            ),
+            UnusableDataDirectory => write!(
+                f,
+                "data directory is neither empty nor valid; refusing to touch it"
+            ),
+            Paused => write!(f, "cluster paused; no automatic action"),
+            JobRunning(j) => write!(f, "{j:?} in progress"),
+            Leading => write!(f, "leader with a valid lease"),
+            LeaderKeyIsMine => write!(f, "leader key names this member; resuming the lease"),
+            PromotingWithLease => write!(f, "holding the lease; promoting"),
+            RestartingPrimary => write!(f, "holding the lease; starting PostgreSQL as primary"),
+            PrimaryDownTooLong => write!(
+                f,
+                "primary did not come back within primary_start_timeout; handing leadership over"
+            ),
+            DataDirectoryLost => write!(
+                f,
+                "leader's data directory is gone; handing leadership over"
+            ),
+            SwitchoverRequested => write!(f, "switchover requested; demoting"),
+            SwitchoverScheduled => write!(f, "switchover scheduled for later"),
+            Following { leader } => write!(f, "replica streaming from {leader}"),
+            RepointingToLeader { leader } => write!(f, "re-pointing replication to {leader}"),
+            StartingAsReplica => write!(f, "starting PostgreSQL as a replica"),
+            StartingReadOnly => write!(f, "no leader; starting PostgreSQL read-only"),
+            PostgresStarting => write!(f, "waiting for PostgreSQL to accept connections"),
+            NoLeaderToCloneFrom => write!(
+                f,
+                "empty data directory and no running leader to clone from"
+            ),
+            CloningLeader => write!(f, "empty data directory; cloning the leader"),
+            RewindingFormerPrimary => {
+                write!(f, "former primary; rewinding onto the leader's timeline")
+            }
+            RecloningAfterRewindFailure => write!(f, "pg_rewind failed; re-cloning"),
+            RewindFailedNoReclone => write!(
+                f,
+                "pg_rewind failed and ha.reclone_on_rewind_failure is off; waiting for an operator"
+            ),
+            StreamingStalled => write!(
+                f,
+                "replica cannot stream from the leader (diverged timeline?); rewinding"
+            ),
+            OtherLeaderHoldsKey { leader } => write!(
+                f,
+                "{leader} holds the leader key; demoting to stay the only primary"
+            ),
+            WritableWithoutLease => write!(f, "writable without a leader lease; demoting"),
+            RacingAsHealthiest => write!(f, "no leader; this member is the healthiest candidate"),
+            ManualFailoverTarget => write!(
+                f,
+                "no leader; this member is the operator's failover target"
+            ),
+            NotHealthiest(d) => write!(f, "no leader; not racing: {d}"),
+            WaitingForSwitchoverTarget { target } => {
+                write!(f, "no leader; waiting for failover target {target}")
+            }
+            CatchingUpBeforePromotion => write!(
+                f,
+                "failover target catching up to the old leader's final position"
+            ),
+            NoLeaderNotRunning => write!(f, "no leader; PostgreSQL not running yet"),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Decision {
+    pub action: Action,
+    pub reason: Reason,
+}
+
+impl Decision {
+    pub fn new(action: Action, reason: Reason) -> Self {
+        Decision { action, reason }
+    }
+    pub fn wait(reason: Reason) -> Self {
+        Decision {
+            action: Action::Wait,
+            reason,
+        }
+    }
+}
+
+impl Local {
+    pub fn role(&self) -> Option<PgRole> {
+        match &self.pg {
+            PgStatus::Running(r) => Some(r.role),
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,558 @@
+//! Running PostgreSQL's own tools against the local data directory.
+//!
+//! PostgreSQL refuses to run as root. When the agent is root, every tool
+//! runs as `postgres.os_user` (uid/gid switched in the child, supplementary
+//! groups dropped), and every file pgha writes for PostgreSQL is chowned to
+//! that user. As a normal user, everything runs as that user.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::AsyncReadExt;
+use tokio::process::Command;
+
+use super::conf::{self, HbaPolicy, PassEntry, ServerSettings, Upstream};
+use crate::config::{Config, RoleCredentials};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PgError {
+    #[error("OS user {user:?} (postgres.os_user) does not exist; create it or set another")]
+    NoSuchOsUser { user: String },
+    #[error("{action}: {source}")]
+    Io {
+        action: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{tool} failed ({status}) while trying to {action}: {stderr}")]
+    Tool {
+        tool: String,
+        action: String,
+        status: String,
+        stderr: String,
+    },
+    #[error("{tool} did not finish within {timeout:?} while trying to {action}")]
+    ToolTimeout {
+        tool: String,
+        action: String,
+        timeout: Duration,
+    },
+    #[error("SQL failed while trying to {action}: {source}")]
+    Sql {
+        action: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error("could not connect to the local PostgreSQL: {0}")]
+    Connect(#[source] tokio_postgres::Error),
+    #[error("{0}")]
+    Unexpected(String),
+}
+
+fn io(action: impl Into<String>) -> impl FnOnce(std::io::Error) -> PgError {
+    let action = action.into();
+    move |source| PgError::Io { action, source }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopMode {
+    /// Checkpoint, disconnect clients, shut down cleanly.
+    Fast,
+    /// Abort at once; the next start runs crash recovery.
+    Immediate,
+}
+
+/// The unprivileged account PostgreSQL runs as when the agent is root.
+#[derive(Clone, Debug)]
+pub struct OsUser {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub home: PathBuf,
+}
+
+/// The local PostgreSQL server pgha manages.
+#[derive(Clone, Debug)]
+pub struct Instance {
+    pub name: String,
+    pub bin_dir: PathBuf,
+    pub data_dir: PathBuf,
+    pub state_dir: PathBuf,
+    pub socket_dir: PathBuf,
+    pub passfile: PathBuf,
+    pub log_file: PathBuf,
+    pub port: u16,
+    pub listen_addresses: String,
+    pub superuser: RoleCredentials,
+    pub replication: RoleCredentials,
+    pub hba: HbaPolicy,
+    pub parameters: std::collections::BTreeMap<String, String>,
+    /// Set when the agent is root.
+    pub os_user: Option<OsUser>,
+}
+
+impl Instance {
+    pub fn from_config(cfg: &Config) -> Result<Instance, PgError> {
+        let os_user = if nix::unistd::geteuid().is_root() {
+            let user = nix::unistd::User::from_name(&cfg.postgres.os_user)
+                .ok()
+                .flatten()
+                .ok_or_else(|| PgError::NoSuchOsUser {
+                    user: cfg.postgres.os_user.clone(),
+                })?;
+            Some(OsUser {
+                name: user.name,
+                uid: user.uid.as_raw(),
+                gid: user.gid.as_raw(),
+                home: user.dir,
+            })
+        } else {
+            None
+        };
+        Ok(Instance {
+            name: cfg.name.to_string(),
+            bin_dir: cfg.postgres.bin_dir.clone(),
+            data_dir: cfg.postgres.data_dir.clone(),
+            state_dir: cfg.state_dir.clone(),
+            socket_dir: cfg.socket_dir(),
+            passfile: cfg.passfile_path(),
+            log_file: cfg.state_dir.join("postgresql.log"),
+            port: cfg.postgres.port,
+            listen_addresses: cfg.postgres.listen_addresses.clone(),
+            superuser: cfg.postgres.superuser.clone(),
+            replication: cfg.postgres.replication.clone(),
+            hba: HbaPolicy {
+                superuser: cfg.postgres.superuser.username.clone(),
+                replication_user: cfg.postgres.replication.username.clone(),
+                replication_networks: cfg.postgres.replication_networks.clone(),
+                client_networks: cfg.postgres.client_networks.clone(),
+                extra_lines: cfg.postgres.pg_hba.clone(),
+            },
+            parameters: cfg.postgres.parameters.clone(),
+            os_user,
+        })
+    }
+
+    /// A command for one of PostgreSQL's binaries, as the right OS user,
+    /// with the passfile in the environment (never a password in argv).
+    fn command(&self, tool: &str) -> Command {
+        let mut cmd = Command::new(self.bin_dir.join(tool));
+        cmd.env("PGPASSFILE", &self.passfile)
+            .env("LC_ALL", "C.UTF-8")
+            .env_remove("PGPASSWORD")
+            .current_dir(&self.state_dir)
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        if let Some(u) = &self.os_user {
+            cmd.uid(u.uid)
+                .gid(u.gid)
+                .env("HOME", &u.home)
+                .env("USER", &u.name);
+        }
+        cmd
+    }
+
+    async fn run(
+        &self,
+        tool: &str,
+        args: &[&std::ffi::OsStr],
+        action: &str,
+        timeout: Duration,
+    ) -> Result<String, PgError> {
+        let mut cmd = self.command(tool);
+        cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let out = tokio::time::timeout(timeout, cmd.output())
+            .await
+            .map_err(|_| PgError::ToolTimeout {
+                tool: tool.into(),
+                action: action.into(),
+                timeout,
+            })?
+            .map_err(io(format!("run {tool} to {action}")))?;
+        if !out.status.success() {
+            return Err(PgError::Tool {
+                tool: tool.into(),
+                action: action.into(),
+                status: out.status.to_string(),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            });
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).to_string())
+    }
+
+    /// Writes a file PostgreSQL (or its tools) will read, owned by the OS
+    /// user, with `mode`. Written to a temporary name then renamed, so a
+    /// crash never leaves half a file.
+    pub fn write_owned(&self, path: &Path, contents: &str, mode: u32) -> Result<(), PgError> {
+        let tmp = path.with_extension("pgha-tmp");
+        std::fs::write(&tmp, contents).map_err(io(format!("write {}", tmp.display())))?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
+            .map_err(io(format!("chmod {}", tmp.display())))?;
+        self.chown(&tmp)?;
+        std::fs::rename(&tmp, path).map_err(io(format!("rename to {}", path.display())))
+    }
+
+    fn chown(&self, path: &Path) -> Result<(), PgError> {
+        if let Some(u) = &self.os_user {
+            std::os::unix::fs::chown(path, Some(u.uid), Some(u.gid))
+                .map_err(io(format!("chown {}", path.display())))?;
+        }
+        Ok(())
+    }
+
+    /// Creates the state and socket directories and the passfile.
+    pub fn prepare(&self) -> Result<(), PgError> {
+        for dir in [&self.state_dir, &self.socket_dir] {
+            std::fs::create_dir_all(dir).map_err(io(format!("create {}", dir.display())))?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(io(format!("chmod {}", dir.display())))?;
+            self.chown(dir)?;
+        }
+        let entries = [
+            PassEntry {
+                host: "*".into(),
+                port: "*".into(),
+                database: "replication".into(),
+                user: self.replication.username.clone(),
+                password: self.replication.password.expose().to_string(),
+            },
+            PassEntry {
+                host: "*".into(),
+                port: "*".into(),
+                database: "*".into(),
+                user: self.superuser.username.clone(),
+                password: self.superuser.password.expose().to_string(),
+            },
+            PassEntry {
+                host: "*".into(),
+                port: "*".into(),
+                database: "*".into(),
+                user: self.replication.username.clone(),
+                password: self.replication.password.expose().to_string(),
+            },
+        ];
+        self.write_owned(&self.passfile, &conf::render_passfile(&entries), 0o600)
+    }
+
+    /// Creates a brand new cluster: checksums on (so pg_rewind works),
+    /// SCRAM everywhere, the superuser's password read from a file that
+    /// exists only for the duration of initdb.
+    pub async fn initdb(&self) -> Result<(), PgError> {
+        self.create_data_dir()?;
+        let pwfile = self.state_dir.join("initdb.pw");
+        self.write_owned(&pwfile, self.superuser.password.expose(), 0o600)?;
+        let result = self
+            .run(
+                "initdb",
+                &[
+                    "-D".as_ref(),
+                    self.data_dir.as_os_str(),
+                    "--data-checksums".as_ref(),
+                    "--encoding=UTF8".as_ref(),
+                    "--locale=C.UTF-8".as_ref(),
+                    "--auth=scram-sha-256".as_ref(),
+                    "-U".as_ref(),
+                    self.superuser.username.as_ref(),
+                    format!("--pwfile={}", pwfile.display()).as_ref(),
+                ],
+                "initialize a new cluster",
+                Duration::from_secs(300),
+            )
+            .await;
+        let _ = std::fs::remove_file(&pwfile);
+        result?;
+        let conf = self.data_dir.join("postgresql.conf");
+        std::fs::rename(&conf, self.data_dir.join(conf::BASE_CONF))
+            .map_err(io("keep initdb's postgresql.conf"))?;
+        Ok(())
+    }
+
+    fn create_data_dir(&self) -> Result<(), PgError> {
+        std::fs::create_dir_all(&self.data_dir)
+            .map_err(io(format!("create {}", self.data_dir.display())))?;
+        std::fs::set_permissions(&self.data_dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(io(format!("chmod {}", self.data_dir.display())))?;
+        self.chown(&self.data_dir)
+    }
+
+    /// Renders and writes postgresql.conf, pg_hba.conf and (for replicas)
+    /// standby.signal. `upstream: None` with `standby: true` starts a
+    /// standby that streams from nobody: read-only, safe without a lease.
+    pub fn write_config(
+        &self,
+        standby: bool,
+        upstream: Option<Upstream>,
+        sync_names: Option<String>,
+    ) -> Result<(), PgError> {
+        let settings = ServerSettings {
+            cluster_name: self.name.clone(),
+            listen_addresses: self.listen_addresses.clone(),
+            port: self.port,
+            socket_dir: self.socket_dir.display().to_string(),
+            passfile: self.passfile.display().to_string(),
+            upstream,
+            synchronous_standby_names: sync_names,
+            extra: self.parameters.clone(),
+        };
+        self.write_owned(
+            &self.data_dir.join("postgresql.conf"),
+            &conf::render_postgresql_conf(&settings),
+            0o600,
+        )?;
+        self.write_owned(
+            &self.data_dir.join("pg_hba.conf"),
+            &conf::render_pg_hba(&self.hba),
+            0o600,
+        )?;
+        // pg_basebackup copies the leader's auto.conf; settings there would
+        // override ours, so pgha keeps it empty.
+        self.write_owned(
+            &self.data_dir.join("postgresql.auto.conf"),
+            "# Managed by pgha; use the pgha configuration.\n",
+            0o600,
+        )?;
+        let signal = conf::standby_signal(&self.data_dir);
+        if standby {
+            self.write_owned(&signal, "", 0o600)?;
+        } else if signal.exists() {
+            std::fs::remove_file(&signal).map_err(io("remove standby.signal"))?;
+        }
+        Ok(())
+    }
+
+    /// Starts the postmaster without waiting for it to accept connections:
+    /// the HA loop keeps running and observes "starting" until it is up.
+    /// The server gets its own process group so that signals aimed at the
+    /// agent do not reach it.
+    pub async fn start(&self) -> Result<(), PgError> {
+        let mut cmd = self.command("pg_ctl");
+        cmd.args(["start", "-W", "-s", "-D"])
+            .arg(&self.data_dir)
+            .arg("-l")
+            .arg(&self.log_file)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .process_group(0);
+        let out = tokio::time::timeout(Duration::from_secs(10), cmd.output())
+            .await
+            .map_err(|_| PgError::ToolTimeout {
+                tool: "pg_ctl".into(),
+                action: "start PostgreSQL".into(),
+                timeout: Duration::from_secs(10),
+            })?
+            .map_err(io("run pg_ctl start"))?;
+        if !out.status.success() {
+            return Err(PgError::Tool {
+                tool: "pg_ctl".into(),
+                action: "start PostgreSQL".into(),
+                status: out.status.to_string(),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            });
+        }
+        Ok(())
+    }
+
+    pub async fn stop(&self, mode: StopMode, timeout: Duration) -> Result<(), PgError> {
+        if self.postmaster_pid().is_none() {
+            return Ok(());
+        }
+        let m = match mode {
+            StopMode::Fast => "fast",
+            StopMode::Immediate => "immediate",
+        };
+        let secs = timeout.as_secs().max(1).to_string();
+        let r = self
+            .run(
+                "pg_ctl",
+                &[
+                    "stop".as_ref(),
+                    "-s".as_ref(),
+                    "-D".as_ref(),
+                    self.data_dir.as_os_str(),
+                    "-m".as_ref(),
+                    m.as_ref(),
+                    "-w".as_ref(),
+                    "-t".as_ref(),
+                    secs.as_ref(),
+                ],
+                "stop PostgreSQL",
+                timeout + Duration::from_secs(2),
+            )
+            .await;
+        match r {
+            Ok(_) => Ok(()),
+            // Already gone between the check and the stop: what we wanted.
+            Err(_) if self.postmaster_pid().is_none() => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The postmaster's pid, if one is running for this data directory.
+    pub fn postmaster_pid(&self) -> Option<i32> {
+        postmaster_pid(&self.data_dir)
+    }
+
+    /// Clones the leader's data directory with pg_basebackup, logging
+    /// progress as it goes. `-X stream` holds a temporary slot on the leader
+    /// for the copy; the member's own slot takes over once it streams.
+    pub async fn basebackup(&self, up: &Upstream) -> Result<(), PgError> {
+        self.remove_data_dir()?;
+        self.create_data_dir()?;
+        let mut cmd = self.command("pg_basebackup");
+        cmd.arg("-D")
+            .arg(&self.data_dir)
+            .args(["-h", &up.host, "-p", &up.port.to_string(), "-U", &up.user])
+            .args(["-X", "stream", "-c", "fast", "-P", "-w"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().map_err(io("run pg_basebackup"))?;
+        let mut stderr = child.stderr.take().expect("piped");
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 1024];
+        let mut last_log = std::time::Instant::now() - Duration::from_secs(60);
+        let mut errors = String::new();
+        loop {
+            let n = stderr
+                .read(&mut chunk)
+                .await
+                .map_err(io("read pg_basebackup output"))?;
+            if n == 0 {
+                break;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            // -P redraws its progress line with '\r'.
+            while let Some(pos) = buf.iter().position(|&b| b == b'\r' || b == b'\n') {
+                let line = String::from_utf8_lossy(&buf[..pos]).trim().to_string();
+                buf.drain(..=pos);
+                if line.is_empty() {
+                    continue;
+                }
+                if line.contains("kB (") || line.contains("tablespace") {
+                    if last_log.elapsed() >= Duration::from_secs(2) {
+                        tracing::info!(progress = %line, "cloning the leader");
+                        last_log = std::time::Instant::now();
+                    }
+                } else {
+                    errors.push_str(&line);
+                    errors.push('\n');
+                }
+            }
+        }
+        let status = child.wait().await.map_err(io("wait for pg_basebackup"))?;
+        if !status.success() {
+            return Err(PgError::Tool {
+                tool: "pg_basebackup".into(),
+                action: format!("clone from {}:{}", up.host, up.port),
+                status: status.to_string(),
+                stderr: errors.trim().to_string(),
+            });
+        }
+        tracing::info!("clone complete");
+        Ok(())
+    }
+
+    /// Rewinds a stopped former primary onto the source's timeline. If the
+    /// target was not shut down cleanly, pg_rewind first runs crash
+    /// recovery in single-user mode (no client can connect meanwhile).
+    /// When the histories have not diverged it changes nothing.
+    pub async fn rewind(&self, source_host: &str, source_port: u16) -> Result<(), PgError> {
+        let conninfo = format!(
+            "host={} port={} user={} dbname=postgres connect_timeout=5",
+            conf::quote_conninfo(source_host),
+            source_port,
+            conf::quote_conninfo(&self.superuser.username)
+        );
+        self.run(
+            "pg_rewind",
+            &[
+                "--target-pgdata".as_ref(),
+                self.data_dir.as_os_str(),
+                "--source-server".as_ref(),
+                conninfo.as_ref(),
+                "--progress".as_ref(),
+            ],
+            "rewind onto the leader's timeline",
+            Duration::from_secs(3600),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// `pg_controldata` as key → value.
+    pub async fn controldata(&self) -> Result<std::collections::BTreeMap<String, String>, PgError> {
+        let out = self
+            .run(
+                "pg_controldata",
+                &[self.data_dir.as_os_str()],
+                "read the control file",
+                Duration::from_secs(10),
+            )
+            .await?;
+        Ok(out
+            .lines()
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+            .collect())
+    }
+
+    /// Deletes the data directory (before a clone). Refuses obviously wrong
+    /// targets as a last line of defence against a bad path.
+    pub fn remove_data_dir(&self) -> Result<(), PgError> {
+        let d = &self.data_dir;
+        if d.parent().is_none() || d == Path::new("/") {
+            return Err(PgError::Unexpected(format!(
+                "refusing to remove {}",
+                d.display()
+            )));
+        }
+        if self.postmaster_pid().is_some() {
+            return Err(PgError::Unexpected(format!(
+                "refusing to remove {} while PostgreSQL runs",
+                d.display()
+            )));
+        }
+        match std::fs::remove_dir_all(d) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(PgError::Io {
+                action: format!("remove {}", d.display()),
+                source: e,
+            }),
+        }
+    }
+
+    /// Connection parameters for the agent's own SQL session (unix socket).
+    pub fn client_config(&self) -> tokio_postgres::Config {
+        let mut c = tokio_postgres::Config::new();
+        c.host_path(&self.socket_dir)
+            .port(self.port)
+            .user(&self.superuser.username)
+            .password(self.superuser.password.expose())
+            .dbname("postgres")
+            .application_name("pgha")
+            .connect_timeout(Duration::from_secs(2));
+        c
+    }
+}
+
+/// Reads `postmaster.pid` and checks that process is alive.
+pub fn postmaster_pid(data_dir: &Path) -> Option<i32> {
+    let text = std::fs::read_to_string(data_dir.join("postmaster.pid")).ok()?;
+    let pid: i32 = text.lines().next()?.trim().parse().ok()?;
+    if pid <= 0 {
+        return None;
+    }
+    // Signal 0 checks existence; a zombie or a recycled pid of another
+    // program is ruled out by /proc's command name.
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).ok()?;
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let zombie = stat
+        .rsplit(')')
+        .next()
+        .map(|s| s.trim_start().starts_with('Z'))
+        .unwrap_or(false);
+    (comm.trim() == "postgres" && !zombie).then_some(pid)
+}

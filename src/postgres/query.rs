@@ -1,0 +1,38 @@
+//! SQL sent to the local server, as named constants so that every query
+//! pgha depends on can be found (and reviewed) in one place.
+
+/// One round trip for the whole observation. Timeline on a primary comes
+/// from the WAL file name of the insert position (a checkpoint after
+/// promotion may not have happened yet, so pg_control can be stale).
+pub const OBSERVE: &str = "
+SELECT pg_is_in_recovery() AS in_recovery,
+       CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_current_wal_lsn()::text END AS current_lsn,
+       CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_current_wal_flush_lsn()::text END AS flush_lsn,
+       pg_last_wal_receive_lsn()::text AS receive_lsn,
+       pg_last_wal_replay_lsn()::text AS replay_lsn,
+       CASE WHEN pg_is_in_recovery()
+            THEN greatest((SELECT received_tli FROM pg_stat_wal_receiver),
+                          (SELECT timeline_id FROM pg_control_checkpoint()))
+            ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int
+       END AS timeline,
+       (SELECT status FROM pg_stat_wal_receiver) AS receiver_status,
+       (SELECT sender_host FROM pg_stat_wal_receiver) AS sender_host,
+       (SELECT sender_port FROM pg_stat_wal_receiver) AS sender_port,
+       (SELECT system_identifier::text FROM pg_control_system()) AS system_id,
+       current_setting('primary_conninfo') AS primary_conninfo";
+
+/// Standbys connected to this server (primary side).
+pub const REPLICATION: &str = "
+SELECT application_name, state, coalesce(flush_lsn::text, ''), coalesce(replay_lsn::text, ''), sync_state
+  FROM pg_stat_replication";
+
+/// Physical slots on this server.
+pub const SLOTS: &str = "SELECT slot_name FROM pg_replication_slots WHERE slot_type = 'physical'";
+
+pub const CREATE_SLOT: &str = "SELECT pg_create_physical_replication_slot($1, true)";
+pub const DROP_SLOT: &str = "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1 AND NOT active";
+
+/// Promotion without a restart; waits up to the given seconds.
+pub const PROMOTE: &str = "SELECT pg_promote(true, $1)";
+pub const RELOAD: &str = "SELECT pg_reload_conf()";
+pub const CHECKPOINT: &str = "CHECKPOINT";

@@ -1,0 +1,11 @@
+//! pgha's integration tests: one test binary (`cargo test --test it`) so
+//! that the crate and the fixtures are compiled once and every test can
+//! run in parallel with the others.
+//!
+//! The tests drive real processes (etcd, and later PostgreSQL and pgha
+//! agents) through the fixtures in [`support`]. Set `PGHA_KEEP_TEST_DIRS=1`
+//! to keep the directories (data, logs) of failed tests for inspection.
+
+mod support;
+
+mod dcs_etcd;

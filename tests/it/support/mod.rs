@@ -1,0 +1,26 @@
+//! Fixtures that run real processes for the integration tests, in the
+//! spirit of ripgrep's `tests/util.rs`: each test gets its own directory,
+//! its own ports and its own processes, so tests run in parallel, and
+//! nothing outlives the test that started it.
+//!
+//! - [`free_port`]: a port no other test of this process was given.
+//! - [`TestDir`]: a short, world-traversable temp directory, kept on
+//!   failure when `PGHA_KEEP_TEST_DIRS` is set.
+//! - [`ProcessGuard`]: a child in its own process group, killed on drop.
+//! - [`Etcd`]: a single-node etcd that can be stopped, restarted and paused.
+//! - [`wait_until`]: polls a condition with a deadline.
+
+// Each test module uses a different subset of the fixtures.
+#![allow(dead_code)]
+
+mod dir;
+mod etcd;
+mod port;
+mod process;
+mod wait;
+
+pub use dir::TestDir;
+pub use etcd::Etcd;
+pub use port::free_port;
+pub use process::ProcessGuard;
+pub use wait::wait_until;
