@@ -281,7 +281,9 @@ impl Agent {
             ),
             _ => anyhow::bail!("PostgreSQL is not running"),
         };
-        self.instance.write_config(false, None, None)?;
+        // The configuration is rewritten only after the promotion: the
+        // startup process removes standby.signal itself and treats a
+        // missing file as fatal.
         let started = boottime_ms();
         let client = self.observer.client().await?;
         let done: bool = client
@@ -295,8 +297,8 @@ impl Agent {
         if !done {
             anyhow::bail!("pg_promote did not finish within 60s");
         }
-        // The standby.signal is gone after promotion; rewriting the config
-        // cleared primary_conninfo for the next start.
+        // primary_conninfo must not survive into the next start of a primary.
+        self.instance.write_config(false, None, None)?;
         let obs = self.observer.observe().await;
         let new_tl = match &obs.status {
             PgStatus::Running(r) => r.timeline.unwrap_or_default(),
