@@ -165,11 +165,11 @@ fn as_leader(s: &Snapshot, view: &ClusterView, lease_id: i64) -> Decision {
             DataDirState::Initialized if view.config.paused => Decision::wait(Reason::Paused),
             // A standby's data must be promoted, never started writable in
             // place: that would keep the old timeline and hide divergence.
-            DataDirState::Initialized if s.local.on_disk == Some(OnDisk::Standby) && !down_too_long(s) => {
-                Decision::new(Action::StartReplica { leader: None }, Reason::StartingBeforePromotion)
+            DataDirState::Initialized if s.local.on_disk == Some(OnDisk::FormerPrimary) && !down_too_long(s) => {
+                Decision::new(Action::StartPrimary, Reason::RestartingPrimary)
             }
             DataDirState::Initialized if !down_too_long(s) => {
-                Decision::new(Action::StartPrimary, Reason::RestartingPrimary)
+                Decision::new(Action::StartReplica { leader: None }, Reason::StartingBeforePromotion)
             }
             DataDirState::Initialized => {
                 Decision::new(Action::ReleaseLease, Reason::PrimaryDownTooLong)
