@@ -64,6 +64,26 @@ async fn run(command: Command) -> i32 {
             Ok(cfg) => cli::list::run(&cfg, json).await,
             Err(code) => return code,
         },
+        Command::Switchover { config, to, at, force } => match load(&config) {
+            Ok(cfg) => cli::manage::switchover(&cfg, to, at, force).await,
+            Err(code) => return code,
+        },
+        Command::Failover { config, to, accept_data_loss } => match load(&config) {
+            Ok(cfg) => cli::manage::failover(&cfg, to, accept_data_loss).await,
+            Err(code) => return code,
+        },
+        Command::Pause { config } => match load(&config) {
+            Ok(cfg) => cli::manage::set_paused(&cfg, true).await,
+            Err(code) => return code,
+        },
+        Command::Resume { config } => match load(&config) {
+            Ok(cfg) => cli::manage::set_paused(&cfg, false).await,
+            Err(code) => return code,
+        },
+        Command::History { config, json } => match load(&config) {
+            Ok(cfg) => cli::manage::history(&cfg, json).await,
+            Err(code) => return code,
+        },
         Command::Demo { nodes, dir } => cli::demo::run(nodes, &dir).await,
         Command::FenceKeeper { .. } => unreachable!("handled before the runtime starts"),
     };

@@ -2,6 +2,7 @@
 
 pub mod demo;
 pub mod list;
+pub mod manage;
 
 use std::path::PathBuf;
 
@@ -36,6 +37,47 @@ pub enum Command {
         #[arg(short, long)]
         config: PathBuf,
         /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Planned handover of the leader role, with no data loss.
+    Switchover {
+        #[arg(short, long)]
+        config: PathBuf,
+        /// Target member; default: the healthiest streaming replica.
+        #[arg(long)]
+        to: Option<String>,
+        /// Run at this time (RFC 3339, e.g. 2026-01-31T02:00:00Z) instead of now.
+        #[arg(long)]
+        at: Option<String>,
+        /// Skip the target health checks (and replace a pending request).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Force a promotion when the cluster has no healthy leader.
+    Failover {
+        #[arg(short, long)]
+        config: PathBuf,
+        #[arg(long)]
+        to: String,
+        /// Promote even if the target may lack acknowledged commits.
+        #[arg(long)]
+        accept_data_loss: bool,
+    },
+    /// Maintenance mode: no automatic action until `resume`.
+    Pause {
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+    /// Leave maintenance mode.
+    Resume {
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+    /// The timeline history (failovers and switchovers).
+    History {
+        #[arg(short, long)]
+        config: PathBuf,
         #[arg(long)]
         json: bool,
     },

@@ -366,7 +366,7 @@ fn without_leader(s: &Snapshot, view: &ClusterView) -> Decision {
     // as the request is fresh: a target that died must not block failover.
     if let Some(f) = &view.failover
         && let Some(target) = &f.to
-        && s.now_unix_ms.saturating_sub(f.requested_at_unix_ms) < FAILOVER_REQUEST_TTL_MS
+        && s.now_unix_ms.saturating_sub(f.requested_at_unix_ms.max(f.not_before_unix_ms.unwrap_or(0))) < FAILOVER_REQUEST_TTL_MS
     {
         if target != &s.me {
             return Decision::wait(Reason::WaitingForSwitchoverTarget {

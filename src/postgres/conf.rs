@@ -89,6 +89,11 @@ pub fn render_postgresql_conf(s: &ServerSettings) -> String {
     if !s.extra.contains_key("hot_standby_feedback") {
         own.push(("hot_standby_feedback", "on".into()));
     }
+    // After a failover the WAL receiver reconnects to the new leader; the
+    // default 5s between attempts would dominate the rejoin time.
+    if !s.extra.contains_key("wal_retrieve_retry_interval") {
+        own.push(("wal_retrieve_retry_interval", "500ms".into()));
+    }
     if !s.extra.contains_key("max_wal_senders") {
         own.push(("max_wal_senders", "10".into()));
     }
