@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Installs what pgha's demo and tests need on Debian 12, only when missing:
+# PostgreSQL 15, etcd, HAProxy (for the load-balancer tests) and protoc.
+set -euo pipefail
+need=()
+[ -x /usr/lib/postgresql/15/bin/postgres ] || need+=(postgresql-15)
+command -v etcd >/dev/null || need+=(etcd-server)
+command -v etcdctl >/dev/null || need+=(etcd-client)
+command -v haproxy >/dev/null || need+=(haproxy)
+command -v protoc >/dev/null || need+=(protobuf-compiler)
+command -v pgbench >/dev/null || need+=(postgresql-contrib)
+if [ ${#need[@]} -gt 0 ]; then
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  export DEBIAN_FRONTEND=noninteractive
+  $sudo apt-get update -qq
+  $sudo apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+# The Debian packages start their own etcd/haproxy services where systemd
+# runs; pgha's tests start private instances on free ports and need none.
