@@ -64,11 +64,20 @@ async fn run(command: Command) -> i32 {
             Ok(cfg) => cli::list::run(&cfg, json).await,
             Err(code) => return code,
         },
-        Command::Switchover { config, to, at, force } => match load(&config) {
+        Command::Switchover {
+            config,
+            to,
+            at,
+            force,
+        } => match load(&config) {
             Ok(cfg) => cli::manage::switchover(&cfg, to, at, force).await,
             Err(code) => return code,
         },
-        Command::Failover { config, to, accept_data_loss } => match load(&config) {
+        Command::Failover {
+            config,
+            to,
+            accept_data_loss,
+        } => match load(&config) {
             Ok(cfg) => cli::manage::failover(&cfg, to, accept_data_loss).await,
             Err(code) => return code,
         },

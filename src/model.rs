@@ -221,7 +221,10 @@ fn default_priority() -> u32 {
 impl MemberRecord {
     /// The most advanced WAL position this member is known to hold.
     pub fn wal_position(&self) -> Option<Lsn> {
-        [self.received_lsn, self.replayed_lsn, self.flushed_lsn].into_iter().flatten().max()
+        [self.received_lsn, self.replayed_lsn, self.flushed_lsn]
+            .into_iter()
+            .flatten()
+            .max()
     }
 
     /// Failover-ineligible by configuration.

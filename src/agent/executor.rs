@@ -383,6 +383,75 @@ impl Agent {
         Ok(())
     }
 
+    /// Operator requests from the REST API.
+    pub(super) async fn run_command(&mut self, command: super::status::AgentCommand) {
+        use super::status::AgentCommand;
+        match command {
+            AgentCommand::Restart { reply } => {
+                // A fast stop; the next loop starts PostgreSQL again in the
+                // role the decision function picks (a leader with a valid
+                // lease restarts writable, within primary_start_timeout).
+                tracing::info!("restart requested through the API");
+                let r = self
+                    .instance
+                    .stop(StopMode::Fast, Duration::from_secs(60))
+                    .await
+                    .map_err(|e| e.to_string());
+                self.observer.reset();
+                let _ = reply.send(r);
+            }
+            AgentCommand::Reinitialize { reply } => {
+                let r = if self.lease.snapshot().held {
+                    Err("refusing to reinitialize the leader".to_string())
+                } else if self.job.is_some() {
+                    Err("a clone or rewind is already running".to_string())
+                } else {
+                    tracing::warn!(
+                        "reinitialize requested through the API: wiping the data directory"
+                    );
+                    match self
+                        .instance
+                        .stop(StopMode::Immediate, Duration::from_secs(10))
+                        .await
+                    {
+                        Ok(()) => self.instance.remove_data_dir().map_err(|e| e.to_string()),
+                        Err(e) => Err(e.to_string()),
+                    }
+                };
+                self.observer.reset();
+                let _ = reply.send(r);
+            }
+            AgentCommand::Reload { reply } => {
+                let r = self.reload_config().await.map_err(|e| format!("{e:#}"));
+                let _ = reply.send(r);
+            }
+        }
+    }
+
+    async fn reload_config(&mut self) -> anyhow::Result<()> {
+        let obs = self.observer.observe().await;
+        let PgStatus::Running(r) = &obs.status else {
+            anyhow::bail!("PostgreSQL is not running")
+        };
+        let standby = r.role == crate::model::PgRole::Replica;
+        let up = r.configured_upstream.clone().map(|(host, port)| Upstream {
+            host,
+            port,
+            user: self.cfg.postgres.replication.username.clone(),
+            slot: self.cfg.name.slot_name(),
+        });
+        self.instance.write_config(standby, up, None)?;
+        let client = self.observer.client().await?;
+        client
+            .batch_execute(query::RELOAD)
+            .await
+            .map_err(|source| PgError::Sql {
+                action: "reload the configuration".into(),
+                source,
+            })?;
+        Ok(())
+    }
+
     async fn release(&mut self) -> anyhow::Result<()> {
         self.lease.clear();
         self.dcs.release_leader().await?;

@@ -59,6 +59,7 @@ pub struct Agent {
     fence_armed_by_loop: bool,
     job: Option<RunningJob>,
     loop_count: u64,
+    commands: tokio::sync::mpsc::Receiver<status::AgentCommand>,
 }
 
 /// Runs the agent until SIGTERM/SIGINT, then shuts down cleanly.
@@ -105,9 +106,15 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         cfg.ha.fence_margin,
     );
     let (status_tx, status_rx) = watch::channel(AgentStatus::default());
-    let api = crate::api::serve(cfg.api.listen, status_rx, cfg.clone())
-        .await
-        .with_context(|| format!("start the REST API on {}", cfg.api.listen))?;
+    let (command_tx, commands) = tokio::sync::mpsc::channel(8);
+    let api = crate::api::serve(crate::api::ApiContext {
+        status: status_rx,
+        dcs: dcs.clone(),
+        commands: command_tx,
+        config: cfg.clone(),
+    })
+    .await
+    .with_context(|| format!("start the REST API on {}", cfg.api.listen))?;
 
     let mut agent = Agent {
         observer: Observer::new(instance.clone()),
@@ -128,6 +135,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         fence_armed_by_loop: false,
         job: None,
         loop_count: 0,
+        commands,
         cfg,
     };
     tracing::info!(member = %agent.cfg.name, cluster = %agent.cfg.cluster, "agent started");
@@ -158,6 +166,9 @@ impl Agent {
     async fn run_once(&mut self) -> bool {
         self.lease.heartbeat();
         self.reap_job().await;
+        while let Ok(command) = self.commands.try_recv() {
+            self.run_command(command).await;
+        }
         let (snapshot, running) = self.observe().await;
         let decision = ha::decide(&snapshot);
         let hurry = matches!(

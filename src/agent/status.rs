@@ -25,3 +25,21 @@ pub struct AgentStatus {
     pub last_loop_ms: u64,
     pub renewal_latency_ms: Option<u64>,
 }
+
+/// Requests the REST API hands to the agent loop; each is carried out at
+/// the start of the next loop, by the executor, like any other action.
+#[derive(Debug)]
+pub enum AgentCommand {
+    /// Restart PostgreSQL in its current role.
+    Restart {
+        reply: tokio::sync::oneshot::Sender<Result<(), String>>,
+    },
+    /// Wipe this replica's data directory and clone the leader again.
+    Reinitialize {
+        reply: tokio::sync::oneshot::Sender<Result<(), String>>,
+    },
+    /// Re-render the configuration files and reload PostgreSQL.
+    Reload {
+        reply: tokio::sync::oneshot::Sender<Result<(), String>>,
+    },
+}

@@ -111,16 +111,21 @@ async fn check(app: AppState, check: HealthCheck) -> Response {
     (code, Json(body)).into_response()
 }
 
+/// What the API needs from the agent.
+pub struct ApiContext {
+    pub status: watch::Receiver<AgentStatus>,
+    pub dcs: std::sync::Arc<dyn crate::dcs::Dcs>,
+    pub commands: tokio::sync::mpsc::Sender<crate::agent::status::AgentCommand>,
+    pub config: Config,
+}
+
 /// Binds the API and serves it on a background task.
-pub async fn serve(
-    addr: SocketAddr,
-    status_rx: watch::Receiver<AgentStatus>,
-    cfg: Config,
-) -> std::io::Result<tokio::task::JoinHandle<()>> {
+pub async fn serve(ctx: ApiContext) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    let addr: SocketAddr = ctx.config.api.listen;
     let app = AppState {
-        status: status_rx,
-        loop_wait_ms: cfg.ha.loop_wait.as_millis() as u64,
-        ttl_ms: cfg.ha.ttl.as_millis() as u64,
+        status: ctx.status,
+        loop_wait_ms: ctx.config.ha.loop_wait.as_millis() as u64,
+        ttl_ms: ctx.config.ha.ttl.as_millis() as u64,
     };
     let router = Router::new()
         .route("/", get(status))

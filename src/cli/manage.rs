@@ -11,21 +11,33 @@ use crate::model::{MemberName, MemberRecord, PgRole, PgState};
 use crate::util::unix_ms;
 
 /// Why a member cannot take over in a planned switchover.
-pub fn switchover_target_problem(view: &ClusterView, target: &MemberRecord, max_lag: u64) -> Option<String> {
+pub fn switchover_target_problem(
+    view: &ClusterView,
+    target: &MemberRecord,
+    max_lag: u64,
+) -> Option<String> {
     if view.leader.as_ref().is_some_and(|l| l.name == target.name) {
         return Some(format!("{} is already the leader", target.name));
     }
     if target.never_promote() {
-        return Some(format!("{} has nofailover set (or priority 0)", target.name));
+        return Some(format!(
+            "{} has nofailover set (or priority 0)",
+            target.name
+        ));
     }
     if target.role != PgRole::Replica || target.state != PgState::Streaming {
-        return Some(format!("{} is not a streaming replica (state: {})", target.name, target.state));
+        return Some(format!(
+            "{} is not a streaming replica (state: {})",
+            target.name, target.state
+        ));
     }
     let leader_pos = view.leader_record().and_then(MemberRecord::wal_position);
     match (leader_pos, target.wal_position()) {
-        (Some(l), Some(t)) if t.lag_behind(l) > max_lag => {
-            Some(format!("{} is {} bytes behind the leader (maximum_lag_on_failover is {max_lag})", target.name, t.lag_behind(l)))
-        }
+        (Some(l), Some(t)) if t.lag_behind(l) > max_lag => Some(format!(
+            "{} is {} bytes behind the leader (maximum_lag_on_failover is {max_lag})",
+            target.name,
+            t.lag_behind(l)
+        )),
         (Some(_), None) => Some(format!("{}'s WAL position is unknown", target.name)),
         _ => None,
     }
@@ -34,34 +46,56 @@ pub fn switchover_target_problem(view: &ClusterView, target: &MemberRecord, max_
 /// The best switchover target: a healthy streaming replica, least lag
 /// first, then priority, then name.
 pub fn pick_target(view: &ClusterView, max_lag: u64) -> Option<MemberName> {
-    let mut ok: Vec<&MemberRecord> =
-        view.members.values().filter(|m| switchover_target_problem(view, m, max_lag).is_none()).collect();
-    ok.sort_by_key(|m| (std::cmp::Reverse(m.wal_position()), std::cmp::Reverse(m.priority), m.name.clone()));
+    let mut ok: Vec<&MemberRecord> = view
+        .members
+        .values()
+        .filter(|m| switchover_target_problem(view, m, max_lag).is_none())
+        .collect();
+    ok.sort_by_key(|m| {
+        (
+            std::cmp::Reverse(m.wal_position()),
+            std::cmp::Reverse(m.priority),
+            m.name.clone(),
+        )
+    });
     ok.first().map(|m| m.name.clone())
 }
 
 fn parse_at(at: &str) -> anyhow::Result<u64> {
-    let t = humantime::parse_rfc3339_weak(at).with_context(|| format!("--at {at:?}: expected a time like 2026-01-31T02:00:00Z"))?;
+    let t = humantime::parse_rfc3339_weak(at)
+        .with_context(|| format!("--at {at:?}: expected a time like 2026-01-31T02:00:00Z"))?;
     Ok(t.duration_since(std::time::UNIX_EPOCH)?.as_millis() as u64)
 }
 
-async fn wait_for_leader(dcs: &dyn Dcs, target: &MemberName, timeout: Duration) -> anyhow::Result<()> {
+async fn wait_for_leader(
+    dcs: &dyn Dcs,
+    target: &MemberName,
+    timeout: Duration,
+) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         if let Ok(v) = dcs.read_cluster().await
             && v.leader.as_ref().is_some_and(|l| &l.name == target)
-            && v.leader_record().is_some_and(|r| r.role == PgRole::Primary && r.state == PgState::Running)
+            && v.leader_record()
+                .is_some_and(|r| r.role == PgRole::Primary && r.state == PgState::Running)
         {
             return Ok(());
         }
         if tokio::time::Instant::now() > deadline {
-            bail!("{target} did not become the leader within {timeout:?}; see `pgha list` and the agents' logs");
+            bail!(
+                "{target} did not become the leader within {timeout:?}; see `pgha list` and the agents' logs"
+            );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
-pub async fn switchover(cfg: &Config, to: Option<String>, at: Option<String>, force: bool) -> anyhow::Result<()> {
+pub async fn switchover(
+    cfg: &Config,
+    to: Option<String>,
+    at: Option<String>,
+    force: bool,
+) -> anyhow::Result<()> {
     let dcs = super::connect_dcs(cfg).await?;
     let view = dcs.read_cluster().await?;
     let Some(leader) = view.leader.clone() else {
@@ -74,7 +108,9 @@ pub async fn switchover(cfg: &Config, to: Option<String>, at: Option<String>, fo
     let target = match to {
         Some(t) => {
             let name = MemberName::new(t);
-            let Some(rec) = view.members.get(&name) else { bail!("no member named {name}") };
+            let Some(rec) = view.members.get(&name) else {
+                bail!("no member named {name}")
+            };
             if let Some(problem) = switchover_target_problem(&view, rec, max_lag)
                 && !force
             {
@@ -82,7 +118,9 @@ pub async fn switchover(cfg: &Config, to: Option<String>, at: Option<String>, fo
             }
             name
         }
-        None => pick_target(&view, max_lag).context("no healthy streaming replica to switch over to")?,
+        None => {
+            pick_target(&view, max_lag).context("no healthy streaming replica to switch over to")?
+        }
     };
     let not_before = at.as_deref().map(parse_at).transpose()?;
     dcs.put_failover(&FailoverRequest {
@@ -94,13 +132,19 @@ pub async fn switchover(cfg: &Config, to: Option<String>, at: Option<String>, fo
     })
     .await?;
     if let Some(t) = at {
-        println!("switchover from {} to {target} scheduled at {t}", leader.name);
+        println!(
+            "switchover from {} to {target} scheduled at {t}",
+            leader.name
+        );
         return Ok(());
     }
     println!("switching over from {} to {target}...", leader.name);
     let started = std::time::Instant::now();
     wait_for_leader(&dcs, &target, Duration::from_secs(60)).await?;
-    println!("{target} is the leader ({} ms)", started.elapsed().as_millis());
+    println!(
+        "{target} is the leader ({} ms)",
+        started.elapsed().as_millis()
+    );
     Ok(())
 }
 
@@ -108,13 +152,21 @@ pub async fn failover(cfg: &Config, to: String, accept_data_loss: bool) -> anyho
     let dcs = super::connect_dcs(cfg).await?;
     let view = dcs.read_cluster().await?;
     let target = MemberName::new(to);
-    let Some(rec) = view.members.get(&target) else { bail!("no member named {target}") };
+    let Some(rec) = view.members.get(&target) else {
+        bail!("no member named {target}")
+    };
     if let Some(leader) = view.leader_record()
         && leader.state == PgState::Running
     {
-        bail!("{} is a healthy leader; use `pgha switchover --to {target}` for a planned handover", leader.name);
+        bail!(
+            "{} is a healthy leader; use `pgha switchover --to {target}` for a planned handover",
+            leader.name
+        );
     }
-    if !matches!(rec.state, PgState::Running | PgState::Streaming | PgState::InRecovery) {
+    if !matches!(
+        rec.state,
+        PgState::Running | PgState::Streaming | PgState::InRecovery
+    ) {
         bail!("{target} is not running (state: {})", rec.state);
     }
     dcs.put_failover(&FailoverRequest {
@@ -136,7 +188,14 @@ pub async fn set_paused(cfg: &Config, paused: bool) -> anyhow::Result<()> {
     let mut config = dcs.read_cluster().await?.config;
     config.paused = paused;
     dcs.put_config(&config).await?;
-    println!("{}", if paused { "cluster paused: no automatic failover until `pgha resume`" } else { "cluster resumed" });
+    println!(
+        "{}",
+        if paused {
+            "cluster paused: no automatic failover until `pgha resume`"
+        } else {
+            "cluster resumed"
+        }
+    );
     Ok(())
 }
 
@@ -147,16 +206,24 @@ pub async fn history(cfg: &Config, json: bool) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&view.history)?);
         return Ok(());
     }
-    println!("{:<4} {:<4} {:<14} {:<25} {:<10} {:<10} Reason", "Old", "New", "Switch LSN", "Time (UTC)", "From", "To");
+    println!(
+        "{:<4} {:<4} {:<14} {:<25} {:<10} {:<10} Reason",
+        "Old", "New", "Switch LSN", "Time (UTC)", "From", "To"
+    );
     for h in &view.history {
-        let time = humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(h.at_unix_ms));
+        let time = humantime::format_rfc3339_seconds(
+            std::time::UNIX_EPOCH + Duration::from_millis(h.at_unix_ms),
+        );
         println!(
             "{:<4} {:<4} {:<14} {:<25} {:<10} {:<10} {}",
             h.old_timeline,
             h.new_timeline,
             h.switch_lsn.to_string(),
             time.to_string(),
-            h.old_leader.as_ref().map(|n| n.to_string()).unwrap_or_else(|| "-".into()),
+            h.old_leader
+                .as_ref()
+                .map(|n| n.to_string())
+                .unwrap_or_else(|| "-".into()),
             h.new_leader,
             h.reason
         );
@@ -202,8 +269,12 @@ mod tests {
         ] {
             view.members.insert(r.name.clone(), r);
         }
-        view.leader = Some(LeaderKey { name: "l".into(), lease_id: 1 });
-        let problem = |n: &str| switchover_target_problem(&view, &view.members[&MemberName::from(n)], 100);
+        view.leader = Some(LeaderKey {
+            name: "l".into(),
+            lease_id: 1,
+        });
+        let problem =
+            |n: &str| switchover_target_problem(&view, &view.members[&MemberName::from(n)], 100);
         assert_eq!(problem("good"), None);
         assert!(problem("lagging").unwrap().contains("990 bytes behind"));
         assert!(problem("down").unwrap().contains("not a streaming replica"));

@@ -59,6 +59,7 @@ pub struct HaConfig {
     /// assumed diverged and rewound.
     pub stream_stall_timeout: Duration,
     pub reclone_on_rewind_failure: bool,
+    pub nosync: bool,
 }
 
 impl Default for HaConfig {
@@ -75,6 +76,7 @@ impl Default for HaConfig {
             primary_start_timeout: raw.primary_start_timeout,
             stream_stall_timeout: raw.stream_stall_timeout,
             reclone_on_rewind_failure: raw.reclone_on_rewind_failure,
+            nosync: raw.nosync,
         }
     }
 }
@@ -106,6 +108,18 @@ pub struct PostgresConfig {
 pub struct ApiConfig {
     pub listen: SocketAddr,
     pub connect_url: String,
+    /// Basic-auth credentials for actions.
+    pub basic_auth: Option<(String, SecretString)>,
+    pub token: Option<SecretString>,
+    pub public_read: bool,
+    pub tls: Option<TlsConfig>,
+}
+
+#[derive(Clone, Debug)]
+pub struct TlsConfig {
+    pub certificate: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: Option<PathBuf>,
 }
 
 impl Config {

@@ -63,6 +63,9 @@ pub struct RawHa {
     pub stream_stall_timeout: std::time::Duration,
     #[serde(default = "default_true")]
     pub reclone_on_rewind_failure: bool,
+    /// Never chosen as a synchronous standby.
+    #[serde(default)]
+    pub nosync: bool,
 }
 
 impl Default for RawHa {
@@ -78,6 +81,7 @@ impl Default for RawHa {
             primary_start_timeout: default_primary_start_timeout(),
             stream_stall_timeout: default_stream_stall_timeout(),
             reclone_on_rewind_failure: true,
+            nosync: false,
         }
     }
 }
@@ -129,6 +133,30 @@ pub struct RawApi {
     /// URL other members use to reach this API; default `http://<listen>`.
     #[serde(default)]
     pub connect_url: Option<String>,
+    /// HTTP basic-auth credentials for actions (and reads when
+    /// `public_read = false`).
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password: Option<SecretString>,
+    /// Bearer token accepted as an alternative to basic auth.
+    #[serde(default)]
+    pub token: Option<SecretString>,
+    /// Whether status and health endpoints are served without credentials.
+    #[serde(default = "default_true")]
+    pub public_read: bool,
+    #[serde(default)]
+    pub tls: Option<RawTls>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    pub certificate: PathBuf,
+    pub key: PathBuf,
+    /// When set, clients must present a certificate signed by this CA.
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
 }
 
 impl Default for RawApi {
@@ -136,6 +164,11 @@ impl Default for RawApi {
         RawApi {
             listen: default_api_listen(),
             connect_url: None,
+            username: None,
+            password: None,
+            token: None,
+            public_read: true,
+            tls: None,
         }
     }
 }

@@ -321,9 +321,73 @@ pub(super) fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigErro
                 format!("{u:?} must start with http:// or https://"),
             ));
         }
-        None => format!("http://{}", raw.api.listen),
+        None => format!(
+            "{}://{}",
+            if raw.api.tls.is_some() {
+                "https"
+            } else {
+                "http"
+            },
+            raw.api.listen
+        ),
     };
 
+    let basic_auth = match (raw.api.username, raw.api.password) {
+        (Some(u), Some(p)) => {
+            if u.is_empty() || u.contains(':') {
+                return Err(bad(
+                    "api.username",
+                    "must be non-empty and contain no ':'".into(),
+                ));
+            }
+            if p.expose().len() < 8 {
+                return Err(bad("api.password", "must be at least 8 characters".into()));
+            }
+            Some((u, p))
+        }
+        (None, None) => None,
+        (Some(_), None) => {
+            return Err(bad(
+                "api.password",
+                "required when api.username is set".into(),
+            ));
+        }
+        (None, Some(_)) => {
+            return Err(bad(
+                "api.username",
+                "required when api.password is set".into(),
+            ));
+        }
+    };
+    if let Some(t) = &raw.api.token
+        && t.expose().len() < 16
+    {
+        return Err(bad("api.token", "must be at least 16 characters".into()));
+    }
+    let tls = match raw.api.tls {
+        Some(t) => {
+            let certificate = resolve(&t.certificate);
+            let key = resolve(&t.key);
+            let client_ca = t.client_ca.as_deref().map(resolve);
+            for (k, p) in [
+                ("api.tls.certificate", Some(&certificate)),
+                ("api.tls.key", Some(&key)),
+                ("api.tls.client_ca", client_ca.as_ref()),
+            ] {
+                if let Some(p) = p
+                    && !p.is_file()
+                {
+                    return Err(bad(k, format!("{} is not a readable file", p.display())));
+                }
+            }
+            Some(super::TlsConfig {
+                certificate,
+                key,
+                client_ca,
+            })
+        }
+        None => None,
+    };
     let state_dir = match raw.state_dir {
         Some(p) => resolve(&p),
         None => {
@@ -367,6 +431,10 @@ pub(super) fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigErro
         api: ApiConfig {
             listen,
             connect_url,
+            basic_auth,
+            token: raw.api.token,
+            public_read: raw.api.public_read,
+            tls,
         },
     })
 }
@@ -438,6 +506,7 @@ pub(crate) fn validate_ha(path: &Path, raw: &super::raw::RawHa) -> Result<HaConf
         primary_start_timeout: raw.primary_start_timeout,
         stream_stall_timeout: raw.stream_stall_timeout,
         reclone_on_rewind_failure: raw.reclone_on_rewind_failure,
+        nosync: raw.nosync,
     })
 }
 

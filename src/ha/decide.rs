@@ -165,12 +165,15 @@ fn as_leader(s: &Snapshot, view: &ClusterView, lease_id: i64) -> Decision {
             DataDirState::Initialized if view.config.paused => Decision::wait(Reason::Paused),
             // A standby's data must be promoted, never started writable in
             // place: that would keep the old timeline and hide divergence.
-            DataDirState::Initialized if s.local.on_disk == Some(OnDisk::FormerPrimary) && !down_too_long(s) => {
+            DataDirState::Initialized
+                if s.local.on_disk == Some(OnDisk::FormerPrimary) && !down_too_long(s) =>
+            {
                 Decision::new(Action::StartPrimary, Reason::RestartingPrimary)
             }
-            DataDirState::Initialized if !down_too_long(s) => {
-                Decision::new(Action::StartReplica { leader: None }, Reason::StartingBeforePromotion)
-            }
+            DataDirState::Initialized if !down_too_long(s) => Decision::new(
+                Action::StartReplica { leader: None },
+                Reason::StartingBeforePromotion,
+            ),
             DataDirState::Initialized => {
                 Decision::new(Action::ReleaseLease, Reason::PrimaryDownTooLong)
             }
@@ -366,7 +369,10 @@ fn without_leader(s: &Snapshot, view: &ClusterView) -> Decision {
     // as the request is fresh: a target that died must not block failover.
     if let Some(f) = &view.failover
         && let Some(target) = &f.to
-        && s.now_unix_ms.saturating_sub(f.requested_at_unix_ms.max(f.not_before_unix_ms.unwrap_or(0))) < FAILOVER_REQUEST_TTL_MS
+        && s.now_unix_ms.saturating_sub(
+            f.requested_at_unix_ms
+                .max(f.not_before_unix_ms.unwrap_or(0)),
+        ) < FAILOVER_REQUEST_TTL_MS
     {
         if target != &s.me {
             return Decision::wait(Reason::WaitingForSwitchoverTarget {

@@ -230,7 +230,10 @@ impl fmt::Display for Reason {
             LeaderKeyIsMine => write!(f, "leader key names this member; resuming the lease"),
             PromotingWithLease => write!(f, "holding the lease; promoting"),
             RestartingPrimary => write!(f, "holding the lease; starting PostgreSQL as primary"),
-            StartingBeforePromotion => write!(f, "holding the lease; starting the standby read-only to promote it"),
+            StartingBeforePromotion => write!(
+                f,
+                "holding the lease; starting the standby read-only to promote it"
+            ),
             PrimaryDownTooLong => write!(
                 f,
                 "primary did not come back within primary_start_timeout; handing leadership over"

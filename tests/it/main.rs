@@ -9,3 +9,4 @@
 mod support;
 
 mod dcs_etcd;
+mod foundation;

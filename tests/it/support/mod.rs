@@ -9,18 +9,24 @@
 //! - [`ProcessGuard`]: a child in its own process group, killed on drop.
 //! - [`Etcd`]: a single-node etcd that can be stopped, restarted and paused.
 //! - [`wait_until`]: polls a condition with a deadline.
+//! - [`Cluster`], [`Node`]: real pgha agents with PostgreSQL (`cluster.rs`).
+//! - [`Writer`], [`OneWritablePrimary`]: failover oracles (`oracle.rs`).
 
 // Each test module uses a different subset of the fixtures.
 #![allow(dead_code)]
 
+pub mod cluster;
 mod dir;
 mod etcd;
+pub mod oracle;
 mod port;
 mod process;
 mod wait;
 
+pub use cluster::{Cluster, ClusterOptions, Node};
 pub use dir::TestDir;
 pub use etcd::Etcd;
+pub use oracle::{OneWritablePrimary, Writer};
 pub use port::free_port;
 pub use process::ProcessGuard;
 pub use wait::wait_until;
