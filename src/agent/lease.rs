@@ -20,6 +20,7 @@ struct State {
     valid_until_ms: Option<u64>,
     loop_heartbeat_ms: u64,
     last_renewal_latency_ms: Option<u64>,
+    latency: Option<super::status::Histogram>,
 }
 
 /// Handle shared by the HA loop and the executor.
@@ -97,8 +98,9 @@ impl LeaseKeeper {
             .map_or(r.valid_until_ms, |u| u.max(r.valid_until_ms));
         s.held = true;
         s.valid_until_ms = Some(until);
-        if latency_ms.is_some() {
-            s.last_renewal_latency_ms = latency_ms;
+        if let Some(ms) = latency_ms {
+            s.last_renewal_latency_ms = Some(ms);
+            s.latency.get_or_insert_with(super::status::Histogram::latency).observe(ms as f64);
         }
         self.fence.arm(until.saturating_sub(self.fence_margin_ms));
     }
@@ -120,6 +122,10 @@ impl LeaseKeeper {
             held: s.held,
             valid_until_ms: s.valid_until_ms,
         }
+    }
+
+    pub fn renewal_histogram(&self) -> super::status::Histogram {
+        self.state.lock().unwrap().latency.clone().unwrap_or_else(super::status::Histogram::latency)
     }
 
     pub fn last_renewal_latency_ms(&self) -> Option<u64> {

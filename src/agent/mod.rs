@@ -60,6 +60,7 @@ pub struct Agent {
     job: Option<RunningJob>,
     loop_count: u64,
     commands: tokio::sync::mpsc::Receiver<status::AgentCommand>,
+    loop_started_ms: u64,
 }
 
 /// Runs the agent until SIGTERM/SIGINT, then shuts down cleanly.
@@ -136,6 +137,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         job: None,
         loop_count: 0,
         commands,
+        loop_started_ms: 0,
         cfg,
     };
     tracing::info!(member = %agent.cfg.name, cluster = %agent.cfg.cluster, "agent started");
@@ -165,6 +167,7 @@ impl Agent {
     /// (the state just changed in a way that calls for another decision).
     async fn run_once(&mut self) -> bool {
         self.lease.heartbeat();
+        self.loop_started_ms = crate::util::boottime_ms();
         self.reap_job().await;
         while let Ok(command) = self.commands.try_recv() {
             self.run_command(command).await;

@@ -160,7 +160,21 @@ impl Agent {
         }
         let lease = self.lease.snapshot();
         let now = boottime_ms();
+        let (mut loop_duration, mut leader_changes, previous_leader) = {
+            let prev = self.status.borrow();
+            let h = if prev.loop_duration.bounds_ms.is_empty() { super::status::Histogram::latency() } else { prev.loop_duration.clone() };
+            (h, prev.leader_changes, prev.leader.clone())
+        };
+        loop_duration.observe(now.saturating_sub(self.loop_started_ms) as f64);
+        let leader = view.as_ref().and_then(|v| v.leader.as_ref().map(|l| l.name.clone()));
+        if leader.is_some() && previous_leader.is_some() && leader != previous_leader {
+            leader_changes += 1;
+        }
         let status = AgentStatus {
+            loop_duration,
+            renewal_latency: self.lease.renewal_histogram(),
+            leader_changes,
+            leader: leader.or(previous_leader),
             wal_position: running.and_then(Running::wal_position),
             member: Some(record),
             lease_held: lease.held,
