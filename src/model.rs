@@ -69,7 +69,7 @@ impl fmt::Display for Timeline {
 }
 
 /// A member's name: unique within a cluster, used in DCS keys and slot names.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct MemberName(pub String);
 
@@ -205,6 +205,9 @@ pub struct MemberRecord {
     pub priority: u32,
     #[serde(default)]
     pub nofailover: bool,
+    /// Never chosen as a synchronous standby.
+    #[serde(default)]
+    pub nosync: bool,
     /// Why the agent did what it did on its last loop (human readable).
     #[serde(default)]
     pub last_decision: Option<String>,
@@ -297,13 +300,14 @@ mod tests {
             upstream: Some("node2".into()),
             priority: 100,
             nofailover: false,
+            nosync: false,
             last_decision: None,
             updated_at_ms: 1,
         };
         let json = serde_json::to_string(&rec).unwrap();
         assert_eq!(
             json,
-            r#"{"name":"node1","api_url":"http://127.0.0.1:8008","host":"127.0.0.1","port":5432,"role":"replica","state":"streaming","timeline":2,"received_lsn":"0/3000060","replayed_lsn":"0/3000000","flushed_lsn":null,"upstream":"node2","priority":100,"nofailover":false,"last_decision":null,"updated_at_ms":1}"#
+            r#"{"name":"node1","api_url":"http://127.0.0.1:8008","host":"127.0.0.1","port":5432,"role":"replica","state":"streaming","timeline":2,"received_lsn":"0/3000060","replayed_lsn":"0/3000000","flushed_lsn":null,"upstream":"node2","priority":100,"nofailover":false,"nosync":false,"last_decision":null,"updated_at_ms":1}"#
         );
         let back: MemberRecord = serde_json::from_str(&json).unwrap();
         assert_eq!(back, rec);

@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use super::{Agent, RunningJob};
 use crate::dcs::{ClusterView, Initialize};
+use crate::dcs::SyncRecord;
+use crate::ha::sync::SyncSetting;
 use crate::ha::{Action, Decision, DemoteReason, Job, Snapshot};
 use crate::model::{HistoryEntry, MemberName};
 use crate::postgres::conf::Upstream;
@@ -24,11 +26,17 @@ impl Agent {
             Action::Reclone { leader } => self.start_job(Job::Cloning, s, leader, true),
             Action::Rewind { leader } => self.start_job(Job::Rewinding, s, leader, false),
             Action::StartReplica { leader } => self.start_replica(s, leader.as_ref()).await,
-            Action::StartPrimary => self.start_primary().await,
+            Action::StartPrimary { sync } => self.start_primary(sync).await,
             Action::Follow { leader } => self.follow(s, leader).await,
             Action::AcquireLease => self.acquire().await,
             Action::AdoptLease { lease_id } => self.adopt(*lease_id).await,
-            Action::Promote => self.promote(s).await,
+            Action::Promote { sync } => self.promote(s, sync.as_ref()).await,
+            Action::WriteSyncRecord(record) => {
+                self.dcs.put_sync(record).await.map_err(Into::into).map(|()| {
+                    tracing::info!(members = ?record.members, k = record.quorum, degraded = record.degraded, "recorded the synchronous set");
+                })
+            }
+            Action::SetSyncSetting(setting) => self.set_sync_setting(setting).await,
             Action::Lead {
                 create_slots,
                 drop_slots,
@@ -217,11 +225,11 @@ impl Agent {
         Ok(())
     }
 
-    async fn start_primary(&mut self) -> anyhow::Result<()> {
+    async fn start_primary(&mut self, sync: &SyncSetting) -> anyhow::Result<()> {
         if !self.lease_valid_now() {
             anyhow::bail!("refusing to start writable: the lease is not valid");
         }
-        self.instance.write_config(false, None, None)?;
+        self.instance.write_config(false, None, Some(sync.render()))?;
         self.instance.start().await?;
         self.observer.reset();
         Ok(())
@@ -270,17 +278,37 @@ impl Agent {
         Ok(())
     }
 
-    async fn promote(&mut self, s: &Snapshot) -> anyhow::Result<()> {
+    async fn promote(&mut self, s: &Snapshot, sync: Option<&(SyncRecord, SyncSetting)>) -> anyhow::Result<()> {
         if !self.lease_valid_now() {
             anyhow::bail!("refusing to promote: the lease is not valid");
         }
-        let (old_tl, switch_lsn) = match &s.local.pg {
+        let (old_tl, switch_lsn, upstream) = match &s.local.pg {
             PgStatus::Running(r) => (
                 r.timeline.unwrap_or_default(),
                 r.wal_position().unwrap_or_default(),
+                r.configured_upstream.clone(),
             ),
             _ => anyhow::bail!("PostgreSQL is not running"),
         };
+        let ssn = sync.map(|(_, setting)| setting.render());
+        if let Some((record, _)) = sync {
+            // Record first, then the setting, then the promotion: the new
+            // leader's first commit already waits for a recorded standby.
+            self.dcs.put_sync(record).await?;
+            let up = upstream.map(|(host, port)| Upstream {
+                host,
+                port,
+                user: self.cfg.postgres.replication.username.clone(),
+                slot: self.cfg.name.slot_name(),
+            });
+            self.instance.write_config(true, up, ssn.clone())?;
+            self.observer
+                .client()
+                .await?
+                .batch_execute(query::RELOAD)
+                .await
+                .map_err(|source| PgError::Sql { action: "reload before promotion".into(), source })?;
+        }
         // The configuration is rewritten only after the promotion: the
         // startup process removes standby.signal itself and treats a
         // missing file as fatal.
@@ -298,7 +326,7 @@ impl Agent {
             anyhow::bail!("pg_promote did not finish within 60s");
         }
         // primary_conninfo must not survive into the next start of a primary.
-        self.instance.write_config(false, None, None)?;
+        self.instance.write_config(false, None, ssn)?;
         let obs = self.observer.observe().await;
         let new_tl = match &obs.status {
             PgStatus::Running(r) => r.timeline.unwrap_or_default(),
@@ -331,6 +359,18 @@ impl Agent {
         {
             tracing::warn!(error = %e, "cannot clear the failover request");
         }
+        Ok(())
+    }
+
+    async fn set_sync_setting(&mut self, setting: &SyncSetting) -> anyhow::Result<()> {
+        self.instance.write_config(false, None, Some(setting.render()))?;
+        self.observer
+            .client()
+            .await?
+            .batch_execute(query::RELOAD)
+            .await
+            .map_err(|source| PgError::Sql { action: "reload synchronous_standby_names".into(), source })?;
+        tracing::info!(synchronous_standby_names = %setting.render(), "synchronous standbys changed");
         Ok(())
     }
 
@@ -440,7 +480,8 @@ impl Agent {
             user: self.cfg.postgres.replication.username.clone(),
             slot: self.cfg.name.slot_name(),
         });
-        self.instance.write_config(standby, up, None)?;
+        let ssn = (!standby).then(|| r.synchronous_standby_names.clone());
+        self.instance.write_config(standby, up, ssn)?;
         let client = self.observer.client().await?;
         client
             .batch_execute(query::RELOAD)

@@ -61,6 +61,10 @@ pub struct Agent {
     loop_count: u64,
     commands: tokio::sync::mpsc::Receiver<status::AgentCommand>,
     loop_started_ms: u64,
+    /// `synchronous_standby_names` as last observed, and the flush position
+    /// when that value was first seen (see `ha::sync`).
+    last_sync_setting: Option<String>,
+    sync_switched_at: Option<Lsn>,
 }
 
 /// Runs the agent until SIGTERM/SIGINT, then shuts down cleanly.
@@ -138,6 +142,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         loop_count: 0,
         commands,
         loop_started_ms: 0,
+        last_sync_setting: None,
+        sync_switched_at: None,
         cfg,
     };
     tracing::info!(member = %agent.cfg.name, cluster = %agent.cfg.cluster, "agent started");
@@ -176,7 +182,7 @@ impl Agent {
         let decision = ha::decide(&snapshot);
         let hurry = matches!(
             decision.action,
-            Action::AcquireLease | Action::AdoptLease { .. } | Action::Promote
+            Action::AcquireLease | Action::AdoptLease { .. } | Action::Promote { .. }
         );
         if decision.action != Action::Wait {
             tracing::info!(action = ?decision.action, reason = %decision.reason, "decided");

@@ -40,6 +40,18 @@ impl Agent {
             _ => self.not_streaming_since_ms = None,
         }
 
+        match running {
+            Some(r) if r.role == PgRole::Primary => {
+                if self.last_sync_setting.as_deref() != Some(r.synchronous_standby_names.as_str()) {
+                    self.last_sync_setting = Some(r.synchronous_standby_names.clone());
+                    self.sync_switched_at = r.flush_lsn.or(r.current_lsn);
+                }
+            }
+            _ => {
+                self.last_sync_setting = None;
+                self.sync_switched_at = None;
+            }
+        }
         if let Some(v) = &view
             && let Some(leader) = v.leader_record()
             && leader.name != self.cfg.name
@@ -97,6 +109,7 @@ impl Agent {
             peers,
             last_leader_lsn: self.last_leader_lsn,
             job: self.job.as_ref().map(|j| j.kind),
+            sync_switched_at: self.sync_switched_at,
         };
         (snapshot, obs)
     }
@@ -228,6 +241,7 @@ impl Agent {
             }),
             priority: self.cfg.ha.priority,
             nofailover: self.cfg.ha.nofailover,
+            nosync: self.cfg.ha.nosync,
             last_decision: decision,
             updated_at_ms: unix_ms(),
         }

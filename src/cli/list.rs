@@ -9,6 +9,11 @@ use crate::model::{MemberRecord, PgRole};
 pub struct ListOutput {
     pub cluster: String,
     pub paused: bool,
+    /// `off`, `on` or `strict`.
+    pub synchronous_mode: String,
+    /// Mode `on` with no synchronous standby: commits are acknowledged by
+    /// the leader alone and automatic failover is blocked.
+    pub synchronous_degraded: bool,
     pub members: Vec<ListMember>,
 }
 
@@ -24,6 +29,8 @@ pub struct ListMember {
     /// Bytes behind the leader; `None` when either position is unknown.
     pub lag_bytes: Option<u64>,
     pub api_url: String,
+    /// `sync`, `quorum` or `async` for replicas; empty for the leader.
+    pub sync_state: String,
     pub decision: Option<String>,
 }
 
@@ -33,9 +40,12 @@ pub fn build(cluster: &str, view: &ClusterView) -> ListOutput {
     let leader_pos = view.leader_record().and_then(MemberRecord::wal_position);
     let mut members: Vec<&MemberRecord> = view.members.values().collect();
     members.sort_by_key(|m| (Some(&m.name) != leader_name.as_ref(), m.name.clone()));
+    let sync = view.sync.as_ref().filter(|r| Some(&r.leader) == leader_name.as_ref());
     ListOutput {
         cluster: cluster.to_string(),
         paused: view.config.paused,
+        synchronous_mode: view.config.synchronous_mode.to_string(),
+        synchronous_degraded: view.config.synchronous_mode != crate::dcs::SyncMode::Off && sync.is_some_and(|r| r.degraded),
         members: members
             .into_iter()
             .map(|m| {
@@ -62,6 +72,13 @@ pub fn build(cluster: &str, view: &ClusterView) -> ListOutput {
                             .map(|(l, p)| p.lag_behind(l))
                     },
                     api_url: m.api_url.clone(),
+                    sync_state: if is_leader {
+                        String::new()
+                    } else if sync.is_some_and(|r| r.members.contains(&m.name)) {
+                        if view.config.synchronous_quorum { "quorum".into() } else { "sync".into() }
+                    } else {
+                        "async".into()
+                    },
                     decision: m.last_decision.clone(),
                 }
             })
@@ -81,6 +98,7 @@ pub fn render_table(out: &ListOutput) -> String {
             format!("{}:{}", m.host, m.port),
             m.role.clone(),
             m.state.clone(),
+            m.sync_state.clone(),
             m.timeline.map(|t| t.to_string()).unwrap_or_default(),
             m.lag_bytes
                 .map(|l| l.to_string())
@@ -91,13 +109,11 @@ pub fn render_table(out: &ListOutput) -> String {
         .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
         .collect();
     let mut text = format!(
-        "Cluster: {}{}\n",
+        "Cluster: {}  synchronous_mode: {}{}{}\n",
         out.cluster,
-        if out.paused {
-            " (paused: no automatic failover)"
-        } else {
-            ""
-        }
+        out.synchronous_mode,
+        if out.synchronous_degraded { " (degraded: no synchronous standby, automatic failover blocked)" } else { "" },
+        if out.paused { "  (paused: no automatic failover)" } else { "" }
     );
     for r in rows {
         let line: Vec<String> = r
@@ -144,6 +160,7 @@ mod tests {
             upstream: None,
             priority: 100,
             nofailover: false,
+            nosync: false,
             last_decision: None,
             updated_at_ms: 0,
         }

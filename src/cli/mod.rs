@@ -74,6 +74,11 @@ pub enum Command {
         #[arg(short, long)]
         config: PathBuf,
     },
+    /// Show or change the cluster-wide configuration kept in etcd.
+    Config {
+        #[command(subcommand)]
+        action: ConfigAction,
+    },
     /// The timeline history (failovers and switchovers).
     History {
         #[arg(short, long)]
@@ -97,6 +102,24 @@ pub enum Command {
         data_dir: PathBuf,
         #[arg(long)]
         agent_pid: i32,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigAction {
+    /// Print the cluster-wide configuration.
+    Show {
+        #[arg(short, long)]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Set keys, e.g. `synchronous_mode=on synchronous_node_count=1`.
+    Set {
+        #[arg(short, long)]
+        config: PathBuf,
+        #[arg(required = true)]
+        assignments: Vec<String>,
     },
 }
 

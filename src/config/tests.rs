@@ -298,6 +298,7 @@ connect_url = "https://db2.example.com:9008"
             primary_start_timeout: dur("60s"),
             stream_stall_timeout: dur("30s"),
             reclone_on_rewind_failure: false,
+            nosync: false,
         }
     );
     let pg = &c.postgres;

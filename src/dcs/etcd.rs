@@ -21,6 +21,7 @@ use etcd_client::{
 use tokio::sync::{Mutex, Notify};
 
 use super::keys::{KeyKind, Keys};
+use super::SyncRecord;
 use super::{
     ClusterConfig, ClusterView, Dcs, DcsError, FailoverRequest, Initialize, LeaderKey, LeaseRenewal,
 };
@@ -220,7 +221,8 @@ pub fn decode_view(
                 Ok(f) => view.failover = Some(f),
                 Err(e) => tracing::warn!(error = %e, "ignoring failover request"),
             },
-            KeyKind::Sync | KeyKind::Unknown => {}
+            KeyKind::Sync => view.sync = Some(decode_json(key, value)?),
+            KeyKind::Unknown => {}
         }
     }
     Ok(view)
@@ -483,6 +485,18 @@ impl Dcs for EtcdDcs {
         } else {
             Err(DcsError::NotLeader)
         }
+    }
+
+    async fn put_sync(&self, record: &SyncRecord) -> Result<(), DcsError> {
+        let Some(lease_id) = *self.leader_lease.lock().await else { return Err(DcsError::NotLeader) };
+        let value = serde_json::to_vec(record).expect("sync record serializes");
+        let key = self.keys.sync();
+        let txn = Txn::new()
+            .when([Compare::lease(self.keys.leader(), CompareOp::Equal, lease_id)])
+            .and_then([TxnOp::put(key, value, None)]);
+        let mut client = self.client.clone();
+        let resp = self.timed("write the synchronous set", async move { client.txn(txn).await }).await?;
+        if resp.succeeded() { Ok(()) } else { Err(DcsError::NotLeader) }
     }
 
     async fn put_config(&self, config: &ClusterConfig) -> Result<(), DcsError> {

@@ -8,6 +8,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use super::SyncRecord;
 use super::{
     ClusterConfig, ClusterView, Dcs, DcsError, FailoverRequest, Initialize, LeaderKey, LeaseRenewal,
 };
@@ -176,6 +177,15 @@ impl Dcs for MemoryDcs {
                 return Err(DcsError::NotLeader);
             }
             s.view.history.push(entry.clone());
+            Ok(())
+        })?
+    }
+    async fn put_sync(&self, record: &SyncRecord) -> Result<(), DcsError> {
+        self.with("write the synchronous set", |s| {
+            if !self.holds(s) {
+                return Err(DcsError::NotLeader);
+            }
+            s.view.sync = Some(record.clone());
             Ok(())
         })?
     }

@@ -41,11 +41,106 @@ pub struct LeaderKey {
 
 /// Cluster-wide settings kept in the DCS (`config` key), changed by
 /// operators at run time and obeyed by every agent.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct ClusterConfig {
     /// Maintenance mode: agents take no automatic action.
     pub paused: bool,
+    /// Synchronous replication: off, on (degrade to asynchronous when no
+    /// standby is available) or strict (commits wait instead).
+    pub synchronous_mode: SyncMode,
+    /// How many standbys must confirm each commit (k).
+    #[serde(default = "one")]
+    pub synchronous_node_count: u32,
+    /// `ANY k (...)` quorum commit instead of `FIRST k (...)`.
+    pub synchronous_quorum: bool,
+}
+
+impl ClusterConfig {
+    /// The keys operators may set; [`ClusterConfig::set`] rejects others.
+    pub const KEYS: &'static [&'static str] = &["paused", "synchronous_mode", "synchronous_node_count", "synchronous_quorum"];
+
+    /// Sets one key from its text form (`pgha config set key=value`).
+    pub fn set(&mut self, key: &str, value: &str) -> Result<(), String> {
+        let bad = |what: &str| Err(format!("{key}: {value:?} is not {what}"));
+        let boolean = |v: &str| match v {
+            "true" | "on" | "yes" => Some(true),
+            "false" | "off" | "no" => Some(false),
+            _ => None,
+        };
+        match key {
+            "paused" => match boolean(value) {
+                Some(b) => self.paused = b,
+                None => return bad("true or false"),
+            },
+            "synchronous_quorum" => match boolean(value) {
+                Some(b) => self.synchronous_quorum = b,
+                None => return bad("true or false"),
+            },
+            "synchronous_mode" => {
+                self.synchronous_mode = match value {
+                    "off" | "false" => SyncMode::Off,
+                    "on" | "true" => SyncMode::On,
+                    "strict" => SyncMode::Strict,
+                    _ => return bad("off, on or strict"),
+                }
+            }
+            "synchronous_node_count" => match value.parse::<u32>() {
+                Ok(n) if (1..=16).contains(&n) => self.synchronous_node_count = n,
+                _ => return bad("a number from 1 to 16"),
+            },
+            _ => return Err(format!("unknown key {key:?}; known keys: {}", Self::KEYS.join(", "))),
+        }
+        Ok(())
+    }
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig { paused: false, synchronous_mode: SyncMode::Off, synchronous_node_count: 1, synchronous_quorum: false }
+    }
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SyncMode {
+    #[default]
+    Off,
+    On,
+    Strict,
+}
+
+impl std::fmt::Display for SyncMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(match self {
+            SyncMode::Off => "off",
+            SyncMode::On => "on",
+            SyncMode::Strict => "strict",
+        })
+    }
+}
+
+/// The `sync` key: which members may hold every acknowledged commit.
+///
+/// Invariant kept by the leader: every acknowledged commit is on at least
+/// `quorum` members of `members`. So a failover that sees
+/// `members.len() - quorum + 1` of them has seen at least one member with
+/// every acknowledged commit, and promotes the most advanced it saw.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncRecord {
+    /// The leader that wrote it.
+    pub leader: MemberName,
+    pub members: Vec<MemberName>,
+    /// k: how many of `members` confirm each commit.
+    pub quorum: u32,
+    /// Mode `on` with no synchronous standby: commits are acknowledged by
+    /// the leader alone and nobody may be promoted automatically.
+    #[serde(default)]
+    pub degraded: bool,
 }
 
 /// A pending switchover (planned, a healthy leader hands over) or failover
@@ -76,6 +171,7 @@ pub struct ClusterView {
     pub config: ClusterConfig,
     pub history: Vec<HistoryEntry>,
     pub failover: Option<FailoverRequest>,
+    pub sync: Option<SyncRecord>,
     /// etcd revision of the read, to tell fresh views from stale ones.
     pub revision: i64,
 }
@@ -150,6 +246,9 @@ pub trait Dcs: Send + Sync {
 
     /// Appends to `history`; only succeeds while this member holds the leader key.
     async fn append_history(&self, entry: &HistoryEntry) -> Result<(), DcsError>;
+    /// Writes the synchronous set; only succeeds while this member holds
+    /// the leader key.
+    async fn put_sync(&self, record: &SyncRecord) -> Result<(), DcsError>;
 
     async fn put_config(&self, config: &ClusterConfig) -> Result<(), DcsError>;
     async fn put_failover(&self, request: &FailoverRequest) -> Result<(), DcsError>;

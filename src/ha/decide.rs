@@ -4,7 +4,8 @@
 
 use super::election::may_race;
 use super::snapshot::{Action, Decision, DemoteReason, Lease, OnDisk, Reason, Snapshot};
-use crate::dcs::{ClusterView, Initialize};
+use super::sync::{self, SyncSetting, SyncStep};
+use crate::dcs::{ClusterView, Initialize, SyncMode, SyncRecord};
 use crate::model::{MemberName, PgRole, PgState};
 use crate::postgres::{DataDirState, PgStatus};
 
@@ -153,7 +154,18 @@ fn as_leader(s: &Snapshot, view: &ClusterView, lease_id: i64) -> Decision {
     }
     match &s.local.pg {
         PgStatus::Running(r) if r.role == PgRole::Primary => leading(s, view, Reason::Leading),
-        PgStatus::Running(_) => Decision::new(Action::Promote, Reason::PromotingWithLease),
+        PgStatus::Running(_) => Decision::new(
+            Action::Promote {
+                sync: promotion_sync_plan(s, view),
+            },
+            Reason::PromotingWithLease,
+        ),
+        // In synchronous mode a crashed primary holds commits it wrote but
+        // never acknowledged; restarting it in place would serve them. A
+        // synchronous standby takes over instead, and this one is rewound.
+        PgStatus::Stopped if sync_protected(view) && s.local.on_disk != Some(OnDisk::Standby) => {
+            Decision::new(Action::ReleaseLease, Reason::PrimaryCrashedInSyncMode)
+        }
         PgStatus::Starting => {
             if down_too_long(s) {
                 Decision::new(Action::StopAndRelease, Reason::PrimaryDownTooLong)
@@ -168,7 +180,20 @@ fn as_leader(s: &Snapshot, view: &ClusterView, lease_id: i64) -> Decision {
             DataDirState::Initialized
                 if s.local.on_disk == Some(OnDisk::FormerPrimary) && !down_too_long(s) =>
             {
-                Decision::new(Action::StartPrimary, Reason::RestartingPrimary)
+                let sync = match &view.sync {
+                    Some(r) if r.leader == s.me && !r.members.is_empty() => SyncSetting {
+                        names: r.members.clone(),
+                        k: r.quorum.max(1),
+                        quorum: view.config.synchronous_quorum,
+                    },
+                    _ if view.config.synchronous_mode == SyncMode::Strict => SyncSetting {
+                        names: vec![MemberName::new(sync::NOBODY)],
+                        k: 1,
+                        quorum: false,
+                    },
+                    _ => SyncSetting::empty(),
+                };
+                Decision::new(Action::StartPrimary { sync }, Reason::RestartingPrimary)
             }
             DataDirState::Initialized if !down_too_long(s) => Decision::new(
                 Action::StartReplica { leader: None },
@@ -195,11 +220,72 @@ fn down_too_long(s: &Snapshot) -> bool {
     })
 }
 
-/// The steady state of a healthy leader: keep one slot per other member.
+/// Whether a synchronous set currently promises that some standby holds
+/// every acknowledged commit.
+fn sync_protected(view: &ClusterView) -> bool {
+    view.config.synchronous_mode != SyncMode::Off
+        && view.sync.as_ref().is_some_and(|r| !r.degraded && !r.members.is_empty())
+}
+
+/// In synchronous mode, what the new leader records and configures before
+/// it promotes: the other running replicas, so that its very first commit
+/// already waits for a standby.
+fn promotion_sync_plan(s: &Snapshot, view: &ClusterView) -> Option<(SyncRecord, SyncSetting)> {
+    let cfg = &view.config;
+    if cfg.synchronous_mode == SyncMode::Off {
+        return None;
+    }
+    let mut others: Vec<&crate::model::MemberRecord> = view
+        .members
+        .values()
+        .filter(|m| m.name != s.me && !m.nosync && m.role == PgRole::Replica)
+        .collect();
+    others.sort_by(|a, b| b.wal_position().cmp(&a.wal_position()).then_with(|| a.name.cmp(&b.name)));
+    let k = cfg.synchronous_node_count.max(1);
+    let mut names: Vec<MemberName> = others.into_iter().map(|m| m.name.clone()).collect();
+    if !cfg.synchronous_quorum {
+        names.truncate(k as usize);
+    }
+    let record = |members: Vec<MemberName>, quorum: u32, degraded: bool| SyncRecord {
+        leader: s.me.clone(),
+        members,
+        quorum,
+        degraded,
+    };
+    Some(if !names.is_empty() {
+        let k = k.min(names.len() as u32);
+        let setting = SyncSetting { names: names.clone(), k, quorum: cfg.synchronous_quorum };
+        (record(names, k, false), setting)
+    } else if cfg.synchronous_mode == SyncMode::Strict {
+        (record(Vec::new(), 0, false), SyncSetting { names: vec![MemberName::new(sync::NOBODY)], k: 1, quorum: false })
+    } else {
+        (record(Vec::new(), 0, true), SyncSetting::empty())
+    })
+}
+
+/// The steady state of a healthy leader: keep the synchronous set right
+/// (when enabled), then one slot per other member.
 fn leading(s: &Snapshot, view: &ClusterView, reason: Reason) -> Decision {
     let PgStatus::Running(r) = &s.local.pg else {
         return Decision::wait(reason);
     };
+    let current = SyncSetting::parse(&r.synchronous_standby_names).unwrap_or_else(|| SyncSetting {
+        // Set by hand: unknown to pgha, replaced on the next step.
+        names: vec![MemberName::new("?")],
+        k: 0,
+        quorum: false,
+    });
+    let owned_record = view.sync.as_ref().filter(|rec| rec.leader == s.me);
+    if view.config.synchronous_mode != SyncMode::Off || !current.names.is_empty() || owned_record.is_some_and(|rec| !rec.members.is_empty() || rec.degraded) {
+        let desired = sync::desired(&view.config, view, &s.me, &r.standbys, &current);
+        if let Some(step) = sync::next_step(&s.me, &desired, view.sync.as_ref(), &current, &r.standbys, s.sync_switched_at) {
+            let action = match step {
+                SyncStep::WriteRecord(rec) => Action::WriteSyncRecord(rec),
+                SyncStep::SetSetting(setting) => Action::SetSyncSetting(setting),
+            };
+            return Decision::new(action, Reason::ManagingSynchronousStandbys);
+        }
+    }
     let wanted: Vec<String> = view
         .members
         .keys()
@@ -379,22 +465,63 @@ fn without_leader(s: &Snapshot, view: &ClusterView) -> Decision {
                 target: target.clone(),
             });
         }
-        // After a switchover the old leader publishes its final position;
-        // promoting before replaying up to it would lose commits.
-        if !f.accept_data_loss
-            && let Some(old) = f.from.as_ref().and_then(|o| view.members.get(o))
-            && let Some(final_lsn) = old.flushed_lsn
-            && running.wal_position().is_none_or(|mine| mine < final_lsn)
-        {
-            return Decision::wait(Reason::CatchingUpBeforePromotion);
+        if f.accept_data_loss {
+            return Decision::new(Action::AcquireLease, Reason::ManualFailoverTarget);
         }
-        return Decision::new(Action::AcquireLease, Reason::ManualFailoverTarget);
+        // After a switchover the old leader publishes its final position;
+        // promoting before replaying up to it would lose commits. Reaching
+        // it proves this member has everything, synchronous set or not.
+        if let Some(old) = f.from.as_ref().and_then(|o| view.members.get(o))
+            && let Some(final_lsn) = old.flushed_lsn
+        {
+            return if running.wal_position().is_none_or(|mine| mine < final_lsn) {
+                Decision::wait(Reason::CatchingUpBeforePromotion)
+            } else {
+                Decision::new(Action::AcquireLease, Reason::ManualFailoverTarget)
+            };
+        }
+        return match sync_candidacy(s, view, running) {
+            Some(Err(d)) => Decision::wait(Reason::NotHealthiest(d)),
+            _ => Decision::new(Action::AcquireLease, Reason::ManualFailoverTarget),
+        };
     }
     if view.config.paused {
         return Decision::wait(Reason::Paused);
     }
-    match may_race(s, running.timeline, running.wal_position()) {
+    let verdict = match sync_candidacy(s, view, running) {
+        Some(v) => v,
+        None => may_race(s, running.timeline, running.wal_position()),
+    };
+    match verdict {
         Ok(()) => Decision::new(Action::AcquireLease, Reason::RacingAsHealthiest),
         Err(d) => Decision::wait(Reason::NotHealthiest(d)),
     }
+}
+
+/// Synchronous mode's rule for who may race: only a member of the recorded
+/// set, having seen enough of the set to know it is the most advanced.
+/// `None` when synchronous replication is off.
+fn sync_candidacy(
+    s: &Snapshot,
+    view: &ClusterView,
+    running: &crate::postgres::observe::Running,
+) -> Option<Result<(), super::Disqualified>> {
+    if view.config.synchronous_mode == SyncMode::Off {
+        return None;
+    }
+    if s.ha.nofailover || s.ha.priority == 0 {
+        return Some(Err(super::Disqualified::NoFailover));
+    }
+    let Some(position) = running.wal_position() else {
+        return Some(Err(super::Disqualified::UnknownPosition));
+    };
+    let answered: Vec<(MemberName, (crate::model::Timeline, crate::model::Lsn))> = s
+        .peers
+        .iter()
+        .filter_map(|p| {
+            let r = p.report.as_ref().filter(|r| r.running)?;
+            Some((p.name.clone(), (r.timeline.unwrap_or_default(), r.wal_position?)))
+        })
+        .collect();
+    Some(sync::promotable(view.sync.as_ref(), &s.me, &answered, (running.timeline.unwrap_or_default(), position)))
 }

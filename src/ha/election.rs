@@ -28,6 +28,14 @@ pub enum Disqualified {
     LowerPriority { peer: MemberName },
     /// This member does not know its own WAL position.
     UnknownPosition,
+    /// Synchronous mode: not in the recorded synchronous set.
+    NotSynchronous,
+    /// Synchronous mode `on` degraded to asynchronous (or the set is
+    /// empty): nobody is known to hold every acknowledged commit.
+    NoSynchronousStandby,
+    /// Quorum commit: too few members of the synchronous set answered to
+    /// be sure which one holds every acknowledged commit.
+    CannotProveCommits { seen: u32, needed: u32 },
 }
 
 impl fmt::Display for Disqualified {
@@ -46,6 +54,14 @@ impl fmt::Display for Disqualified {
                 write!(f, "{peer} is as advanced and preferred")
             }
             Disqualified::UnknownPosition => write!(f, "own WAL position unknown"),
+            Disqualified::NotSynchronous => write!(f, "not in the synchronous set recorded in the DCS"),
+            Disqualified::NoSynchronousStandby => {
+                write!(f, "no synchronous standby was recorded (degraded to asynchronous); only `pgha failover --accept-data-loss` can promote")
+            }
+            Disqualified::CannotProveCommits { seen, needed } => write!(
+                f,
+                "only {seen} of the {needed} synchronous members needed to prove who holds every acknowledged commit answered; use `pgha failover --to NODE --accept-data-loss` to promote anyway"
+            ),
         }
     }
 }

@@ -14,6 +14,7 @@
 mod decide;
 mod election;
 mod snapshot;
+pub mod sync;
 
 pub use decide::decide;
 pub use election::{Disqualified, rank_candidates};

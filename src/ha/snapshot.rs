@@ -3,7 +3,7 @@
 use std::fmt;
 
 use crate::config::HaConfig;
-use crate::dcs::ClusterView;
+use crate::dcs::{ClusterView, SyncRecord};
 use crate::model::{Lsn, MemberName, PgRole, Timeline};
 use crate::postgres::{DataDirState, PgStatus};
 
@@ -29,6 +29,9 @@ pub struct Snapshot {
     pub last_leader_lsn: Option<Lsn>,
     /// A long operation (clone, rewind) running in the background.
     pub job: Option<Job>,
+    /// The leader's flush position when the current
+    /// `synchronous_standby_names` was first seen in effect.
+    pub sync_switched_at: Option<Lsn>,
 }
 
 /// What this agent knows about its own leader lease.
@@ -127,8 +130,9 @@ pub enum Action {
     Rewind { leader: MemberName },
     /// Start as a standby; `leader: None` = read-only, streaming from nobody.
     StartReplica { leader: Option<MemberName> },
-    /// Start writable. Only returned while the lease is valid.
-    StartPrimary,
+    /// Start writable, with this synchronous setting. Only returned while
+    /// the lease is valid.
+    StartPrimary { sync: super::sync::SyncSetting },
     /// Re-point a running replica at a new leader (reload, no restart).
     Follow { leader: MemberName },
     /// Take the leader key (the race for leadership).
@@ -136,7 +140,13 @@ pub enum Action {
     /// Resume a lease whose key already names this member (agent restart).
     AdoptLease { lease_id: i64 },
     /// Promote the local standby. Only returned while the lease is valid.
-    Promote,
+    /// In synchronous mode the record is written and the setting applied
+    /// before the promotion, so that no commit is acknowledged by the new
+    /// leader alone.
+    Promote { sync: Option<(SyncRecord, super::sync::SyncSetting)> },
+    /// Synchronous replication bookkeeping (see `ha::sync` for the order).
+    WriteSyncRecord(SyncRecord),
+    SetSyncSetting(super::sync::SyncSetting),
     /// Keep leading: make the leader's slots match the members.
     Lead {
         create_slots: Vec<String>,
@@ -156,7 +166,7 @@ impl Action {
     pub fn makes_writable(&self) -> bool {
         matches!(
             self,
-            Action::StartPrimary | Action::Promote | Action::Bootstrap
+            Action::StartPrimary { .. } | Action::Promote { .. } | Action::Bootstrap
         )
     }
 }
@@ -181,6 +191,8 @@ pub enum Reason {
     RestartingPrimary,
     StartingBeforePromotion,
     PrimaryDownTooLong,
+    PrimaryCrashedInSyncMode,
+    ManagingSynchronousStandbys,
     DataDirectoryLost,
     SwitchoverRequested,
     SwitchoverScheduled,
@@ -234,6 +246,8 @@ impl fmt::Display for Reason {
                 f,
                 "holding the lease; starting the standby read-only to promote it"
             ),
+            PrimaryCrashedInSyncMode => write!(f, "primary stopped in synchronous mode: handing over to a synchronous standby (a restart would expose unacknowledged commits)"),
+            ManagingSynchronousStandbys => write!(f, "leader updating the synchronous standby set"),
             PrimaryDownTooLong => write!(
                 f,
                 "primary did not come back within primary_start_timeout; handing leadership over"

@@ -44,6 +44,7 @@ pub struct Running {
     /// WAL receiver is connected and streaming.
     pub streaming: bool,
     pub sender: Option<(String, u16)>,
+    pub synchronous_standby_names: String,
     /// host and port from the configured `primary_conninfo`, if any.
     pub configured_upstream: Option<(String, u16)>,
     pub system_id: String,
@@ -203,6 +204,7 @@ impl Observer {
             system_id: row
                 .get::<_, Option<String>>("system_id")
                 .unwrap_or_default(),
+            synchronous_standby_names: row.get::<_, Option<String>>("synchronous_standby_names").unwrap_or_default(),
             configured_upstream: parse_conninfo_target(
                 &row.get::<_, Option<String>>("primary_conninfo")
                     .unwrap_or_default(),

@@ -19,7 +19,8 @@ SELECT pg_is_in_recovery() AS in_recovery,
        (SELECT sender_host FROM pg_stat_wal_receiver) AS sender_host,
        (SELECT sender_port FROM pg_stat_wal_receiver) AS sender_port,
        (SELECT system_identifier::text FROM pg_control_system()) AS system_id,
-       current_setting('primary_conninfo') AS primary_conninfo";
+       current_setting('primary_conninfo') AS primary_conninfo,
+       current_setting('synchronous_standby_names') AS synchronous_standby_names";
 
 /// Standbys connected to this server (primary side).
 pub const REPLICATION: &str = "

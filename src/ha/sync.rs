@@ -1,0 +1,230 @@
+//! Synchronous replication: which standbys the leader names in
+//! `synchronous_standby_names`, and in what order the DCS record and the
+//! server setting change, so that the record always covers every member
+//! that may hold an acknowledged commit.
+//!
+//! The record `R` (members, k) promises: every acknowledged commit is on at
+//! least `k` members of `R`. The server setting `S` acknowledges a commit
+//! once `k_s` members of `S` flushed it. The promise holds as long as
+//! `S ⊆ R` and `k_s ≥ k`, hence the order of the steps:
+//!
+//! 1. grow: `R := R ∪ D`, `k := min(k, k_d)` (before the setting changes);
+//! 2. switch: `S := D` with `k_d`;
+//! 3. shrink: `R := D`, `k := k_d` — only once every member of `D` has
+//!    flushed past the position at which step 2 took effect, because
+//!    commits acknowledged under the old setting may be only on members
+//!    leaving `R`.
+//!
+//! Failover then needs to see `|R| - k + 1` members of `R` (at least one of
+//! them holds every acknowledged commit) and promotes the most advanced.
+
+use crate::dcs::{ClusterConfig, ClusterView, SyncMode, SyncRecord};
+use crate::model::{Lsn, MemberName};
+use crate::postgres::observe::StandbyInfo;
+
+/// A never-connecting standby name: with it in the setting, commits wait.
+/// Used in `strict` mode when no standby can be synchronous.
+pub const NOBODY: &str = "pgha_no_synchronous_standby";
+
+/// The value of `synchronous_standby_names`, as pgha writes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SyncSetting {
+    pub names: Vec<MemberName>,
+    pub k: u32,
+    pub quorum: bool,
+}
+
+impl SyncSetting {
+    pub fn empty() -> Self {
+        SyncSetting { names: Vec::new(), k: 0, quorum: false }
+    }
+
+    /// `FIRST k ("a", "b")` / `ANY k (...)`, or empty for asynchronous.
+    pub fn render(&self) -> String {
+        if self.names.is_empty() {
+            return String::new();
+        }
+        let names: Vec<String> = self.names.iter().map(|n| format!("\"{n}\"")).collect();
+        format!("{} {} ({})", if self.quorum { "ANY" } else { "FIRST" }, self.k, names.join(", "))
+    }
+
+    /// Parses what [`render`](Self::render) writes; anything else (set by
+    /// hand) parses as `None` and will be replaced.
+    pub fn parse(text: &str) -> Option<SyncSetting> {
+        let text = text.trim();
+        if text.is_empty() {
+            return Some(SyncSetting::empty());
+        }
+        let (kind, rest) = text.split_once(' ')?;
+        let quorum = match kind {
+            "FIRST" => false,
+            "ANY" => true,
+            _ => return None,
+        };
+        let (k, rest) = rest.trim().split_once(' ')?;
+        let k: u32 = k.parse().ok()?;
+        let inner = rest.trim().strip_prefix('(')?.strip_suffix(')')?;
+        let names = inner.split(',').map(|n| MemberName::new(n.trim().trim_matches('"'))).collect();
+        Some(SyncSetting { names, k, quorum })
+    }
+
+    /// Members whose flush confirms commits (the placeholder excluded).
+    pub fn real_names(&self) -> Vec<MemberName> {
+        self.names.iter().filter(|n| n.as_str() != NOBODY).cloned().collect()
+    }
+}
+
+/// What the leader wants right now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Desired {
+    pub setting: SyncSetting,
+    /// `on` mode with no eligible standby.
+    pub degraded: bool,
+}
+
+/// Standbys eligible to be synchronous: streaming, known members, not
+/// `nosync`; most advanced first so `FIRST k` picks the best.
+fn eligible(view: &ClusterView, me: &MemberName, standbys: &[StandbyInfo]) -> Vec<MemberName> {
+    let mut ok: Vec<(&StandbyInfo, MemberName)> = standbys
+        .iter()
+        .filter(|s| s.state == "streaming")
+        .filter_map(|s| {
+            let name = MemberName::new(&s.application_name);
+            let rec = view.members.get(&name)?;
+            (name != *me && !rec.nosync).then_some((s, name))
+        })
+        .collect();
+    ok.sort_by(|a, b| b.0.flush_lsn.cmp(&a.0.flush_lsn).then_with(|| a.1.cmp(&b.1)));
+    ok.into_iter().map(|(_, n)| n).collect()
+}
+
+pub fn desired(cfg: &ClusterConfig, view: &ClusterView, me: &MemberName, standbys: &[StandbyInfo], current: &SyncSetting) -> Desired {
+    let k = cfg.synchronous_node_count.max(1);
+    let quorum = cfg.synchronous_quorum;
+    let candidates = eligible(view, me, standbys);
+    match cfg.synchronous_mode {
+        SyncMode::Off => Desired { setting: SyncSetting::empty(), degraded: false },
+        _ if !candidates.is_empty() => {
+            let names: Vec<MemberName> = if quorum { candidates } else { candidates.into_iter().take(k as usize).collect() };
+            let k = k.min(names.len() as u32);
+            // Keep the current order when the set is unchanged, so that a
+            // reordering by lag does not cause needless reloads.
+            let mut names = names;
+            let mut cur = current.real_names();
+            cur.sort();
+            let mut new_sorted = names.clone();
+            new_sorted.sort();
+            if cur == new_sorted {
+                names = current.real_names();
+            }
+            Desired { setting: SyncSetting { names, k, quorum }, degraded: false }
+        }
+        SyncMode::On => Desired { setting: SyncSetting::empty(), degraded: true },
+        SyncMode::Strict => {
+            // Keep waiting on whoever was synchronous; with nobody at all,
+            // name a standby that never connects so commits still wait.
+            let keep = current.real_names();
+            let setting = if keep.is_empty() {
+                SyncSetting { names: vec![MemberName::new(NOBODY)], k: 1, quorum: false }
+            } else {
+                SyncSetting { names: keep, k: current.k.max(1), quorum: current.quorum }
+            };
+            Desired { setting, degraded: false }
+        }
+    }
+}
+
+/// One change towards the desired state, in the safe order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SyncStep {
+    WriteRecord(SyncRecord),
+    SetSetting(SyncSetting),
+}
+
+/// `switched_at`: the leader's flush position when the current setting was
+/// first seen in effect (the agent remembers it); `None` = unknown.
+pub fn next_step(
+    me: &MemberName,
+    desired: &Desired,
+    record: Option<&SyncRecord>,
+    current: &SyncSetting,
+    standbys: &[StandbyInfo],
+    switched_at: Option<Lsn>,
+) -> Option<SyncStep> {
+    let d_names = desired.setting.real_names();
+    let d_k = if d_names.is_empty() { 0 } else { desired.setting.k };
+    let (r_members, r_k, r_degraded) = match record.filter(|r| &r.leader == me) {
+        Some(r) => (r.members.clone(), r.quorum, r.degraded),
+        // A record written by another leader says nothing about this
+        // leader's commits: start from the current setting.
+        None => (current.real_names(), current.k, false),
+    };
+    let record_of = |members: Vec<MemberName>, k: u32, degraded: bool| {
+        SyncStep::WriteRecord(SyncRecord { leader: me.clone(), members, quorum: k, degraded })
+    };
+    // 0. going asynchronous: first make sure nobody is promotable.
+    if desired.degraded && !r_degraded {
+        return Some(record_of(r_members, r_k, true));
+    }
+    // 1. grow the record first (keeping a degraded mark until step 3).
+    let missing: Vec<MemberName> = d_names.iter().filter(|n| !r_members.contains(n)).cloned().collect();
+    let owned = record.is_some_and(|r| &r.leader == me);
+    if !missing.is_empty() || !owned {
+        let mut members = r_members.clone();
+        members.extend(missing);
+        let k = if r_members.is_empty() { d_k } else { r_k.min(d_k.max(1)) };
+        return Some(record_of(members, k, r_degraded));
+    }
+    // 2. then switch the server setting.
+    if current != &desired.setting {
+        return Some(SyncStep::SetSetting(desired.setting.clone()));
+    }
+    // 3. settle the record: removing members, raising k or leaving the
+    // degraded state is safe only once the new members hold everything
+    // acknowledged before the switch.
+    if r_members != d_names || r_k != d_k || r_degraded != desired.degraded {
+        if desired.degraded {
+            return Some(record_of(Vec::new(), 0, true));
+        }
+        let caught_up = d_names.iter().all(|n| {
+            standbys.iter().any(|s| {
+                s.application_name == n.as_str()
+                    && matches!(s.sync_state.as_str(), "sync" | "quorum")
+                    && switched_at.is_some_and(|at| s.flush_lsn.is_some_and(|f| f >= at))
+            })
+        });
+        if caught_up {
+            return Some(record_of(d_names, d_k, false));
+        }
+    }
+    None
+}
+
+/// Whether `me` may race for leadership under synchronous replication,
+/// given the record and which of its members answered. `Err` says why not.
+pub fn promotable(
+    record: Option<&SyncRecord>,
+    me: &MemberName,
+    answered: &[(MemberName, (crate::model::Timeline, Lsn))],
+    my_position: (crate::model::Timeline, Lsn),
+) -> Result<(), super::Disqualified> {
+    use super::Disqualified;
+    let Some(r) = record else { return Err(Disqualified::NotSynchronous) };
+    if r.degraded || r.members.is_empty() {
+        return Err(Disqualified::NoSynchronousStandby);
+    }
+    if !r.members.contains(me) {
+        return Err(Disqualified::NotSynchronous);
+    }
+    let seen: Vec<&(MemberName, (crate::model::Timeline, Lsn))> =
+        answered.iter().filter(|(n, _)| r.members.contains(n) && n != me).collect();
+    let needed = (r.members.len() as u32).saturating_sub(r.quorum.max(1)) + 1;
+    let seen_count = seen.len() as u32 + 1;
+    if seen_count < needed {
+        return Err(Disqualified::CannotProveCommits { seen: seen_count, needed });
+    }
+    if let Some((peer, _)) = seen.iter().find(|(n, pos)| *pos > my_position || (*pos == my_position && n < me)) {
+        return Err(Disqualified::PeerAhead { peer: peer.clone() });
+    }
+    Ok(())
+}
