@@ -40,12 +40,16 @@ pub fn build(cluster: &str, view: &ClusterView) -> ListOutput {
     let leader_pos = view.leader_record().and_then(MemberRecord::wal_position);
     let mut members: Vec<&MemberRecord> = view.members.values().collect();
     members.sort_by_key(|m| (Some(&m.name) != leader_name.as_ref(), m.name.clone()));
-    let sync = view.sync.as_ref().filter(|r| Some(&r.leader) == leader_name.as_ref());
+    let sync = view
+        .sync
+        .as_ref()
+        .filter(|r| Some(&r.leader) == leader_name.as_ref());
     ListOutput {
         cluster: cluster.to_string(),
         paused: view.config.paused,
         synchronous_mode: view.config.synchronous_mode.to_string(),
-        synchronous_degraded: view.config.synchronous_mode != crate::dcs::SyncMode::Off && sync.is_some_and(|r| r.degraded),
+        synchronous_degraded: view.config.synchronous_mode != crate::dcs::SyncMode::Off
+            && sync.is_some_and(|r| r.degraded),
         members: members
             .into_iter()
             .map(|m| {
@@ -75,7 +79,11 @@ pub fn build(cluster: &str, view: &ClusterView) -> ListOutput {
                     sync_state: if is_leader {
                         String::new()
                     } else if sync.is_some_and(|r| r.members.contains(&m.name)) {
-                        if view.config.synchronous_quorum { "quorum".into() } else { "sync".into() }
+                        if view.config.synchronous_quorum {
+                            "quorum".into()
+                        } else {
+                            "sync".into()
+                        }
                     } else {
                         "async".into()
                     },
@@ -88,9 +96,17 @@ pub fn build(cluster: &str, view: &ClusterView) -> ListOutput {
 
 pub fn render_table(out: &ListOutput) -> String {
     let mut rows = vec![
-        ["Member", "Host", "Role", "State", "TL", "Lag (bytes)"]
-            .map(String::from)
-            .to_vec(),
+        [
+            "Member",
+            "Host",
+            "Role",
+            "State",
+            "Sync",
+            "TL",
+            "Lag (bytes)",
+        ]
+        .map(String::from)
+        .to_vec(),
     ];
     for m in &out.members {
         rows.push(vec![
@@ -112,8 +128,16 @@ pub fn render_table(out: &ListOutput) -> String {
         "Cluster: {}  synchronous_mode: {}{}{}\n",
         out.cluster,
         out.synchronous_mode,
-        if out.synchronous_degraded { " (degraded: no synchronous standby, automatic failover blocked)" } else { "" },
-        if out.paused { "  (paused: no automatic failover)" } else { "" }
+        if out.synchronous_degraded {
+            " (degraded: no synchronous standby, automatic failover blocked)"
+        } else {
+            ""
+        },
+        if out.paused {
+            "  (paused: no automatic failover)"
+        } else {
+            ""
+        }
     );
     for r in rows {
         let line: Vec<String> = r
@@ -207,6 +231,19 @@ mod tests {
         ] {
             assert!(json["members"][0].get(key).is_some(), "{key} missing");
         }
-        assert!(render_table(&out).lines().nth(2).unwrap().starts_with("b "));
+        let table = render_table(&out);
+        assert!(table.lines().nth(2).unwrap().starts_with("b "));
+        let header: Vec<&str> = table
+            .lines()
+            .nth(1)
+            .unwrap()
+            .split("  ")
+            .filter(|c| !c.trim().is_empty())
+            .collect();
+        assert_eq!(header.len(), 7, "{table}");
+        assert!(
+            table.lines().nth(3).unwrap().trim_end().ends_with("10"),
+            "replica lag shown last: {table}"
+        );
     }
 }
