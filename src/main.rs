@@ -93,13 +93,25 @@ async fn run(command: Command) -> i32 {
             Ok(cfg) => cli::manage::history(&cfg, json).await,
             Err(code) => return code,
         },
-        Command::Config { action: cli::ConfigAction::Show { config, json } } => match load(&config) {
+        Command::Config {
+            action: cli::ConfigAction::Show { config, json },
+        } => match load(&config) {
             Ok(cfg) => cli::manage::config_show(&cfg, json).await,
             Err(code) => return code,
         },
-        Command::Config { action: cli::ConfigAction::Set { config, assignments } } => match load(&config) {
+        Command::Config {
+            action:
+                cli::ConfigAction::Set {
+                    config,
+                    assignments,
+                },
+        } => match load(&config) {
             Ok(cfg) => match cli::manage::config_set(&cfg, &assignments).await {
-                Err(e) if e.to_string().contains(" is not ") || e.to_string().contains("unknown key") || e.to_string().contains("expected key=value") => {
+                Err(e)
+                    if e.to_string().contains(" is not ")
+                        || e.to_string().contains("unknown key")
+                        || e.to_string().contains("expected key=value") =>
+                {
                     eprintln!("error: {e:#}");
                     return EXIT_CONFIG;
                 }

@@ -82,8 +82,11 @@ impl MemberName {
     }
     /// Physical replication slot name for this member on the leader.
     /// Slot names allow only `[a-z0-9_]`, so anything else becomes `_`.
+    /// The `pgha_` prefix marks the slots pgha manages: it drops those of
+    /// departed members and never touches anyone else's.
     pub fn slot_name(&self) -> String {
-        let mut s: String = self
+        let mut s: String = String::from(SLOT_PREFIX);
+        s += &self
             .0
             .chars()
             .map(|c| {
@@ -94,7 +97,7 @@ impl MemberName {
                     '_'
                 }
             })
-            .collect();
+            .collect::<String>();
         s.truncate(63);
         s
     }
@@ -107,6 +110,9 @@ impl MemberName {
                 .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
     }
 }
+
+/// Prefix of the physical replication slots pgha creates and drops.
+pub const SLOT_PREFIX: &str = "pgha_";
 
 impl fmt::Display for MemberName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -281,7 +287,8 @@ mod tests {
 
     #[test]
     fn slot_names_are_postgres_safe() {
-        assert_eq!(MemberName::from("Node-1.a").slot_name(), "node_1_a");
+        assert_eq!(MemberName::from("Node-1.a").slot_name(), "pgha_node_1_a");
+        assert_eq!(MemberName::from(&*"x".repeat(63)).slot_name().len(), 63);
     }
 
     #[test]

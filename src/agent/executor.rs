@@ -8,8 +8,8 @@
 use std::time::Duration;
 
 use super::{Agent, RunningJob};
-use crate::dcs::{ClusterView, Initialize};
 use crate::dcs::SyncRecord;
+use crate::dcs::{ClusterView, Initialize};
 use crate::ha::sync::SyncSetting;
 use crate::ha::{Action, Decision, DemoteReason, Job, Snapshot};
 use crate::model::{HistoryEntry, MemberName};
@@ -229,7 +229,8 @@ impl Agent {
         if !self.lease_valid_now() {
             anyhow::bail!("refusing to start writable: the lease is not valid");
         }
-        self.instance.write_config(false, None, Some(sync.render()))?;
+        self.instance
+            .write_config(false, None, Some(sync.render()))?;
         self.instance.start().await?;
         self.observer.reset();
         Ok(())
@@ -278,7 +279,11 @@ impl Agent {
         Ok(())
     }
 
-    async fn promote(&mut self, s: &Snapshot, sync: Option<&(SyncRecord, SyncSetting)>) -> anyhow::Result<()> {
+    async fn promote(
+        &mut self,
+        s: &Snapshot,
+        sync: Option<&(SyncRecord, SyncSetting)>,
+    ) -> anyhow::Result<()> {
         if !self.lease_valid_now() {
             anyhow::bail!("refusing to promote: the lease is not valid");
         }
@@ -307,7 +312,10 @@ impl Agent {
                 .await?
                 .batch_execute(query::RELOAD)
                 .await
-                .map_err(|source| PgError::Sql { action: "reload before promotion".into(), source })?;
+                .map_err(|source| PgError::Sql {
+                    action: "reload before promotion".into(),
+                    source,
+                })?;
         }
         // The configuration is rewritten only after the promotion: the
         // startup process removes standby.signal itself and treats a
@@ -363,13 +371,17 @@ impl Agent {
     }
 
     async fn set_sync_setting(&mut self, setting: &SyncSetting) -> anyhow::Result<()> {
-        self.instance.write_config(false, None, Some(setting.render()))?;
+        self.instance
+            .write_config(false, None, Some(setting.render()))?;
         self.observer
             .client()
             .await?
             .batch_execute(query::RELOAD)
             .await
-            .map_err(|source| PgError::Sql { action: "reload synchronous_standby_names".into(), source })?;
+            .map_err(|source| PgError::Sql {
+                action: "reload synchronous_standby_names".into(),
+                source,
+            })?;
         tracing::info!(synchronous_standby_names = %setting.render(), "synchronous standbys changed");
         Ok(())
     }

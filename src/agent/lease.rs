@@ -100,7 +100,9 @@ impl LeaseKeeper {
         s.valid_until_ms = Some(until);
         if let Some(ms) = latency_ms {
             s.last_renewal_latency_ms = Some(ms);
-            s.latency.get_or_insert_with(super::status::Histogram::latency).observe(ms as f64);
+            s.latency
+                .get_or_insert_with(super::status::Histogram::latency)
+                .observe(ms as f64);
         }
         self.fence.arm(until.saturating_sub(self.fence_margin_ms));
     }
@@ -125,7 +127,12 @@ impl LeaseKeeper {
     }
 
     pub fn renewal_histogram(&self) -> super::status::Histogram {
-        self.state.lock().unwrap().latency.clone().unwrap_or_else(super::status::Histogram::latency)
+        self.state
+            .lock()
+            .unwrap()
+            .latency
+            .clone()
+            .unwrap_or_else(super::status::Histogram::latency)
     }
 
     pub fn last_renewal_latency_ms(&self) -> Option<u64> {

@@ -175,11 +175,17 @@ impl Agent {
         let now = boottime_ms();
         let (mut loop_duration, mut leader_changes, previous_leader) = {
             let prev = self.status.borrow();
-            let h = if prev.loop_duration.bounds_ms.is_empty() { super::status::Histogram::latency() } else { prev.loop_duration.clone() };
+            let h = if prev.loop_duration.bounds_ms.is_empty() {
+                super::status::Histogram::latency()
+            } else {
+                prev.loop_duration.clone()
+            };
             (h, prev.leader_changes, prev.leader.clone())
         };
         loop_duration.observe(now.saturating_sub(self.loop_started_ms) as f64);
-        let leader = view.as_ref().and_then(|v| v.leader.as_ref().map(|l| l.name.clone()));
+        let leader = view
+            .as_ref()
+            .and_then(|v| v.leader.as_ref().map(|l| l.name.clone()));
         if leader.is_some() && previous_leader.is_some() && leader != previous_leader {
             leader_changes += 1;
         }

@@ -66,12 +66,19 @@ pub struct Histogram {
 
 impl Histogram {
     pub fn with_bounds(bounds_ms: &[f64]) -> Self {
-        Histogram { bounds_ms: bounds_ms.to_vec(), counts: vec![0; bounds_ms.len()], sum_ms: 0.0, count: 0 }
+        Histogram {
+            bounds_ms: bounds_ms.to_vec(),
+            counts: vec![0; bounds_ms.len()],
+            sum_ms: 0.0,
+            count: 0,
+        }
     }
 
     /// Buckets suited to loop and etcd round-trip times.
     pub fn latency() -> Self {
-        Self::with_bounds(&[1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0])
+        Self::with_bounds(&[
+            1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0,
+        ])
     }
 
     pub fn observe(&mut self, ms: f64) {

@@ -311,7 +311,9 @@ pub async fn config_set(cfg: &Config, assignments: &[String]) -> anyhow::Result<
     let dcs = super::connect_dcs(cfg).await?;
     let mut c = dcs.read_cluster().await?.config;
     for a in assignments {
-        let (k, v) = a.split_once('=').with_context(|| format!("{a:?}: expected key=value"))?;
+        let (k, v) = a
+            .split_once('=')
+            .with_context(|| format!("{a:?}: expected key=value"))?;
         c.set(k.trim(), v.trim()).map_err(anyhow::Error::msg)?;
     }
     dcs.put_config(&c).await?;

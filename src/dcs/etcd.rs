@@ -20,8 +20,8 @@ use etcd_client::{
 };
 use tokio::sync::{Mutex, Notify};
 
-use super::keys::{KeyKind, Keys};
 use super::SyncRecord;
+use super::keys::{KeyKind, Keys};
 use super::{
     ClusterConfig, ClusterView, Dcs, DcsError, FailoverRequest, Initialize, LeaderKey, LeaseRenewal,
 };
@@ -488,15 +488,30 @@ impl Dcs for EtcdDcs {
     }
 
     async fn put_sync(&self, record: &SyncRecord) -> Result<(), DcsError> {
-        let Some(lease_id) = *self.leader_lease.lock().await else { return Err(DcsError::NotLeader) };
+        let Some(lease_id) = *self.leader_lease.lock().await else {
+            return Err(DcsError::NotLeader);
+        };
         let value = serde_json::to_vec(record).expect("sync record serializes");
         let key = self.keys.sync();
         let txn = Txn::new()
-            .when([Compare::lease(self.keys.leader(), CompareOp::Equal, lease_id)])
+            .when([Compare::lease(
+                self.keys.leader(),
+                CompareOp::Equal,
+                lease_id,
+            )])
             .and_then([TxnOp::put(key, value, None)]);
         let mut client = self.client.clone();
-        let resp = self.timed("write the synchronous set", async move { client.txn(txn).await }).await?;
-        if resp.succeeded() { Ok(()) } else { Err(DcsError::NotLeader) }
+        let resp = self
+            .timed(
+                "write the synchronous set",
+                async move { client.txn(txn).await },
+            )
+            .await?;
+        if resp.succeeded() {
+            Ok(())
+        } else {
+            Err(DcsError::NotLeader)
+        }
     }
 
     async fn put_config(&self, config: &ClusterConfig) -> Result<(), DcsError> {

@@ -58,7 +58,12 @@ pub struct ClusterConfig {
 
 impl ClusterConfig {
     /// The keys operators may set; [`ClusterConfig::set`] rejects others.
-    pub const KEYS: &'static [&'static str] = &["paused", "synchronous_mode", "synchronous_node_count", "synchronous_quorum"];
+    pub const KEYS: &'static [&'static str] = &[
+        "paused",
+        "synchronous_mode",
+        "synchronous_node_count",
+        "synchronous_quorum",
+    ];
 
     /// Sets one key from its text form (`pgha config set key=value`).
     pub fn set(&mut self, key: &str, value: &str) -> Result<(), String> {
@@ -89,7 +94,12 @@ impl ClusterConfig {
                 Ok(n) if (1..=16).contains(&n) => self.synchronous_node_count = n,
                 _ => return bad("a number from 1 to 16"),
             },
-            _ => return Err(format!("unknown key {key:?}; known keys: {}", Self::KEYS.join(", "))),
+            _ => {
+                return Err(format!(
+                    "unknown key {key:?}; known keys: {}",
+                    Self::KEYS.join(", ")
+                ));
+            }
         }
         Ok(())
     }
@@ -97,7 +107,12 @@ impl ClusterConfig {
 
 impl Default for ClusterConfig {
     fn default() -> Self {
-        ClusterConfig { paused: false, synchronous_mode: SyncMode::Off, synchronous_node_count: 1, synchronous_quorum: false }
+        ClusterConfig {
+            paused: false,
+            synchronous_mode: SyncMode::Off,
+            synchronous_node_count: 1,
+            synchronous_quorum: false,
+        }
     }
 }
 

@@ -28,8 +28,8 @@ pub fn decide(s: &Snapshot) -> Decision {
                 DataDirState::Empty => Decision::new(Action::Bootstrap, Reason::NotInitialized),
                 // Local data but no cluster in the DCS: the DCS was wiped or
                 // this node points at the wrong one. Guessing could fork
-                // the cluster, so wait for an operator.
-                _ => Decision::wait(Reason::ForeignDataDirectory),
+                // the cluster, so wait for an operator (writes stopped).
+                _ => demote_or_wait(s, Reason::ForeignDataDirectory),
             };
         }
         Some(Initialize::Pending { by }) => {
@@ -38,7 +38,7 @@ pub fn decide(s: &Snapshot) -> Decision {
                 return Decision::new(Action::Bootstrap, Reason::NotInitialized);
             }
             if by != &s.me {
-                return Decision::wait(Reason::BootstrapInProgress { by: by.clone() });
+                return demote_or_wait(s, Reason::BootstrapInProgress { by: by.clone() });
             }
         }
         Some(Initialize::Done { system_id }) => {
@@ -136,6 +136,15 @@ fn as_leader(s: &Snapshot, view: &ClusterView, lease_id: i64) -> Decision {
     }
     if let Some(f) = &view.failover
         && f.from.as_ref() == Some(&s.me)
+        && !is_primary(s)
+        && s.local.pg != PgStatus::Starting
+    {
+        // Demoted for a switchover but the release did not go through:
+        // finish handing over instead of starting up again.
+        return Decision::new(Action::ReleaseLease, Reason::SwitchoverRequested);
+    }
+    if let Some(f) = &view.failover
+        && f.from.as_ref() == Some(&s.me)
         && is_primary(s)
     {
         let due = f
@@ -163,6 +172,10 @@ fn as_leader(s: &Snapshot, view: &ClusterView, lease_id: i64) -> Decision {
         // In synchronous mode a crashed primary holds commits it wrote but
         // never acknowledged; restarting it in place would serve them. A
         // synchronous standby takes over instead, and this one is rewound.
+        // Paused: the operator is in charge of a stopped server.
+        PgStatus::Starting | PgStatus::Stopped if view.config.paused => {
+            Decision::wait(Reason::Paused)
+        }
         PgStatus::Stopped if sync_protected(view) && s.local.on_disk != Some(OnDisk::Standby) => {
             Decision::new(Action::ReleaseLease, Reason::PrimaryCrashedInSyncMode)
         }
@@ -181,6 +194,7 @@ fn as_leader(s: &Snapshot, view: &ClusterView, lease_id: i64) -> Decision {
                 if s.local.on_disk == Some(OnDisk::FormerPrimary) && !down_too_long(s) =>
             {
                 let sync = match &view.sync {
+                    _ if view.config.synchronous_mode == SyncMode::Off => SyncSetting::empty(),
                     Some(r) if r.leader == s.me && !r.members.is_empty() => SyncSetting {
                         names: r.members.clone(),
                         k: r.quorum.max(1),
@@ -224,7 +238,10 @@ fn down_too_long(s: &Snapshot) -> bool {
 /// every acknowledged commit.
 fn sync_protected(view: &ClusterView) -> bool {
     view.config.synchronous_mode != SyncMode::Off
-        && view.sync.as_ref().is_some_and(|r| !r.degraded && !r.members.is_empty())
+        && view
+            .sync
+            .as_ref()
+            .is_some_and(|r| !r.degraded && !r.members.is_empty())
 }
 
 /// In synchronous mode, what the new leader records and configures before
@@ -240,7 +257,11 @@ fn promotion_sync_plan(s: &Snapshot, view: &ClusterView) -> Option<(SyncRecord, 
         .values()
         .filter(|m| m.name != s.me && !m.nosync && m.role == PgRole::Replica)
         .collect();
-    others.sort_by(|a, b| b.wal_position().cmp(&a.wal_position()).then_with(|| a.name.cmp(&b.name)));
+    others.sort_by(|a, b| {
+        b.wal_position()
+            .cmp(&a.wal_position())
+            .then_with(|| a.name.cmp(&b.name))
+    });
     let k = cfg.synchronous_node_count.max(1);
     let mut names: Vec<MemberName> = others.into_iter().map(|m| m.name.clone()).collect();
     if !cfg.synchronous_quorum {
@@ -254,10 +275,21 @@ fn promotion_sync_plan(s: &Snapshot, view: &ClusterView) -> Option<(SyncRecord, 
     };
     Some(if !names.is_empty() {
         let k = k.min(names.len() as u32);
-        let setting = SyncSetting { names: names.clone(), k, quorum: cfg.synchronous_quorum };
+        let setting = SyncSetting {
+            names: names.clone(),
+            k,
+            quorum: cfg.synchronous_quorum,
+        };
         (record(names, k, false), setting)
     } else if cfg.synchronous_mode == SyncMode::Strict {
-        (record(Vec::new(), 0, false), SyncSetting { names: vec![MemberName::new(sync::NOBODY)], k: 1, quorum: false })
+        (
+            record(Vec::new(), 0, false),
+            SyncSetting {
+                names: vec![MemberName::new(sync::NOBODY)],
+                k: 1,
+                quorum: false,
+            },
+        )
     } else {
         (record(Vec::new(), 0, true), SyncSetting::empty())
     })
@@ -276,9 +308,19 @@ fn leading(s: &Snapshot, view: &ClusterView, reason: Reason) -> Decision {
         quorum: false,
     });
     let owned_record = view.sync.as_ref().filter(|rec| rec.leader == s.me);
-    if view.config.synchronous_mode != SyncMode::Off || !current.names.is_empty() || owned_record.is_some_and(|rec| !rec.members.is_empty() || rec.degraded) {
+    if view.config.synchronous_mode != SyncMode::Off
+        || !current.names.is_empty()
+        || owned_record.is_some_and(|rec| !rec.members.is_empty() || rec.degraded)
+    {
         let desired = sync::desired(&view.config, view, &s.me, &r.standbys, &current);
-        if let Some(step) = sync::next_step(&s.me, &desired, view.sync.as_ref(), &current, &r.standbys, s.sync_switched_at) {
+        if let Some(step) = sync::next_step(
+            &s.me,
+            &desired,
+            view.sync.as_ref(),
+            &current,
+            &r.standbys,
+            s.sync_switched_at,
+        ) {
             let action = match step {
                 SyncStep::WriteRecord(rec) => Action::WriteSyncRecord(rec),
                 SyncStep::SetSetting(setting) => Action::SetSyncSetting(setting),
@@ -300,7 +342,7 @@ fn leading(s: &Snapshot, view: &ClusterView, reason: Reason) -> Decision {
     let drop_slots: Vec<String> = r
         .slots
         .iter()
-        .filter(|have| !wanted.contains(have))
+        .filter(|have| have.starts_with(crate::model::SLOT_PREFIX) && !wanted.contains(have))
         .cloned()
         .collect();
     if create_slots.is_empty() && drop_slots.is_empty() {
@@ -378,9 +420,12 @@ fn as_follower(s: &Snapshot, view: &ClusterView, leader: &MemberName) -> Decisio
                 Reason::CloningLeader,
             ),
             DataDirState::Empty => Decision::wait(Reason::NoLeaderToCloneFrom),
-            _ if s.local.rewind_failed => {
+            // Re-cloning wipes the data directory: only with a leader to
+            // clone from.
+            _ if s.local.rewind_failed && leader_running => {
                 rewind_or_reclone(s, leader, Reason::RecloningAfterRewindFailure)
             }
+            _ if s.local.rewind_failed => Decision::wait(Reason::NoLeaderToCloneFrom),
             _ if s.local.on_disk == Some(OnDisk::FormerPrimary) && leader_running => Decision::new(
                 Action::Rewind {
                     leader: leader.clone(),
@@ -471,7 +516,10 @@ fn without_leader(s: &Snapshot, view: &ClusterView) -> Decision {
         // After a switchover the old leader publishes its final position;
         // promoting before replaying up to it would lose commits. Reaching
         // it proves this member has everything, synchronous set or not.
+        // Only a clean stop publishes a final position; a crashed leader's
+        // record shows where it was one loop before, which proves nothing.
         if let Some(old) = f.from.as_ref().and_then(|o| view.members.get(o))
+            && old.state == PgState::Stopped
             && let Some(final_lsn) = old.flushed_lsn
         {
             return if running.wal_position().is_none_or(|mine| mine < final_lsn) {
@@ -520,8 +568,16 @@ fn sync_candidacy(
         .iter()
         .filter_map(|p| {
             let r = p.report.as_ref().filter(|r| r.running)?;
-            Some((p.name.clone(), (r.timeline.unwrap_or_default(), r.wal_position?)))
+            Some((
+                p.name.clone(),
+                (r.timeline.unwrap_or_default(), r.wal_position?),
+            ))
         })
         .collect();
-    Some(sync::promotable(view.sync.as_ref(), &s.me, &answered, (running.timeline.unwrap_or_default(), position)))
+    Some(sync::promotable(
+        view.sync.as_ref(),
+        &s.me,
+        &answered,
+        (running.timeline.unwrap_or_default(), position),
+    ))
 }

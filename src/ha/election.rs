@@ -54,9 +54,14 @@ impl fmt::Display for Disqualified {
                 write!(f, "{peer} is as advanced and preferred")
             }
             Disqualified::UnknownPosition => write!(f, "own WAL position unknown"),
-            Disqualified::NotSynchronous => write!(f, "not in the synchronous set recorded in the DCS"),
+            Disqualified::NotSynchronous => {
+                write!(f, "not in the synchronous set recorded in the DCS")
+            }
             Disqualified::NoSynchronousStandby => {
-                write!(f, "no synchronous standby was recorded (degraded to asynchronous); only `pgha failover --accept-data-loss` can promote")
+                write!(
+                    f,
+                    "no synchronous standby was recorded (degraded to asynchronous); only `pgha failover --accept-data-loss` can promote"
+                )
             }
             Disqualified::CannotProveCommits { seen, needed } => write!(
                 f,

@@ -122,28 +122,44 @@ pub enum Action {
     /// start writable.
     Bootstrap,
     /// Clone the leader into the (empty) data directory.
-    Clone { leader: MemberName },
+    Clone {
+        leader: MemberName,
+    },
     /// Wipe the data directory and clone again.
-    Reclone { leader: MemberName },
+    Reclone {
+        leader: MemberName,
+    },
     /// pg_rewind a former primary onto the leader's timeline, then start as
     /// its replica.
-    Rewind { leader: MemberName },
+    Rewind {
+        leader: MemberName,
+    },
     /// Start as a standby; `leader: None` = read-only, streaming from nobody.
-    StartReplica { leader: Option<MemberName> },
+    StartReplica {
+        leader: Option<MemberName>,
+    },
     /// Start writable, with this synchronous setting. Only returned while
     /// the lease is valid.
-    StartPrimary { sync: super::sync::SyncSetting },
+    StartPrimary {
+        sync: super::sync::SyncSetting,
+    },
     /// Re-point a running replica at a new leader (reload, no restart).
-    Follow { leader: MemberName },
+    Follow {
+        leader: MemberName,
+    },
     /// Take the leader key (the race for leadership).
     AcquireLease,
     /// Resume a lease whose key already names this member (agent restart).
-    AdoptLease { lease_id: i64 },
+    AdoptLease {
+        lease_id: i64,
+    },
     /// Promote the local standby. Only returned while the lease is valid.
     /// In synchronous mode the record is written and the setting applied
     /// before the promotion, so that no commit is acknowledged by the new
     /// leader alone.
-    Promote { sync: Option<(SyncRecord, super::sync::SyncSetting)> },
+    Promote {
+        sync: Option<(SyncRecord, super::sync::SyncSetting)>,
+    },
     /// Synchronous replication bookkeeping (see `ha::sync` for the order).
     WriteSyncRecord(SyncRecord),
     SetSyncSetting(super::sync::SyncSetting),
@@ -154,7 +170,9 @@ pub enum Action {
     },
     /// Stop writes: shut the primary down and restart it read-only. For a
     /// switchover the lease is released once PostgreSQL is down.
-    Demote { reason: DemoteReason },
+    Demote {
+        reason: DemoteReason,
+    },
     /// Give the leader key up (PostgreSQL cannot serve as primary).
     ReleaseLease,
     /// Stop PostgreSQL immediately, then give the lease up.
@@ -246,7 +264,10 @@ impl fmt::Display for Reason {
                 f,
                 "holding the lease; starting the standby read-only to promote it"
             ),
-            PrimaryCrashedInSyncMode => write!(f, "primary stopped in synchronous mode: handing over to a synchronous standby (a restart would expose unacknowledged commits)"),
+            PrimaryCrashedInSyncMode => write!(
+                f,
+                "primary stopped in synchronous mode: handing over to a synchronous standby (a restart would expose unacknowledged commits)"
+            ),
             ManagingSynchronousStandbys => write!(f, "leader updating the synchronous standby set"),
             PrimaryDownTooLong => write!(
                 f,

@@ -36,7 +36,11 @@ pub struct SyncSetting {
 
 impl SyncSetting {
     pub fn empty() -> Self {
-        SyncSetting { names: Vec::new(), k: 0, quorum: false }
+        SyncSetting {
+            names: Vec::new(),
+            k: 0,
+            quorum: false,
+        }
     }
 
     /// `FIRST k ("a", "b")` / `ANY k (...)`, or empty for asynchronous.
@@ -45,7 +49,12 @@ impl SyncSetting {
             return String::new();
         }
         let names: Vec<String> = self.names.iter().map(|n| format!("\"{n}\"")).collect();
-        format!("{} {} ({})", if self.quorum { "ANY" } else { "FIRST" }, self.k, names.join(", "))
+        format!(
+            "{} {} ({})",
+            if self.quorum { "ANY" } else { "FIRST" },
+            self.k,
+            names.join(", ")
+        )
     }
 
     /// Parses what [`render`](Self::render) writes; anything else (set by
@@ -64,13 +73,20 @@ impl SyncSetting {
         let (k, rest) = rest.trim().split_once(' ')?;
         let k: u32 = k.parse().ok()?;
         let inner = rest.trim().strip_prefix('(')?.strip_suffix(')')?;
-        let names = inner.split(',').map(|n| MemberName::new(n.trim().trim_matches('"'))).collect();
+        let names = inner
+            .split(',')
+            .map(|n| MemberName::new(n.trim().trim_matches('"')))
+            .collect();
         Some(SyncSetting { names, k, quorum })
     }
 
     /// Members whose flush confirms commits (the placeholder excluded).
     pub fn real_names(&self) -> Vec<MemberName> {
-        self.names.iter().filter(|n| n.as_str() != NOBODY).cloned().collect()
+        self.names
+            .iter()
+            .filter(|n| n.as_str() != NOBODY)
+            .cloned()
+            .collect()
     }
 }
 
@@ -94,18 +110,35 @@ fn eligible(view: &ClusterView, me: &MemberName, standbys: &[StandbyInfo]) -> Ve
             (name != *me && !rec.nosync).then_some((s, name))
         })
         .collect();
-    ok.sort_by(|a, b| b.0.flush_lsn.cmp(&a.0.flush_lsn).then_with(|| a.1.cmp(&b.1)));
+    ok.sort_by(|a, b| {
+        b.0.flush_lsn
+            .cmp(&a.0.flush_lsn)
+            .then_with(|| a.1.cmp(&b.1))
+    });
     ok.into_iter().map(|(_, n)| n).collect()
 }
 
-pub fn desired(cfg: &ClusterConfig, view: &ClusterView, me: &MemberName, standbys: &[StandbyInfo], current: &SyncSetting) -> Desired {
+pub fn desired(
+    cfg: &ClusterConfig,
+    view: &ClusterView,
+    me: &MemberName,
+    standbys: &[StandbyInfo],
+    current: &SyncSetting,
+) -> Desired {
     let k = cfg.synchronous_node_count.max(1);
     let quorum = cfg.synchronous_quorum;
     let candidates = eligible(view, me, standbys);
     match cfg.synchronous_mode {
-        SyncMode::Off => Desired { setting: SyncSetting::empty(), degraded: false },
+        SyncMode::Off => Desired {
+            setting: SyncSetting::empty(),
+            degraded: false,
+        },
         _ if !candidates.is_empty() => {
-            let names: Vec<MemberName> = if quorum { candidates } else { candidates.into_iter().take(k as usize).collect() };
+            let names: Vec<MemberName> = if quorum {
+                candidates
+            } else {
+                candidates.into_iter().take(k as usize).collect()
+            };
             let k = k.min(names.len() as u32);
             // Keep the current order when the set is unchanged, so that a
             // reordering by lag does not cause needless reloads.
@@ -117,19 +150,36 @@ pub fn desired(cfg: &ClusterConfig, view: &ClusterView, me: &MemberName, standby
             if cur == new_sorted {
                 names = current.real_names();
             }
-            Desired { setting: SyncSetting { names, k, quorum }, degraded: false }
+            Desired {
+                setting: SyncSetting { names, k, quorum },
+                degraded: false,
+            }
         }
-        SyncMode::On => Desired { setting: SyncSetting::empty(), degraded: true },
+        SyncMode::On => Desired {
+            setting: SyncSetting::empty(),
+            degraded: true,
+        },
         SyncMode::Strict => {
             // Keep waiting on whoever was synchronous; with nobody at all,
             // name a standby that never connects so commits still wait.
             let keep = current.real_names();
             let setting = if keep.is_empty() {
-                SyncSetting { names: vec![MemberName::new(NOBODY)], k: 1, quorum: false }
+                SyncSetting {
+                    names: vec![MemberName::new(NOBODY)],
+                    k: 1,
+                    quorum: false,
+                }
             } else {
-                SyncSetting { names: keep, k: current.k.max(1), quorum: current.quorum }
+                SyncSetting {
+                    names: keep,
+                    k: current.k.max(1),
+                    quorum: current.quorum,
+                }
             };
-            Desired { setting, degraded: false }
+            Desired {
+                setting,
+                degraded: false,
+            }
         }
     }
 }
@@ -152,27 +202,50 @@ pub fn next_step(
     switched_at: Option<Lsn>,
 ) -> Option<SyncStep> {
     let d_names = desired.setting.real_names();
-    let d_k = if d_names.is_empty() { 0 } else { desired.setting.k };
+    let d_k = if d_names.is_empty() {
+        0
+    } else {
+        desired.setting.k
+    };
     let (r_members, r_k, r_degraded) = match record.filter(|r| &r.leader == me) {
         Some(r) => (r.members.clone(), r.quorum, r.degraded),
         // A record written by another leader says nothing about this
-        // leader's commits: start from the current setting.
-        None => (current.real_names(), current.k, false),
+        // leader's commits: start from the current setting. With no
+        // synchronous names in effect, commits so far were acknowledged by
+        // this leader alone, so the first record it writes is degraded.
+        None => (
+            current.real_names(),
+            current.k,
+            current.real_names().is_empty(),
+        ),
     };
     let record_of = |members: Vec<MemberName>, k: u32, degraded: bool| {
-        SyncStep::WriteRecord(SyncRecord { leader: me.clone(), members, quorum: k, degraded })
+        SyncStep::WriteRecord(SyncRecord {
+            leader: me.clone(),
+            members,
+            quorum: k,
+            degraded,
+        })
     };
     // 0. going asynchronous: first make sure nobody is promotable.
     if desired.degraded && !r_degraded {
         return Some(record_of(r_members, r_k, true));
     }
     // 1. grow the record first (keeping a degraded mark until step 3).
-    let missing: Vec<MemberName> = d_names.iter().filter(|n| !r_members.contains(n)).cloned().collect();
+    let missing: Vec<MemberName> = d_names
+        .iter()
+        .filter(|n| !r_members.contains(n))
+        .cloned()
+        .collect();
     let owned = record.is_some_and(|r| &r.leader == me);
     if !missing.is_empty() || !owned {
         let mut members = r_members.clone();
         members.extend(missing);
-        let k = if r_members.is_empty() { d_k } else { r_k.min(d_k.max(1)) };
+        let k = if r_members.is_empty() {
+            d_k
+        } else {
+            r_k.min(d_k.max(1))
+        };
         return Some(record_of(members, k, r_degraded));
     }
     // 2. then switch the server setting.
@@ -209,21 +282,31 @@ pub fn promotable(
     my_position: (crate::model::Timeline, Lsn),
 ) -> Result<(), super::Disqualified> {
     use super::Disqualified;
-    let Some(r) = record else { return Err(Disqualified::NotSynchronous) };
+    let Some(r) = record else {
+        return Err(Disqualified::NotSynchronous);
+    };
     if r.degraded || r.members.is_empty() {
         return Err(Disqualified::NoSynchronousStandby);
     }
     if !r.members.contains(me) {
         return Err(Disqualified::NotSynchronous);
     }
-    let seen: Vec<&(MemberName, (crate::model::Timeline, Lsn))> =
-        answered.iter().filter(|(n, _)| r.members.contains(n) && n != me).collect();
+    let seen: Vec<&(MemberName, (crate::model::Timeline, Lsn))> = answered
+        .iter()
+        .filter(|(n, _)| r.members.contains(n) && n != me)
+        .collect();
     let needed = (r.members.len() as u32).saturating_sub(r.quorum.max(1)) + 1;
     let seen_count = seen.len() as u32 + 1;
     if seen_count < needed {
-        return Err(Disqualified::CannotProveCommits { seen: seen_count, needed });
+        return Err(Disqualified::CannotProveCommits {
+            seen: seen_count,
+            needed,
+        });
     }
-    if let Some((peer, _)) = seen.iter().find(|(n, pos)| *pos > my_position || (*pos == my_position && n < me)) {
+    if let Some((peer, _)) = seen
+        .iter()
+        .find(|(n, pos)| *pos > my_position || (*pos == my_position && n < me))
+    {
         return Err(Disqualified::PeerAhead { peer: peer.clone() });
     }
     Ok(())

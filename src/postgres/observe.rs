@@ -204,7 +204,9 @@ impl Observer {
             system_id: row
                 .get::<_, Option<String>>("system_id")
                 .unwrap_or_default(),
-            synchronous_standby_names: row.get::<_, Option<String>>("synchronous_standby_names").unwrap_or_default(),
+            synchronous_standby_names: row
+                .get::<_, Option<String>>("synchronous_standby_names")
+                .unwrap_or_default(),
             configured_upstream: parse_conninfo_target(
                 &row.get::<_, Option<String>>("primary_conninfo")
                     .unwrap_or_default(),
