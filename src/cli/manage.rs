@@ -231,6 +231,36 @@ pub async fn history(cfg: &Config, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+pub async fn config_show(cfg: &Config, json: bool) -> anyhow::Result<()> {
+    let dcs = super::connect_dcs(cfg).await?;
+    let c = dcs.read_cluster().await?.config;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&c)?);
+    } else {
+        println!("paused = {}", c.paused);
+        println!("synchronous_mode = {}", c.synchronous_mode);
+        println!("synchronous_node_count = {}", c.synchronous_node_count);
+        println!("synchronous_quorum = {}", c.synchronous_quorum);
+    }
+    Ok(())
+}
+
+/// `pgha config set key=value ...`: all assignments are validated before
+/// anything is written.
+pub async fn config_set(cfg: &Config, assignments: &[String]) -> anyhow::Result<()> {
+    let dcs = super::connect_dcs(cfg).await?;
+    let mut c = dcs.read_cluster().await?.config;
+    for a in assignments {
+        let (k, v) = a
+            .split_once('=')
+            .with_context(|| format!("{a:?}: expected key=value"))?;
+        c.set(k.trim(), v.trim()).map_err(anyhow::Error::msg)?;
+    }
+    dcs.put_config(&c).await?;
+    println!("{}", serde_json::to_string(&c)?);
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -289,34 +319,4 @@ mod tests {
         assert_eq!(parse_at("1970-01-01T00:00:01Z").unwrap(), 1000);
         assert!(parse_at("tomorrow").is_err());
     }
-}
-
-pub async fn config_show(cfg: &Config, json: bool) -> anyhow::Result<()> {
-    let dcs = super::connect_dcs(cfg).await?;
-    let c = dcs.read_cluster().await?.config;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&c)?);
-    } else {
-        println!("paused = {}", c.paused);
-        println!("synchronous_mode = {}", c.synchronous_mode);
-        println!("synchronous_node_count = {}", c.synchronous_node_count);
-        println!("synchronous_quorum = {}", c.synchronous_quorum);
-    }
-    Ok(())
-}
-
-/// `pgha config set key=value ...`: all assignments are validated before
-/// anything is written.
-pub async fn config_set(cfg: &Config, assignments: &[String]) -> anyhow::Result<()> {
-    let dcs = super::connect_dcs(cfg).await?;
-    let mut c = dcs.read_cluster().await?.config;
-    for a in assignments {
-        let (k, v) = a
-            .split_once('=')
-            .with_context(|| format!("{a:?}: expected key=value"))?;
-        c.set(k.trim(), v.trim()).map_err(anyhow::Error::msg)?;
-    }
-    dcs.put_config(&c).await?;
-    println!("{}", serde_json::to_string(&c)?);
-    Ok(())
 }
