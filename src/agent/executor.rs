@@ -399,14 +399,17 @@ impl Agent {
             tracing::info!(slot, "created replication slot");
         }
         for slot in drop {
-            client
+            let dropped = client
                 .execute(query::DROP_SLOT, &[slot])
                 .await
                 .map_err(|source| PgError::Sql {
                     action: format!("drop slot {slot}"),
                     source,
                 })?;
-            tracing::info!(slot, "dropped replication slot");
+            // An active slot (its member is streaming again) is kept.
+            if dropped > 0 {
+                tracing::info!(slot, "dropped replication slot");
+            }
         }
         Ok(())
     }

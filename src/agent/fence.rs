@@ -203,10 +203,12 @@ pub fn run_keeper(state_file: &Path, data_dir: &Path, first_agent_pid: i32) -> s
         .truncate(false)
         .write(true)
         .open(&lock_path)?;
-    if nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock).is_err() {
-        // Another keeper already guards this data directory.
+    // Held for the life of the process: a second keeper for the same data
+    // directory finds it taken and exits.
+    let Ok(_lock) = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock)
+    else {
         return Ok(());
-    }
+    };
     eprintln!(
         "fence keeper {} guarding {}",
         std::process::id(),

@@ -64,6 +64,7 @@ pub struct Agent {
     /// `synchronous_standby_names` as last observed, and the flush position
     /// when that value was first seen (see `ha::sync`).
     last_sync_setting: Option<String>,
+    dcs_failures: u64,
     sync_switched_at: Option<Lsn>,
 }
 
@@ -143,6 +144,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         commands,
         loop_started_ms: 0,
         last_sync_setting: None,
+        dcs_failures: 0,
         sync_switched_at: None,
         cfg,
     };

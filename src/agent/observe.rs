@@ -14,9 +14,20 @@ use crate::util::{boottime_ms, unix_ms};
 impl Agent {
     pub(super) async fn observe(&mut self) -> (Snapshot, Observation) {
         let view = match self.dcs.read_cluster().await {
-            Ok(v) => Some(v),
+            Ok(v) => {
+                if self.dcs_failures > 0 {
+                    tracing::info!(failed_loops = self.dcs_failures, "etcd reachable again");
+                }
+                self.dcs_failures = 0;
+                Some(v)
+            }
             Err(e) => {
-                tracing::warn!(error = %e, "cannot read the cluster state from etcd");
+                // Once at first, then every 20 loops: enough to see it is
+                // still going on without drowning the log.
+                if self.dcs_failures % 20 == 0 {
+                    tracing::warn!(error = %e, failed_loops = self.dcs_failures + 1, endpoints = ?self.cfg.etcd.endpoints, "cannot read the cluster state from etcd; retrying");
+                }
+                self.dcs_failures += 1;
                 None
             }
         };

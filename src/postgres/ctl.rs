@@ -351,6 +351,13 @@ impl Instance {
                 stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
             });
         }
+        // pg_ctl -W returns before the postmaster wrote its pid file; wait
+        // for it (briefly) so the next loop does not see "stopped" and
+        // start a second postmaster.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+        while self.postmaster_pid().is_none() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         Ok(())
     }
 

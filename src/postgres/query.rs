@@ -28,7 +28,9 @@ SELECT application_name, state, coalesce(flush_lsn::text, ''), coalesce(replay_l
   FROM pg_stat_replication";
 
 /// Physical slots on this server.
-pub const SLOTS: &str = "SELECT slot_name FROM pg_replication_slots WHERE slot_type = 'physical'";
+/// Temporary slots (pg_basebackup's) are excluded: they vanish on their own.
+pub const SLOTS: &str =
+    "SELECT slot_name FROM pg_replication_slots WHERE slot_type = 'physical' AND NOT temporary";
 
 pub const CREATE_SLOT: &str = "SELECT pg_create_physical_replication_slot($1, true)";
 pub const DROP_SLOT: &str = "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1 AND NOT active";

@@ -683,7 +683,12 @@ async fn clusters_sharing_an_etcd_are_isolated() {
     c.complete_initialize("1111").await.unwrap();
     assert!(c.acquire_leader().await.unwrap().is_some());
     c.put_member(&record("a", PgState::Running)).await.unwrap();
-    c.put_config(&ClusterConfig { paused: true, ..Default::default() }).await.unwrap();
+    c.put_config(&ClusterConfig {
+        paused: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     c.append_history(&history_entry(2, "a")).await.unwrap();
 
     let view2 = c2.read_cluster().await.unwrap();

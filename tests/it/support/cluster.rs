@@ -395,9 +395,12 @@ replication = {{ username = "{REPLICATION_USER}", password = "{repl_password}" }
     /// A superuser session over TCP 127.0.0.1 (the connection task runs in
     /// the background and ends when the client is dropped).
     pub async fn client(&self) -> anyhow::Result<tokio_postgres::Client> {
-        connect(&self.pg_config())
-            .await
-            .with_context(|| format!("{}: connect to PostgreSQL on port {}", self.name, self.pg_port))
+        connect(&self.pg_config()).await.with_context(|| {
+            format!(
+                "{}: connect to PostgreSQL on port {}",
+                self.name, self.pg_port
+            )
+        })
     }
 
     /// Runs `sql` (simple query protocol, may hold several statements) and
@@ -411,11 +414,9 @@ replication = {{ username = "{REPLICATION_USER}", password = "{repl_password}" }
         Ok(msgs
             .into_iter()
             .filter_map(|m| match m {
-                tokio_postgres::SimpleQueryMessage::Row(r) => Some(
-                    (0..r.len())
-                        .map(|i| r.get(i).map(str::to_string))
-                        .collect(),
-                ),
+                tokio_postgres::SimpleQueryMessage::Row(r) => {
+                    Some((0..r.len()).map(|i| r.get(i).map(str::to_string)).collect())
+                }
                 _ => None,
             })
             .collect())
@@ -477,6 +478,22 @@ replication = {{ username = "{REPLICATION_USER}", password = "{repl_password}" }
         )
     }
 
+    /// Live `pgha fence-keeper` processes guarding this node's data dir.
+    pub fn fence_keeper_pids(&self) -> Vec<i32> {
+        let data_dir = self.data_dir.to_string_lossy().to_string();
+        all_pids()
+            .into_iter()
+            .filter(|&p| alive(p))
+            .filter(|&p| {
+                let args = cmdline(p);
+                args.iter().any(|a| a == "fence-keeper")
+                    && args
+                        .windows(2)
+                        .any(|w| w[0] == "--data-dir" && w[1] == data_dir)
+            })
+            .collect()
+    }
+
     /// The whole agent log.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
@@ -512,7 +529,13 @@ replication = {{ username = "{REPLICATION_USER}", password = "{repl_password}" }
         for pid in pids_mentioning(&self.dir) {
             killed.extend(kill_tree(pid));
         }
-        wait_gone(&killed, Duration::from_secs(5));
+        let left = wait_gone(&killed, Duration::from_secs(5));
+        if !left.is_empty() {
+            eprintln!(
+                "{}: processes still alive 5 s after SIGKILL: {left:?}",
+                self.name
+            );
+        }
     }
 }
 
@@ -820,6 +843,11 @@ fn comm(pid: i32) -> Option<String> {
         .map(|s| s.trim().to_string())
 }
 
+/// True when `dir` does not exist or has no entries.
+pub fn data_dir_is_empty(dir: &Path) -> bool {
+    std::fs::read_dir(dir).map_or(true, |mut d| d.next().is_none())
+}
+
 /// Exists and is not a zombie.
 pub fn alive(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
@@ -843,7 +871,12 @@ fn all_pids() -> Vec<i32> {
 
 fn parent_of(pid: i32) -> Option<i32> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat.rsplit(')').next()?.split_whitespace().nth(1)?.parse().ok()
+    stat.rsplit(')')
+        .next()?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }
 
 /// Live processes whose parent is `pid`.
@@ -852,6 +885,18 @@ pub fn children_of(pid: i32) -> Vec<i32> {
         .into_iter()
         .filter(|&p| parent_of(p) == Some(pid) && alive(p))
         .collect()
+}
+
+/// A process's arguments (empty when it is gone or a kernel thread).
+pub fn cmdline(pid: i32) -> Vec<String> {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|raw| {
+            raw.split(|&b| b == 0)
+                .filter(|a| !a.is_empty())
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Live processes (other than this one) with an argument naming `dir` or
@@ -864,14 +909,9 @@ pub fn pids_mentioning(dir: &Path) -> Vec<i32> {
         .into_iter()
         .filter(|&p| p != me && alive(p))
         .filter(|&p| {
-            std::fs::read(format!("/proc/{p}/cmdline"))
-                .map(|raw| {
-                    raw.split(|&b| b == 0).any(|arg| {
-                        let arg = String::from_utf8_lossy(arg);
-                        arg.ends_with(dir.as_str()) || arg.contains(&under)
-                    })
-                })
-                .unwrap_or(false)
+            cmdline(p)
+                .iter()
+                .any(|arg| arg.ends_with(dir.as_str()) || arg.contains(&under))
         })
         .collect()
 }
@@ -888,10 +928,15 @@ fn kill_tree(pid: i32) -> Vec<i32> {
     killed
 }
 
-/// Waits (blocking, briefly) until none of `pids` is alive.
-fn wait_gone(pids: &[i32], timeout: Duration) {
+/// Waits (blocking, briefly) until none of `pids` is alive; returns those
+/// still alive at the deadline.
+fn wait_gone(pids: &[i32], timeout: Duration) -> Vec<i32> {
     let deadline = Instant::now() + timeout;
-    while pids.iter().any(|&p| alive(p)) && Instant::now() < deadline {
+    loop {
+        let left: Vec<i32> = pids.iter().copied().filter(|&p| alive(p)).collect();
+        if left.is_empty() || Instant::now() >= deadline {
+            return left;
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
 }

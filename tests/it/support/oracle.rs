@@ -213,9 +213,7 @@ impl WriterReport {
 
     /// Every id present in the table on `node`.
     pub async fn ids_on(&self, node: &Node) -> anyhow::Result<BTreeSet<i64>> {
-        let rows = node
-            .psql(&format!("SELECT id FROM {}", self.table))
-            .await?;
+        let rows = node.psql(&format!("SELECT id FROM {}", self.table)).await?;
         rows.into_iter()
             .map(|r| {
                 r.into_iter()
