@@ -159,8 +159,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         } else {
             agent.cfg.ha.loop_wait
         };
+        let postmaster = agent.instance.postmaster_pid();
         tokio::select! {
             _ = agent.dcs.wait_for_change(wait) => {}
+            _ = postmaster_exit(&agent.instance, postmaster) => {
+                tracing::warn!(pid = postmaster, "postmaster exited");
+            }
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         }
@@ -168,6 +172,21 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     agent.shutdown().await;
     api.abort();
     Ok(())
+}
+
+/// Resolves when the postmaster that was running at the end of the loop
+/// exits, so a crash is handled within ~100 ms instead of a full loop.
+/// Pends forever when none was running.
+async fn postmaster_exit(instance: &Instance, pid: Option<i32>) {
+    let Some(pid) = pid else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if instance.postmaster_pid() != Some(pid) {
+            return;
+        }
+    }
 }
 
 impl Agent {
