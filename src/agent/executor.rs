@@ -243,14 +243,7 @@ impl Agent {
         self.instance.write_config(true, Some(up), None)?;
         // PostgreSQL 13+ restarts the WAL receiver on reload when
         // primary_conninfo changes: no restart, no lost connections.
-        let client = self.observer.client().await?;
-        client
-            .batch_execute(query::RELOAD)
-            .await
-            .map_err(|source| PgError::Sql {
-                action: "reload the configuration".into(),
-                source,
-            })?;
+        self.reload("new upstream").await?;
         Ok(())
     }
 
@@ -307,15 +300,7 @@ impl Agent {
                 slot: self.cfg.name.slot_name(),
             });
             self.instance.write_config(true, up, ssn.clone())?;
-            self.observer
-                .client()
-                .await?
-                .batch_execute(query::RELOAD)
-                .await
-                .map_err(|source| PgError::Sql {
-                    action: "reload before promotion".into(),
-                    source,
-                })?;
+            self.reload("synchronous standbys before promotion").await?;
         }
         // The configuration is rewritten only after the promotion: the
         // startup process removes standby.signal itself and treats a
@@ -373,15 +358,7 @@ impl Agent {
     async fn set_sync_setting(&mut self, setting: &SyncSetting) -> anyhow::Result<()> {
         self.instance
             .write_config(false, None, Some(setting.render()))?;
-        self.observer
-            .client()
-            .await?
-            .batch_execute(query::RELOAD)
-            .await
-            .map_err(|source| PgError::Sql {
-                action: "reload synchronous_standby_names".into(),
-                source,
-            })?;
+        self.reload("synchronous_standby_names").await?;
         tracing::info!(synchronous_standby_names = %setting.render(), "synchronous standbys changed");
         Ok(())
     }
@@ -497,15 +474,20 @@ impl Agent {
         });
         let ssn = (!standby).then(|| r.synchronous_standby_names.clone());
         self.instance.write_config(standby, up, ssn)?;
+        self.reload("requested through the API").await?;
+        Ok(())
+    }
+
+    /// `pg_reload_conf()` after a configuration file was rewritten.
+    async fn reload(&mut self, why: &str) -> Result<(), PgError> {
         let client = self.observer.client().await?;
         client
             .batch_execute(query::RELOAD)
             .await
             .map_err(|source| PgError::Sql {
-                action: "reload the configuration".into(),
+                action: format!("reload the configuration ({why})"),
                 source,
-            })?;
-        Ok(())
+            })
     }
 
     async fn release(&mut self) -> anyhow::Result<()> {

@@ -117,6 +117,20 @@ impl EtcdDcs {
         }
     }
 
+    /// Runs a transaction whose conditions include "the leader key is bound
+    /// to our lease"; a failed condition means this member no longer leads.
+    async fn leader_txn(&self, action: &'static str, txn: Txn) -> Result<(), DcsError> {
+        let mut client = self.client.clone();
+        let resp = self
+            .timed(action, async move { client.txn(txn).await })
+            .await?;
+        if resp.succeeded() {
+            Ok(())
+        } else {
+            Err(DcsError::NotLeader)
+        }
+    }
+
     fn ttl_secs(&self) -> i64 {
         self.ttl.as_secs() as i64
     }
@@ -473,18 +487,7 @@ impl Dcs for EtcdDcs {
                 Compare::mod_revision(key.clone(), CompareOp::Equal, mod_rev),
             ])
             .and_then([TxnOp::put(key, value, None)]);
-        let mut client = self.client.clone();
-        let resp = self
-            .timed(
-                "append to the history",
-                async move { client.txn(txn).await },
-            )
-            .await?;
-        if resp.succeeded() {
-            Ok(())
-        } else {
-            Err(DcsError::NotLeader)
-        }
+        self.leader_txn("append to the history", txn).await
     }
 
     async fn put_sync(&self, record: &SyncRecord) -> Result<(), DcsError> {
@@ -500,18 +503,7 @@ impl Dcs for EtcdDcs {
                 lease_id,
             )])
             .and_then([TxnOp::put(key, value, None)]);
-        let mut client = self.client.clone();
-        let resp = self
-            .timed(
-                "write the synchronous set",
-                async move { client.txn(txn).await },
-            )
-            .await?;
-        if resp.succeeded() {
-            Ok(())
-        } else {
-            Err(DcsError::NotLeader)
-        }
+        self.leader_txn("write the synchronous set", txn).await
     }
 
     async fn put_config(&self, config: &ClusterConfig) -> Result<(), DcsError> {
