@@ -97,25 +97,6 @@ impl Observer {
         }
     }
 
-    /// Extracts `host` and `port` from a conninfo string as pgha writes it
-    /// (`key='value'` pairs).
-    pub fn parse_conninfo_target(conninfo: &str) -> Option<(String, u16)> {
-        let mut host = None;
-        let mut port = None;
-        for part in conninfo.split_whitespace() {
-            let Some((k, v)) = part.split_once('=') else {
-                continue;
-            };
-            let v = v.trim_matches('\'');
-            match k {
-                "host" => host = Some(v.to_string()),
-                "port" => port = v.parse().ok(),
-                _ => {}
-            }
-        }
-        Some((host?, port.unwrap_or(5432)))
-    }
-
     pub fn data_dir_state(&self) -> DataDirState {
         data_dir_state(&self.instance.data_dir)
     }
