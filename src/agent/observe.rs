@@ -150,10 +150,17 @@ impl Agent {
             .filter(|m| m.name != self.cfg.name)
             .map(|m| {
                 let url = format!("{}/status", m.api_url);
-                let http = self.http.clone();
+                // Members share the API credentials, so peers that keep
+                // their status private (public_read = false) still answer.
+                let mut request = self.http.get(&url);
+                if let Some(token) = &self.cfg.api.token {
+                    request = request.bearer_auth(token.expose());
+                } else if let Some((user, password)) = &self.cfg.api.basic_auth {
+                    request = request.basic_auth(user, Some(password.expose()));
+                }
                 let name = m.name.clone();
                 async move {
-                    let report = match http.get(&url).send().await {
+                    let report = match request.send().await {
                         Ok(resp) => resp
                             .json::<crate::api::StatusReport>()
                             .await

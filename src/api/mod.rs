@@ -1,173 +1,185 @@
-//! The REST API each agent serves.
+//! The REST API each agent serves (reference: `docs/api.md`).
 //!
-//! Health endpoints follow Patroni's status-code semantics so that existing
-//! HAProxy `option httpchk` configurations work unchanged; `/status` is
-//! also how agents read each other's fresh WAL positions during a leader
-//! race.
+//! - [`health`]: Patroni-compatible health checks for load balancers
+//!   (`/primary`, `/replica?lag=10MB`, `/read-only`, `/sync`, `/async`,
+//!   `/health`, `/liveness`, `/readiness`).
+//! - [`status`]: `/status` (also how agents read each other's fresh WAL
+//!   positions during a leader race), `/cluster`, `/history`, `/config`.
+//! - [`metrics`]: `/metrics` in Prometheus text format.
+//! - [`actions`]: switchover, failover, restart, reinitialize, reload,
+//!   pause, resume, `PATCH /config`.
+//! - [`auth`]: who may call what; [`tls`]: optional HTTPS.
+//!
+//! Every error is a JSON object `{"error": "..."}` with a 4xx status for
+//! the client's mistakes and 503 when etcd or the agent cannot help now.
 
+mod actions;
+mod auth;
 mod health;
+mod metrics;
+mod status;
+mod tls;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::State;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{DefaultBodyLimit, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Json, Response};
-use axum::routing::get;
-use serde::{Deserialize, Serialize};
+use axum::routing::{MethodRouter, get, post};
 use tokio::sync::watch;
 
-use crate::agent::status::AgentStatus;
+use crate::agent::status::{AgentCommand, AgentStatus};
 use crate::config::Config;
-use crate::ha::PeerReport;
-use crate::model::{Lsn, MemberName, PgRole, PgState, Timeline};
 
-pub use health::{HealthCheck, health_status};
+pub use health::{CheckQuery, HealthCheck, health_status, parse_size};
+pub use status::StatusReport;
 
-/// `GET /status`: this member as its agent sees it right now.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-pub struct StatusReport {
-    pub name: MemberName,
-    pub role: PgRole,
-    pub state: PgState,
-    pub timeline: Option<Timeline>,
-    pub wal_position: Option<Lsn>,
-    pub priority: u32,
-    pub nofailover: bool,
-    pub leader: bool,
-    pub lease_valid: bool,
-    pub paused: bool,
-    pub dcs_reachable: bool,
-    pub last_decision: Option<String>,
-    pub upstream: Option<MemberName>,
-}
-
-impl StatusReport {
-    pub fn peer_report(&self) -> PeerReport {
-        PeerReport {
-            role: self.role,
-            running: matches!(
-                self.state,
-                PgState::Running | PgState::Streaming | PgState::InRecovery
-            ),
-            timeline: self.timeline,
-            wal_position: self.wal_position,
-            priority: self.priority,
-            nofailover: self.nofailover,
-        }
-    }
-
-    fn from_status(s: &AgentStatus) -> Option<StatusReport> {
-        let m = s.member.as_ref()?;
-        Some(StatusReport {
-            name: m.name.clone(),
-            role: m.role,
-            state: m.state,
-            timeline: m.timeline,
-            wal_position: s.wal_position,
-            priority: m.priority,
-            nofailover: m.nofailover,
-            leader: s.lease_held,
-            lease_valid: s.lease_valid,
-            paused: s.paused,
-            dcs_reachable: s.dcs_reachable,
-            last_decision: s.last_decision.clone(),
-            upstream: m.upstream.clone(),
-        })
-    }
-}
+/// The largest request body accepted (413 beyond).
+pub const BODY_LIMIT: usize = 64 * 1024;
 
 #[derive(Clone)]
-struct AppState {
+pub(crate) struct AppState {
     status: watch::Receiver<AgentStatus>,
-    loop_wait_ms: u64,
-    ttl_ms: u64,
+    dcs: Arc<dyn crate::dcs::Dcs>,
+    commands: tokio::sync::mpsc::Sender<AgentCommand>,
+    config: Arc<Config>,
+}
+
+/// An error answer: a status code and a message, sent as
+/// `{"error": message}`.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ApiError {
+    pub code: StatusCode,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(code: StatusCode, message: impl Into<String>) -> Self {
+        ApiError {
+            code,
+            message: message.into(),
+        }
+    }
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
+    pub fn precondition(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::PRECONDITION_FAILED, message)
+    }
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        json_error(self.code, &self.message)
+    }
 }
 
 fn json_error(code: StatusCode, message: &str) -> Response {
     (code, Json(serde_json::json!({ "error": message }))).into_response()
 }
 
-async fn status(State(app): State<AppState>) -> Response {
-    let s = app.status.borrow().clone();
-    match StatusReport::from_status(&s) {
-        Some(r) => Json(r).into_response(),
-        None => json_error(StatusCode::SERVICE_UNAVAILABLE, "agent starting"),
-    }
+async fn not_found() -> Response {
+    json_error(StatusCode::NOT_FOUND, "no such endpoint; see docs/api.md")
 }
 
-async fn check(app: AppState, check: HealthCheck) -> Response {
-    let s = app.status.borrow().clone();
-    let code = health_status(
-        &s,
-        check,
-        crate::util::boottime_ms(),
-        app.loop_wait_ms,
-        app.ttl_ms,
-    );
-    let body = StatusReport::from_status(&s)
-        .map(|r| serde_json::to_value(r).unwrap_or_default())
-        .unwrap_or_else(|| serde_json::json!({ "state": "starting" }));
-    (code, Json(body)).into_response()
+async fn method_not_allowed() -> Response {
+    json_error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method not allowed on this endpoint",
+    )
+}
+
+/// GET (and so HEAD) plus OPTIONS, with the same handler.
+fn read<H, T>(handler: H) -> MethodRouter<AppState>
+where
+    H: axum::handler::Handler<T, AppState> + Clone,
+    T: 'static,
+{
+    get(handler.clone())
+        .options(handler)
+        .fallback(method_not_allowed)
+}
+
+/// Every route, with authentication and the body limit.
+pub(crate) fn router(app: AppState) -> Router {
+    let creds = Arc::new(auth::Credentials::from_config(&app.config.api));
+    let mut r = Router::new()
+        .route("/", read(status::status))
+        .route("/status", read(status::status))
+        .route("/cluster", read(status::cluster))
+        .route("/history", read(status::history))
+        .route(
+            "/config",
+            read(status::config).patch(actions::patch_config_handler),
+        )
+        .route("/metrics", read(metrics::metrics));
+    for &(path, check) in HealthCheck::PATHS {
+        let h = move |State(a): State<AppState>,
+                      q: Result<Query<Vec<(String, String)>>, QueryRejection>| {
+            health::handle(a, check, q)
+        };
+        r = r.route(path, read(h));
+    }
+    let action = |m: MethodRouter<AppState>| m.fallback(method_not_allowed);
+    r.route("/switchover", action(post(actions::switchover)))
+        .route("/failover", action(post(actions::failover)))
+        .route("/restart", action(post(actions::restart)))
+        .route("/reinitialize", action(post(actions::reinitialize)))
+        .route("/reload", action(post(actions::reload)))
+        .route("/pause", action(post(actions::pause)))
+        .route("/resume", action(post(actions::resume)))
+        .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(creds, auth::require))
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .with_state(app)
 }
 
 /// What the API needs from the agent.
 pub struct ApiContext {
     pub status: watch::Receiver<AgentStatus>,
-    pub dcs: std::sync::Arc<dyn crate::dcs::Dcs>,
-    pub commands: tokio::sync::mpsc::Sender<crate::agent::status::AgentCommand>,
+    pub dcs: Arc<dyn crate::dcs::Dcs>,
+    pub commands: tokio::sync::mpsc::Sender<AgentCommand>,
     pub config: Config,
 }
 
-/// Binds the API and serves it on a background task.
+/// Binds the API (HTTPS when `[api.tls]` is set) and serves it on a
+/// background task. Fails when the address is taken or the TLS files are
+/// unusable.
 pub async fn serve(ctx: ApiContext) -> std::io::Result<tokio::task::JoinHandle<()>> {
     let addr: SocketAddr = ctx.config.api.listen;
+    let acceptor = ctx.config.api.tls.as_ref().map(tls::acceptor).transpose()?;
+    if ctx.config.api.basic_auth.is_none() && ctx.config.api.token.is_none() {
+        tracing::warn!(
+            "no API credentials configured (api.username/api.password or api.token): actions through the REST API are disabled"
+        );
+    }
     let app = AppState {
         status: ctx.status,
-        loop_wait_ms: ctx.config.ha.loop_wait.as_millis() as u64,
-        ttl_ms: ctx.config.ha.ttl.as_millis() as u64,
+        dcs: ctx.dcs,
+        commands: ctx.commands,
+        config: Arc::new(ctx.config),
     };
-    let router = Router::new()
-        .route("/", get(status))
-        .route("/status", get(status))
-        .route(
-            "/primary",
-            get(|State(a): State<AppState>| check(a, HealthCheck::Primary)),
-        )
-        .route(
-            "/leader",
-            get(|State(a): State<AppState>| check(a, HealthCheck::Primary)),
-        )
-        .route(
-            "/master",
-            get(|State(a): State<AppState>| check(a, HealthCheck::Primary)),
-        )
-        .route(
-            "/replica",
-            get(|State(a): State<AppState>| check(a, HealthCheck::Replica)),
-        )
-        .route(
-            "/read-only",
-            get(|State(a): State<AppState>| check(a, HealthCheck::ReadOnly)),
-        )
-        .route(
-            "/health",
-            get(|State(a): State<AppState>| check(a, HealthCheck::Health)),
-        )
-        .route(
-            "/liveness",
-            get(|State(a): State<AppState>| check(a, HealthCheck::Liveness)),
-        )
-        .route(
-            "/readiness",
-            get(|State(a): State<AppState>| check(a, HealthCheck::Readiness)),
-        )
-        .fallback(|| async { json_error(StatusCode::NOT_FOUND, "no such endpoint") })
-        .with_state(app);
+    let service = router(app).into_make_service_with_connect_info::<tls::PeerAddr>();
     let listener = tokio::net::TcpListener::bind(addr).await?;
     Ok(tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, router).await {
+        let result = match acceptor {
+            Some(acceptor) => match tls::TlsListener::new(listener, acceptor) {
+                Ok(l) => axum::serve(l, service).await,
+                Err(e) => Err(e),
+            },
+            None => axum::serve(listener, service).await,
+        };
+        if let Err(e) = result {
             tracing::error!(error = %e, "REST API stopped");
         }
     }))
 }
+
+#[cfg(test)]
+mod router_test;
