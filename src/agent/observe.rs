@@ -24,7 +24,7 @@ impl Agent {
             Err(e) => {
                 // Once at first, then every 20 loops: enough to see it is
                 // still going on without drowning the log.
-                if self.dcs_failures % 20 == 0 {
+                if self.dcs_failures.is_multiple_of(20) {
                     tracing::warn!(error = %e, failed_loops = self.dcs_failures + 1, endpoints = ?self.cfg.etcd.endpoints, "cannot read the cluster state from etcd; retrying");
                 }
                 self.dcs_failures += 1;

@@ -20,10 +20,22 @@ use crate::dcs::Dcs;
 
 const ETCD_BIN: &str = "etcd";
 
+/// A free loopback port, never one handed out before in this process: the
+/// kernel may offer a just-released port again, and two nodes must not
+/// share one.
 fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap();
+    for _ in 0..100 {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        if !given.contains(&port) {
+            given.push(port);
+            return Ok(port);
+        }
+    }
+    anyhow::bail!("no free loopback port found")
 }
 
 fn random_secret() -> anyhow::Result<String> {

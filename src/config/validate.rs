@@ -364,6 +364,12 @@ pub(super) fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigErro
     {
         return Err(bad("api.token", "must be at least 16 characters".into()));
     }
+    if !raw.api.public_read && basic_auth.is_none() && raw.api.token.is_none() {
+        return Err(bad(
+            "api.public_read",
+            "false requires api.username/api.password or api.token (otherwise nothing, not even a health check, could read the API)".into(),
+        ));
+    }
     let tls = match raw.api.tls {
         Some(t) => {
             let certificate = resolve(&t.certificate);

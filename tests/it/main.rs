@@ -8,5 +8,9 @@
 
 mod support;
 
+mod api;
 mod dcs_etcd;
+mod failover;
 mod foundation;
+mod haproxy;
+mod sync;
