@@ -10,7 +10,5 @@ mod support;
 
 mod api;
 mod dcs_etcd;
-mod failover;
 mod foundation;
 mod haproxy;
-mod sync;
