@@ -306,6 +306,7 @@ impl Agent {
         // startup process removes standby.signal itself and treats a
         // missing file as fatal.
         let started = boottime_ms();
+        self.lease.expect_busy(Duration::from_secs(65));
         let client = self.observer.client().await?;
         let done: bool = client
             .query_one(query::PROMOTE, &[&60i32])
@@ -326,6 +327,18 @@ impl Agent {
             _ => old_tl,
         };
         tracing::info!(ms = boottime_ms() - started, timeline = %new_tl, "promoted");
+        // A checkpoint puts the new timeline into pg_control, which is what
+        // pg_rewind on the former primary reads. In the background: it may
+        // take a while and nothing here waits for it.
+        let config = self.instance.client_config();
+        tokio::spawn(async move {
+            if let Ok((client, connection)) = config.connect(tokio_postgres::NoTls).await {
+                tokio::spawn(connection);
+                if let Err(e) = client.batch_execute(query::CHECKPOINT).await {
+                    tracing::warn!(error = %e, "post-promotion checkpoint failed");
+                }
+            }
+        });
         let view = s.dcs.as_ref();
         let failover = view.and_then(|v| v.failover.clone());
         let entry = HistoryEntry {
@@ -398,6 +411,7 @@ impl Agent {
             StopMode::Immediate
         };
         tracing::warn!(?reason, ?mode, "demoting: stopping PostgreSQL");
+        self.lease.expect_busy(Duration::from_secs(75));
         let stopped = self.instance.stop(mode, Duration::from_secs(60)).await;
         if stopped.is_err() {
             // Writes must stop; a failed fast shutdown is not an option.

@@ -19,6 +19,9 @@ struct State {
     held: bool,
     valid_until_ms: Option<u64>,
     loop_heartbeat_ms: u64,
+    /// The loop announced a long step (a promotion, a shutdown) lasting
+    /// until this instant; it is not hung before then.
+    busy_until_ms: u64,
     last_renewal_latency_ms: Option<u64>,
     latency: Option<super::status::Histogram>,
 }
@@ -58,15 +61,16 @@ impl LeaseKeeper {
     }
 
     async fn renew_once(&self, dcs: &dyn Dcs, ttl: Duration) {
-        let (held, heartbeat) = {
+        let (held, heartbeat, busy_until) = {
             let s = self.state.lock().unwrap();
-            (s.held, s.loop_heartbeat_ms)
+            (s.held, s.loop_heartbeat_ms, s.busy_until_ms)
         };
         if !held {
             return;
         }
-        let stale = boottime_ms().saturating_sub(heartbeat);
-        if stale > ttl.as_millis() as u64 {
+        let now = boottime_ms();
+        let stale = now.saturating_sub(heartbeat);
+        if stale > ttl.as_millis() as u64 && now > busy_until {
             tracing::error!(
                 stale_ms = stale,
                 "HA loop has not run for longer than the TTL; not renewing the lease"
@@ -112,6 +116,13 @@ impl LeaseKeeper {
         let mut s = self.state.lock().unwrap();
         s.held = false;
         s.valid_until_ms = None;
+    }
+
+    /// The loop is about to run a step that may legitimately take up to
+    /// `d` (each such step has its own timeout).
+    pub fn expect_busy(&self, d: std::time::Duration) {
+        let mut s = self.state.lock().unwrap();
+        s.busy_until_ms = boottime_ms() + d.as_millis() as u64;
     }
 
     pub fn heartbeat(&self) {

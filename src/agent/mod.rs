@@ -65,6 +65,7 @@ pub struct Agent {
     /// when that value was first seen (see `ha::sync`).
     last_sync_setting: Option<String>,
     dcs_failures: u64,
+    last_reason: Option<String>,
     sync_switched_at: Option<Lsn>,
 }
 
@@ -145,6 +146,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         loop_started_ms: 0,
         last_sync_setting: None,
         dcs_failures: 0,
+        last_reason: None,
         sync_switched_at: None,
         cfg,
     };
@@ -205,11 +207,18 @@ impl Agent {
             decision.action,
             Action::AcquireLease | Action::AdoptLease { .. } | Action::Promote { .. }
         );
+        let reason = decision.reason.to_string();
         if decision.action != Action::Wait {
-            tracing::info!(action = ?decision.action, reason = %decision.reason, "decided");
+            tracing::info!(action = ?decision.action, reason = %reason, "decided");
+        } else if self.last_reason.as_deref() != Some(reason.as_str()) {
+            // Waiting is logged once per change of reason: "why is nothing
+            // happening" must be answerable from the log at the default level.
+            tracing::info!(reason = %reason, "waiting");
         } else {
-            tracing::debug!(reason = %decision.reason, "nothing to do");
+            tracing::debug!(reason = %reason, "nothing to do");
         }
+        self.last_reason = Some(reason);
+
         let view = snapshot.dcs.clone();
         self.execute(&decision, &snapshot).await;
         self.keep_fence_consistent().await;
@@ -254,6 +263,8 @@ impl Agent {
                 if kind == Job::Rewinding {
                     self.rewind_failed = false;
                 }
+                // Rewound or freshly cloned: the history is the leader's.
+                self.set_former_primary(false);
             }
             (Job::Rewinding, Err(e)) => {
                 tracing::error!(error = %e, "pg_rewind failed");

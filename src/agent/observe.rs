@@ -51,6 +51,12 @@ impl Agent {
             _ => self.not_streaming_since_ms = None,
         }
 
+        // The former-primary mark survives agent restarts in a file.
+        match running {
+            Some(r) if r.role == PgRole::Primary => self.set_former_primary(true),
+            Some(r) if r.role == PgRole::Replica && r.streaming => self.set_former_primary(false),
+            _ => {}
+        }
         match running {
             Some(r) if r.role == PgRole::Primary => {
                 if self.last_sync_setting.as_deref() != Some(r.synchronous_standby_names.as_str()) {
@@ -116,6 +122,7 @@ impl Agent {
                 upstream,
                 not_streaming_since_ms: self.not_streaming_since_ms,
                 rewind_failed: self.rewind_failed,
+                former_primary: self.former_primary_mark().exists(),
             },
             peers,
             last_leader_lsn: self.last_leader_lsn,
@@ -123,6 +130,22 @@ impl Agent {
             sync_switched_at: self.sync_switched_at,
         };
         (snapshot, obs)
+    }
+
+    pub(super) fn former_primary_mark(&self) -> std::path::PathBuf {
+        self.cfg.state_dir.join("former-primary")
+    }
+
+    pub(super) fn set_former_primary(&self, on: bool) {
+        let mark = self.former_primary_mark();
+        let result = match (on, mark.exists()) {
+            (true, false) => std::fs::write(&mark, "this data directory ran as a primary\n"),
+            (false, true) => std::fs::remove_file(&mark),
+            _ => Ok(()),
+        };
+        if let Err(e) = result {
+            tracing::warn!(error = %e, path = %mark.display(), "cannot update the former-primary mark");
+        }
     }
 
     /// Whether a stopped data directory was last a primary. A fresh clone

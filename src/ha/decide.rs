@@ -106,8 +106,14 @@ fn without_dcs(s: &Snapshot) -> Decision {
         };
     }
     // Without the DCS this member cannot know who leads; a stopped server
-    // is started read-only so it can at least serve reads.
-    if s.local.pg == PgStatus::Stopped && s.local.data == DataDirState::Initialized {
+    // is started read-only so it can at least serve reads — unless it was a
+    // primary: its history may have diverged from the new leader's, and it
+    // must not serve (or later follow with) commits nobody acknowledged.
+    if s.local.pg == PgStatus::Stopped
+        && s.local.data == DataDirState::Initialized
+        && !s.local.former_primary
+        && s.local.on_disk != Some(OnDisk::FormerPrimary)
+    {
         return Decision::new(
             Action::StartReplica { leader: None },
             Reason::DcsUnreachable,
@@ -399,6 +405,16 @@ fn as_follower(s: &Snapshot, view: &ClusterView, leader: &MemberName) -> Decisio
                     },
                 );
             }
+            // A former primary started read-only (to take part in a race)
+            // is rewound before it follows: its history may have diverged.
+            if s.local.former_primary && !r.streaming && leader_running {
+                return Decision::new(
+                    Action::Rewind {
+                        leader: leader.clone(),
+                    },
+                    Reason::RewindingFormerPrimary,
+                );
+            }
             let stalled = !r.streaming
                 && leader_running
                 && s.local.not_streaming_since_ms.is_some_and(|t| {
@@ -426,15 +442,19 @@ fn as_follower(s: &Snapshot, view: &ClusterView, leader: &MemberName) -> Decisio
                 rewind_or_reclone(s, leader, Reason::RecloningAfterRewindFailure)
             }
             _ if s.local.rewind_failed => Decision::wait(Reason::NoLeaderToCloneFrom),
-            _ if s.local.on_disk == Some(OnDisk::FormerPrimary) && leader_running => Decision::new(
-                Action::Rewind {
-                    leader: leader.clone(),
-                },
-                Reason::RewindingFormerPrimary,
-            ),
+            _ if (s.local.on_disk == Some(OnDisk::FormerPrimary) || s.local.former_primary)
+                && leader_running =>
+            {
+                Decision::new(
+                    Action::Rewind {
+                        leader: leader.clone(),
+                    },
+                    Reason::RewindingFormerPrimary,
+                )
+            }
             // A former primary must not start following before pg_rewind
             // can run against a live leader.
-            _ if s.local.on_disk == Some(OnDisk::FormerPrimary) => {
+            _ if s.local.on_disk == Some(OnDisk::FormerPrimary) || s.local.former_primary => {
                 Decision::wait(Reason::NoLeaderToCloneFrom)
             }
             _ => Decision::new(

@@ -179,6 +179,7 @@ impl Fixture {
                     upstream: None,
                     not_streaming_since_ms: None,
                     rewind_failed: false,
+                    former_primary: false,
                 },
                 peers: Vec::new(),
                 last_leader_lsn: None,
@@ -524,6 +525,12 @@ impl Fixture {
         self
     }
 
+    /// The data directory last ran as a primary (the agent's mark).
+    fn former_primary(mut self) -> Self {
+        self.snap.local.former_primary = true;
+        self
+    }
+
     fn rewind_failed(mut self) -> Self {
         self.snap.local.rewind_failed = true;
         self
@@ -677,15 +684,20 @@ fn dcs_unreachable() {
             ),
         ),
         (
-            "stopped former primary with a valid lease still starts read-only only",
+            "stopped former primary, even with a valid lease, stays down: its history may have diverged",
             F::new("n1")
                 .lease_held(VALID)
                 .stopped(OnDisk::FormerPrimary)
                 .dcs_down(),
-            act(
-                Action::StartReplica { leader: None },
-                Reason::DcsUnreachable,
-            ),
+            wait(Reason::DcsUnreachable),
+        ),
+        (
+            "stopped standby-looking data that last ran as a primary stays down",
+            F::new("n1")
+                .stopped(OnDisk::Standby)
+                .former_primary()
+                .dcs_down(),
+            wait(Reason::DcsUnreachable),
         ),
         (
             "stopped, empty data",
@@ -1105,6 +1117,16 @@ fn follower() {
     };
     let no_reclone = |h: &mut HaConfig| h.reclone_on_rewind_failure = false;
     check(vec![
+        (
+            "former primary started read-only, not streaming yet: rewound before it follows",
+            other().replica_stalled("n2", 1).former_primary(),
+            rewind(Reason::RewindingFormerPrimary),
+        ),
+        (
+            "stopped standby data that last ran as a primary: rewound",
+            other().stopped(OnDisk::Standby).former_primary(),
+            rewind(Reason::RewindingFormerPrimary),
+        ),
         (
             "primary while another member leads",
             other().primary(),
@@ -1734,6 +1756,46 @@ fn sync_leader_keeps_the_set() {
             "mode on, no standby: record the degradation before going async",
             leading().sync_mode(SyncMode::On),
             managing(Action::WriteSyncRecord(sync_rec("n1", &[], 0, true))),
+        ),
+        (
+            "mode on, the named standby is restarting (alive, not streaming): keep waiting for it, no degradation",
+            leading()
+                .sync_mode(SyncMode::On)
+                .member_with("n2", |r| {
+                    r.role = PgRole::Replica;
+                    r.state = PgState::Starting;
+                })
+                .sync_record("n1", &["n2"], 1, false)
+                .sync_setting("FIRST 1 (\"n2\")"),
+            wait(Reason::Leading),
+        ),
+        (
+            "mode on, the named standby is gone: degrade (record first)",
+            leading()
+                .sync_mode(SyncMode::On)
+                .member_with("n2", |r| r.state = PgState::Stopped)
+                .sync_record("n1", &["n2"], 1, false)
+                .sync_setting("FIRST 1 (\"n2\")"),
+            managing(Action::WriteSyncRecord(sync_rec("n1", &["n2"], 1, true))),
+        ),
+        (
+            "FIRST 1: the current synchronous standby stays while eligible, even when another is ahead",
+            leading()
+                .sync_mode(SyncMode::On)
+                .member("n2")
+                .member("n3")
+                .standby("n2", L - 100, "sync")
+                .standby("n3", L, "async")
+                .sync_record("n1", &["n2"], 1, false)
+                .sync_setting("FIRST 1 (\"n2\")"),
+            // No synchronous step: only n3's slot is new.
+            act(
+                Action::Lead {
+                    create_slots: vec!["pgha_n3".into()],
+                    drop_slots: vec![],
+                },
+                Reason::Leading,
+            ),
         ),
         (
             "a standby appears after a degradation: the record grows, still degraded",

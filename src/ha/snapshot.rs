@@ -62,6 +62,10 @@ pub struct Local {
     pub not_streaming_since_ms: Option<u64>,
     /// The last pg_rewind attempt failed (cleared by a successful start).
     pub rewind_failed: bool,
+    /// This data directory last ran as a primary and has not since been
+    /// rewound, re-cloned, or seen streaming from a leader: its history may
+    /// have diverged, whatever its control file now says.
+    pub former_primary: bool,
 }
 
 /// The state recorded in pg_control of a stopped server.

@@ -118,6 +118,17 @@ fn eligible(view: &ClusterView, me: &MemberName, standbys: &[StandbyInfo]) -> Ve
     ok.into_iter().map(|(_, n)| n).collect()
 }
 
+/// A member whose agent still reports its PostgreSQL up or coming up.
+fn alive(view: &ClusterView, name: &MemberName) -> bool {
+    use crate::model::PgState;
+    view.members.get(name).is_some_and(|m| {
+        matches!(
+            m.state,
+            PgState::Streaming | PgState::InRecovery | PgState::Starting | PgState::Running
+        )
+    })
+}
+
 pub fn desired(
     cfg: &ClusterConfig,
     view: &ClusterView,
@@ -134,27 +145,38 @@ pub fn desired(
             degraded: false,
         },
         _ if !candidates.is_empty() => {
-            let names: Vec<MemberName> = if quorum {
+            // Current synchronous standbys that are still eligible keep
+            // their place (in their order): re-picking by a momentary flush
+            // position would churn the set, and each change costs a reload
+            // and a catch-up before the record may shrink.
+            let current_names = current.real_names();
+            let mut names: Vec<MemberName> = current_names
+                .iter()
+                .filter(|n| candidates.contains(n))
+                .cloned()
+                .collect();
+            names.extend(
                 candidates
-            } else {
-                candidates.into_iter().take(k as usize).collect()
-            };
-            let k = k.min(names.len() as u32);
-            // Keep the current order when the set is unchanged, so that a
-            // reordering by lag does not cause needless reloads.
-            let mut names = names;
-            let mut cur = current.real_names();
-            cur.sort();
-            let mut new_sorted = names.clone();
-            new_sorted.sort();
-            if cur == new_sorted {
-                names = current.real_names();
+                    .into_iter()
+                    .filter(|c| !current_names.contains(c)),
+            );
+            if !quorum {
+                names.truncate(k as usize);
             }
+            let k = k.min(names.len() as u32);
             Desired {
                 setting: SyncSetting { names, k, quorum },
                 degraded: false,
             }
         }
+        // No eligible standby right now. If the named ones are still alive
+        // (reconnecting after a failover, restarting), keep waiting for
+        // them: writes pause briefly instead of losing their protection.
+        // Only when they are gone does `on` degrade.
+        SyncMode::On if current.real_names().iter().any(|n| alive(view, n)) => Desired {
+            setting: current.clone(),
+            degraded: false,
+        },
         SyncMode::On => Desired {
             setting: SyncSetting::empty(),
             degraded: true,

@@ -327,6 +327,7 @@ impl Instance {
     /// The server gets its own process group so that signals aimed at the
     /// agent do not reach it.
     pub async fn start(&self) -> Result<(), PgError> {
+        self.wait_for_previous_server(Duration::from_secs(2)).await;
         let mut cmd = self.command("pg_ctl");
         cmd.args(["start", "-W", "-s", "-D"])
             .arg(&self.data_dir)
@@ -354,11 +355,32 @@ impl Instance {
         // pg_ctl -W returns before the postmaster wrote its pid file; wait
         // for it (briefly) so the next loop does not see "stopped" and
         // start a second postmaster.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
         while self.postmaster_pid().is_none() && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         Ok(())
+    }
+
+    /// After a crash the old postmaster may linger as a zombie for a few
+    /// milliseconds; PostgreSQL then refuses to start ("lock file already
+    /// exists"). Wait, briefly, until its process is really gone.
+    async fn wait_for_previous_server(&self, timeout: Duration) {
+        let Some(pid) = std::fs::read_to_string(self.data_dir.join("postmaster.pid"))
+            .ok()
+            .and_then(|t| t.lines().next()?.trim().parse::<i32>().ok())
+        else {
+            return;
+        };
+        let deadline = tokio::time::Instant::now() + timeout;
+        while std::path::Path::new(&format!("/proc/{pid}")).exists()
+            && tokio::time::Instant::now() < deadline
+        {
+            if self.postmaster_pid() == Some(pid) {
+                return; // alive and well: not ours to wait for
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     pub async fn stop(&self, mode: StopMode, timeout: Duration) -> Result<(), PgError> {
@@ -465,6 +487,11 @@ impl Instance {
     /// recovery in single-user mode (no client can connect meanwhile).
     /// When the histories have not diverged it changes nothing.
     pub async fn rewind(&self, source_host: &str, source_port: u16) -> Result<(), PgError> {
+        // pg_rewind reads the source's timeline from its control file, which
+        // a just-promoted server updates only at its next checkpoint; without
+        // one, pg_rewind sees "the same timeline", changes nothing, and the
+        // former primary cannot follow.
+        self.checkpoint_source(source_host, source_port).await?;
         let conninfo = format!(
             "host={} port={} user={} dbname=postgres connect_timeout=5",
             conf::quote_conninfo(source_host),
@@ -485,6 +512,35 @@ impl Instance {
         )
         .await
         .map(|_| ())
+    }
+
+    /// Asks the rewind source for a checkpoint, as the superuser.
+    async fn checkpoint_source(&self, host: &str, port: u16) -> Result<(), PgError> {
+        let mut c = tokio_postgres::Config::new();
+        c.host(host)
+            .port(port)
+            .user(&self.superuser.username)
+            .password(self.superuser.password.expose())
+            .dbname("postgres")
+            .application_name("pgha-rewind")
+            .connect_timeout(Duration::from_secs(5));
+        let (client, connection) = c
+            .connect(tokio_postgres::NoTls)
+            .await
+            .map_err(PgError::Connect)?;
+        tokio::spawn(connection);
+        tokio::time::timeout(
+            Duration::from_secs(600),
+            client.batch_execute(super::query::CHECKPOINT),
+        )
+        .await
+        .map_err(|_| {
+            PgError::Unexpected(format!("CHECKPOINT on {host}:{port} took longer than 600s"))
+        })?
+        .map_err(|source| PgError::Sql {
+            action: format!("checkpoint the rewind source {host}:{port}"),
+            source,
+        })
     }
 
     /// `pg_controldata` as key → value.
