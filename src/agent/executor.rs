@@ -221,6 +221,7 @@ impl Agent {
             None => None,
         };
         start_as_replica(&self.instance, up).await?;
+        self.start_pending = true;
         self.observer.reset();
         Ok(())
     }

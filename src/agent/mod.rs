@@ -66,6 +66,9 @@ pub struct Agent {
     last_sync_setting: Option<String>,
     dcs_failures: u64,
     last_reason: Option<String>,
+    /// A start was issued and its outcome not yet observed.
+    start_pending: bool,
+    failed_starts: u32,
     sync_switched_at: Option<Lsn>,
 }
 
@@ -147,6 +150,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         last_sync_setting: None,
         dcs_failures: 0,
         last_reason: None,
+        start_pending: false,
+        failed_starts: 0,
         sync_switched_at: None,
         cfg,
     };
@@ -265,6 +270,7 @@ impl Agent {
                 }
                 // Rewound or freshly cloned: the history is the leader's.
                 self.set_former_primary(false);
+                self.failed_starts = 0;
             }
             (Job::Rewinding, Err(e)) => {
                 tracing::error!(error = %e, "pg_rewind failed");

@@ -34,6 +34,20 @@ impl Agent {
         let obs = self.observer.observe().await;
         let now = boottime_ms();
 
+        if self.start_pending {
+            match &obs.status {
+                PgStatus::Running(_) => {
+                    self.start_pending = false;
+                    self.failed_starts = 0;
+                }
+                PgStatus::Stopped => {
+                    self.start_pending = false;
+                    self.failed_starts += 1;
+                    tracing::warn!(failed_starts = self.failed_starts, log = %self.instance.log_file.display(), "PostgreSQL exited right after being started");
+                }
+                PgStatus::Starting => {}
+            }
+        }
         match &obs.status {
             PgStatus::Running(_) => self.down_since_ms = None,
             _ => {
@@ -123,6 +137,7 @@ impl Agent {
                 not_streaming_since_ms: self.not_streaming_since_ms,
                 rewind_failed: self.rewind_failed,
                 former_primary: self.former_primary_mark().exists(),
+                failed_starts: self.failed_starts,
             },
             peers,
             last_leader_lsn: self.last_leader_lsn,

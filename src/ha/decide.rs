@@ -13,6 +13,10 @@ use crate::postgres::{DataDirState, PgStatus};
 /// that, a target that never took over no longer blocks automatic failover.
 pub const FAILOVER_REQUEST_TTL_MS: u64 = 30_000;
 
+/// Starts of a replica that end with the postmaster gone again before the
+/// data directory is repaired (rewind, then re-clone).
+pub const FAILED_STARTS_BEFORE_REPAIR: u32 = 3;
+
 /// One loop's decision. Pure: same snapshot, same decision.
 pub fn decide(s: &Snapshot) -> Decision {
     if let Some(job) = s.job {
@@ -436,6 +440,12 @@ fn as_follower(s: &Snapshot, view: &ClusterView, leader: &MemberName) -> Decisio
                 Reason::CloningLeader,
             ),
             DataDirState::Empty => Decision::wait(Reason::NoLeaderToCloneFrom),
+            // A replica whose server dies at every start has data it cannot
+            // recover from (e.g. a minimum recovery point on a timeline the
+            // leader does not have): rewind it, then re-clone.
+            _ if s.local.failed_starts >= FAILED_STARTS_BEFORE_REPAIR && leader_running => {
+                rewind_or_reclone(s, leader, Reason::StartKeepsFailing)
+            }
             // Re-cloning wipes the data directory: only with a leader to
             // clone from.
             _ if s.local.rewind_failed && leader_running => {

@@ -180,6 +180,7 @@ impl Fixture {
                     not_streaming_since_ms: None,
                     rewind_failed: false,
                     former_primary: false,
+                    failed_starts: 0,
                 },
                 peers: Vec::new(),
                 last_leader_lsn: None,
@@ -522,6 +523,11 @@ impl Fixture {
         if let PgStatus::Running(r) = &mut self.snap.local.pg {
             r.system_id = id.unwrap_or_default().to_string();
         }
+        self
+    }
+
+    fn failed_starts(mut self, n: u32) -> Self {
+        self.snap.local.failed_starts = n;
         self
     }
 
@@ -1121,6 +1127,29 @@ fn follower() {
             "former primary started read-only, not streaming yet: rewound before it follows",
             other().replica_stalled("n2", 1).former_primary(),
             rewind(Reason::RewindingFormerPrimary),
+        ),
+        (
+            "a replica whose server exits at every start is repaired: rewind first",
+            other().stopped(OnDisk::Standby).failed_starts(3),
+            rewind(Reason::StartKeepsFailing),
+        ),
+        (
+            "two failed starts are not yet a pattern",
+            other().stopped(OnDisk::Standby).failed_starts(2),
+            act(
+                Action::StartReplica {
+                    leader: Some(m("n2")),
+                },
+                Reason::StartingAsReplica,
+            ),
+        ),
+        (
+            "still failing after a failed rewind: re-clone",
+            other()
+                .stopped(OnDisk::Standby)
+                .failed_starts(3)
+                .rewind_failed(),
+            reclone(),
         ),
         (
             "stopped standby data that last ran as a primary: rewound",

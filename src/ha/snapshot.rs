@@ -66,6 +66,8 @@ pub struct Local {
     /// rewound, re-cloned, or seen streaming from a leader: its history may
     /// have diverged, whatever its control file now says.
     pub former_primary: bool,
+    /// Consecutive starts after which the postmaster exited again.
+    pub failed_starts: u32,
 }
 
 /// The state recorded in pg_control of a stopped server.
@@ -230,6 +232,7 @@ pub enum Reason {
     RecloningAfterRewindFailure,
     RewindFailedNoReclone,
     StreamingStalled,
+    StartKeepsFailing,
     OtherLeaderHoldsKey { leader: MemberName },
     WritableWithoutLease,
     // race
@@ -300,6 +303,10 @@ impl fmt::Display for Reason {
             RewindFailedNoReclone => write!(
                 f,
                 "pg_rewind failed and ha.reclone_on_rewind_failure is off; waiting for an operator"
+            ),
+            StartKeepsFailing => write!(
+                f,
+                "PostgreSQL exits at every start (see its log); rewinding, then re-cloning"
             ),
             StreamingStalled => write!(
                 f,
