@@ -12,3 +12,4 @@ mod api;
 mod dcs_etcd;
 mod foundation;
 mod haproxy;
+mod sync;
