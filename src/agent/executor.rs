@@ -80,6 +80,8 @@ impl Agent {
             return Ok(());
         }
         tracing::info!("won the bootstrap race; running initdb");
+        // initdb and the first start block this loop for a while.
+        self.lease.expect_busy(Duration::from_secs(360));
         match self.bootstrap_claimed().await {
             Ok(()) => Ok(()),
             Err(e) => {

@@ -10,6 +10,7 @@ mod support;
 
 mod api;
 mod dcs_etcd;
+mod failover;
 mod foundation;
 mod haproxy;
 mod sync;
