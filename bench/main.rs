@@ -1,1 +1,178 @@
-fn main() {}
+//! `pgha-bench`: end-to-end measurements of pgha on a private local
+//! cluster (one etcd, N real `pgha agent` processes, PostgreSQL 15).
+//!
+//! - `failover`: write unavailability, rejoin time and acknowledged-write
+//!   loss for node loss, PostgreSQL crash and planned switchover.
+//! - `load`: leader stability under a sustained pgbench load.
+//!
+//! The JSON report goes to stdout (and `--json-out`); progress goes to
+//! stderr. See bench/README.md for what every number means.
+
+mod clock;
+mod cluster;
+mod failover;
+mod load;
+mod reaper;
+mod report;
+mod writer;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use serde_json::Value;
+
+use crate::clock::log;
+use crate::cluster::{Cluster, Timing};
+
+#[derive(Debug, Parser)]
+#[command(name = "pgha-bench", about = "Failover and load benchmarks for pgha")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, clap::Args)]
+struct Common {
+    #[arg(long, default_value_t = 3)]
+    nodes: usize,
+    #[command(flatten)]
+    timing: Timing,
+    /// Also write the JSON report to this file.
+    #[arg(long)]
+    json_out: Option<PathBuf>,
+    /// Keep the work directory (data directories, agent and etcd logs)
+    /// after a successful run; it is always kept after a failed one.
+    #[arg(long)]
+    keep: bool,
+    /// Cluster-wide setting applied with `pgha config set` once the cluster
+    /// is up, e.g. `--cluster-config synchronous_mode=on` (repeatable).
+    #[arg(long, value_name = "KEY=VALUE")]
+    cluster_config: Vec<String>,
+    /// Leave orphaned PostgreSQL processes to PID 1 instead of reaping
+    /// them at once (see bench/reaper.rs; shows what a slow init costs).
+    #[arg(long)]
+    no_subreaper: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Measure failover: node loss, PostgreSQL crash, switchover.
+    Failover {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        args: failover::Args,
+    },
+    /// Run pgbench against the leader and count leader changes.
+    Load {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        args: load::Args,
+    },
+}
+
+/// Exit codes: 0 success; 1 error, aborted run or failed trial; 3 when an
+/// acknowledged write was lost (the one result that must never happen).
+const EXIT_ERROR: i32 = 1;
+const EXIT_LOST_WRITES: i32 = 3;
+
+fn main() {
+    clock::now_ms(); // start the run's clock
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    std::process::exit(runtime.block_on(run(cli)));
+}
+
+async fn run(cli: Cli) -> i32 {
+    let common = match &cli.command {
+        Command::Failover { common, .. } | Command::Load { common, .. } => common,
+    };
+    report::init_machine();
+    if !common.no_subreaper {
+        if let Err(e) = reaper::become_subreaper() {
+            eprintln!("error: PR_SET_CHILD_SUBREAPER: {e}");
+            return EXIT_ERROR;
+        }
+        reaper::spawn();
+    }
+    let cluster = match Cluster::create(common.nodes, &common.timing, common.cluster_config.clone())
+    {
+        Ok(c) => Arc::new(c),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return EXIT_ERROR;
+        }
+    };
+    let work = async {
+        match &cli.command {
+            Command::Failover { args, .. } => failover::run(cluster.clone(), args).await,
+            Command::Load { args, .. } => load::run(cluster.clone(), args).await,
+        }
+    };
+    // The cluster outlives the work future, so that Ctrl-C (which drops
+    // the future mid-step) still ends in an orderly shutdown.
+    let result = tokio::select! {
+        r = work => r,
+        s = termination() => Err(anyhow::anyhow!("interrupted by {s}")),
+    };
+    log("stopping the cluster");
+    cluster.shutdown().await;
+
+    let code = match &result {
+        Ok(report) => exit_code(report),
+        Err(_) => EXIT_ERROR,
+    };
+    match result {
+        Ok(report) => {
+            let text = serde_json::to_string_pretty(&report).expect("JSON");
+            println!("{text}");
+            if let Some(path) = &common.json_out
+                && let Err(e) = std::fs::write(path, format!("{text}\n"))
+            {
+                eprintln!("error: cannot write {}: {e}", path.display());
+            }
+        }
+        Err(e) => eprintln!("error: {e:#}"),
+    }
+    if code == 0 && !common.keep {
+        cluster.remove_dir();
+    } else {
+        log(&format!(
+            "work directory kept: {} (agent logs: nodeN/agent.log, PostgreSQL logs under nodeN/state)",
+            cluster.dir.display()
+        ));
+    }
+    code
+}
+
+fn exit_code(report: &Value) -> i32 {
+    let lost = report["lost_acknowledged_total"].as_u64().unwrap_or(0);
+    let failures = report["scenarios"].as_object().is_some_and(|s| {
+        s.values()
+            .any(|v| v["failures"].as_array().is_some_and(|f| !f.is_empty()))
+    });
+    if lost > 0 {
+        EXIT_LOST_WRITES
+    } else if !report["aborted"].is_null() || failures {
+        EXIT_ERROR
+    } else {
+        0
+    }
+}
+
+async fn termination() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => "SIGINT",
+        _ = term.recv() => "SIGTERM",
+        _ = hup.recv() => "SIGHUP",
+    }
+}

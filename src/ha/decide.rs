@@ -399,6 +399,13 @@ fn as_follower(s: &Snapshot, view: &ClusterView, leader: &MemberName) -> Decisio
         .is_some_and(|m| m.role == PgRole::Primary && m.state == PgState::Running);
     match &s.local.pg {
         PgStatus::Running(r) => {
+            // The leader's member record can expire a moment before its key
+            // (node loss): there is nowhere to point replication at yet.
+            if s.local.upstream.as_ref() != Some(leader) && !view.members.contains_key(leader) {
+                return Decision::wait(Reason::LeaderRecordMissing {
+                    leader: leader.clone(),
+                });
+            }
             if s.local.upstream.as_ref() != Some(leader) {
                 return Decision::new(
                     Action::Follow {

@@ -526,6 +526,11 @@ impl Fixture {
         self
     }
 
+    fn without_record(mut self, name: &str) -> Self {
+        self.view().members.remove(&m(name));
+        self
+    }
+
     fn failed_starts(mut self, n: u32) -> Self {
         self.snap.local.failed_starts = n;
         self
@@ -1127,6 +1132,14 @@ fn follower() {
             "former primary started read-only, not streaming yet: rewound before it follows",
             other().replica_stalled("n2", 1).former_primary(),
             rewind(Reason::RewindingFormerPrimary),
+        ),
+        (
+            "the leader's record expired before its key: nothing to re-point at yet",
+            F::new("n1")
+                .leader("n2")
+                .without_record("n2")
+                .replica_streaming_from("n3"),
+            wait(Reason::LeaderRecordMissing { leader: m("n2") }),
         ),
         (
             "a replica whose server exits at every start is repaired: rewind first",

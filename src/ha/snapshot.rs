@@ -233,6 +233,7 @@ pub enum Reason {
     RewindFailedNoReclone,
     StreamingStalled,
     StartKeepsFailing,
+    LeaderRecordMissing { leader: MemberName },
     OtherLeaderHoldsKey { leader: MemberName },
     WritableWithoutLease,
     // race
@@ -303,6 +304,10 @@ impl fmt::Display for Reason {
             RewindFailedNoReclone => write!(
                 f,
                 "pg_rewind failed and ha.reclone_on_rewind_failure is off; waiting for an operator"
+            ),
+            LeaderRecordMissing { leader } => write!(
+                f,
+                "{leader} holds the leader key but has no member record (it may be gone); waiting"
             ),
             StartKeepsFailing => write!(
                 f,
