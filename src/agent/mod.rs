@@ -75,6 +75,7 @@ pub struct Agent {
 /// Runs the agent until SIGTERM/SIGINT, then shuts down cleanly.
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let instance = Instance::from_config(&cfg)?;
+    crate::postgres::ctl::become_subreaper();
     instance.prepare().context("prepare the state directory")?;
     let credentials = cfg
         .etcd
@@ -191,6 +192,7 @@ async fn postmaster_exit(instance: &Instance, pid: Option<i32>) {
     loop {
         tokio::time::sleep(Duration::from_millis(100)).await;
         if instance.postmaster_pid() != Some(pid) {
+            crate::postgres::ctl::reap_postgres_orphans();
             return;
         }
     }

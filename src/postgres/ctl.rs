@@ -327,6 +327,7 @@ impl Instance {
     /// The server gets its own process group so that signals aimed at the
     /// agent do not reach it.
     pub async fn start(&self) -> Result<(), PgError> {
+        reap_postgres_orphans();
         self.wait_for_previous_server(Duration::from_secs(2)).await;
         let mut cmd = self.command("pg_ctl");
         cmd.args(["start", "-W", "-s", "-D"])
@@ -379,6 +380,7 @@ impl Instance {
             if self.postmaster_pid() == Some(pid) {
                 return; // alive and well: not ours to wait for
             }
+            reap_postgres_orphans();
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -410,6 +412,8 @@ impl Instance {
                 timeout + Duration::from_secs(2),
             )
             .await;
+        // The stopped postmaster was our adopted child: reap it.
+        reap_postgres_orphans();
         match r {
             Ok(_) => Ok(()),
             // Already gone between the check and the stop: what we wanted.
@@ -597,6 +601,46 @@ impl Instance {
             .application_name("pgha")
             .connect_timeout(Duration::from_secs(2));
         c
+    }
+}
+
+/// Makes this process the reaper of its orphaned descendants. The
+/// postmaster, started through `pg_ctl`, is such an orphan; when it dies,
+/// PostgreSQL refuses to start again until its zombie is reaped, and some
+/// hosts' PID 1 (containers without an init) reap late or never.
+pub fn become_subreaper() {
+    // SAFETY: prctl with PR_SET_CHILD_SUBREAPER only sets a flag on this process.
+    let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    if rc != 0 {
+        tracing::warn!(error = %std::io::Error::last_os_error(), "cannot become the subreaper of PostgreSQL");
+    }
+}
+
+/// Reaps zombie `postgres` processes adopted by this process (a crashed
+/// postmaster and its backends). Only those: other children belong to the
+/// async runtime, which reaps them itself.
+pub fn reap_postgres_orphans() {
+    let me = std::process::id() as i32;
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for pid in entries.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok()) {
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let Some((head, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let comm = head.split_once('(').map(|(_, c)| c).unwrap_or("");
+        let mut fields = rest.split_whitespace();
+        let state = fields.next().unwrap_or("");
+        let ppid: i32 = fields.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+        if ppid == me && state == "Z" && comm == "postgres" {
+            let _ = nix::sys::wait::waitpid(
+                nix::unistd::Pid::from_raw(pid),
+                Some(nix::sys::wait::WaitPidFlag::WNOHANG),
+            );
+        }
     }
 }
 
