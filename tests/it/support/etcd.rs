@@ -135,8 +135,22 @@ impl Etcd {
 
     /// Freezes etcd (SIGSTOP): connections stay open but nothing answers,
     /// which is what a network partition looks like to clients.
+    /// Freezes etcd and returns once every one of its threads is stopped:
+    /// SIGSTOP takes effect asynchronously, and on a loaded host a thread
+    /// could otherwise still answer one more request.
     pub fn pause(&self) -> anyhow::Result<()> {
-        self.running()?.signal(Signal::SIGSTOP)
+        let process = self.running()?;
+        process.signal(Signal::SIGSTOP)?;
+        let pid = process.pid() as i32;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !all_threads_stopped(pid) {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "etcd {pid} did not stop within 5s of SIGSTOP"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(())
     }
 
     pub fn resume(&self) -> anyhow::Result<()> {
@@ -185,4 +199,20 @@ fn tail(path: &Path) -> String {
         .unwrap_or_else(|e| format!("(cannot read {}: {e})", path.display()));
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+/// Whether every thread of `pid` is in the stopped state (`T`).
+fn all_threads_stopped(pid: i32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return true;
+    };
+    tasks.filter_map(|t| t.ok()).all(|t| {
+        std::fs::read_to_string(t.path().join("stat"))
+            .ok()
+            .and_then(|s| {
+                s.rsplit_once(')')
+                    .map(|(_, rest)| rest.trim_start().starts_with('T'))
+            })
+            .unwrap_or(true)
+    })
 }
