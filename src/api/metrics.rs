@@ -250,7 +250,6 @@ pub fn render(cluster: &str, s: &AgentStatus) -> String {
             "Members in the last DCS view.",
             v.members.len() as f64,
         );
-        let leader_pos = v.leader_record().and_then(MemberRecord::wal_position);
         let leader = v.leader.as_ref().map(|l| &l.name);
         let metrics: [(&str, &str, &str); 6] = [
             (
@@ -296,9 +295,7 @@ pub fn render(cluster: &str, s: &AgentStatus) -> String {
                     1 => Some(b(leader == Some(&m.name))),
                     2 => m.timeline.map(|t| t.0 as f64),
                     3 => m.wal_position().map(|p| p.0 as f64),
-                    4 => leader_pos
-                        .zip(m.wal_position())
-                        .map(|(l, p)| p.lag_behind(l) as f64),
+                    4 => v.lag_of(m).map(|l| l as f64),
                     _ => Some(b(leader != Some(&m.name) && is_synchronous(view, &m.name))),
                 };
                 if let Some(value) = value {

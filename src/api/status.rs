@@ -142,7 +142,6 @@ impl PendingFailover {
 /// Builds `/cluster` from a DCS view: pure, so it is unit-tested.
 pub fn cluster_report(cluster: &str, me: &MemberName, view: &ClusterView) -> ClusterReport {
     let leader = view.leader.as_ref().map(|l| l.name.clone());
-    let leader_pos = view.leader_record().and_then(MemberRecord::wal_position);
     let mut members: Vec<&MemberRecord> = view.members.values().collect();
     members.sort_by_key(|m| (Some(&m.name) != leader.as_ref(), m.name.clone()));
     ClusterReport {
@@ -175,13 +174,7 @@ pub fn cluster_report(cluster: &str, me: &MemberName, view: &ClusterView) -> Clu
                     api_url: m.api_url.clone(),
                     timeline: m.timeline,
                     wal_position: m.wal_position(),
-                    lag_bytes: if is_leader {
-                        Some(0)
-                    } else {
-                        leader_pos
-                            .zip(m.wal_position())
-                            .map(|(l, p)| p.lag_behind(l))
-                    },
+                    lag_bytes: view.lag_of(m),
                     upstream: m.upstream.clone(),
                     priority: m.priority,
                     nofailover: m.nofailover,

@@ -37,7 +37,6 @@ pub struct ListMember {
 /// Builds the table from a DCS view: pure, so it is unit-tested.
 pub fn build(cluster: &str, view: &ClusterView) -> ListOutput {
     let leader_name = view.leader.as_ref().map(|l| l.name.clone());
-    let leader_pos = view.leader_record().and_then(MemberRecord::wal_position);
     let mut members: Vec<&MemberRecord> = view.members.values().collect();
     members.sort_by_key(|m| (Some(&m.name) != leader_name.as_ref(), m.name.clone()));
     let sync = view
@@ -68,13 +67,7 @@ pub fn build(cluster: &str, view: &ClusterView) -> ListOutput {
                     host: m.host.clone(),
                     port: m.port,
                     timeline: m.timeline.map(|t| t.0),
-                    lag_bytes: if is_leader {
-                        Some(0)
-                    } else {
-                        leader_pos
-                            .zip(m.wal_position())
-                            .map(|(l, p)| p.lag_behind(l))
-                    },
+                    lag_bytes: view.lag_of(m),
                     api_url: m.api_url.clone(),
                     sync_state: if is_leader {
                         String::new()

@@ -195,6 +195,16 @@ impl ClusterView {
     pub fn leader_record(&self) -> Option<&MemberRecord> {
         self.leader.as_ref().and_then(|l| self.members.get(&l.name))
     }
+
+    /// Bytes `member` trails the leader's published position (0 for the
+    /// leader itself); `None` when either position is unknown.
+    pub fn lag_of(&self, member: &MemberRecord) -> Option<u64> {
+        if self.leader.as_ref().is_some_and(|l| l.name == member.name) {
+            return Some(0);
+        }
+        let leader = self.leader_record().and_then(MemberRecord::wal_position)?;
+        Some(member.wal_position()?.lag_behind(leader))
+    }
 }
 
 /// What went wrong talking to the DCS. `Unavailable` is the one that the

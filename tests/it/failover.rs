@@ -38,7 +38,7 @@ use nix::unistd::Pid;
 use serde_json::Value;
 use tokio::task::JoinHandle;
 
-use crate::support::cluster::{PGHA_BIN, connect};
+use crate::support::cluster::PGHA_BIN;
 use crate::support::oracle::{CheckerReport, WriterReport};
 use crate::support::{Cluster, ClusterOptions, Node, OneWritablePrimary, Writer, wait_until};
 
@@ -512,7 +512,7 @@ impl WritableLog {
                 while !stop.load(Ordering::Relaxed) {
                     let answers = join_all(targets.iter().zip(sessions.iter_mut()).map(
                         |((name, config), slot)| async move {
-                            let w = ask(config, slot).await;
+                            let w = crate::support::oracle::ask_writable(config, slot).await;
                             Sample {
                                 node: name.clone(),
                                 at: started.elapsed(),
@@ -552,35 +552,6 @@ impl Drop for WritableLog {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.task.take() {
             t.abort();
-        }
-    }
-}
-
-async fn ask(
-    config: &tokio_postgres::Config,
-    slot: &mut Option<tokio_postgres::Client>,
-) -> Option<bool> {
-    const TIMEOUT: Duration = Duration::from_millis(300);
-    if slot.as_ref().is_none_or(|c| c.is_closed()) {
-        *slot = tokio::time::timeout(TIMEOUT, connect(config))
-            .await
-            .ok()
-            .and_then(Result::ok);
-    }
-    let client = slot.as_ref()?;
-    match tokio::time::timeout(
-        TIMEOUT,
-        client.simple_query("SELECT NOT pg_is_in_recovery()"),
-    )
-    .await
-    {
-        Ok(Ok(msgs)) => msgs.into_iter().find_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(|v| v == "t"),
-            _ => None,
-        }),
-        _ => {
-            *slot = None;
-            None
         }
     }
 }

@@ -378,7 +378,7 @@ async fn check_loop(
 
 /// `Some(true)` writable, `Some(false)` in recovery, `None` no answer in
 /// time (the session is then dropped and reopened next round).
-async fn ask_writable(
+pub async fn ask_writable(
     config: &tokio_postgres::Config,
     slot: &mut Option<tokio_postgres::Client>,
 ) -> Option<bool> {
