@@ -496,6 +496,10 @@ impl Instance {
         // one, pg_rewind sees "the same timeline", changes nothing, and the
         // former primary cannot follow.
         self.checkpoint_source(source_host, source_port).await?;
+        // pg_rewind's own single-user recovery refuses to run while the old
+        // postmaster is an unreaped zombie.
+        reap_postgres_orphans();
+        self.wait_for_previous_server(Duration::from_secs(2)).await;
         let conninfo = format!(
             "host={} port={} user={} dbname=postgres connect_timeout=5",
             conf::quote_conninfo(source_host),

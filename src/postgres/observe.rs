@@ -126,6 +126,9 @@ impl Observer {
     pub async fn observe(&mut self) -> Observation {
         let data = self.data_dir_state();
         if self.instance.postmaster_pid().is_none() {
+            // A crashed (or fenced) postmaster we adopted must not linger as
+            // a zombie: PostgreSQL and pg_rewind refuse to start beside it.
+            super::ctl::reap_postgres_orphans();
             self.client = None;
             return Observation {
                 data,
