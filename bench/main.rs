@@ -49,6 +49,9 @@ struct Common {
     /// is up, e.g. `--cluster-config synchronous_mode=on` (repeatable).
     #[arg(long, value_name = "KEY=VALUE")]
     cluster_config: Vec<String>,
+    /// Shorthand for `--cluster-config synchronous_mode=MODE`.
+    #[arg(long, value_name = "off|on|strict", value_parser = ["off", "on", "strict"])]
+    sync: Option<String>,
     /// Leave orphaned PostgreSQL processes to PID 1 instead of reaping
     /// them at once (see bench/reaper.rs; shows what a slow init costs).
     #[arg(long)]
@@ -101,7 +104,11 @@ async fn run(cli: Cli) -> i32 {
         }
         reaper::spawn();
     }
-    let cluster = match Cluster::create(common.nodes, &common.timing, common.cluster_config.clone())
+    let mut cluster_config = common.cluster_config.clone();
+    if let Some(mode) = &common.sync {
+        cluster_config.push(format!("synchronous_mode={mode}"));
+    }
+    let cluster = match Cluster::create(common.nodes, &common.timing, cluster_config)
     {
         Ok(c) => Arc::new(c),
         Err(e) => {
