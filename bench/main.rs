@@ -108,8 +108,7 @@ async fn run(cli: Cli) -> i32 {
     if let Some(mode) = &common.sync {
         cluster_config.push(format!("synchronous_mode={mode}"));
     }
-    let cluster = match Cluster::create(common.nodes, &common.timing, cluster_config)
-    {
+    let cluster = match Cluster::create(common.nodes, &common.timing, cluster_config) {
         Ok(c) => Arc::new(c),
         Err(e) => {
             eprintln!("error: {e:#}");
