@@ -157,9 +157,7 @@ fn as_leader(s: &Snapshot, view: &ClusterView, lease_id: i64) -> Decision {
         && f.from.as_ref() == Some(&s.me)
         && is_primary(s)
     {
-        let due = f
-            .not_before_unix_ms
-            .is_none_or(|t| t <= crate_now_unix(s, view));
+        let due = f.not_before_unix_ms.is_none_or(|t| t <= s.now_unix_ms);
         return if due {
             Decision::new(
                 Action::Demote {
@@ -229,13 +227,6 @@ fn as_leader(s: &Snapshot, view: &ClusterView, lease_id: i64) -> Decision {
             _ => Decision::new(Action::ReleaseLease, Reason::DataDirectoryLost),
         },
     }
-}
-
-/// Wall-clock "now" for scheduled switchovers. The snapshot carries only
-/// the monotonic clock, so the scheduled time is compared with the DCS
-/// view's own notion of time where present.
-fn crate_now_unix(s: &Snapshot, _view: &ClusterView) -> u64 {
-    s.now_unix_ms
 }
 
 fn down_too_long(s: &Snapshot) -> bool {
