@@ -29,5 +29,6 @@ pub mod dcs;
 pub mod ha;
 pub mod model;
 pub mod postgres;
+pub mod safe_fs;
 pub mod secret;
 pub mod util;

@@ -8,17 +8,17 @@ use pgha::cli::{self, Cli, Command, EXIT_CONFIG};
 fn main() {
     let cli = Cli::parse();
     if let Command::FenceKeeper {
-        state_file,
+        state_dir,
         data_dir,
         agent_pid,
     } = &cli.command
     {
         // No runtime, no logging framework: the keeper must stay tiny and
         // must never wait on anything but the clock.
-        let code = match pgha::agent::fence::run_keeper(state_file, data_dir, *agent_pid) {
+        let code = match pgha::agent::fence_keeper::run_keeper(state_dir, data_dir, *agent_pid) {
             Ok(()) => 0,
             Err(e) => {
-                eprintln!("fence keeper: {e}");
+                eprintln!("fence keeper: {e:#}");
                 1
             }
         };

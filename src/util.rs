@@ -19,3 +19,17 @@ pub fn boottime_ms() -> u64 {
         .expect("CLOCK_BOOTTIME is available on Linux");
     ts.tv_sec() as u64 * 1000 + ts.tv_nsec() as u64 / 1_000_000
 }
+
+/// An error and its causes on one line (`outer: cause: root cause`), for
+/// log fields. Error messages in pgha never repeat their source, so each
+/// cause appears once.
+pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}

@@ -7,6 +7,8 @@
 
 use std::time::Duration;
 
+use anyhow::Context;
+
 use super::{Agent, RunningJob};
 use crate::dcs::SyncRecord;
 use crate::dcs::{ClusterView, Initialize};
@@ -66,11 +68,28 @@ impl Agent {
         })
     }
 
+    /// The decision's lease rule, asked again at the last moment before
+    /// anything writable: time has passed since the snapshot.
     fn lease_valid_now(&self) -> bool {
-        let l = self.lease.snapshot();
-        l.held
-            && l.valid_until_ms
-                .is_some_and(|u| boottime_ms() + self.cfg.ha.fence_margin.as_millis() as u64 <= u)
+        crate::ha::lease::lease_usable(
+            &self.lease.snapshot(),
+            boottime_ms(),
+            self.cfg.ha.fence_margin.as_millis() as u64,
+        )
+    }
+
+    /// Records a lease just taken and waits until the fence keeper guards
+    /// it. Without that acknowledgement the lease never becomes usable: the
+    /// next decision demotes (if writable) and then releases it, in that
+    /// order, so it is not given back here.
+    async fn take_lease(&mut self, r: crate::dcs::LeaseRenewal) -> anyhow::Result<()> {
+        self.lease
+            .record(r, None)
+            .context("took the leader lease but cannot arm the fence keeper")?;
+        self.lease
+            .wait_until_guarded(Duration::from_millis(500))
+            .await
+            .map_err(|p| anyhow::anyhow!("took the leader lease but {p}"))
     }
 
     async fn bootstrap(&mut self, s: &Snapshot) -> anyhow::Result<()> {
@@ -110,7 +129,7 @@ impl Agent {
                 "the leader key is held by another member although the cluster was not initialized"
             );
         };
-        self.lease.record(renewal, None);
+        self.take_lease(renewal).await?;
         self.instance.write_config(false, None, None)?;
         self.instance.start().await?;
         self.wait_until_running(Duration::from_secs(60)).await?;
@@ -253,7 +272,7 @@ impl Agent {
     async fn acquire(&mut self) -> anyhow::Result<()> {
         match self.dcs.acquire_leader().await? {
             Some(r) => {
-                self.lease.record(r, None);
+                self.take_lease(r).await?;
                 tracing::info!("acquired the leader lease");
             }
             None => tracing::info!("another member acquired the leader lease first"),
@@ -264,7 +283,7 @@ impl Agent {
     async fn adopt(&mut self, lease_id: i64) -> anyhow::Result<()> {
         match self.dcs.adopt_leader(lease_id).await? {
             Some(r) => {
-                self.lease.record(r, None);
+                self.take_lease(r).await?;
                 tracing::info!(lease_id, "resumed the leader lease held before the restart");
             }
             None => tracing::warn!(

@@ -2,26 +2,48 @@
 //!
 //! The agent cannot guarantee this on its own: a frozen (SIGSTOP), swapped
 //! out or killed agent executes nothing. So a second, tiny process — the
-//! fence keeper — watches a deadline the agent writes into a file after
-//! every successful lease renewal. If the clock (`CLOCK_BOOTTIME`, shared by
-//! every process on the host) passes the deadline and no newer one has been
-//! written, the keeper kills the postmaster and all its backends at once.
+//! fence keeper ([`super::fence_keeper`]) — watches a deadline the agent
+//! writes after every successful lease renewal. If the clock
+//! (`CLOCK_BOOTTIME`, shared by every process on the host) passes the
+//! deadline and no newer one has been written, the keeper kills the
+//! postmaster and all its backends at once.
 //!
 //! The deadline is `renewal sent + ttl - fence_margin`: etcd received the
 //! renewal after it was sent, so the lease outlives the deadline by at
 //! least `fence_margin`, and no other member can hold the lease before the
-//! old primary is dead. The keeper has its own process group, uses no
-//! async runtime, and polls every 20 ms.
+//! old primary is dead.
+//!
+//! The keeper is itself watched. It acknowledges every state it reads, and
+//! rewrites the acknowledgement as a heartbeat; the agent counts a lease as
+//! usable only up to a deadline a keeper acknowledged, renews only while
+//! its keeper is alive and making progress, and restarts a keeper that
+//! exited, was stopped, or went silent ([`FenceSupervisor`]).
+//!
+//! Every file lives in the state directory, which belongs to the agent's
+//! account and which the PostgreSQL OS user cannot write; all access goes
+//! through one checked directory descriptor ([`TrustedDir`]).
 //!
 //! Not covered: a frozen *machine* (both processes stop). That is the job of
 //! a hardware or kernel watchdog; see docs/architecture.md.
 
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::util::boottime_ms;
+use crate::ha::lease::{KeeperAck, KeeperView};
+use crate::safe_fs::{SafeFsError, TrustedDir};
+
+/// File names inside the state directory.
+pub const STATE_FILE: &str = "fence.state";
+pub const ACK_FILE: &str = "fence.ack";
+pub const LOCK_FILE: &str = "fence.lock";
+pub const LOG_FILE: &str = "fence-keeper.log";
+
+/// The descriptor number under which the keeper inherits the state
+/// directory.
+pub const KEEPER_DIR_FD: i32 = 3;
 
 /// What the agent tells the keeper. The file holds one line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -47,7 +69,10 @@ impl FenceState {
     }
 
     pub fn parse(text: &str) -> Option<FenceState> {
-        let mut words = text.split_whitespace();
+        Self::parse_words(&mut text.split_whitespace())
+    }
+
+    fn parse_words<'a>(words: &mut impl Iterator<Item = &'a str>) -> Option<FenceState> {
         match words.next()? {
             "armed" => Some(FenceState::Armed {
                 deadline_ms: words.next()?.parse().ok()?,
@@ -60,190 +85,285 @@ impl FenceState {
             _ => None,
         }
     }
+
+    fn armed_deadline(&self) -> Option<u64> {
+        match self {
+            FenceState::Armed { deadline_ms, .. } => Some(*deadline_ms),
+            _ => None,
+        }
+    }
 }
 
-/// The agent's side: writes states atomically (temp file + rename).
+/// The keeper's acknowledgement: `ack <keeper pid> <beat ms> <state>`.
+pub fn render_ack(keeper_pid: i32, beat_ms: u64, state: Option<FenceState>) -> String {
+    let state = state.map_or_else(|| "none\n".to_string(), |s| s.render());
+    format!("ack {keeper_pid} {beat_ms} {state}")
+}
+
+pub fn parse_ack(text: &str) -> Option<KeeperAck> {
+    let mut words = text.split_whitespace();
+    if words.next()? != "ack" {
+        return None;
+    }
+    let keeper_pid = words.next()?.parse().ok()?;
+    let beat_ms = words.next()?.parse().ok()?;
+    let state = FenceState::parse_words(&mut words);
+    Some(KeeperAck {
+        keeper_pid,
+        beat_ms,
+        armed_deadline_ms: state.and_then(|s| s.armed_deadline()),
+    })
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FenceError {
+    #[error("cannot write the fence state")]
+    Write(#[source] SafeFsError),
+    #[error("cannot start the fence keeper")]
+    Spawn(#[source] std::io::Error),
+    #[error("cannot open the fence keeper's log")]
+    Log(#[source] SafeFsError),
+}
+
+/// The agent's side: writes states, reads acknowledgements, and keeps a
+/// keeper running.
 #[derive(Clone, Debug)]
 pub struct Fence {
-    path: PathBuf,
+    dir: Arc<TrustedDir>,
+    supervisor: Arc<FenceSupervisor>,
 }
 
 impl Fence {
-    pub fn new(state_dir: &Path) -> Self {
+    pub fn new(dir: Arc<TrustedDir>) -> Self {
         Fence {
-            path: state_dir.join("fence.state"),
+            dir,
+            supervisor: Arc::new(FenceSupervisor::default()),
         }
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
+    pub fn set(&self, state: FenceState) -> Result<(), FenceError> {
+        self.dir
+            .write(STATE_FILE, state.render().as_bytes(), 0o600)
+            .map_err(FenceError::Write)
     }
 
-    pub fn set(&self, state: FenceState) -> std::io::Result<()> {
-        let tmp = self.path.with_extension("tmp");
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(state.render().as_bytes())?;
-        std::fs::rename(&tmp, &self.path)
-    }
-
-    pub fn arm(&self, deadline_ms: u64) {
-        if let Err(e) = self.set(FenceState::Armed {
+    /// Arms the keeper with a new deadline. An error is the caller's to act
+    /// on: the new deadline is then never acknowledged, and the lease
+    /// stops being usable at the previous one.
+    pub fn arm(&self, deadline_ms: u64) -> Result<(), FenceError> {
+        self.set(FenceState::Armed {
             deadline_ms,
             agent_pid: std::process::id() as i32,
-        }) {
-            tracing::error!(error = %e, path = %self.path.display(), "cannot arm the fence keeper");
-        }
+        })
     }
 
     pub fn disarm(&self) {
         if let Err(e) = self.set(FenceState::Disarmed {
             agent_pid: std::process::id() as i32,
         }) {
-            tracing::error!(error = %e, path = %self.path.display(), "cannot disarm the fence keeper");
+            tracing::error!(error = %crate::util::chain(&e), "cannot disarm the fence keeper");
         }
     }
 
     pub fn current(&self) -> Option<FenceState> {
-        std::fs::read_to_string(&self.path)
+        self.dir
+            .read_to_string(STATE_FILE)
             .ok()
+            .flatten()
             .and_then(|t| FenceState::parse(&t))
     }
 
-    /// Starts a keeper for `data_dir` unless one already runs (it holds an
-    /// exclusive lock; a second one exits at once).
-    pub fn spawn_keeper(&self, data_dir: &Path) -> std::io::Result<()> {
-        let exe = std::env::current_exe()?;
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.path.with_file_name("fence-keeper.log"))?;
-        let mut cmd = std::process::Command::new(exe);
+    pub fn ack(&self) -> Option<KeeperAck> {
+        self.dir
+            .read_to_string(ACK_FILE)
+            .ok()
+            .flatten()
+            .and_then(|t| parse_ack(&t))
+    }
+
+    /// The keeper as the agent sees it now.
+    pub fn view(&self) -> KeeperView {
+        let (pid, stopped) = self.supervisor.child();
+        KeeperView {
+            supervised_pid: pid,
+            stopped,
+            ack: self.ack(),
+        }
+    }
+
+    /// Starts the keeper and a thread that restarts it whenever it exits
+    /// or is stopped. A keeper left by an earlier agent for the same state
+    /// directory is replaced: the new one waits for its lock, then the old
+    /// one is killed, so a keeper guards at every instant.
+    pub fn start_keeper(&self, data_dir: &Path) -> Result<(), FenceError> {
+        let previous = self.ack().map(|a| a.keeper_pid);
+        let child = self.spawn_keeper(data_dir)?;
+        let pid = child.id() as i32;
+        self.supervisor.set_child(Some(pid), false);
+        if let Some(old) = previous.filter(|&p| p != pid)
+            && is_our_keeper(old)
+        {
+            tracing::info!(
+                old,
+                new = pid,
+                "replacing the fence keeper of a previous agent"
+            );
+            kill(old, nix::sys::signal::Signal::SIGKILL);
+        }
+        let fence = self.clone();
+        let data_dir = data_dir.to_path_buf();
+        std::thread::Builder::new()
+            .name("fence-supervisor".into())
+            .spawn(move || fence.supervise(child, &data_dir))
+            .map_err(FenceError::Spawn)?;
+        Ok(())
+    }
+
+    fn spawn_keeper(&self, data_dir: &Path) -> Result<std::process::Child, FenceError> {
+        let log = self
+            .dir
+            .open_append(LOG_FILE, 0o600)
+            .map_err(FenceError::Log)?;
+        let dir_fd = self.dir.try_clone_fd().map_err(FenceError::Spawn)?;
+        let raw = dir_fd.as_raw_fd();
+        // /proc/self/exe still works after the binary was replaced on disk
+        // (a package upgrade): the keeper is always this very program.
+        let mut cmd = std::process::Command::new("/proc/self/exe");
         cmd.arg("fence-keeper")
-            .arg("--state-file")
-            .arg(&self.path)
+            .arg("--state-dir")
+            .arg(self.dir.path())
             .arg("--data-dir")
             .arg(data_dir)
             .arg("--agent-pid")
             .arg(std::process::id().to_string())
             .stdin(std::process::Stdio::null())
-            .stdout(log.try_clone()?)
+            .stdout(log.try_clone().map_err(FenceError::Spawn)?)
             .stderr(log);
-        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-        let mut child = cmd.spawn()?;
-        // Reap it in the background so it never lingers as a zombie.
-        std::thread::spawn(move || {
-            let _ = child.wait();
-        });
-        Ok(())
-    }
-}
-
-fn pid_alive(pid: i32) -> bool {
-    pid > 0
-        && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
-        && !is_zombie(pid)
-}
-
-fn is_zombie(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| {
-            s.rsplit(')')
-                .next()
-                .is_some_and(|rest| rest.trim_start().starts_with('Z'))
-        })
-        .unwrap_or(true)
-}
-
-/// Kills the postmaster of `data_dir` and every child it has: the
-/// postmaster is stopped first so it cannot fork replacements, then the
-/// children and the postmaster are SIGKILLed. No backend gets to send one
-/// more reply. Returns the postmaster pid that was killed.
-pub fn kill_postgres(data_dir: &Path) -> Option<i32> {
-    use nix::sys::signal::{Signal, kill};
-    use nix::unistd::Pid;
-    let pm = crate::postgres::ctl::postmaster_pid(data_dir)?;
-    let _ = kill(Pid::from_raw(pm), Signal::SIGSTOP);
-    for child in children_of(pm) {
-        let _ = kill(Pid::from_raw(child), Signal::SIGKILL);
-    }
-    let _ = kill(Pid::from_raw(pm), Signal::SIGKILL);
-    Some(pm)
-}
-
-fn children_of(parent: i32) -> Vec<i32> {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .ok()
-                .and_then(|s| {
-                    s.rsplit(')')
-                        .next()
-                        .and_then(|rest| rest.split_whitespace().nth(1)?.parse::<i32>().ok())
-                })
-                == Some(parent)
-        })
-        .collect()
-}
-
-/// The keeper process's main loop (`pgha fence-keeper`). Synchronous on
-/// purpose: nothing here may wait on anything but the clock.
-pub fn run_keeper(state_file: &Path, data_dir: &Path, first_agent_pid: i32) -> std::io::Result<()> {
-    let lock_path = state_file.with_file_name("fence.lock");
-    let lock = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)?;
-    // Held for the life of the process: a second keeper for the same data
-    // directory finds it taken and exits.
-    let Ok(_lock) = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock)
-    else {
-        return Ok(());
-    };
-    eprintln!(
-        "fence keeper {} guarding {}",
-        std::process::id(),
-        data_dir.display()
-    );
-    loop {
-        let state = std::fs::read_to_string(state_file)
-            .ok()
-            .and_then(|t| FenceState::parse(&t));
-        match state {
-            Some(FenceState::Armed { deadline_ms, .. }) if boottime_ms() >= deadline_ms => {
-                if let Some(pid) = kill_postgres(data_dir) {
-                    eprintln!(
-                        "fence keeper: lease deadline passed {} ms ago without renewal; killed postmaster {pid}",
-                        boottime_ms() - deadline_ms
-                    );
+        // SAFETY: only async-signal-safe calls (dup2, fcntl) between fork
+        // and exec. dup2 clears close-on-exec on the copy; when the
+        // descriptor already has the target number, clear it by hand.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                if raw == KEEPER_DIR_FD {
+                    if libc::fcntl(raw, libc::F_SETFD, 0) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                } else if libc::dup2(raw, KEEPER_DIR_FD) < 0 {
+                    return Err(std::io::Error::last_os_error());
                 }
-                let agent_pid = match state {
-                    Some(FenceState::Armed { agent_pid, .. }) => agent_pid,
-                    _ => first_agent_pid,
-                };
-                let _ = Fence {
-                    path: state_file.to_path_buf(),
-                }
-                .set(FenceState::Disarmed { agent_pid });
-            }
-            Some(FenceState::Armed { .. }) => {}
-            Some(FenceState::Disarmed { agent_pid }) if !pid_alive(agent_pid) => return Ok(()),
-            Some(FenceState::Disarmed { .. }) => {}
-            Some(FenceState::Exit) => return Ok(()),
-            None if !pid_alive(first_agent_pid) => return Ok(()),
-            None => {}
+                Ok(())
+            });
         }
-        std::thread::sleep(Duration::from_millis(20));
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        let child = cmd.spawn().map_err(FenceError::Spawn)?;
+        drop(dir_fd);
+        Ok(child)
     }
+
+    /// The supervisor thread: waits for the keeper's state changes (exit,
+    /// stop, continue) as its parent, so a SIGKILL or SIGSTOP is noticed
+    /// at once, not at the next loop.
+    fn supervise(&self, mut child: std::process::Child, data_dir: &Path) {
+        use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+        loop {
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            let status = waitpid(pid, Some(WaitPidFlag::WUNTRACED | WaitPidFlag::WCONTINUED));
+            let shutting_down = self.supervisor.shutting_down.load(Ordering::SeqCst);
+            match status {
+                Ok(WaitStatus::Stopped(_, sig)) => {
+                    self.supervisor.set_child(Some(pid.as_raw()), true);
+                    tracing::error!(pid = pid.as_raw(), signal = ?sig, "the fence keeper was stopped; replacing it");
+                    kill(pid.as_raw(), nix::sys::signal::Signal::SIGKILL);
+                    continue;
+                }
+                Ok(WaitStatus::Continued(_)) => {
+                    self.supervisor.set_child(Some(pid.as_raw()), false);
+                    continue;
+                }
+                Ok(WaitStatus::StillAlive) => continue,
+                Ok(other) if shutting_down => {
+                    tracing::debug!(status = ?other, "fence keeper exited");
+                    self.supervisor.set_child(None, false);
+                    return;
+                }
+                Ok(other) => {
+                    tracing::error!(pid = pid.as_raw(), status = ?other, "the fence keeper exited; starting another");
+                }
+                Err(e) => {
+                    // ECHILD: reaped elsewhere. Either way it is gone.
+                    if shutting_down {
+                        self.supervisor.set_child(None, false);
+                        return;
+                    }
+                    tracing::error!(pid = pid.as_raw(), error = %e, "lost track of the fence keeper; starting another");
+                }
+            }
+            self.supervisor.set_child(None, false);
+            child = loop {
+                if self.supervisor.shutting_down.load(Ordering::SeqCst) {
+                    return;
+                }
+                match self.spawn_keeper(data_dir) {
+                    Ok(c) => break c,
+                    Err(e) => {
+                        tracing::error!(error = %crate::util::chain(&e), "cannot restart the fence keeper; retrying");
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                }
+            };
+            self.supervisor.set_child(Some(child.id() as i32), false)
+        }
+    }
+
+    /// Kills a keeper that stopped making progress; the supervisor thread
+    /// then starts another.
+    pub fn replace_hung_keeper(&self) {
+        let (pid, _) = self.supervisor.child();
+        if let Some(pid) = pid {
+            tracing::error!(pid, "the fence keeper stopped acknowledging; replacing it");
+            kill(pid, nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+
+    /// Clean shutdown: the keeper is told to exit and is not restarted.
+    pub fn exit(&self) {
+        self.supervisor.shutting_down.store(true, Ordering::SeqCst);
+        if let Err(e) = self.set(FenceState::Exit) {
+            tracing::error!(error = %crate::util::chain(&e), "cannot tell the fence keeper to exit");
+        }
+    }
+}
+
+/// The keeper child the supervisor thread watches.
+#[derive(Debug, Default)]
+struct FenceSupervisor {
+    child: Mutex<(Option<i32>, bool)>,
+    shutting_down: AtomicBool,
+}
+
+impl FenceSupervisor {
+    fn child(&self) -> (Option<i32>, bool) {
+        *self.child.lock().unwrap()
+    }
+    fn set_child(&self, pid: Option<i32>, stopped: bool) {
+        *self.child.lock().unwrap() = (pid, stopped);
+    }
+}
+
+fn kill(pid: i32, signal: nix::sys::signal::Signal) {
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal);
+}
+
+/// Whether `pid` is a fence keeper of this program running as this
+/// account, so that replacing it never signals an unrelated process that
+/// reused the number.
+fn is_our_keeper(pid: i32) -> bool {
+    let Ok(p) = procfs::process::Process::new(pid) else {
+        return false;
+    };
+    p.uid().ok() == Some(nix::unistd::geteuid().as_raw())
+        && p.cmdline()
+            .is_ok_and(|args| args.iter().any(|a| a == "fence-keeper"))
 }
 
 #[cfg(test)]
@@ -264,5 +384,35 @@ mod tests {
         }
         assert_eq!(FenceState::parse("armed x 1"), None);
         assert_eq!(FenceState::parse(""), None);
+    }
+
+    #[test]
+    fn acknowledgements_round_trip() {
+        let armed = FenceState::Armed {
+            deadline_ms: 99,
+            agent_pid: 4,
+        };
+        assert_eq!(
+            parse_ack(&render_ack(12, 5000, Some(armed))),
+            Some(KeeperAck {
+                keeper_pid: 12,
+                beat_ms: 5000,
+                armed_deadline_ms: Some(99)
+            })
+        );
+        for s in [
+            None,
+            Some(FenceState::Exit),
+            Some(FenceState::Disarmed { agent_pid: 4 }),
+        ] {
+            assert_eq!(
+                parse_ack(&render_ack(12, 5000, s))
+                    .unwrap()
+                    .armed_deadline_ms,
+                None
+            );
+        }
+        assert_eq!(parse_ack("armed 1 2"), None);
+        assert_eq!(parse_ack("ack x 1 exit"), None);
     }
 }

@@ -2,17 +2,23 @@
 //! slow executor step (a promotion, a fast shutdown) never delays a renewal.
 //!
 //! It renews only while the HA loop proves it is alive (a heartbeat fresher
-//! than the TTL): a leader whose loop hangs must lose its lease rather than
-//! hold it while nobody watches PostgreSQL. Every renewal re-arms the fence
-//! keeper with the new deadline.
+//! than the TTL) and a fence keeper stands guard (rules in
+//! [`crate::ha::lease`]): a leader whose loop hangs, or whose keeper died,
+//! must lose its lease rather than hold it while nothing could stop
+//! PostgreSQL. Every renewal re-arms the fence keeper with the new deadline;
+//! the lease counts as usable only up to the deadline the keeper
+//! acknowledged. It also replaces a keeper that stopped making progress.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use super::fence::Fence;
+use super::fence::{Fence, FenceError};
 use crate::dcs::{Dcs, LeaseRenewal};
 use crate::ha::Lease;
-use crate::util::boottime_ms;
+use crate::ha::lease::{
+    KeeperProblem, RenewRefusal, keeper_health, keeper_needs_replacing, may_renew, usable_until,
+};
+use crate::util::{boottime_ms, chain};
 
 #[derive(Debug, Default)]
 struct State {
@@ -24,6 +30,7 @@ struct State {
     busy_until_ms: u64,
     last_renewal_latency_ms: Option<u64>,
     latency: Option<super::status::Histogram>,
+    last_refusal: Option<RenewRefusal>,
 }
 
 /// Handle shared by the HA loop and the executor.
@@ -65,21 +72,49 @@ impl LeaseKeeper {
             let s = self.state.lock().unwrap();
             (s.held, s.loop_heartbeat_ms, s.busy_until_ms)
         };
+        let now = boottime_ms();
+        let keeper = self.fence.view();
+        if keeper_needs_replacing(now, &keeper) {
+            self.fence.replace_hung_keeper();
+        }
         if !held {
             return;
         }
-        let now = boottime_ms();
-        let stale = now.saturating_sub(heartbeat);
-        if stale > ttl.as_millis() as u64 && now > busy_until {
-            tracing::error!(
-                stale_ms = stale,
-                "HA loop has not run for longer than the TTL; not renewing the lease"
-            );
+        let refusal = may_renew(now, heartbeat, busy_until, ttl.as_millis() as u64, &keeper).err();
+        {
+            // Logged when the reason changes, not every interval.
+            let mut s = self.state.lock().unwrap();
+            if refusal != s.last_refusal {
+                match refusal {
+                    Some(RenewRefusal::LoopStale { stale_ms }) => tracing::error!(
+                        stale_ms,
+                        "HA loop has not run for longer than the TTL; not renewing the lease"
+                    ),
+                    Some(RenewRefusal::Keeper(problem)) => tracing::error!(
+                        problem = %problem,
+                        "no fence keeper stands guard; not renewing the lease"
+                    ),
+                    None if s.last_refusal.is_some() => {
+                        tracing::info!("renewing the lease again")
+                    }
+                    None => {}
+                }
+                s.last_refusal = refusal;
+            }
+        }
+        if refusal.is_some() {
             return;
         }
         let started = boottime_ms();
         match dcs.renew_leader().await {
-            Ok(Some(r)) => self.record(r, Some(boottime_ms() - started)),
+            Ok(Some(r)) => {
+                if let Err(e) = self.record(r, Some(boottime_ms() - started)) {
+                    // The new deadline is never acknowledged, so the lease
+                    // stays usable only up to the previous one: the loop
+                    // demotes then, unless a later arm succeeds.
+                    tracing::error!(error = %chain(&e), "renewed the lease but cannot arm the fence keeper");
+                }
+            }
             Ok(None) => {
                 tracing::warn!("leader lease is gone");
                 let mut s = self.state.lock().unwrap();
@@ -90,25 +125,54 @@ impl LeaseKeeper {
     }
 
     /// Records a successful acquisition or renewal and moves the fence
-    /// deadline forward.
-    pub fn record(&self, r: LeaseRenewal, latency_ms: Option<u64>) {
-        let mut s = self.state.lock().unwrap();
-        // Never move the deadline backwards: a slow, older response must
-        // not shorten what a newer one granted (it would only be safe,
-        // but could fence needlessly).
-        let until = s
-            .valid_until_ms
-            .filter(|_| s.held)
-            .map_or(r.valid_until_ms, |u| u.max(r.valid_until_ms));
-        s.held = true;
-        s.valid_until_ms = Some(until);
-        if let Some(ms) = latency_ms {
-            s.last_renewal_latency_ms = Some(ms);
-            s.latency
-                .get_or_insert_with(super::status::Histogram::latency)
-                .observe(ms as f64);
+    /// deadline forward. The lease becomes usable up to the new deadline
+    /// only once the keeper acknowledges it.
+    pub fn record(&self, r: LeaseRenewal, latency_ms: Option<u64>) -> Result<(), FenceError> {
+        let until = {
+            let mut s = self.state.lock().unwrap();
+            // Never move the deadline backwards: a slow, older response must
+            // not shorten what a newer one granted (it would only be safe,
+            // but could fence needlessly).
+            let until = s
+                .valid_until_ms
+                .filter(|_| s.held)
+                .map_or(r.valid_until_ms, |u| u.max(r.valid_until_ms));
+            s.held = true;
+            s.valid_until_ms = Some(until);
+            if let Some(ms) = latency_ms {
+                s.last_renewal_latency_ms = Some(ms);
+                s.latency
+                    .get_or_insert_with(super::status::Histogram::latency)
+                    .observe(ms as f64);
+            }
+            until
+        };
+        self.fence.arm(until.saturating_sub(self.fence_margin_ms))
+    }
+
+    /// Waits (briefly) until a keeper acknowledged the deadline of the
+    /// lease as recorded now. Called after acquiring a lease, before
+    /// anything writable: a member must never lead without a fence.
+    pub async fn wait_until_guarded(&self, timeout: Duration) -> Result<(), KeeperProblem> {
+        let deadline = boottime_ms() + timeout.as_millis() as u64;
+        loop {
+            let wanted = self
+                .state
+                .lock()
+                .unwrap()
+                .valid_until_ms
+                .map(|u| u.saturating_sub(self.fence_margin_ms));
+            let view = self.fence.view();
+            let health = keeper_health(boottime_ms(), &view);
+            let acked = view.ack.and_then(|a| a.armed_deadline_ms);
+            if health.is_ok() && wanted.is_some() && acked >= wanted {
+                return Ok(());
+            }
+            if boottime_ms() >= deadline {
+                return Err(health.err().unwrap_or(KeeperProblem::NotAcknowledged));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        self.fence.arm(until.saturating_sub(self.fence_margin_ms));
     }
 
     /// Forgets the lease (released, or known lost).
@@ -129,11 +193,20 @@ impl LeaseKeeper {
         self.state.lock().unwrap().loop_heartbeat_ms = boottime_ms();
     }
 
+    /// The lease as the decision sees it: usable only up to a deadline a
+    /// fence keeper acknowledged (see [`usable_until`]).
     pub fn snapshot(&self) -> Lease {
-        let s = self.state.lock().unwrap();
+        let (held, valid_until_ms) = {
+            let s = self.state.lock().unwrap();
+            (s.held, s.valid_until_ms)
+        };
         Lease {
-            held: s.held,
-            valid_until_ms: s.valid_until_ms,
+            held,
+            valid_until_ms: usable_until(
+                valid_until_ms,
+                self.fence.ack().as_ref(),
+                self.fence_margin_ms,
+            ),
         }
     }
 

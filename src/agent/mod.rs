@@ -12,6 +12,7 @@
 
 mod executor;
 pub mod fence;
+pub mod fence_keeper;
 pub mod lease;
 mod observe;
 pub mod status;
@@ -74,9 +75,8 @@ pub struct Agent {
 
 /// Runs the agent until SIGTERM/SIGINT, then shuts down cleanly.
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
-    let instance = Instance::from_config(&cfg)?;
+    let instance = Instance::open(&cfg).context("prepare the state directory")?;
     crate::postgres::ctl::become_subreaper();
-    instance.prepare().context("prepare the state directory")?;
     let credentials = cfg
         .etcd
         .credentials
@@ -102,13 +102,24 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             }
         }
     };
-    let fence = Fence::new(&cfg.state_dir);
+    let fence = Fence::new(instance.state.clone());
     if !matches!(fence.current(), Some(FenceState::Armed { .. })) {
         fence.disarm();
     }
     fence
-        .spawn_keeper(&cfg.postgres.data_dir)
+        .start_keeper(&cfg.postgres.data_dir)
         .context("start the fence keeper")?;
+    // Give the keeper a moment to take over before the first decision: a
+    // primary left running by the previous agent is demoted if no keeper
+    // guards it when the loop first looks.
+    let waiting_since = crate::util::boottime_ms();
+    while let Err(problem) = ha::lease::keeper_health(crate::util::boottime_ms(), &fence.view()) {
+        if crate::util::boottime_ms() - waiting_since > 2_000 {
+            tracing::warn!(problem = %problem, "the fence keeper has not acknowledged within 2 s");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let lease = LeaseKeeper::start(
         dcs.clone(),
         fence.clone(),
@@ -311,7 +322,7 @@ impl Agent {
             }
         }
         let _ = self.dcs.delete_member().await;
-        let _ = self.fence.set(FenceState::Exit);
+        self.fence.exit();
         tracing::info!("stopped");
     }
 }

@@ -11,6 +11,9 @@ use crate::postgres::observe::Running;
 use crate::postgres::{DataDirState, Observation, PgStatus};
 use crate::util::{boottime_ms, unix_ms};
 
+/// File name of the former-primary mark in the state directory.
+const FORMER_PRIMARY_MARK: &str = "former-primary";
+
 impl Agent {
     pub(super) async fn observe(&mut self) -> (Snapshot, Observation) {
         let view = match self.dcs.read_cluster().await {
@@ -136,7 +139,8 @@ impl Agent {
                 upstream,
                 not_streaming_since_ms: self.not_streaming_since_ms,
                 rewind_failed: self.rewind_failed,
-                former_primary: self.former_primary_mark().exists(),
+                former_primary: self.former_primary(),
+                fence_ready: crate::ha::lease::keeper_health(now, &self.fence.view()).is_ok(),
                 failed_starts: self.failed_starts,
             },
             peers,
@@ -147,19 +151,31 @@ impl Agent {
         (snapshot, obs)
     }
 
-    pub(super) fn former_primary_mark(&self) -> std::path::PathBuf {
-        self.cfg.state_dir.join("former-primary")
+    /// The former-primary mark: a file in the agent's own state directory
+    /// (the PostgreSQL account can neither create nor remove it). Anything
+    /// but a clear "absent" counts as present: the mark only ever makes
+    /// pgha more careful.
+    pub(super) fn former_primary(&self) -> bool {
+        self.instance
+            .state
+            .is_file(FORMER_PRIMARY_MARK)
+            .unwrap_or(true)
     }
 
     pub(super) fn set_former_primary(&self, on: bool) {
-        let mark = self.former_primary_mark();
-        let result = match (on, mark.exists()) {
-            (true, false) => std::fs::write(&mark, "this data directory ran as a primary\n"),
-            (false, true) => std::fs::remove_file(&mark),
+        let state = &self.instance.state;
+        let result = match (on, self.former_primary()) {
+            // Durable: after a power loss the mark must still be there.
+            (true, false) => state.write_durable(
+                FORMER_PRIMARY_MARK,
+                b"this data directory ran as a primary\n",
+                0o600,
+            ),
+            (false, true) => state.remove(FORMER_PRIMARY_MARK),
             _ => Ok(()),
         };
         if let Err(e) = result {
-            tracing::warn!(error = %e, path = %mark.display(), "cannot update the former-primary mark");
+            tracing::warn!(error = %crate::util::chain(&e), "cannot update the former-primary mark");
         }
     }
 

@@ -96,8 +96,10 @@ pub enum Command {
     /// Internal: the fence keeper process started by the agent.
     #[command(hide = true)]
     FenceKeeper {
+        /// For messages only: the directory itself is inherited as a
+        /// descriptor.
         #[arg(long)]
-        state_file: PathBuf,
+        state_dir: PathBuf,
         #[arg(long)]
         data_dir: PathBuf,
         #[arg(long)]

@@ -144,14 +144,25 @@ impl Config {
         format!("/{}/{}/", self.namespace, self.cluster)
     }
 
+    /// The part of the state directory that belongs to the PostgreSQL OS
+    /// user (the rest belongs to the agent's account).
+    pub fn pg_state_dir(&self) -> PathBuf {
+        self.state_dir.join(crate::postgres::ctl::PG_SUBDIR)
+    }
+
     /// Where the agent keeps the libpq passfile it hands to PostgreSQL tools.
     pub fn passfile_path(&self) -> PathBuf {
-        self.state_dir.join("pgpass")
+        self.pg_state_dir().join("pgpass")
     }
 
     /// Directory for PostgreSQL's unix socket.
     pub fn socket_dir(&self) -> PathBuf {
-        self.state_dir.join("run")
+        self.pg_state_dir().join("run")
+    }
+
+    /// PostgreSQL's server log (written by the server, as its OS user).
+    pub fn postgres_log_path(&self) -> PathBuf {
+        self.pg_state_dir().join("postgresql.log")
     }
 }
 

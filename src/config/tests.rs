@@ -213,9 +213,12 @@ fn defaults_of_every_key_when_omitted() {
     assert_eq!(c.dcs_prefix(), "/pgha/main/");
     assert_eq!(
         c.passfile_path(),
-        Path::new("/var/lib/pgha/data.pgha/pgpass")
+        Path::new("/var/lib/pgha/data.pgha/postgres/pgpass")
     );
-    assert_eq!(c.socket_dir(), Path::new("/var/lib/pgha/data.pgha/run"));
+    assert_eq!(
+        c.socket_dir(),
+        Path::new("/var/lib/pgha/data.pgha/postgres/run")
+    );
 }
 
 #[test]

@@ -3,7 +3,8 @@
 //! usable? who leads? am I allowed to be writable?
 
 use super::election::may_race;
-use super::snapshot::{Action, Decision, DemoteReason, Lease, OnDisk, Reason, Snapshot};
+use super::lease::lease_usable;
+use super::snapshot::{Action, Decision, DemoteReason, OnDisk, Reason, Snapshot};
 use super::sync::{self, SyncSetting, SyncStep};
 use crate::dcs::{ClusterView, Initialize, SyncMode, SyncRecord};
 use crate::model::{MemberName, PgRole, PgState};
@@ -19,6 +20,32 @@ pub const FAILED_STARTS_BEFORE_REPAIR: u32 = 3;
 
 /// One loop's decision. Pure: same snapshot, same decision.
 pub fn decide(s: &Snapshot) -> Decision {
+    let d = decide_unguarded(s);
+    // Taking (or resuming) the lease, and bootstrapping (which takes it),
+    // need a fence keeper standing guard first: a leader that froze with no
+    // keeper would stay writable after its lease ran out.
+    let takes_lease = matches!(
+        d.action,
+        Action::AcquireLease | Action::AdoptLease { .. } | Action::Bootstrap
+    );
+    if takes_lease && !s.local.fence_ready {
+        // A primary that would adopt its lease is writable with nothing
+        // guarding it: stop writes rather than wait.
+        return if is_primary(s) {
+            Decision::new(
+                Action::Demote {
+                    reason: DemoteReason::LeaseLost,
+                },
+                Reason::FenceKeeperNotReady,
+            )
+        } else {
+            Decision::wait(Reason::FenceKeeperNotReady)
+        };
+    }
+    d
+}
+
+fn decide_unguarded(s: &Snapshot) -> Decision {
     if let Some(job) = s.job {
         return Decision::wait(Reason::JobRunning(job));
     }
@@ -67,12 +94,7 @@ pub fn decide(s: &Snapshot) -> Decision {
 
 /// Lease usable for writes: held, and not within `fence_margin` of expiry.
 fn lease_valid(s: &Snapshot) -> bool {
-    let Lease {
-        held,
-        valid_until_ms,
-    } = s.lease;
-    held && valid_until_ms
-        .is_some_and(|until| s.now_ms + s.ha.fence_margin.as_millis() as u64 <= until)
+    lease_usable(&s.lease, s.now_ms, s.ha.fence_margin.as_millis() as u64)
 }
 
 fn is_primary(s: &Snapshot) -> bool {

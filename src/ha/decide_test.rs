@@ -181,6 +181,7 @@ impl Fixture {
                     rewind_failed: false,
                     former_primary: false,
                     failed_starts: 0,
+                    fence_ready: true,
                 },
                 peers: Vec::new(),
                 last_leader_lsn: None,
@@ -528,6 +529,12 @@ impl Fixture {
 
     fn without_record(mut self, name: &str) -> Self {
         self.view().members.remove(&m(name));
+        self
+    }
+
+    /// The fence keeper is dead, stopped or silent.
+    fn fence_not_ready(mut self) -> Self {
+        self.snap.local.fence_ready = false;
         self
     }
 
@@ -1350,6 +1357,49 @@ fn follower() {
                     leader: Some(m("n2")),
                 },
                 Reason::StartingAsReplica,
+            ),
+        ),
+    ]);
+}
+
+#[test]
+fn no_lease_without_a_fence_keeper() {
+    check(vec![
+        (
+            "healthiest replica, keeper dead: no race",
+            F::new("n1").member("n2").replica().fence_not_ready(),
+            wait(Reason::FenceKeeperNotReady),
+        ),
+        (
+            "own key after a restart, keeper not acknowledging: no adoption",
+            F::new("n1").leader("n1").replica().fence_not_ready(),
+            wait(Reason::FenceKeeperNotReady),
+        ),
+        (
+            "writable after an agent restart, keeper not acknowledging: no adoption, demoted",
+            F::new("n1").leader("n1").primary().fence_not_ready(),
+            demote(DemoteReason::LeaseLost, Reason::FenceKeeperNotReady),
+        ),
+        (
+            "uninitialized cluster, keeper dead: no bootstrap",
+            F::new("n1").initialize(None).empty_data().fence_not_ready(),
+            wait(Reason::FenceKeeperNotReady),
+        ),
+        (
+            "writable, lease still valid, keeper gone: keeps writing until the acknowledged deadline",
+            F::new("n1")
+                .leader("n1")
+                .lease_held(VALID)
+                .primary()
+                .fence_not_ready(),
+            wait(Reason::Leading),
+        ),
+        (
+            "writable under another member's key, keeper gone: still demotes",
+            F::new("n1").leader("n2").primary().fence_not_ready(),
+            demote(
+                DemoteReason::OtherLeader {},
+                Reason::OtherLeaderHoldsKey { leader: m("n2") },
             ),
         ),
     ]);
@@ -2368,6 +2418,8 @@ struct Case {
     /// Fresh: just went down, streaming, caught up. Troubled: down longer
     /// than every timeout, not streaming, last rewind failed, behind a peer.
     troubled: bool,
+    /// No fence keeper acknowledges (dead, stopped or hung).
+    no_fence: bool,
 }
 
 /// Every combination of the domains; the cartesian product is built axis by
@@ -2441,6 +2493,7 @@ fn all_cases() -> Vec<Case> {
         |c, v| c.sync = v,
     );
     cases = expand(cases, &[false, true], |c, v| c.troubled = v);
+    cases = expand(cases, &[false, true], |c, v| c.no_fence = v);
     cases
 }
 
@@ -2517,6 +2570,9 @@ fn sweep_fixture(c: Case) -> Fixture {
     };
     if !c.reachable {
         f = f.dcs_down();
+    }
+    if c.no_fence {
+        f = f.fence_not_ready();
     }
     f
 }
@@ -2614,6 +2670,15 @@ fn invariants(s: &Snapshot, d: &Decision) -> Result<(), String> {
         && (src == &s.me || key.is_none_or(|k| &k.name != src))
     {
         return Err(format!("takes data from {src}, not from the key holder"));
+    }
+    // 15. Nobody takes the lease without a fence keeper standing guard.
+    if !s.local.fence_ready
+        && matches!(
+            a,
+            Action::AcquireLease | Action::AdoptLease { .. } | Action::Bootstrap
+        )
+    {
+        return Err("takes the lease with no fence keeper".into());
     }
     // 10. The leader never keeps a slot for itself.
     if let Action::Lead { create_slots, .. } = a
@@ -2725,9 +2790,9 @@ fn sweep_safety_invariants() {
     let cases = all_cases();
     // 4 leases × 4 PG states × 3 keys × 2 paused × 2 DCS × 3 data dirs
     // × 3 pg_control states × 3 failover requests × 5 sync states
-    // × 2 histories.
-    assert_eq!(cases.len(), 4 * 4 * 3 * 2 * 2 * 3 * 3 * 3 * 5 * 2);
-    assert_eq!(cases.len(), 51_840);
+    // × 2 histories × 2 fence keeper states.
+    assert_eq!(cases.len(), 4 * 4 * 3 * 2 * 2 * 3 * 3 * 3 * 5 * 2 * 2);
+    assert_eq!(cases.len(), 103_680);
 
     let mut seen = BTreeSet::new();
     let mut violations = Vec::new();
@@ -2744,7 +2809,7 @@ fn sweep_safety_invariants() {
         }
         seen.insert(action_kind(&d.action));
     }
-    assert_eq!(checked, 51_840);
+    assert_eq!(checked, 103_680);
     assert!(
         violations.is_empty(),
         "{} violation(s), first ones:\n{}",

@@ -13,6 +13,7 @@
 
 mod decide;
 mod election;
+pub mod lease;
 mod snapshot;
 pub mod sync;
 

@@ -68,6 +68,9 @@ pub struct Local {
     pub former_primary: bool,
     /// Consecutive starts after which the postmaster exited again.
     pub failed_starts: u32,
+    /// A fence keeper is running, not stopped, and acknowledging (see
+    /// [`super::lease::keeper_health`]). Required before taking the lease.
+    pub fence_ready: bool,
 }
 
 /// The state recorded in pg_control of a stopped server.
@@ -203,11 +206,15 @@ pub enum Reason {
     DcsUnreachableLeaseValid,
     LeaseRunningOut,
     NotInitialized,
-    BootstrapInProgress { by: MemberName },
+    BootstrapInProgress {
+        by: MemberName,
+    },
     ForeignDataDirectory,
     UnusableDataDirectory,
     Paused,
     JobRunning(Job),
+    /// Would take the lease, but no fence keeper stands guard yet.
+    FenceKeeperNotReady,
     // leader side
     Leading,
     LeaderKeyIsMine,
@@ -221,8 +228,12 @@ pub enum Reason {
     SwitchoverRequested,
     SwitchoverScheduled,
     // replica side
-    Following { leader: MemberName },
-    RepointingToLeader { leader: MemberName },
+    Following {
+        leader: MemberName,
+    },
+    RepointingToLeader {
+        leader: MemberName,
+    },
     StartingAsReplica,
     StartingReadOnly,
     PostgresStarting,
@@ -233,14 +244,20 @@ pub enum Reason {
     RewindFailedNoReclone,
     StreamingStalled,
     StartKeepsFailing,
-    LeaderRecordMissing { leader: MemberName },
-    OtherLeaderHoldsKey { leader: MemberName },
+    LeaderRecordMissing {
+        leader: MemberName,
+    },
+    OtherLeaderHoldsKey {
+        leader: MemberName,
+    },
     WritableWithoutLease,
     // race
     RacingAsHealthiest,
     ManualFailoverTarget,
     NotHealthiest(super::Disqualified),
-    WaitingForSwitchoverTarget { target: MemberName },
+    WaitingForSwitchoverTarget {
+        target: MemberName,
+    },
     CatchingUpBeforePromotion,
     NoLeaderNotRunning,
 }
@@ -251,6 +268,10 @@ impl fmt::Display for Reason {
         match self {
             DcsUnreachable => write!(f, "DCS unreachable; not changing anything"),
             DcsUnreachableLeaseValid => write!(f, "DCS unreachable; leader lease still valid"),
+            FenceKeeperNotReady => write!(
+                f,
+                "not taking the leader lease: no fence keeper is acknowledging"
+            ),
             LeaseRunningOut => write!(f, "leader lease could not be renewed and is running out"),
             NotInitialized => write!(f, "cluster not initialized; racing to bootstrap"),
             BootstrapInProgress { by } => write!(f, "waiting for {by} to bootstrap the cluster"),

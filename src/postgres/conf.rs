@@ -3,7 +3,6 @@
 //! so the formats are tested without touching a disk.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 
 /// Name of the file initdb produced, kept and included by ours so that the
 /// locale and other initdb choices survive.
@@ -206,10 +205,9 @@ pub fn render_passfile(entries: &[PassEntry]) -> String {
         .collect()
 }
 
-/// The file that makes PostgreSQL start in standby mode.
-pub fn standby_signal(data_dir: &Path) -> std::path::PathBuf {
-    data_dir.join("standby.signal")
-}
+/// The file (in the data directory) that makes PostgreSQL start in
+/// standby mode.
+pub const STANDBY_SIGNAL: &str = "standby.signal";
 
 #[cfg(test)]
 mod tests {

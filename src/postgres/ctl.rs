@@ -2,12 +2,19 @@
 //!
 //! PostgreSQL refuses to run as root. When the agent is root, every tool
 //! runs as `postgres.os_user` (uid/gid switched in the child, supplementary
-//! groups dropped), and every file pgha writes for PostgreSQL is chowned to
-//! that user. As a normal user, everything runs as that user.
+//! groups dropped), and every file pgha writes for PostgreSQL is created
+//! for that user through a checked directory descriptor ([`TrustedDir`]),
+//! never by following a path that account could have redirected. As a
+//! normal user, everything runs as that user.
+//!
+//! Layout: the state directory belongs to the agent's account and holds
+//! what safety depends on (fence state, former-primary mark); its
+//! `postgres/` subdirectory belongs to the PostgreSQL account and holds
+//! what PostgreSQL and its tools read or write (passfile, socket, log).
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::AsyncReadExt;
@@ -15,6 +22,7 @@ use tokio::process::Command;
 
 use super::conf::{self, HbaPolicy, PassEntry, ServerSettings, Upstream};
 use crate::config::{Config, RoleCredentials};
+use crate::safe_fs::{Owner, SafeFsError, Strictness, TrustedDir};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PgError {
@@ -47,6 +55,8 @@ pub enum PgError {
     },
     #[error("could not connect to the local PostgreSQL: {0}")]
     Connect(#[source] tokio_postgres::Error),
+    #[error("unsafe or unusable directory")]
+    Directory(#[from] SafeFsError),
     #[error("{0}")]
     Unexpected(String),
 }
@@ -79,7 +89,10 @@ pub struct Instance {
     pub name: String,
     pub bin_dir: PathBuf,
     pub data_dir: PathBuf,
-    pub state_dir: PathBuf,
+    /// The agent's own state directory (fence state, former-primary mark).
+    pub state: Arc<TrustedDir>,
+    /// The PostgreSQL account's directory inside it (passfile, log).
+    pub pg_dir: Arc<TrustedDir>,
     pub socket_dir: PathBuf,
     pub passfile: PathBuf,
     pub log_file: PathBuf,
@@ -91,10 +104,20 @@ pub struct Instance {
     pub parameters: std::collections::BTreeMap<String, String>,
     /// Set when the agent is root.
     pub os_user: Option<OsUser>,
+    /// Who owns the data directory and the files PostgreSQL reads.
+    pub pg_owner: Owner,
 }
 
+/// Subdirectory of the state directory that belongs to the PostgreSQL
+/// account.
+pub const PG_SUBDIR: &str = "postgres";
+
 impl Instance {
-    pub fn from_config(cfg: &Config) -> Result<Instance, PgError> {
+    /// Resolves the OS user and opens (creating when missing) the state
+    /// directory and the PostgreSQL account's subdirectory, then writes the
+    /// passfile. Refuses a state directory another account owns or could
+    /// write.
+    pub fn open(cfg: &Config) -> Result<Instance, PgError> {
         let os_user = if nix::unistd::geteuid().is_root() {
             let user = nix::unistd::User::from_name(&cfg.postgres.os_user)
                 .ok()
@@ -111,14 +134,29 @@ impl Instance {
         } else {
             None
         };
-        Ok(Instance {
+        let pg_owner = os_user.as_ref().map_or_else(Owner::current, |u| Owner {
+            uid: u.uid,
+            gid: u.gid,
+        });
+        // 0711 when PostgreSQL runs as another account: it must reach its
+        // subdirectory, but may neither list nor change this one.
+        let state_mode = if os_user.is_some() { 0o711 } else { 0o700 };
+        let state = TrustedDir::create(
+            &cfg.state_dir,
+            Owner::current(),
+            state_mode,
+            Strictness::Private,
+        )?;
+        let pg_dir = state.subdir(PG_SUBDIR, pg_owner, 0o700, Strictness::OwnerOnly)?;
+        let instance = Instance {
             name: cfg.name.to_string(),
             bin_dir: cfg.postgres.bin_dir.clone(),
             data_dir: cfg.postgres.data_dir.clone(),
-            state_dir: cfg.state_dir.clone(),
+            state: Arc::new(state),
+            pg_dir: Arc::new(pg_dir),
             socket_dir: cfg.socket_dir(),
             passfile: cfg.passfile_path(),
-            log_file: cfg.state_dir.join("postgresql.log"),
+            log_file: cfg.postgres_log_path(),
             port: cfg.postgres.port,
             listen_addresses: cfg.postgres.listen_addresses.clone(),
             superuser: cfg.postgres.superuser.clone(),
@@ -132,7 +170,10 @@ impl Instance {
             },
             parameters: cfg.postgres.parameters.clone(),
             os_user,
-        })
+            pg_owner,
+        };
+        instance.prepare()?;
+        Ok(instance)
     }
 
     /// A command for one of PostgreSQL's binaries, as the right OS user,
@@ -142,7 +183,7 @@ impl Instance {
         cmd.env("PGPASSFILE", &self.passfile)
             .env("LC_ALL", "C.UTF-8")
             .env_remove("PGPASSWORD")
-            .current_dir(&self.state_dir)
+            .current_dir(self.pg_dir.path())
             .stdin(Stdio::null())
             .kill_on_drop(true);
         if let Some(u) = &self.os_user {
@@ -182,34 +223,20 @@ impl Instance {
         Ok(String::from_utf8_lossy(&out.stdout).to_string())
     }
 
-    /// Writes a file PostgreSQL (or its tools) will read, owned by the OS
-    /// user, with `mode`. Written to a temporary name then renamed, so a
-    /// crash never leaves half a file.
-    pub fn write_owned(&self, path: &Path, contents: &str, mode: u32) -> Result<(), PgError> {
-        let tmp = path.with_extension("pgha-tmp");
-        std::fs::write(&tmp, contents).map_err(io(format!("write {}", tmp.display())))?;
-        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
-            .map_err(io(format!("chmod {}", tmp.display())))?;
-        self.chown(&tmp)?;
-        std::fs::rename(&tmp, path).map_err(io(format!("rename to {}", path.display())))
+    /// The data directory, opened without following a symlink and checked
+    /// to belong to the PostgreSQL account.
+    fn data_dir_handle(&self) -> Result<TrustedDir, PgError> {
+        Ok(TrustedDir::open(
+            &self.data_dir,
+            self.pg_owner,
+            Strictness::OwnerOnly,
+        )?)
     }
 
-    fn chown(&self, path: &Path) -> Result<(), PgError> {
-        if let Some(u) = &self.os_user {
-            std::os::unix::fs::chown(path, Some(u.uid), Some(u.gid))
-                .map_err(io(format!("chown {}", path.display())))?;
-        }
-        Ok(())
-    }
-
-    /// Creates the state and socket directories and the passfile.
-    pub fn prepare(&self) -> Result<(), PgError> {
-        for dir in [&self.state_dir, &self.socket_dir] {
-            std::fs::create_dir_all(dir).map_err(io(format!("create {}", dir.display())))?;
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-                .map_err(io(format!("chmod {}", dir.display())))?;
-            self.chown(dir)?;
-        }
+    /// Creates the socket directory and writes the passfile.
+    fn prepare(&self) -> Result<(), PgError> {
+        self.pg_dir
+            .subdir("run", self.pg_owner, 0o700, Strictness::OwnerOnly)?;
         let entries = [
             PassEntry {
                 host: "*".into(),
@@ -233,7 +260,9 @@ impl Instance {
                 password: self.replication.password.expose().to_string(),
             },
         ];
-        self.write_owned(&self.passfile, &conf::render_passfile(&entries), 0o600)
+        self.pg_dir
+            .write("pgpass", conf::render_passfile(&entries).as_bytes(), 0o600)?;
+        Ok(())
     }
 
     /// Creates a brand new cluster: checksums on (so pg_rewind works),
@@ -241,8 +270,12 @@ impl Instance {
     /// exists only for the duration of initdb.
     pub async fn initdb(&self) -> Result<(), PgError> {
         self.create_data_dir()?;
-        let pwfile = self.state_dir.join("initdb.pw");
-        self.write_owned(&pwfile, self.superuser.password.expose(), 0o600)?;
+        let pwfile = self.pg_dir.join("initdb.pw");
+        self.pg_dir.write(
+            "initdb.pw",
+            self.superuser.password.expose().as_bytes(),
+            0o600,
+        )?;
         let result = self
             .run(
                 "initdb",
@@ -261,20 +294,18 @@ impl Instance {
                 Duration::from_secs(300),
             )
             .await;
-        let _ = std::fs::remove_file(&pwfile);
+        let _ = self.pg_dir.remove("initdb.pw");
         result?;
-        let conf = self.data_dir.join("postgresql.conf");
-        std::fs::rename(&conf, self.data_dir.join(conf::BASE_CONF))
-            .map_err(io("keep initdb's postgresql.conf"))?;
+        // Keep initdb's postgresql.conf under another name; pgha writes its
+        // own. Renamed within the checked directory, never through a path.
+        self.data_dir_handle()?
+            .rename("postgresql.conf", conf::BASE_CONF)?;
         Ok(())
     }
 
     fn create_data_dir(&self) -> Result<(), PgError> {
-        std::fs::create_dir_all(&self.data_dir)
-            .map_err(io(format!("create {}", self.data_dir.display())))?;
-        std::fs::set_permissions(&self.data_dir, std::fs::Permissions::from_mode(0o700))
-            .map_err(io(format!("chmod {}", self.data_dir.display())))?;
-        self.chown(&self.data_dir)
+        TrustedDir::create(&self.data_dir, self.pg_owner, 0o700, Strictness::OwnerOnly)?;
+        Ok(())
     }
 
     /// Renders and writes postgresql.conf, pg_hba.conf and (for replicas)
@@ -296,28 +327,28 @@ impl Instance {
             synchronous_standby_names: sync_names,
             extra: self.parameters.clone(),
         };
-        self.write_owned(
-            &self.data_dir.join("postgresql.conf"),
-            &conf::render_postgresql_conf(&settings),
+        let data = self.data_dir_handle()?;
+        data.write(
+            "postgresql.conf",
+            conf::render_postgresql_conf(&settings).as_bytes(),
             0o600,
         )?;
-        self.write_owned(
-            &self.data_dir.join("pg_hba.conf"),
-            &conf::render_pg_hba(&self.hba),
+        data.write(
+            "pg_hba.conf",
+            conf::render_pg_hba(&self.hba).as_bytes(),
             0o600,
         )?;
         // pg_basebackup copies the leader's auto.conf; settings there would
         // override ours, so pgha keeps it empty.
-        self.write_owned(
-            &self.data_dir.join("postgresql.auto.conf"),
-            "# Managed by pgha; use the pgha configuration.\n",
+        data.write(
+            "postgresql.auto.conf",
+            b"# Managed by pgha; use the pgha configuration.\n",
             0o600,
         )?;
-        let signal = conf::standby_signal(&self.data_dir);
         if standby {
-            self.write_owned(&signal, "", 0o600)?;
-        } else if signal.exists() {
-            std::fs::remove_file(&signal).map_err(io("remove standby.signal"))?;
+            data.write(conf::STANDBY_SIGNAL, b"", 0o600)?;
+        } else {
+            data.remove(conf::STANDBY_SIGNAL)?;
         }
         Ok(())
     }
@@ -568,8 +599,15 @@ impl Instance {
             .collect())
     }
 
-    /// Deletes the data directory (before a clone). Refuses obviously wrong
-    /// targets as a last line of defence against a bad path.
+    /// Empties the data directory (before a clone or a new initdb).
+    /// Refuses obviously wrong targets as a last line of defence against a
+    /// bad path.
+    ///
+    /// The deletion runs as the PostgreSQL account when the agent is root:
+    /// that account could have replaced a component of the path with a
+    /// symlink, and a root deletion would then remove whatever it points
+    /// to. As that account, it can only delete what it could delete anyway.
+    /// The directory itself stays (empty), as PostgreSQL's tools accept.
     pub fn remove_data_dir(&self) -> Result<(), PgError> {
         let d = &self.data_dir;
         if d.parent().is_none() || d == Path::new("/") {
@@ -584,14 +622,37 @@ impl Instance {
                 d.display()
             )));
         }
-        match std::fs::remove_dir_all(d) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(PgError::Io {
-                action: format!("remove {}", d.display()),
-                source: e,
-            }),
+        let Some(u) = &self.os_user else {
+            return match std::fs::remove_dir_all(d) {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(PgError::Io {
+                    action: format!("remove {}", d.display()),
+                    source: e,
+                }),
+            };
+        };
+        if !d.exists() {
+            return Ok(());
         }
+        use std::os::unix::process::CommandExt;
+        let out = std::process::Command::new("find")
+            .arg(d)
+            .args(["-mindepth", "1", "-delete"])
+            .uid(u.uid)
+            .gid(u.gid)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(io("run find to empty the data directory"))?;
+        if !out.status.success() {
+            return Err(PgError::Tool {
+                tool: "find".into(),
+                action: format!("empty {} as {}", d.display(), u.name),
+                status: out.status.to_string(),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            });
+        }
+        Ok(())
     }
 
     /// Connection parameters for the agent's own SQL session (unix socket).
@@ -625,45 +686,38 @@ pub fn become_subreaper() {
 /// async runtime, which reaps them itself.
 pub fn reap_postgres_orphans() {
     let me = std::process::id() as i32;
-    let Ok(entries) = std::fs::read_dir("/proc") else {
+    let Ok(all) = procfs::process::all_processes() else {
         return;
     };
-    for pid in entries.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok()) {
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        let Some((head, rest)) = stat.rsplit_once(')') else {
-            continue;
-        };
-        let comm = head.split_once('(').map(|(_, c)| c).unwrap_or("");
-        let mut fields = rest.split_whitespace();
-        let state = fields.next().unwrap_or("");
-        let ppid: i32 = fields.next().and_then(|p| p.parse().ok()).unwrap_or(0);
-        if ppid == me && state == "Z" && comm == "postgres" {
+    for p in all.filter_map(Result::ok) {
+        let Ok(stat) = p.stat() else { continue };
+        if stat.ppid == me && stat.state == 'Z' && stat.comm == "postgres" {
             let _ = nix::sys::wait::waitpid(
-                nix::unistd::Pid::from_raw(pid),
+                nix::unistd::Pid::from_raw(p.pid),
                 Some(nix::sys::wait::WaitPidFlag::WNOHANG),
             );
         }
     }
 }
 
-/// Reads `postmaster.pid` and checks that process is alive.
+/// Reads `postmaster.pid` and checks that process is a live postmaster of
+/// this data directory's owner.
+///
+/// The file is written by the PostgreSQL account, so its number is not
+/// trusted: the process must be named `postgres`, not be a zombie, and run
+/// as the owner of the data directory (never root). Otherwise a root agent
+/// or fence keeper could be steered into signalling any process.
 pub fn postmaster_pid(data_dir: &Path) -> Option<i32> {
+    use std::os::unix::fs::MetadataExt;
     let text = std::fs::read_to_string(data_dir.join("postmaster.pid")).ok()?;
     let pid: i32 = text.lines().next()?.trim().parse().ok()?;
     if pid <= 0 {
         return None;
     }
-    // Signal 0 checks existence; a zombie or a recycled pid of another
-    // program is ruled out by /proc's command name.
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).ok()?;
-    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let zombie = stat
-        .rsplit(')')
-        .next()
-        .map(|s| s.trim_start().starts_with('Z'))
-        .unwrap_or(false);
-    (comm.trim() == "postgres" && !zombie).then_some(pid)
+    let owner = std::fs::metadata(data_dir).ok()?.uid();
+    let process = procfs::process::Process::new(pid).ok()?;
+    let stat = process.stat().ok()?;
+    let uid = process.uid().ok()?;
+    // PostgreSQL refuses to run as root, so a root "postmaster" is never one.
+    (stat.comm == "postgres" && stat.state != 'Z' && uid == owner && uid != 0).then_some(pid)
 }

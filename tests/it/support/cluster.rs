@@ -506,7 +506,7 @@ replication = {{ username = "{REPLICATION_USER}", password = "{repl_password}" }
 
     /// The last `lines` lines of PostgreSQL's server log.
     pub fn pg_log_tail(&self, lines: usize) -> String {
-        tail(&self.state_dir.join("postgresql.log"), lines)
+        tail(&self.state_dir.join("postgres/postgresql.log"), lines)
     }
 
     /// The last `lines` lines of the fence keeper's log.

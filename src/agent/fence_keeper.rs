@@ -1,0 +1,134 @@
+//! The fence keeper process (`pgha fence-keeper`, started by the agent).
+//!
+//! Synchronous on purpose: no async runtime, no logging framework, nothing
+//! to wait on but the clock. Every 20 ms it reads the state the agent
+//! wrote; when an armed deadline passes, it kills PostgreSQL. It writes an
+//! acknowledgement of what it read whenever that changes and at least every
+//! [`KEEPER_BEAT_MS`], so the agent can tell a working keeper from a dead,
+//! stopped or hung one.
+//!
+//! It works in the state directory through the descriptor it inherited
+//! from the agent ([`KEEPER_DIR_FD`]), checked again here, so that neither
+//! a renamed directory nor a planted symlink can redirect it.
+
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::Path;
+use std::time::Duration;
+
+use super::fence::{ACK_FILE, FenceState, KEEPER_DIR_FD, LOCK_FILE, STATE_FILE, render_ack};
+use crate::ha::lease::KEEPER_BEAT_MS;
+use crate::safe_fs::{Owner, Strictness, TrustedDir};
+use crate::util::boottime_ms;
+
+const POLL: Duration = Duration::from_millis(20);
+
+/// Runs the keeper until the agent says exit, or the agent is gone and
+/// nothing is armed.
+pub fn run_keeper(state_dir: &Path, data_dir: &Path, first_agent_pid: i32) -> anyhow::Result<()> {
+    // SAFETY: the agent passes the state directory as this descriptor
+    // (see `Fence::spawn_keeper`); nothing else in this process owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(KEEPER_DIR_FD) };
+    let dir = TrustedDir::from_fd(
+        fd,
+        state_dir.to_path_buf(),
+        Owner::current(),
+        Strictness::Private,
+    )?;
+    let lock = dir.open_rw(LOCK_FILE, 0o600)?;
+    // Held for the life of the process. A keeper of an earlier agent may
+    // still hold it: wait; the agent kills that one once this one runs.
+    let _lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| anyhow::anyhow!("cannot lock {LOCK_FILE}: {e}"))?;
+    eprintln!(
+        "fence keeper {} guarding {}",
+        std::process::id(),
+        data_dir.display()
+    );
+    let me = std::process::id() as i32;
+    let mut acknowledged: Option<Option<FenceState>> = None;
+    let mut last_beat = 0;
+    loop {
+        let state = dir
+            .read_to_string(STATE_FILE)
+            .ok()
+            .flatten()
+            .and_then(|t| FenceState::parse(&t));
+        let now = boottime_ms();
+        if acknowledged != Some(state) || now.saturating_sub(last_beat) >= KEEPER_BEAT_MS {
+            // An acknowledgement that cannot be written is simply missing:
+            // the agent then stops renewing, which is the safe side.
+            if dir
+                .write(ACK_FILE, render_ack(me, now, state).as_bytes(), 0o600)
+                .is_ok()
+            {
+                acknowledged = Some(state);
+                last_beat = now;
+            }
+        }
+        match state {
+            Some(FenceState::Armed {
+                deadline_ms,
+                agent_pid,
+            }) if now >= deadline_ms => {
+                if let Some(pid) = kill_postgres(data_dir) {
+                    eprintln!(
+                        "fence keeper: lease deadline passed {} ms ago without renewal; killed postmaster {pid}",
+                        now - deadline_ms
+                    );
+                }
+                let _ = dir.write(
+                    STATE_FILE,
+                    FenceState::Disarmed { agent_pid }.render().as_bytes(),
+                    0o600,
+                );
+            }
+            Some(FenceState::Armed { .. }) => {}
+            Some(FenceState::Disarmed { agent_pid }) if !pid_alive(agent_pid) => return Ok(()),
+            Some(FenceState::Disarmed { .. }) => {}
+            Some(FenceState::Exit) => return Ok(()),
+            None if !pid_alive(first_agent_pid) => return Ok(()),
+            None => {}
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+fn pid_alive(pid: i32) -> bool {
+    pid > 0
+        && procfs::process::Process::new(pid)
+            .and_then(|p| p.stat())
+            .is_ok_and(|s| s.state != 'Z')
+}
+
+/// Kills the postmaster of `data_dir` and every child it has: the
+/// postmaster is stopped first so it cannot fork replacements, then the
+/// children and the postmaster are SIGKILLed. No backend gets to send one
+/// more reply. Returns the postmaster pid that was killed.
+///
+/// Only processes of the data directory's owner are signalled (see
+/// [`crate::postgres::ctl::postmaster_pid`]): `postmaster.pid` is written by
+/// the PostgreSQL account, and must not steer a root keeper's SIGKILL
+/// elsewhere.
+pub fn kill_postgres(data_dir: &Path) -> Option<i32> {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    let pm = crate::postgres::ctl::postmaster_pid(data_dir)?;
+    let owner = procfs::process::Process::new(pm).ok()?.uid().ok()?;
+    let _ = kill(Pid::from_raw(pm), Signal::SIGSTOP);
+    for child in children_of(pm, owner) {
+        let _ = kill(Pid::from_raw(child), Signal::SIGKILL);
+    }
+    let _ = kill(Pid::from_raw(pm), Signal::SIGKILL);
+    Some(pm)
+}
+
+/// Processes whose parent is `parent` and which run as `uid`.
+fn children_of(parent: i32, uid: u32) -> Vec<i32> {
+    let Ok(all) = procfs::process::all_processes() else {
+        return Vec::new();
+    };
+    all.filter_map(Result::ok)
+        .filter(|p| p.stat().is_ok_and(|s| s.ppid == parent) && p.uid().ok() == Some(uid))
+        .map(|p| p.pid)
+        .collect()
+}
