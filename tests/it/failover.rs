@@ -538,6 +538,23 @@ impl WritableLog {
         self.started.elapsed()
     }
 
+    /// Waits until `node` was seen writable (the first sessions take a
+    /// while to connect on a loaded host).
+    async fn wait_seen_writable(&self, node: &str) {
+        let samples = self.samples.clone();
+        let node = node.to_string();
+        wait_until(Duration::from_secs(30), POLL, || {
+            let seen = samples
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|s| s.node == node && s.writable == Some(true));
+            async move { seen.then_some(()) }
+        })
+        .await
+        .expect("the leader is seen writable");
+    }
+
     async fn stop(mut self) -> Vec<Sample> {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.task.take() {
@@ -859,15 +876,75 @@ async fn postgres_crash_restarts_in_place_with_one_start_and_no_missed_renewal()
 /// [`fenced_former_primary_is_not_started_in_place_while_etcd_is_unreachable`]).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frozen_leader_agent_is_fenced_before_another_node_promotes() {
-    let story = Story::new("frozen-agent");
-    let cluster = start_cluster("fo-frozen", 3, ClusterOptions::default()).await;
+    frozen_leader_story("frozen-agent", "fo-frozen", None).await;
+}
+
+/// The fence keeper itself is SIGKILLed first: the agent notices at once
+/// (it is the keeper's parent), starts another, and stops renewing until
+/// that one acknowledges. Freezing the agent afterwards must still end in
+/// a fenced old primary, never in two writable ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_fence_keeper_is_replaced_and_a_frozen_agent_is_still_fenced() {
+    frozen_leader_story("keeper-killed", "fo-keeper-kill", Some(Signal::SIGKILL)).await;
+}
+
+/// As above with the keeper SIGSTOPped: a stopped keeper is as dead as a
+/// killed one (it would never fire), so the agent kills and replaces it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopped_fence_keeper_is_replaced_and_a_frozen_agent_is_still_fenced() {
+    frozen_leader_story("keeper-stopped", "fo-keeper-stop", Some(Signal::SIGSTOP)).await;
+}
+
+/// Sends `signal` to the leader's fence keeper and waits until a different
+/// keeper process guards the node and the agent logged why.
+async fn break_fence_keeper(story: &Story, node: &Node, signal: Signal) {
+    let before = node.fence_keeper_pids();
+    assert_eq!(before.len(), 1, "one keeper before the fault: {before:?}");
+    let old = before[0];
+    kill(Pid::from_raw(old), signal).unwrap();
+    story.say(format!("sent {signal} to the fence keeper {old}"));
+    let replaced = wait_until(Duration::from_secs(10), POLL, || {
+        let now = node.fence_keeper_pids();
+        async move { (now.len() == 1 && now[0] != old).then_some(()) }
+    })
+    .await;
+    assert!(
+        replaced.is_ok(),
+        "keeper {old} not replaced: {:?}\n{}",
+        node.fence_keeper_pids(),
+        node.log_tail(30)
+    );
+    let why = match signal {
+        Signal::SIGSTOP => "the fence keeper was stopped; replacing it",
+        _ => "the fence keeper exited; starting another",
+    };
+    assert!(
+        node.log_text().contains(why),
+        "agent log does not say {why:?}:\n{}",
+        node.log_tail(30)
+    );
+    story.say(format!(
+        "keeper {old} replaced by {:?}",
+        node.fence_keeper_pids()
+    ));
+}
+
+/// The frozen-agent story, optionally after a fault of the fence keeper.
+async fn frozen_leader_story(name: &'static str, test: &str, keeper_fault: Option<Signal>) {
+    let story = Story::new(name);
+    let cluster = start_cluster(test, 3, ClusterOptions::default()).await;
     let old = cluster.leader().await.unwrap().expect("a leader");
     let old_tl = cluster.node(&old).timeline().await.unwrap();
     let old_pm = cluster.node(&old).postmaster_pid().expect("a postmaster");
     story.say(format!("healthy; leader {old} on timeline {old_tl}"));
     let oracles = Oracles::start(&cluster).await;
     let wlog = WritableLog::start(&cluster);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    wlog.wait_seen_writable(&old).await;
+    if let Some(signal) = keeper_fault {
+        break_fence_keeper(&story, cluster.node(&old), signal).await;
+        // Freeze right after the replacement: the new keeper must already
+        // hold the current deadline.
+    }
 
     cluster.node(&old).freeze().unwrap();
     let frozen = Instant::now();

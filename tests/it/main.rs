@@ -13,4 +13,5 @@ mod dcs_etcd;
 mod failover;
 mod foundation;
 mod haproxy;
+mod hardening;
 mod sync;
