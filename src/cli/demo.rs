@@ -17,6 +17,7 @@ use tokio::process::{Child, Command};
 
 use crate::config::Config;
 use crate::dcs::Dcs;
+use crate::safe_fs::{Owner, Strictness, TrustedDir};
 
 const ETCD_BIN: &str = "etcd";
 
@@ -46,15 +47,18 @@ fn random_secret() -> anyhow::Result<String> {
 
 /// Ports chosen on the first run, kept in DIR/etcd/ports so that a second
 /// run resumes the same cluster.
-fn etcd_ports(dir: &Path) -> anyhow::Result<(u16, u16)> {
-    let file = dir.join("etcd-ports");
-    if let Ok(text) = std::fs::read_to_string(&file)
+fn etcd_ports(dir: &TrustedDir) -> anyhow::Result<(u16, u16)> {
+    if let Some(text) = dir.read_to_string("etcd-ports")?
         && let Some((a, b)) = text.trim().split_once(' ')
     {
         return Ok((a.parse()?, b.parse()?));
     }
     let ports = (free_port()?, free_port()?);
-    std::fs::write(&file, format!("{} {}\n", ports.0, ports.1))?;
+    dir.write(
+        "etcd-ports",
+        format!("{} {}\n", ports.0, ports.1).as_bytes(),
+        0o644,
+    )?;
     Ok(ports)
 }
 
@@ -141,10 +145,12 @@ pub async fn run(nodes: usize, dir: &Path) -> anyhow::Result<()> {
     anyhow::ensure!((1..=9).contains(&nodes), "--nodes must be between 1 and 9");
     std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
     let dir: PathBuf = dir.canonicalize()?;
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711))?;
+    // Files holding passwords are created with their final mode (0600)
+    // through a checked descriptor of the demo directory.
+    let files = TrustedDir::create(&dir, Owner::current(), 0o711, Strictness::Private)?;
     ensure_os_user(&dir)?;
 
-    let (client_port, peer_port) = etcd_ports(&dir)?;
+    let (client_port, peer_port) = etcd_ports(&files)?;
     let first_config = dir.join("node1.toml");
     let resuming = first_config.exists();
     let (su_password, repl_password) = if resuming {
@@ -160,21 +166,27 @@ pub async fn run(nodes: usize, dir: &Path) -> anyhow::Result<()> {
     for n in 1..=nodes {
         let path = dir.join(format!("node{n}.toml"));
         if !path.exists() {
-            std::fs::create_dir_all(dir.join(format!("node{n}")))?;
-            std::fs::write(
-                &path,
-                node_config(&dir, n, client_port, &su_password, &repl_password)?,
+            files.subdir(
+                &format!("node{n}"),
+                Owner::current(),
+                0o755,
+                Strictness::Private,
             )?;
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+            files.write(
+                &format!("node{n}.toml"),
+                node_config(&dir, n, client_port, &su_password, &repl_password)?.as_bytes(),
+                0o600,
+            )?;
         }
         configs.push(Config::load(&path)?);
     }
     let pgpass = dir.join("pgpass");
-    std::fs::write(
-        &pgpass,
-        format!("127.0.0.1:*:*:postgres:{su_password}\nlocalhost:*:*:postgres:{su_password}\n"),
+    files.write(
+        "pgpass",
+        format!("127.0.0.1:*:*:postgres:{su_password}\nlocalhost:*:*:postgres:{su_password}\n")
+            .as_bytes(),
+        0o600,
     )?;
-    std::fs::set_permissions(&pgpass, std::fs::Permissions::from_mode(0o600))?;
 
     let mut etcd_cmd = Command::new(ETCD_BIN);
     etcd_cmd
