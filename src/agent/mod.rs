@@ -226,7 +226,11 @@ impl Agent {
             Action::AcquireLease | Action::AdoptLease { .. } | Action::Promote { .. }
         );
         let reason = decision.reason.to_string();
-        if decision.action != Action::Wait {
+        if decision.reason.is_alarm() {
+            if self.last_reason.as_deref() != Some(reason.as_str()) || self.loop_count % 20 == 0 {
+                tracing::error!(reason = %reason, "operator action needed");
+            }
+        } else if decision.action != Action::Wait {
             tracing::info!(action = ?decision.action, reason = %reason, "decided");
         } else if self.last_reason.as_deref() != Some(reason.as_str()) {
             // Waiting is logged once per change of reason: "why is nothing

@@ -15,6 +15,8 @@ pub struct ListOutput {
     /// the leader alone and automatic failover is blocked.
     pub synchronous_degraded: bool,
     pub members: Vec<ListMember>,
+    /// Conditions an operator must act on (two writable servers).
+    pub warnings: Vec<String>,
 }
 
 #[derive(Debug, Serialize, PartialEq, Eq)]
@@ -43,8 +45,29 @@ pub fn build(cluster: &str, view: &ClusterView) -> ListOutput {
         .sync
         .as_ref()
         .filter(|r| Some(&r.leader) == leader_name.as_ref());
+    let writable: Vec<String> = members
+        .iter()
+        .filter(|m| m.role == PgRole::Primary && m.state == crate::model::PgState::Running)
+        .map(|m| m.name.to_string())
+        .collect();
+    let mut warnings = Vec::new();
+    if writable.len() > 1 {
+        warnings.push(format!(
+            "TWO OR MORE WRITABLE PRIMARIES: {}; only {} holds the leader key{}",
+            writable.join(", "),
+            leader_name
+                .as_ref()
+                .map_or("nobody".to_string(), |l| l.to_string()),
+            if view.config.paused {
+                " (paused: pgha takes no action; `pgha resume` demotes the others)"
+            } else {
+                ""
+            }
+        ));
+    }
     ListOutput {
         cluster: cluster.to_string(),
+        warnings,
         paused: view.config.paused,
         synchronous_mode: view.config.synchronous_mode.to_string(),
         synchronous_degraded: view.config.synchronous_mode != crate::dcs::SyncMode::Off
@@ -57,6 +80,10 @@ pub fn build(cluster: &str, view: &ClusterView) -> ListOutput {
                     "leader"
                 } else if m.role == PgRole::Replica {
                     "replica"
+                } else if m.role == PgRole::Primary && m.state == crate::model::PgState::Running {
+                    // Writable without the key: only by hand while paused,
+                    // or for the moment before its agent demotes it.
+                    "primary"
                 } else {
                     "unknown"
                 };
@@ -132,6 +159,9 @@ pub fn render_table(out: &ListOutput) -> String {
             ""
         }
     );
+    for w in &out.warnings {
+        text.push_str(&format!("WARNING: {w}\n"));
+    }
     for r in rows {
         let line: Vec<String> = r
             .iter()
@@ -181,6 +211,37 @@ mod tests {
             last_decision: None,
             updated_at_ms: 0,
         }
+    }
+
+    #[test]
+    fn two_writable_servers_are_flagged() {
+        let mut view = ClusterView::default();
+        for r in [
+            rec("a", PgRole::Primary, PgState::Running, 90),
+            rec("b", PgRole::Primary, PgState::Running, 100),
+        ] {
+            view.members.insert(r.name.clone(), r);
+        }
+        view.leader = Some(LeaderKey {
+            name: "b".into(),
+            lease_id: 1,
+        });
+        view.config.paused = true;
+        let out = build("x", &view);
+        assert_eq!(out.members[1].role, "primary");
+        assert_eq!(out.warnings.len(), 1);
+        assert!(
+            out.warnings[0].contains("b, a"),
+            "leader first: {:?}",
+            out.warnings
+        );
+        assert!(out.warnings[0].contains("paused"), "{:?}", out.warnings);
+        assert!(render_table(&out).contains("WARNING: TWO OR MORE WRITABLE PRIMARIES"));
+        let json = serde_json::to_value(&out).unwrap();
+        assert_eq!(json["warnings"].as_array().unwrap().len(), 1);
+        // One writable server: no warning.
+        view.members.remove(&crate::model::MemberName::from("a"));
+        assert!(build("x", &view).warnings.is_empty());
     }
 
     #[test]

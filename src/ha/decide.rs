@@ -382,6 +382,16 @@ fn leading(s: &Snapshot, view: &ClusterView, reason: Reason) -> Decision {
 }
 
 fn as_follower(s: &Snapshot, view: &ClusterView, leader: &MemberName) -> Decision {
+    if view.config.paused && is_primary(s) {
+        // Maintenance mode is hands-off: an operator promoted this server
+        // by hand, or is in the middle of doing so. Say loudly that two
+        // primaries exist; resolving it is the operator's call until
+        // `pgha resume`, after which the key holder stays and this one is
+        // demoted.
+        return Decision::wait(Reason::PausedBesideAnotherPrimary {
+            leader: leader.clone(),
+        });
+    }
     if is_primary(s) {
         // Two writable primaries must never coexist; this one has no key.
         return Decision::new(

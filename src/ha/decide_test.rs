@@ -1193,8 +1193,13 @@ fn follower() {
             ),
         ),
         (
-            "primary while another leads, even paused",
+            "paused, promoted by hand while another holds the key: hands off, alarm",
             other().paused().primary(),
+            wait(Reason::PausedBesideAnotherPrimary { leader: m("n2") }),
+        ),
+        (
+            "the same once resumed: demoted",
+            other().primary(),
             demote(
                 DemoteReason::OtherLeader {},
                 Reason::OtherLeaderHoldsKey { leader: m("n2") },
@@ -2609,7 +2614,11 @@ fn invariants(s: &Snapshot, d: &Decision) -> Result<(), String> {
     // entitlement the only acceptable answers stop writes; adopting the
     // own key is allowed because a key naming us proves nobody else leads.
     let entitled = lease_valid(s) && (s.dcs.is_none() || key_is_mine);
-    if primary && !entitled {
+    let hands_off = s.dcs.as_ref().is_some_and(|v| v.config.paused)
+        && key_is_other
+        && d.reason.is_alarm()
+        && matches!(a, Action::Wait);
+    if primary && !entitled && !hands_off {
         let stops = matches!(a, Action::Demote { .. } | Action::StopAndRelease);
         let adopts = matches!(a, Action::AdoptLease { .. }) && key_is_mine;
         if !stops && !adopts {
@@ -2625,8 +2634,12 @@ fn invariants(s: &Snapshot, d: &Decision) -> Result<(), String> {
     if matches!(a, Action::AcquireLease) && (s.dcs.is_none() || key.is_some()) {
         return Err("acquires the lease while a key exists or the DCS is unknown".into());
     }
-    // 5. Two primaries must never coexist.
-    if primary && key_is_other && !matches!(a, Action::Demote { .. }) {
+    // 5. Two primaries must never coexist — unless the operator paused
+    // the cluster: maintenance mode is hands-off, and a second primary
+    // then was made by hand (the decision raises an alarm instead).
+    let paused = s.dcs.as_ref().is_some_and(|v| v.config.paused);
+    let alarmed = paused && d.reason.is_alarm();
+    if primary && key_is_other && !matches!(a, Action::Demote { .. }) && !alarmed {
         return Err("running primary under another member's key not demoted".into());
     }
     // 6. Without the DCS nothing may move leadership or writability.

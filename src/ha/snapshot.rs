@@ -215,6 +215,11 @@ pub enum Reason {
     JobRunning(Job),
     /// Would take the lease, but no fence keeper stands guard yet.
     FenceKeeperNotReady,
+    /// Paused, and this server is writable while another member holds the
+    /// leader key: two primaries, left to the operator.
+    PausedBesideAnotherPrimary {
+        leader: MemberName,
+    },
     // leader side
     Leading,
     LeaderKeyIsMine,
@@ -262,12 +267,25 @@ pub enum Reason {
     NoLeaderNotRunning,
 }
 
+impl Reason {
+    /// A state an operator must hear about at once and keep hearing about
+    /// until it is resolved (logged as an error, repeatedly).
+    pub fn is_alarm(&self) -> bool {
+        matches!(self, Reason::PausedBesideAnotherPrimary { .. })
+    }
+}
+
 impl fmt::Display for Reason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         use Reason::*;
         match self {
             DcsUnreachable => write!(f, "DCS unreachable; not changing anything"),
             DcsUnreachableLeaseValid => write!(f, "DCS unreachable; leader lease still valid"),
+            PausedBesideAnotherPrimary { leader } => write!(
+                f,
+                "PAUSED WITH TWO PRIMARIES: this server is writable while {leader} holds the leader key; \
+                 no automatic action until `pgha resume`, which demotes this one"
+            ),
             FenceKeeperNotReady => write!(
                 f,
                 "not taking the leader lease: no fence keeper is acknowledging"

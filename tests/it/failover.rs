@@ -1609,3 +1609,79 @@ async fn pause_blocks_automatic_failover_until_resume() {
 
     oracles.finish(&story, &cluster, Loss::AsyncWindow).await;
 }
+
+/// Maintenance mode is hands-off: an operator who promotes a replica by
+/// hand while paused sees pgha leave it alone — and warn, in `pgha list`
+/// and in the agent log, that two primaries exist. `pgha resume` hands the
+/// decision back: the member holding the leader key stays, the other one is
+/// demoted and rejoins by pg_rewind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paused_cluster_leaves_a_hand_promoted_primary_alone_until_resume() {
+    let story = Story::new("pause-hands-off");
+    let cluster = start_cluster("fo-handsoff", 2, ClusterOptions::default()).await;
+    let leader = cluster.leader().await.unwrap().expect("a leader");
+    let replica = cluster.replica_names().await.unwrap()[0].clone();
+    pgha(&["pause"], cluster.nodes[0].config_path())
+        .await
+        .expect("pgha pause");
+    for n in &cluster.nodes {
+        wait_until(Duration::from_secs(30), POLL, || async {
+            (n.status().await.ok()?["paused"] == true).then_some(())
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{} never reported paused: {e:#}", n.name()));
+    }
+    cluster
+        .node(&replica)
+        .psql("SELECT pg_promote(true, 60)")
+        .await
+        .expect("promote by hand");
+    wait_writable(cluster.node(&replica), FAILOVER_TIMEOUT).await;
+    story.say(format!(
+        "paused; promoted {replica} by hand beside {leader}"
+    ));
+
+    // Six loops later both are still writable, and everybody says so.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for n in [&leader, &replica] {
+        assert!(
+            cluster.node(n).is_writable().await.unwrap_or(false),
+            "paused, yet {n} was demoted\n{}",
+            cluster.log_tails(20)
+        );
+    }
+    let list = pgha(&["list"], cluster.nodes[0].config_path())
+        .await
+        .expect("pgha list");
+    assert!(
+        list.contains("WARNING: TWO OR MORE WRITABLE PRIMARIES"),
+        "{list}"
+    );
+    let log = cluster.node(&replica).log_text();
+    assert!(
+        log.contains("operator action needed") && log.contains("PAUSED WITH TWO PRIMARIES"),
+        "{}",
+        cluster.node(&replica).log_tail(20)
+    );
+    story.say("both writable after 3 s; list and log warn");
+
+    pgha(&["resume"], cluster.nodes[0].config_path())
+        .await
+        .expect("pgha resume");
+    wait_until(FAILOVER_TIMEOUT, POLL, || async {
+        (!matches!(cluster.node(&replica).is_writable().await, Ok(true))).then_some(())
+    })
+    .await
+    .expect("the hand-promoted server is demoted after resume");
+    assert_eq!(
+        cluster.leader().await.unwrap().as_deref(),
+        Some(leader.as_str())
+    );
+    cluster
+        .wait_healthy(HEAL_TIMEOUT)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", cluster.log_tails(40)));
+    let tl = cluster.node(&leader).timeline().await.unwrap();
+    assert_streams_from(&story, cluster.node(&replica), cluster.node(&leader), tl).await;
+    story.say("resumed: demoted, rewound, streaming from the key holder");
+}
