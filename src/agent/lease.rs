@@ -16,7 +16,8 @@ use super::fence::{Fence, FenceError};
 use crate::dcs::{Dcs, LeaseRenewal};
 use crate::ha::Lease;
 use crate::ha::lease::{
-    KeeperProblem, RenewRefusal, keeper_health, keeper_needs_replacing, may_renew, usable_until,
+    AGENT_LEAD_MS, KeeperProblem, RenewRefusal, keeper_health, keeper_needs_replacing, may_renew,
+    usable_until,
 };
 use crate::util::{boottime_ms, chain};
 
@@ -206,6 +207,7 @@ impl LeaseKeeper {
                 valid_until_ms,
                 self.fence.ack().as_ref(),
                 self.fence_margin_ms,
+                AGENT_LEAD_MS,
             ),
         }
     }

@@ -178,6 +178,15 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         } else {
             agent.cfg.ha.loop_wait
         };
+        // Wake up in time to stop writes when the lease cannot be renewed,
+        // rather than one loop_wait later (the fence keeper would then fire
+        // first).
+        let wait = ha::lease::time_to_act(
+            &agent.lease.snapshot(),
+            crate::util::boottime_ms(),
+            agent.cfg.ha.fence_margin.as_millis() as u64,
+        )
+        .map_or(wait, |ms| wait.min(Duration::from_millis(ms.max(10))));
         let postmaster = agent.instance.postmaster_pid();
         tokio::select! {
             _ = agent.dcs.wait_for_change(wait) => {}
@@ -227,7 +236,9 @@ impl Agent {
         );
         let reason = decision.reason.to_string();
         if decision.reason.is_alarm() {
-            if self.last_reason.as_deref() != Some(reason.as_str()) || self.loop_count % 20 == 0 {
+            if self.last_reason.as_deref() != Some(reason.as_str())
+                || self.loop_count.is_multiple_of(20)
+            {
                 tracing::error!(reason = %reason, "operator action needed");
             }
         } else if decision.action != Action::Wait {

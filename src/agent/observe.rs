@@ -16,7 +16,29 @@ const FORMER_PRIMARY_MARK: &str = "former-primary";
 
 impl Agent {
     pub(super) async fn observe(&mut self) -> (Snapshot, Observation) {
-        let view = match self.dcs.read_cluster().await {
+        // A leader must not sit in an etcd read past the moment it has to
+        // stop writes: the read gets what is left of the lease, and a read
+        // cut short counts as "etcd unreachable", which the decision
+        // answers with a demotion once the lease is no longer usable.
+        let margin = self.cfg.ha.fence_margin.as_millis() as u64;
+        let read_budget =
+            crate::ha::lease::time_to_act(&self.lease.snapshot(), boottime_ms(), margin).map_or(
+                self.cfg.ha.retry_timeout,
+                |ms| {
+                    self.cfg
+                        .ha
+                        .retry_timeout
+                        .min(std::time::Duration::from_millis(ms))
+                },
+            );
+        let read = match tokio::time::timeout(read_budget, self.dcs.read_cluster()).await {
+            Ok(r) => r,
+            Err(_) => Err(crate::dcs::DcsError::Timeout {
+                action: "read the cluster state before the lease runs out",
+                timeout: read_budget,
+            }),
+        };
+        let view = match read {
             Ok(v) => {
                 if self.dcs_failures > 0 {
                     tracing::info!(failed_loops = self.dcs_failures, "etcd reachable again");

@@ -113,20 +113,48 @@ pub fn keeper_needs_replacing(now_ms: u64, k: &KeeperView) -> bool {
     }
 }
 
+/// How much earlier than the fence keeper the agent stops writes when the
+/// lease cannot be renewed. The keeper is the backstop for a frozen agent;
+/// a live agent must get there first, so that a lost lease ends in a clean
+/// demotion (and a server the agent restarts read-only at once) rather than
+/// in a SIGKILL and crash recovery. Covers one `pg_ctl stop -m immediate`
+/// (about 100-200 ms) with room to spare.
+pub const AGENT_LEAD_MS: u64 = 400;
+
 /// How long the lease may be used for writes: what etcd granted, cut at the
 /// deadline some keeper acknowledged (plus the margin, since
-/// [`decide`](super::decide) stops writes `fence_margin` before the end).
+/// [`decide`](super::decide) stops writes `fence_margin` before the end),
+/// and `agent_lead_ms` earlier, so the agent demotes before its keeper
+/// fires.
 ///
 /// The acknowledged deadline counts even when the keeper has died since:
-/// the agent itself then demotes at that deadline, and nothing later is
-/// granted without a new acknowledgement.
+/// the agent itself then demotes before that deadline, and nothing later
+/// is granted without a new acknowledgement.
 pub fn usable_until(
     etcd_valid_until_ms: Option<u64>,
     ack: Option<&KeeperAck>,
     fence_margin_ms: u64,
+    agent_lead_ms: u64,
 ) -> Option<u64> {
     let guarded = ack?.armed_deadline_ms?.saturating_add(fence_margin_ms);
-    Some(etcd_valid_until_ms?.min(guarded))
+    Some(
+        etcd_valid_until_ms?
+            .min(guarded)
+            .saturating_sub(agent_lead_ms),
+    )
+}
+
+/// How long the agent may spend on one step (an etcd read, a sleep)
+/// before it must decide again, given the lease as the decision sees it:
+/// up to the instant the decision would stop writes. `None` when no lease
+/// is held (nothing to be late for).
+pub fn time_to_act(lease: &Lease, now_ms: u64, fence_margin_ms: u64) -> Option<u64> {
+    if !lease.held {
+        return None;
+    }
+    Some(lease.valid_until_ms.map_or(0, |u| {
+        u.saturating_sub(fence_margin_ms).saturating_sub(now_ms)
+    }))
 }
 
 /// Why the lease keeper does not send a renewal.
@@ -221,24 +249,26 @@ mod tests {
     #[test]
     fn usable_until_is_cut_at_the_acknowledged_deadline() {
         let margin = 1_000;
+        let lead = 400;
         let rows: &[(Option<u64>, Option<KeeperAck>, Option<u64>)] = &[
-            // Acknowledged the current deadline: etcd's validity stands.
+            // Acknowledged the current deadline: etcd's validity stands,
+            // less the agent's lead on its keeper.
             (
                 Some(NOW + 3_000),
                 ack(7, 0, Some(NOW + 2_000)),
-                Some(NOW + 3_000),
+                Some(NOW + 2_600),
             ),
             // Renewed, not yet acknowledged: the older deadline bounds it.
             (
                 Some(NOW + 3_500),
                 ack(7, 0, Some(NOW + 2_000)),
-                Some(NOW + 3_000),
+                Some(NOW + 2_600),
             ),
             // A keeper that died still bounds it by what it acknowledged.
             (
                 Some(NOW + 9_000),
                 ack(7, 5_000, Some(NOW + 100)),
-                Some(NOW + 1_100),
+                Some(NOW + 700),
             ),
             // Disarmed keeper, or none: nothing is usable.
             (Some(NOW + 3_000), ack(7, 0, None), None),
@@ -247,8 +277,34 @@ mod tests {
             (None, ack(7, 0, Some(NOW + 2_000)), None),
         ];
         for (i, (etcd, a, want)) in rows.iter().enumerate() {
-            assert_eq!(usable_until(*etcd, a.as_ref(), margin), *want, "row {i}");
+            assert_eq!(
+                usable_until(*etcd, a.as_ref(), margin, lead),
+                *want,
+                "row {i}"
+            );
+            // The decision stops writes `margin` before what is usable:
+            // always at least `lead` before the keeper's deadline.
+            if let (Some(u), Some(d)) = (want, a.and_then(|a| a.armed_deadline_ms)) {
+                assert!(u - margin + lead <= d, "row {i}");
+            }
         }
+    }
+
+    #[test]
+    fn the_agent_never_waits_past_its_demotion_point() {
+        let held = |until: Option<u64>| Lease {
+            held: true,
+            valid_until_ms: until,
+        };
+        let margin = 500;
+        assert_eq!(time_to_act(&Lease::default(), NOW, margin), None);
+        assert_eq!(
+            time_to_act(&held(Some(NOW + 2_000)), NOW, margin),
+            Some(1_500)
+        );
+        // Already past it, or nothing usable: act now.
+        assert_eq!(time_to_act(&held(Some(NOW + 100)), NOW, margin), Some(0));
+        assert_eq!(time_to_act(&held(None), NOW, margin), Some(0));
     }
 
     #[test]
