@@ -481,7 +481,9 @@ fn as_follower(s: &Snapshot, view: &ClusterView, leader: &MemberName) -> Decisio
             _ if s.local.rewind_failed && leader_running => {
                 rewind_or_reclone(s, leader, Reason::RecloningAfterRewindFailure)
             }
-            _ if s.local.rewind_failed => Decision::wait(Reason::NoLeaderToCloneFrom),
+            _ if s.local.rewind_failed => Decision::wait(Reason::RepairWaitsForRunningLeader {
+                leader: leader.clone(),
+            }),
             _ if (s.local.on_disk == Some(OnDisk::FormerPrimary) || s.local.former_primary)
                 && leader_running =>
             {
@@ -495,7 +497,9 @@ fn as_follower(s: &Snapshot, view: &ClusterView, leader: &MemberName) -> Decisio
             // A former primary must not start following before pg_rewind
             // can run against a live leader.
             _ if s.local.on_disk == Some(OnDisk::FormerPrimary) || s.local.former_primary => {
-                Decision::wait(Reason::NoLeaderToCloneFrom)
+                Decision::wait(Reason::FormerPrimaryWaitsForRunningLeader {
+                    leader: leader.clone(),
+                })
             }
             _ => Decision::new(
                 Action::StartReplica {

@@ -1323,7 +1323,7 @@ fn follower() {
         (
             "stopped former primary, leader down: wait for it",
             other().leader_not_running().stopped(OnDisk::FormerPrimary),
-            wait(Reason::NoLeaderToCloneFrom),
+            wait(Reason::FormerPrimaryWaitsForRunningLeader { leader: m("n2") }),
         ),
         (
             "stopped former primary, leader record says replica: not running",
@@ -1332,7 +1332,15 @@ fn follower() {
                     (r.role, r.state) = (PgRole::Replica, PgState::Streaming)
                 })
                 .stopped(OnDisk::FormerPrimary),
-            wait(Reason::NoLeaderToCloneFrom),
+            wait(Reason::FormerPrimaryWaitsForRunningLeader { leader: m("n2") }),
+        ),
+        (
+            "stopped after a failed rewind, leader down: repair waits",
+            other()
+                .leader_not_running()
+                .rewind_failed()
+                .stopped(OnDisk::FormerPrimary),
+            wait(Reason::RepairWaitsForRunningLeader { leader: m("n2") }),
         ),
         (
             "stopped standby",

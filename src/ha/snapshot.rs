@@ -243,6 +243,16 @@ pub enum Reason {
     StartingReadOnly,
     PostgresStarting,
     NoLeaderToCloneFrom,
+    /// The last rewind failed; repairing (rewind, re-clone) needs a running
+    /// leader.
+    RepairWaitsForRunningLeader {
+        leader: MemberName,
+    },
+    /// A stopped former primary must be rewound against a running leader
+    /// before it may follow.
+    FormerPrimaryWaitsForRunningLeader {
+        leader: MemberName,
+    },
     CloningLeader,
     RewindingFormerPrimary,
     RecloningAfterRewindFailure,
@@ -334,6 +344,14 @@ impl fmt::Display for Reason {
             NoLeaderToCloneFrom => write!(
                 f,
                 "empty data directory and no running leader to clone from"
+            ),
+            RepairWaitsForRunningLeader { leader } => write!(
+                f,
+                "the last pg_rewind failed; waiting for leader {leader} to run before repairing"
+            ),
+            FormerPrimaryWaitsForRunningLeader { leader } => write!(
+                f,
+                "former primary: waiting for leader {leader} to run, to rewind against it before following"
             ),
             CloningLeader => write!(f, "empty data directory; cloning the leader"),
             RewindingFormerPrimary => {
