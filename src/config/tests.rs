@@ -1175,10 +1175,6 @@ fn connect_host_defaults_to_first_listen_address() {
         (" db1.example.com ,10.0.0.5", "db1.example.com"),
         ("localhost", "localhost"),
         ("::1", "::1"),
-        ("*", "127.0.0.1"),
-        ("*,10.0.0.5", "127.0.0.1"),
-        ("0.0.0.0", "127.0.0.1"),
-        ("::", "127.0.0.1"),
     ];
     for (listen, expected) in cases {
         let c = doc()
@@ -1193,7 +1189,24 @@ fn connect_host_defaults_to_first_listen_address() {
             "listen_addresses is passed through as written"
         );
     }
-    // An explicit connect_host wins, even with '*'.
+}
+
+/// A wildcard in listen_addresses says nothing about the address the
+/// other members can reach: replicas would stream from 127.0.0.1, i.e.
+/// from themselves or from nothing. The operator must name the host.
+#[test]
+fn wildcard_listen_addresses_require_an_explicit_connect_host() {
+    let msg = "required when postgres.listen_addresses contains a wildcard";
+    let key = "postgres.connect_host";
+    run_cases(&[
+        ("postgres", "listen_addresses = \"*\"", key, msg),
+        ("postgres", "listen_addresses = \"*,10.0.0.5\"", key, msg),
+        ("postgres", "listen_addresses = \"10.0.0.5, *\"", key, msg),
+        ("postgres", "listen_addresses = \"0.0.0.0\"", key, msg),
+        ("postgres", "listen_addresses = \"::\"", key, msg),
+        ("postgres", "listen_addresses = \"127.0.0.1,::\"", key, msg),
+    ]);
+    // An explicit connect_host makes the wildcard fine.
     let c = doc()
         .set(
             "postgres",
@@ -1201,6 +1214,32 @@ fn connect_host_defaults_to_first_listen_address() {
         )
         .ok();
     assert_eq!(c.postgres.connect_host, "10.9.9.9");
+    assert_eq!(c.postgres.listen_addresses, "*");
+}
+
+#[test]
+fn connect_host_must_not_be_a_wildcard() {
+    let msg = "is a wildcard address";
+    let key = "postgres.connect_host";
+    run_cases(&[
+        ("postgres", "connect_host = \"*\"", key, msg),
+        ("postgres", "connect_host = \"0.0.0.0\"", key, msg),
+        ("postgres", "connect_host = \" 0.0.0.0 \"", key, msg),
+        ("postgres", "connect_host = \"::\"", key, msg),
+        ("postgres", "connect_host = \"[::]\"", key, msg),
+        ("postgres", "connect_host = \"0:0:0:0:0:0:0:0\"", key, msg),
+    ]);
+    // Also with a concrete listen address: the host is what peers dial.
+    assert_invalid(
+        doc()
+            .set(
+                "postgres",
+                "listen_addresses = \"10.0.0.5\"\nconnect_host = \"0.0.0.0\"",
+            )
+            .load(),
+        "postgres.connect_host",
+        msg,
+    );
 }
 
 #[test]
@@ -1599,6 +1638,66 @@ fn api_listen_must_be_ip_and_port() {
     let c = doc().set("api", "listen = \"[::1]:8080\"").ok();
     assert_eq!(c.api.listen, "[::1]:8080".parse().unwrap());
     assert_eq!(c.api.connect_url, "http://[::1]:8080");
+}
+
+/// Listening on every address says nothing about the address the other
+/// members can reach; a derived `http://0.0.0.0:8008` would make a peer
+/// read its own status (or nobody's) during a leader race.
+#[test]
+fn wildcard_api_listen_requires_an_explicit_connect_url() {
+    let msg = "required when api.listen is a wildcard address";
+    run_cases(&[
+        ("api", "listen = \"0.0.0.0:8008\"", "api.connect_url", msg),
+        ("api", "listen = \"[::]:8008\"", "api.connect_url", msg),
+        ("api", "listen = \"[::0]:9000\"", "api.connect_url", msg),
+    ]);
+    let c = doc()
+        .set(
+            "api",
+            "listen = \"[::]:8008\"\nconnect_url = \"http://10.0.0.5:8008\"",
+        )
+        .ok();
+    assert_eq!(c.api.connect_url, "http://10.0.0.5:8008");
+}
+
+#[test]
+fn api_connect_url_must_not_name_a_wildcard_host() {
+    let msg = "names a wildcard address";
+    run_cases(&[
+        (
+            "api",
+            "connect_url = \"http://0.0.0.0:8008\"",
+            "api.connect_url",
+            msg,
+        ),
+        (
+            "api",
+            "connect_url = \"https://[::]:8008/\"",
+            "api.connect_url",
+            msg,
+        ),
+        (
+            "api",
+            "connect_url = \"http://0.0.0.0\"",
+            "api.connect_url",
+            msg,
+        ),
+        (
+            "api",
+            "listen = \"0.0.0.0:8008\"\nconnect_url = \"http://0.0.0.0:8008\"",
+            "api.connect_url",
+            msg,
+        ),
+    ]);
+    // Host names and IPv6 literals are fine.
+    for url in [
+        "http://db1:8008",
+        "https://[fd00::5]:8008",
+        "http://10.0.0.5",
+    ] {
+        let c = doc().set("api", &format!("connect_url = {url:?}")).ok();
+        assert_eq!(c.api.connect_url, url);
+    }
 }
 
 #[test]

@@ -199,18 +199,37 @@ pub(super) fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigErro
     if pg.listen_addresses.trim().is_empty() {
         return Err(bad("postgres.listen_addresses", "must not be empty".into()));
     }
+    // Peers stream from connect_host; a wildcard only says where the
+    // server listens, not where it can be reached, so it is never guessed.
     let connect_host = match pg.connect_host {
         Some(h) if h.trim().is_empty() => {
             return Err(bad("postgres.connect_host", "must not be empty".into()));
         }
+        Some(h) if is_wildcard_host(&h) => {
+            return Err(bad(
+                "postgres.connect_host",
+                format!(
+                    "{h:?} is a wildcard address; give the address the other members reach this server at"
+                ),
+            ));
+        }
         Some(h) => h,
         None => {
-            let first = pg.listen_addresses.split(',').next().unwrap_or("").trim();
-            if first == "*" || first == "0.0.0.0" || first == "::" {
-                "127.0.0.1".to_string()
-            } else {
-                first.to_string()
+            if let Some(w) = pg
+                .listen_addresses
+                .split(',')
+                .map(str::trim)
+                .find(|a| is_wildcard_host(a))
+            {
+                return Err(bad(
+                    "postgres.connect_host",
+                    format!(
+                        "required when postgres.listen_addresses contains a wildcard ({w:?}): give the address the other members reach this server at"
+                    ),
+                ));
             }
+            let first = pg.listen_addresses.split(',').next().unwrap_or("").trim();
+            first.to_string()
         }
     };
     if pg.os_user.is_empty() {
@@ -305,20 +324,41 @@ pub(super) fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigErro
     }
 
     // api
-    let listen = raw.api.listen.parse().map_err(|_| {
+    let listen: std::net::SocketAddr = raw.api.listen.parse().map_err(|_| {
         bad(
             "api.listen",
             format!("{:?} must be an ip:port address", raw.api.listen),
         )
     })?;
+    // Peers read this node's /status through connect_url during a leader
+    // race; a wildcard there would make them read their own status (or
+    // another node's) and promote the wrong member.
     let connect_url = match raw.api.connect_url {
         Some(u) if u.starts_with("http://") || u.starts_with("https://") => {
-            u.trim_end_matches('/').to_string()
+            let u = u.trim_end_matches('/').to_string();
+            if url_host(&u).is_some_and(is_wildcard_host) {
+                return Err(bad(
+                    "api.connect_url",
+                    format!(
+                        "{u:?} names a wildcard address; give the address the other members reach this API at"
+                    ),
+                ));
+            }
+            u
         }
         Some(u) => {
             return Err(bad(
                 "api.connect_url",
                 format!("{u:?} must start with http:// or https://"),
+            ));
+        }
+        None if listen.ip().is_unspecified() => {
+            return Err(bad(
+                "api.connect_url",
+                format!(
+                    "required when api.listen is a wildcard address ({}): give the URL the other members reach this API at",
+                    raw.api.listen
+                ),
             ));
         }
         None => format!(
@@ -551,6 +591,32 @@ fn is_pg_identifier(s: &str) -> bool {
     matches!(chars.next(), Some(c) if c.is_ascii_lowercase() || c == '_')
         && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
         && s.len() <= 63
+}
+
+/// `*`, `0.0.0.0`, `::` and other spellings of "every address": fine to
+/// listen on, meaningless as an address to connect to.
+fn is_wildcard_host(host: &str) -> bool {
+    let host = host.trim();
+    let bare = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    bare == "*"
+        || bare
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_unspecified())
+}
+
+/// The host part of an `http(s)://host[:port][/path]` URL, brackets kept
+/// for IPv6 literals.
+fn url_host(url: &str) -> Option<&str> {
+    let rest = url.split_once("://")?.1;
+    let authority = rest.split('/').next()?;
+    let authority = authority.rsplit_once('@').map_or(authority, |(_, a)| a);
+    if authority.starts_with('[') {
+        return authority.find(']').map(|end| &authority[..=end]);
+    }
+    Some(authority.split(':').next().unwrap_or(authority))
 }
 
 fn is_cidr(s: &str) -> bool {
