@@ -198,14 +198,17 @@ impl Agent {
                 }
                 let name = m.name.clone();
                 async move {
-                    let report = match request.send().await {
-                        Ok(resp) => resp
-                            .json::<crate::api::StatusReport>()
-                            .await
-                            .ok()
-                            .map(|s| s.peer_report()),
+                    let status = match request.send().await {
+                        Ok(resp) => resp.json::<crate::api::StatusReport>().await.ok(),
                         Err(_) => None,
                     };
+                    let report = status.and_then(|s| match s.report_of(&name) {
+                        Ok(report) => Some(report),
+                        Err(answered) => {
+                            tracing::warn!(peer = %name, %url, answered = %answered, "ignoring a status that names another member; check that member's api.connect_url");
+                            None
+                        }
+                    });
                     PeerStatus { name, report }
                 }
             });
