@@ -96,7 +96,7 @@ impl Fence {
             deadline_ms,
             agent_pid: std::process::id() as i32,
         }) {
-            tracing::error!(error = %e, path = %self.path.display(), "cannot arm the fence keeper");
+            tracing::error!(error = %crate::util::chain(&e), path = %self.path.display(), "cannot arm the fence keeper");
         }
     }
 
@@ -104,7 +104,7 @@ impl Fence {
         if let Err(e) = self.set(FenceState::Disarmed {
             agent_pid: std::process::id() as i32,
         }) {
-            tracing::error!(error = %e, path = %self.path.display(), "cannot disarm the fence keeper");
+            tracing::error!(error = %crate::util::chain(&e), path = %self.path.display(), "cannot disarm the fence keeper");
         }
     }
 

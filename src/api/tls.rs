@@ -135,7 +135,7 @@ impl TlsListener {
                 let (stream, peer) = match accepted {
                     Ok(a) => a,
                     Err(e) => {
-                        tracing::debug!(error = %e, "API accept failed");
+                        tracing::debug!(error = %crate::util::chain(&e), "API accept failed");
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
                     }
@@ -151,7 +151,9 @@ impl TlsListener {
                         Ok(Ok(tls)) => {
                             let _ = tx.send((tls, peer)).await;
                         }
-                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %crate::util::chain(&e), "TLS handshake failed")
+                        }
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                     }
                 });

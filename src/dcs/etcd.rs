@@ -227,13 +227,15 @@ pub fn decode_view(
                 }
                 // One unreadable record (say, from a newer pgha) must not
                 // blind the whole cluster: skip it, loudly.
-                Err(e) => tracing::warn!(error = %e, "ignoring member record"),
+                Err(e) => tracing::warn!(error = %crate::util::chain(&e), "ignoring member record"),
             },
             KeyKind::Config => view.config = decode_json::<ClusterConfig>(key, value)?,
             KeyKind::History => view.history = decode_json(key, value)?,
             KeyKind::Failover => match decode_json::<FailoverRequest>(key, value) {
                 Ok(f) => view.failover = Some(f),
-                Err(e) => tracing::warn!(error = %e, "ignoring failover request"),
+                Err(e) => {
+                    tracing::warn!(error = %crate::util::chain(&e), "ignoring failover request")
+                }
             },
             KeyKind::Sync => view.sync = Some(decode_json(key, value)?),
             KeyKind::Unknown => {}

@@ -211,7 +211,7 @@ impl ClusterView {
 /// agent treats as "cannot prove I still hold the lease".
 #[derive(Debug, thiserror::Error)]
 pub enum DcsError {
-    #[error("etcd unavailable while trying to {action}: {source}")]
+    #[error("etcd unavailable while trying to {action}")]
     Unavailable {
         action: &'static str,
         #[source]
