@@ -77,16 +77,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let instance = Instance::from_config(&cfg)?;
     crate::postgres::ctl::become_subreaper();
     instance.prepare().context("prepare the state directory")?;
-    let credentials = cfg
-        .etcd
-        .credentials
-        .as_ref()
-        .map(|(u, p)| (u.clone(), p.expose().to_string()));
     let keys = Keys::new(&cfg.namespace, &cfg.cluster);
     let dcs: Arc<dyn Dcs> = loop {
         match EtcdDcs::connect(
-            &cfg.etcd.endpoints,
-            credentials.clone(),
+            &cfg.etcd,
             keys.clone(),
             cfg.name.clone(),
             cfg.ha.ttl,

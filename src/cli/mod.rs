@@ -151,14 +151,8 @@ pub fn load_config(
 
 /// Connects to the cluster's etcd for a one-off command (no watch).
 pub async fn connect_dcs(cfg: &crate::config::Config) -> anyhow::Result<crate::dcs::etcd::EtcdDcs> {
-    let credentials = cfg
-        .etcd
-        .credentials
-        .as_ref()
-        .map(|(u, p)| (u.clone(), p.expose().to_string()));
     Ok(crate::dcs::etcd::EtcdDcs::connect(
-        &cfg.etcd.endpoints,
-        credentials,
+        &cfg.etcd,
         crate::dcs::keys::Keys::new(&cfg.namespace, &cfg.cluster),
         cfg.name.clone(),
         cfg.ha.ttl,

@@ -523,11 +523,14 @@ fn unreadable_file_names_the_path() {
     let missing = dir.path().join("nope.toml");
     let e = Config::load(&missing).unwrap_err();
     assert!(matches!(e, ConfigError::Read { .. }), "{e:?}");
-    let shown = e.to_string();
+    // The message says what failed; the cause follows once, in the chain.
+    assert_eq!(e.to_string(), format!("{}: cannot read", missing.display()));
+    let shown = crate::util::chain(&e).to_string();
     assert!(
         shown.starts_with(&format!("{}: cannot read: ", missing.display())),
         "{shown}"
     );
+    assert_eq!(shown.matches("No such file").count(), 1, "{shown}");
 }
 
 #[test]
@@ -641,13 +644,14 @@ fn etcd_endpoints() {
     let c = doc()
         .set(
             "etcd",
-            "endpoints = [\"http://a:2379\", \"https://b:2379\", \"http://[::1]:2379\"]",
+            "endpoints = [\"http://a:2379\", \"http://b:2379\", \"http://[::1]:2379\"]",
         )
         .ok();
     assert_eq!(
         c.etcd.endpoints,
-        vec!["http://a:2379", "https://b:2379", "http://[::1]:2379"]
+        vec!["http://a:2379", "http://b:2379", "http://[::1]:2379"]
     );
+    assert_eq!(c.etcd.tls, None);
 }
 
 /// Known bug (see report): the length check compares against
@@ -684,6 +688,192 @@ fn etcd_username_and_password_go_together() {
     let (u, p) = c.etcd.credentials.unwrap();
     assert_eq!(u, "pgha");
     assert_eq!(p.expose(), ETCD_PW);
+}
+
+// ---------------------------------------------------------------- etcd TLS
+
+/// Throwaway PEM files made once per test run with the `openssl` command:
+/// a CA, a certificate signed by it with its key, and a second key.
+struct Pems {
+    _dir: tempfile::TempDir,
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+    other_key: PathBuf,
+    not_pem: PathBuf,
+}
+
+fn pems() -> &'static Pems {
+    static PEMS: std::sync::OnceLock<Pems> = std::sync::OnceLock::new();
+    PEMS.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let openssl = |args: &str| {
+            let out = std::process::Command::new("openssl")
+                .args(args.split_whitespace())
+                .current_dir(dir.path())
+                .output()
+                .expect("run openssl");
+            assert!(
+                out.status.success(),
+                "openssl {args}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let ec = "-newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes";
+        openssl(&format!(
+            "req -x509 {ec} -keyout ca.key -out ca.pem -days 2 -subj /CN=ca"
+        ));
+        openssl(&format!("req {ec} -keyout client.key -out client.csr -subj /CN=c"));
+        std::fs::write(dir.path().join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
+        openssl(
+            "x509 -req -in client.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 -extfile client.ext -out client.pem",
+        );
+        std::fs::write(dir.path().join("notes.txt"), "not a certificate\n").unwrap();
+        let p = |n: &str| dir.path().join(n);
+        Pems {
+            ca: p("ca.pem"),
+            cert: p("client.pem"),
+            key: p("client.key"),
+            other_key: p("ca.key"),
+            not_pem: p("notes.txt"),
+            _dir: dir,
+        }
+    })
+}
+
+/// `[etcd]` with https endpoints and the given extra lines.
+fn https_etcd(extra: &str) -> Doc {
+    doc().set(
+        "etcd",
+        &format!("endpoints = [\"https://e1:2379\", \"https://e2:2379\"]\n{extra}"),
+    )
+}
+
+fn path_line(key: &str, path: &Path) -> String {
+    format!("{key} = {:?}\n", path.display().to_string())
+}
+
+#[test]
+fn etcd_tls_with_ca_and_client_certificate() {
+    let p = pems();
+    let c = https_etcd(
+        &(path_line("ca_file", &p.ca)
+            + &path_line("cert_file", &p.cert)
+            + &path_line("key_file", &p.key)),
+    )
+    .ok();
+    assert_eq!(
+        c.etcd.tls,
+        Some(EtcdTls {
+            ca_file: Some(p.ca.clone()),
+            client: Some(ClientCertificate {
+                cert_file: p.cert.clone(),
+                key_file: p.key.clone(),
+            }),
+        })
+    );
+    // The CA alone (servers verified, no client certificate), or nothing
+    // at all (the system's roots) are fine too.
+    let c = https_etcd(&path_line("ca_file", &p.ca)).ok();
+    assert_eq!(c.etcd.tls.unwrap().client, None);
+    let c = https_etcd("").ok();
+    assert_eq!(
+        c.etcd.tls,
+        Some(EtcdTls {
+            ca_file: None,
+            client: None
+        })
+    );
+}
+
+#[test]
+fn etcd_tls_paths_are_relative_to_the_config_file() {
+    let p = pems();
+    let dir = p.ca.parent().unwrap();
+    let text =
+        https_etcd("ca_file = \"ca.pem\"\ncert_file = \"client.pem\"\nkey_file = \"client.key\"")
+            .text();
+    let c = Config::from_toml(&dir.join("node.toml"), &text).unwrap();
+    let tls = c.etcd.tls.unwrap();
+    assert_eq!(tls.ca_file, Some(p.ca.clone()));
+    assert_eq!(tls.client.unwrap().key_file, p.key);
+}
+
+/// The etcd client has one TLS setting for all endpoints, and TLS files
+/// next to http:// endpoints would silently do nothing.
+#[test]
+fn etcd_endpoints_are_all_https_or_none() {
+    let p = pems();
+    assert_invalid(
+        doc()
+            .set(
+                "etcd",
+                "endpoints = [\"https://a:2379\", \"http://b:2379\"]",
+            )
+            .load(),
+        "etcd.endpoints[1]",
+        "mixes http:// and https://",
+    );
+    assert_invalid(
+        doc()
+            .set(
+                "etcd",
+                "endpoints = [\"http://a:2379\", \"https://b:2379\"]",
+            )
+            .load(),
+        "etcd.endpoints[1]",
+        "\"https://b:2379\"",
+    );
+    for key in ["ca_file", "cert_file", "key_file"] {
+        assert_invalid(
+            doc().set("etcd", &path_line(key, &p.ca)).load(),
+            &format!("etcd.{key}"),
+            "requires https:// endpoints",
+        );
+    }
+}
+
+#[test]
+fn etcd_client_certificate_and_key_go_together() {
+    let p = pems();
+    assert_invalid(
+        https_etcd(&path_line("cert_file", &p.cert)).load(),
+        "etcd.key_file",
+        "required when etcd.cert_file is set",
+    );
+    assert_invalid(
+        https_etcd(&path_line("key_file", &p.key)).load(),
+        "etcd.cert_file",
+        "required when etcd.key_file is set",
+    );
+}
+
+/// Bad files are found when the configuration is checked, and the error
+/// names the key and the file.
+#[test]
+fn etcd_tls_files_must_exist_and_parse() {
+    let p = pems();
+    let missing = p.ca.with_file_name("missing.pem");
+    let shown = |key: &str, file: &Path, extra: &str| {
+        let e = https_etcd(&(path_line(key, file) + extra))
+            .load()
+            .expect_err("a bad file");
+        let text = e.to_string();
+        assert!(text.starts_with(&format!("{PATH}: etcd.")), "{text}");
+        assert!(text.contains(&file.display().to_string()), "{text}");
+        (e, text)
+    };
+    let (e, text) = shown("ca_file", &missing, "");
+    assert_invalid(Err(e), "etcd.ca_file", "cannot read");
+    assert!(text.contains("No such file"), "{text}");
+    let (e, _) = shown("ca_file", &p.not_pem, "");
+    assert_invalid(Err(e), "etcd.ca_file", "holds no PEM certificate");
+    let (e, _) = shown("cert_file", &p.key, &path_line("key_file", &p.key));
+    assert_invalid(Err(e), "etcd.cert_file", "holds no PEM certificate");
+    let (e, _) = shown("key_file", &p.cert, &path_line("cert_file", &p.cert));
+    assert_invalid(Err(e), "etcd.key_file", "holds no PEM private key");
+    let (e, _) = shown("key_file", &p.other_key, &path_line("cert_file", &p.cert));
+    assert_invalid(Err(e), "etcd.key_file", "does not fit the certificate");
 }
 
 // ---------------------------------------------------------------- ha timing

@@ -4,11 +4,13 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::raw::{RawConfig, RawRole};
+use super::raw::{RawConfig, RawEtcd, RawRole};
 use super::{
-    ApiConfig, Config, ConfigError, EtcdConfig, HaConfig, PostgresConfig, RoleCredentials,
+    ApiConfig, ClientCertificate, Config, ConfigError, EtcdConfig, EtcdTls, HaConfig,
+    PostgresConfig, RoleCredentials,
 };
 use crate::model::MemberName;
+use crate::pem;
 
 /// Server parameters pgha sets itself. Letting the operator override them
 /// would break replication, fencing or the agent's own connection.
@@ -145,6 +147,7 @@ pub(super) fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigErro
             ));
         }
     }
+    let etcd_tls = validate_etcd_tls(path, &raw.etcd, &resolve)?;
     let credentials = match (raw.etcd.username, raw.etcd.password) {
         (Some(u), Some(p)) => Some((u, p)),
         (None, None) => None,
@@ -458,6 +461,7 @@ pub(super) fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigErro
         etcd: EtcdConfig {
             endpoints: raw.etcd.endpoints,
             credentials,
+            tls: etcd_tls,
         },
         ha,
         postgres: PostgresConfig {
@@ -483,6 +487,81 @@ pub(super) fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigErro
             tls,
         },
     })
+}
+
+/// TLS towards etcd. The etcd client applies one TLS setting to every
+/// endpoint, so the endpoints are either all `https://` or all `http://`;
+/// TLS files with `http://` endpoints would be silently unused, so they are
+/// rejected. The files are read and checked here, so that a wrong path or a
+/// key that does not fit its certificate stops the start instead of
+/// showing up as "etcd unavailable" in every loop.
+fn validate_etcd_tls(
+    path: &Path,
+    raw: &RawEtcd,
+    resolve: &dyn Fn(&Path) -> PathBuf,
+) -> Result<Option<EtcdTls>, ConfigError> {
+    let bad = |key: &str, msg: String| ConfigError::invalid(path, key, msg);
+    let file_error = |key: &str, e: pem::PemError| bad(key, crate::util::chain(&e).to_string());
+    let https = |ep: &String| ep.starts_with("https://");
+    let tls = raw.endpoints.first().is_some_and(https);
+    if let Some(i) = raw.endpoints.iter().position(|ep| https(ep) != tls) {
+        return Err(bad(
+            &format!("etcd.endpoints[{i}]"),
+            format!(
+                "{:?} mixes http:// and https:// endpoints; use https:// for every endpoint or for none",
+                raw.endpoints[i]
+            ),
+        ));
+    }
+    let given = [
+        ("etcd.ca_file", &raw.ca_file),
+        ("etcd.cert_file", &raw.cert_file),
+        ("etcd.key_file", &raw.key_file),
+    ];
+    if !tls {
+        return match given.iter().find(|(_, v)| v.is_some()) {
+            Some((key, _)) => Err(bad(
+                key,
+                "requires https:// endpoints in etcd.endpoints".into(),
+            )),
+            None => Ok(None),
+        };
+    }
+    let ca_file = match &raw.ca_file {
+        Some(p) => {
+            let p = resolve(p);
+            pem::read_ca(&p).map_err(|e| file_error("etcd.ca_file", e))?;
+            Some(p)
+        }
+        None => None,
+    };
+    let client = match (&raw.cert_file, &raw.key_file) {
+        (Some(cert), Some(key)) => {
+            let (cert_file, key_file) = (resolve(cert), resolve(key));
+            pem::read_certificates(&cert_file).map_err(|e| file_error("etcd.cert_file", e))?;
+            pem::read_private_key(&key_file).map_err(|e| file_error("etcd.key_file", e))?;
+            pem::read_key_pair(&cert_file, &key_file)
+                .map_err(|e| file_error("etcd.key_file", e))?;
+            Some(ClientCertificate {
+                cert_file,
+                key_file,
+            })
+        }
+        (None, None) => None,
+        (Some(_), None) => {
+            return Err(bad(
+                "etcd.key_file",
+                "required when etcd.cert_file is set".into(),
+            ));
+        }
+        (None, Some(_)) => {
+            return Err(bad(
+                "etcd.cert_file",
+                "required when etcd.key_file is set".into(),
+            ));
+        }
+    };
+    Ok(Some(EtcdTls { ca_file, client }))
 }
 
 /// The timing rules. They exist so that one slow etcd round trip never

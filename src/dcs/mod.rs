@@ -222,6 +222,12 @@ pub enum DcsError {
         action: &'static str,
         timeout: Duration,
     },
+    #[error("cannot read the etcd TLS file {}", path.display())]
+    TlsFile {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("malformed value under {key}: {message}")]
     Malformed { key: String, message: String },
     #[error("the leader key is not held by this member")]
