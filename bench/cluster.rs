@@ -390,7 +390,7 @@ listen = "127.0.0.1:{api_port}"
         // Let pgha validate the overrides now (e.g. ttl < loop_wait +
         // retry_timeout + fence_margin), and report the effective values.
         let cfg = pgha::config::Config::load(&node_list[0].config_path)
-            .map_err(|e| anyhow::anyhow!("generated configuration rejected: {e}"))?;
+            .context("generated configuration rejected")?;
         let pgpass = dir.join("pgpass");
         std::fs::write(
             &pgpass,
@@ -623,8 +623,7 @@ listen = "127.0.0.1:{api_port}"
     async fn dcs(&self) -> anyhow::Result<&EtcdDcs> {
         self.dcs
             .get_or_try_init(|| async {
-                let cfg = pgha::config::Config::load(&self.nodes[0].config_path)
-                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                let cfg = pgha::config::Config::load(&self.nodes[0].config_path)?;
                 pgha::cli::connect_dcs(&cfg).await
             })
             .await

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what pgha's demo and tests need on Debian 12, only when missing:
-# PostgreSQL 15, etcd, HAProxy (for the load-balancer tests) and protoc.
+# PostgreSQL 15, etcd, HAProxy (for the load-balancer tests), protoc and
+# openssl (the TLS tests make throwaway certificates with it).
 set -euo pipefail
 need=()
 [ -x /usr/lib/postgresql/15/bin/postgres ] || need+=(postgresql-15)
@@ -9,6 +10,7 @@ command -v etcdctl >/dev/null || need+=(etcd-client)
 command -v haproxy >/dev/null || need+=(haproxy)
 command -v protoc >/dev/null || need+=(protobuf-compiler)
 command -v pgbench >/dev/null || need+=(postgresql-contrib)
+command -v openssl >/dev/null || need+=(openssl)
 if [ ${#need[@]} -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"

@@ -20,6 +20,7 @@
 //!   the fence keeper that stops a leader whose lease is running out.
 //! - [`api`]: the REST API agents and operators use.
 //! - [`cli`]: the `pgha` subcommands.
+//! - [`pem`]: certificate and key files for the API server and the etcd client.
 
 pub mod agent;
 pub mod api;
@@ -28,6 +29,7 @@ pub mod config;
 pub mod dcs;
 pub mod ha;
 pub mod model;
+pub mod pem;
 pub mod postgres;
 pub mod safe_fs;
 pub mod secret;

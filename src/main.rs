@@ -3,7 +3,7 @@
 //! errors, 1 for everything else).
 
 use clap::Parser;
-use pgha::cli::{self, Cli, Command, EXIT_CONFIG};
+use pgha::cli::{self, Cli, Command};
 
 fn main() {
     let cli = Cli::parse();
@@ -37,96 +37,57 @@ fn main() {
         .enable_all()
         .build()
         .expect("tokio runtime");
-    std::process::exit(runtime.block_on(run(cli.command)));
-}
-
-async fn run(command: Command) -> i32 {
-    let load = |path: &std::path::Path| match cli::load_config(path) {
-        Ok(c) => Ok(c),
+    let code = match runtime.block_on(run(cli.command)) {
+        Ok(()) => 0,
         Err(e) => {
-            eprintln!("error: {e}");
-            Err(EXIT_CONFIG)
+            // `{:#}` prints the chain once: each error type says what was
+            // attempted and leaves its cause to `source()`.
+            eprintln!("error: {e:#}");
+            cli::exit_code(&e)
         }
     };
-    let result = match command {
-        Command::Agent { config } => match load(&config) {
-            Ok(cfg) => pgha::agent::run(cfg).await,
-            Err(code) => return code,
-        },
-        Command::CheckConfig { config } => match load(&config) {
-            Ok(_) => {
-                println!("{}: valid", config.display());
-                Ok(())
-            }
-            Err(code) => return code,
-        },
-        Command::List { config, json } => match load(&config) {
-            Ok(cfg) => cli::list::run(&cfg, json).await,
-            Err(code) => return code,
-        },
+    std::process::exit(code);
+}
+
+/// Loads the configuration; its errors map to exit code 2 by type.
+fn load(path: &std::path::Path) -> anyhow::Result<pgha::config::Config> {
+    Ok(cli::load_config(path)?)
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Agent { config } => pgha::agent::run(load(&config)?).await,
+        Command::CheckConfig { config } => {
+            load(&config)?;
+            println!("{}: valid", config.display());
+            Ok(())
+        }
+        Command::List { config, json } => cli::list::run(&load(&config)?, json).await,
         Command::Switchover {
             config,
             to,
             at,
             force,
-        } => match load(&config) {
-            Ok(cfg) => cli::manage::switchover(&cfg, to, at, force).await,
-            Err(code) => return code,
-        },
+        } => cli::manage::switchover(&load(&config)?, to, at, force).await,
         Command::Failover {
             config,
             to,
             accept_data_loss,
-        } => match load(&config) {
-            Ok(cfg) => cli::manage::failover(&cfg, to, accept_data_loss).await,
-            Err(code) => return code,
-        },
-        Command::Pause { config } => match load(&config) {
-            Ok(cfg) => cli::manage::set_paused(&cfg, true).await,
-            Err(code) => return code,
-        },
-        Command::Resume { config } => match load(&config) {
-            Ok(cfg) => cli::manage::set_paused(&cfg, false).await,
-            Err(code) => return code,
-        },
-        Command::History { config, json } => match load(&config) {
-            Ok(cfg) => cli::manage::history(&cfg, json).await,
-            Err(code) => return code,
-        },
+        } => cli::manage::failover(&load(&config)?, to, accept_data_loss).await,
+        Command::Pause { config } => cli::manage::set_paused(&load(&config)?, true).await,
+        Command::Resume { config } => cli::manage::set_paused(&load(&config)?, false).await,
+        Command::History { config, json } => cli::manage::history(&load(&config)?, json).await,
         Command::Config {
             action: cli::ConfigAction::Show { config, json },
-        } => match load(&config) {
-            Ok(cfg) => cli::manage::config_show(&cfg, json).await,
-            Err(code) => return code,
-        },
+        } => cli::manage::config_show(&load(&config)?, json).await,
         Command::Config {
             action:
                 cli::ConfigAction::Set {
                     config,
                     assignments,
                 },
-        } => match load(&config) {
-            Ok(cfg) => match cli::manage::config_set(&cfg, &assignments).await {
-                Err(e)
-                    if e.to_string().contains(" is not ")
-                        || e.to_string().contains("unknown key")
-                        || e.to_string().contains("expected key=value") =>
-                {
-                    eprintln!("error: {e:#}");
-                    return EXIT_CONFIG;
-                }
-                r => r,
-            },
-            Err(code) => return code,
-        },
+        } => cli::manage::config_set(&load(&config)?, &assignments).await,
         Command::Demo { nodes, dir } => cli::demo::run(nodes, &dir).await,
         Command::FenceKeeper { .. } => unreachable!("handled before the runtime starts"),
-    };
-    match result {
-        Ok(()) => 0,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            1
-        }
     }
 }

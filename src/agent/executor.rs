@@ -357,7 +357,7 @@ impl Agent {
             if let Ok((client, connection)) = config.connect(tokio_postgres::NoTls).await {
                 tokio::spawn(connection);
                 if let Err(e) = client.batch_execute(query::CHECKPOINT).await {
-                    tracing::warn!(error = %e, "post-promotion checkpoint failed");
+                    tracing::warn!(error = %crate::util::chain(&e), "post-promotion checkpoint failed");
                 }
             }
         });
@@ -380,12 +380,12 @@ impl Agent {
             new_leader: self.cfg.name.clone(),
         };
         if let Err(e) = self.dcs.append_history(&entry).await {
-            tracing::warn!(error = %e, "cannot record the timeline switch in the history");
+            tracing::warn!(error = %crate::util::chain(&e), "cannot record the timeline switch in the history");
         }
         if failover.is_some()
             && let Err(e) = self.dcs.clear_failover().await
         {
-            tracing::warn!(error = %e, "cannot clear the failover request");
+            tracing::warn!(error = %crate::util::chain(&e), "cannot clear the failover request");
         }
         Ok(())
     }
@@ -464,7 +464,7 @@ impl Agent {
                     .instance
                     .stop(StopMode::Fast, Duration::from_secs(60))
                     .await
-                    .map_err(|e| e.to_string());
+                    .map_err(|e| crate::util::chain(&e).to_string());
                 self.observer.reset();
                 let _ = reply.send(r);
             }
@@ -482,8 +482,11 @@ impl Agent {
                         .stop(StopMode::Immediate, Duration::from_secs(10))
                         .await
                     {
-                        Ok(()) => self.instance.remove_data_dir().map_err(|e| e.to_string()),
-                        Err(e) => Err(e.to_string()),
+                        Ok(()) => self
+                            .instance
+                            .remove_data_dir()
+                            .map_err(|e| crate::util::chain(&e).to_string()),
+                        Err(e) => Err(crate::util::chain(&e).to_string()),
                     }
                 };
                 self.observer.reset();

@@ -121,7 +121,9 @@ impl LeaseKeeper {
                 let mut s = self.state.lock().unwrap();
                 s.valid_until_ms = None;
             }
-            Err(e) => tracing::warn!(error = %e, "leader lease renewal failed"),
+            Err(e) => {
+                tracing::warn!(error = %crate::util::chain(&e), "leader lease renewal failed")
+            }
         }
     }
 

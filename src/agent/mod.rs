@@ -77,16 +77,10 @@ pub struct Agent {
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let instance = Instance::open(&cfg).context("prepare the state directory")?;
     crate::postgres::ctl::become_subreaper();
-    let credentials = cfg
-        .etcd
-        .credentials
-        .as_ref()
-        .map(|(u, p)| (u.clone(), p.expose().to_string()));
     let keys = Keys::new(&cfg.namespace, &cfg.cluster);
     let dcs: Arc<dyn Dcs> = loop {
         match EtcdDcs::connect(
-            &cfg.etcd.endpoints,
-            credentials.clone(),
+            &cfg.etcd,
             keys.clone(),
             cfg.name.clone(),
             cfg.ha.ttl,
@@ -97,7 +91,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         {
             Ok(d) => break Arc::new(d),
             Err(e) => {
-                tracing::warn!(error = %e, endpoints = ?cfg.etcd.endpoints, "cannot connect to etcd; retrying");
+                tracing::warn!(error = %crate::util::chain(&e), endpoints = ?cfg.etcd.endpoints, "cannot connect to etcd; retrying");
                 tokio::time::sleep(cfg.ha.loop_wait).await;
             }
         }
@@ -301,10 +295,12 @@ impl Agent {
                 self.failed_starts = 0;
             }
             (Job::Rewinding, Err(e)) => {
-                tracing::error!(error = %e, "pg_rewind failed");
+                tracing::error!(error = %crate::util::chain(&e), "pg_rewind failed");
                 self.rewind_failed = true;
             }
-            (kind, Err(e)) => tracing::error!(job = ?kind, error = %e, "background job failed"),
+            (kind, Err(e)) => {
+                tracing::error!(job = ?kind, error = %crate::util::chain(&e), "background job failed")
+            }
         }
         self.observer.reset();
     }
@@ -323,7 +319,7 @@ impl Agent {
             .stop(StopMode::Fast, Duration::from_secs(60))
             .await
         {
-            tracing::error!(error = %e, "fast shutdown failed; stopping immediately");
+            tracing::error!(error = %crate::util::chain(&e), "fast shutdown failed; stopping immediately");
             let _ = self
                 .instance
                 .stop(StopMode::Immediate, Duration::from_secs(10))
@@ -333,7 +329,7 @@ impl Agent {
             self.publish_final_position().await;
             self.lease.clear();
             if let Err(e) = self.dcs.release_leader().await {
-                tracing::warn!(error = %e, "could not release the leader key; it expires with its TTL");
+                tracing::warn!(error = %crate::util::chain(&e), "could not release the leader key; it expires with its TTL");
             }
         }
         let _ = self.dcs.delete_member().await;

@@ -50,7 +50,7 @@ impl Agent {
                 // Once at first, then every 20 loops: enough to see it is
                 // still going on without drowning the log.
                 if self.dcs_failures.is_multiple_of(20) {
-                    tracing::warn!(error = %e, failed_loops = self.dcs_failures + 1, endpoints = ?self.cfg.etcd.endpoints, "cannot read the cluster state from etcd; retrying");
+                    tracing::warn!(error = %crate::util::chain(&e), failed_loops = self.dcs_failures + 1, endpoints = ?self.cfg.etcd.endpoints, "cannot read the cluster state from etcd; retrying");
                 }
                 self.dcs_failures += 1;
                 None
@@ -236,14 +236,17 @@ impl Agent {
                 }
                 let name = m.name.clone();
                 async move {
-                    let report = match request.send().await {
-                        Ok(resp) => resp
-                            .json::<crate::api::StatusReport>()
-                            .await
-                            .ok()
-                            .map(|s| s.peer_report()),
+                    let status = match request.send().await {
+                        Ok(resp) => resp.json::<crate::api::StatusReport>().await.ok(),
                         Err(_) => None,
                     };
+                    let report = status.and_then(|s| match s.report_of(&name) {
+                        Ok(report) => Some(report),
+                        Err(answered) => {
+                            tracing::warn!(peer = %name, %url, answered = %answered, "ignoring a status that names another member; check that member's api.connect_url");
+                            None
+                        }
+                    });
                     PeerStatus { name, report }
                 }
             });
@@ -263,7 +266,7 @@ impl Agent {
         let record = self.member_record(&obs, running, Some(decision.reason.to_string()));
         let reachable = view.is_some();
         if reachable && let Err(e) = self.dcs.put_member(&record).await {
-            tracing::warn!(error = %e, "cannot publish the member record");
+            tracing::warn!(error = %crate::util::chain(&e), "cannot publish the member record");
         }
         let lease = self.lease.snapshot();
         let now = boottime_ms();
@@ -366,7 +369,7 @@ impl Agent {
         let mut record = self.member_record(&obs, None, Some("stopped cleanly as leader".into()));
         record.flushed_lsn = Some(lsn);
         if let Err(e) = self.dcs.put_member(&record).await {
-            tracing::warn!(error = %e, "cannot publish the final position");
+            tracing::warn!(error = %crate::util::chain(&e), "cannot publish the final position");
         }
         tracing::info!(final_lsn = %lsn, "published the final WAL position");
     }

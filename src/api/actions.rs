@@ -256,10 +256,12 @@ pub fn plan_failover(
 }
 
 async fn fresh_view(app: &AppState) -> Result<ClusterView, ApiError> {
-    app.dcs
-        .read_cluster()
-        .await
-        .map_err(|e| ApiError::unavailable(format!("cannot read the cluster state: {e}")))
+    app.dcs.read_cluster().await.map_err(|e| {
+        ApiError::unavailable(format!(
+            "cannot read the cluster state: {}",
+            crate::util::chain(&e)
+        ))
+    })
 }
 
 /// Polls the DCS until `target` is the running leader.
@@ -284,10 +286,12 @@ async fn request_and_wait(
     req: FailoverRequest,
     what: &str,
 ) -> Result<Response, ApiError> {
-    app.dcs
-        .put_failover(&req)
-        .await
-        .map_err(|e| ApiError::unavailable(format!("cannot record the {what}: {e}")))?;
+    app.dcs.put_failover(&req).await.map_err(|e| {
+        ApiError::unavailable(format!(
+            "cannot record the {what}: {}",
+            crate::util::chain(&e)
+        ))
+    })?;
     let target = req.to.clone().unwrap_or_else(|| MemberName::new(""));
     let from = req.from.as_ref().map(|n| n.to_string());
     if let Some(at) = req.not_before_unix_ms.filter(|at| *at > unix_ms()) {
@@ -502,7 +506,10 @@ async fn set_paused(app: &AppState, paused: bool) -> Result<Response, ApiError> 
     config.paused = paused;
     if changed {
         app.dcs.put_config(&config).await.map_err(|e| {
-            ApiError::unavailable(format!("cannot write the cluster configuration: {e}"))
+            ApiError::unavailable(format!(
+                "cannot write the cluster configuration: {}",
+                crate::util::chain(&e)
+            ))
         })?;
         tracing::info!(
             paused,
@@ -593,7 +600,10 @@ pub async fn patch_config_handler(
     let new = patch_config(&view.config, &patch).map_err(ApiError::bad_request)?;
     if new != view.config {
         app.dcs.put_config(&new).await.map_err(|e| {
-            ApiError::unavailable(format!("cannot write the cluster configuration: {e}"))
+            ApiError::unavailable(format!(
+                "cannot write the cluster configuration: {}",
+                crate::util::chain(&e)
+            ))
         })?;
         tracing::info!(config = ?new, "cluster configuration changed through the API");
     }

@@ -176,7 +176,7 @@ pub async fn serve(ctx: ApiContext) -> std::io::Result<tokio::task::JoinHandle<(
             None => axum::serve(listener, service).await,
         };
         if let Err(e) = result {
-            tracing::error!(error = %e, "REST API stopped");
+            tracing::error!(error = %crate::util::chain(&e), "REST API stopped");
         }
     }))
 }

@@ -52,6 +52,20 @@ impl StatusReport {
         }
     }
 
+    /// The report as the answer of member `asked`, whose `api_url` was
+    /// queried; `Err` with the name the answer carries when it is another
+    /// member's (a `connect_url` pointing at the wrong node, or a wildcard
+    /// address that reached the asker itself). Trusting such an answer
+    /// would credit `asked` with another member's WAL position in a
+    /// leader race.
+    pub fn report_of(&self, asked: &MemberName) -> Result<PeerReport, &MemberName> {
+        if &self.name == asked {
+            Ok(self.peer_report())
+        } else {
+            Err(&self.name)
+        }
+    }
+
     pub fn from_status(s: &AgentStatus) -> Option<StatusReport> {
         let m = s.member.as_ref()?;
         Some(StatusReport {
@@ -301,5 +315,24 @@ mod tests {
         assert_eq!(back, r);
         assert!(back.peer_report().running);
         assert!(StatusReport::from_status(&AgentStatus::default()).is_none());
+    }
+
+    /// A member whose connect_url points at another node (say
+    /// `http://0.0.0.0:8008`, which reaches whoever asks) would report that
+    /// node's WAL position as its own; such an answer must be dropped.
+    #[test]
+    fn a_status_naming_another_member_is_not_taken_as_the_peers() {
+        let s = AgentStatus {
+            member: Some(record("b", "replica", "streaming", "0/10")),
+            wal_position: Some(Lsn(0x10)),
+            ..Default::default()
+        };
+        let r = StatusReport::from_status(&s).unwrap();
+        let asked_b = r.report_of(&"b".into()).expect("b answered for b");
+        assert_eq!(asked_b, r.peer_report());
+        assert_eq!(asked_b.wal_position, Some(Lsn(0x10)));
+        assert_eq!(r.report_of(&"a".into()), Err(&MemberName::from("b")));
+        // Names are compared exactly, as the DCS keys are.
+        assert!(r.report_of(&"B".into()).is_err());
     }
 }

@@ -5,8 +5,9 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 
+use super::UsageError;
 use crate::config::Config;
-use crate::dcs::{ClusterView, Dcs, FailoverRequest};
+use crate::dcs::{ClusterConfig, ClusterView, Dcs, FailoverRequest};
 use crate::model::{MemberName, MemberRecord, PgRole, PgState};
 use crate::util::unix_ms;
 
@@ -61,10 +62,15 @@ pub fn pick_target(view: &ClusterView, max_lag: u64) -> Option<MemberName> {
     ok.first().map(|m| m.name.clone())
 }
 
-fn parse_at(at: &str) -> anyhow::Result<u64> {
-    let t = humantime::parse_rfc3339_weak(at)
-        .with_context(|| format!("--at {at:?}: expected a time like 2026-01-31T02:00:00Z"))?;
-    Ok(t.duration_since(std::time::UNIX_EPOCH)?.as_millis() as u64)
+fn parse_at(at: &str) -> Result<u64, UsageError> {
+    let bad = || {
+        UsageError(format!(
+            "--at {at:?}: expected a time like 2026-01-31T02:00:00Z"
+        ))
+    };
+    let t = humantime::parse_rfc3339_weak(at).map_err(|_| bad())?;
+    let since_epoch = t.duration_since(std::time::UNIX_EPOCH).map_err(|_| bad())?;
+    Ok(since_epoch.as_millis() as u64)
 }
 
 async fn wait_for_leader(
@@ -96,6 +102,8 @@ pub async fn switchover(
     at: Option<String>,
     force: bool,
 ) -> anyhow::Result<()> {
+    // Argument errors first: they are usage errors (exit 2), whatever etcd says.
+    let not_before = at.as_deref().map(parse_at).transpose()?;
     let dcs = super::connect_dcs(cfg).await?;
     let view = dcs.read_cluster().await?;
     let Some(leader) = view.leader.clone() else {
@@ -122,7 +130,6 @@ pub async fn switchover(
             pick_target(&view, max_lag).context("no healthy streaming replica to switch over to")?
         }
     };
-    let not_before = at.as_deref().map(parse_at).transpose()?;
     dcs.put_failover(&FailoverRequest {
         from: Some(leader.name.clone()),
         to: Some(target.clone()),
@@ -248,17 +255,34 @@ pub async fn config_show(cfg: &Config, json: bool) -> anyhow::Result<()> {
 /// `pgha config set key=value ...`: all assignments are validated before
 /// anything is written.
 pub async fn config_set(cfg: &Config, assignments: &[String]) -> anyhow::Result<()> {
+    let assignments = parse_assignments(assignments)?;
     let dcs = super::connect_dcs(cfg).await?;
     let mut c = dcs.read_cluster().await?.config;
-    for a in assignments {
-        let (k, v) = a
-            .split_once('=')
-            .with_context(|| format!("{a:?}: expected key=value"))?;
-        c.set(k.trim(), v.trim()).map_err(anyhow::Error::msg)?;
+    for (k, v) in &assignments {
+        c.set(k, v)
+            .expect("parse_assignments checked every assignment");
     }
     dcs.put_config(&c).await?;
     println!("{}", serde_json::to_string(&c)?);
     Ok(())
+}
+
+/// Splits and checks `key=value` assignments before anything is read from
+/// etcd, so that a typo is a usage error (exit 2) and never half-applied.
+/// Every key's values are valid whatever the current configuration.
+fn parse_assignments(assignments: &[String]) -> Result<Vec<(String, String)>, UsageError> {
+    let mut scratch = ClusterConfig::default();
+    assignments
+        .iter()
+        .map(|a| {
+            let (k, v) = a
+                .split_once('=')
+                .ok_or_else(|| UsageError(format!("{a:?}: expected key=value")))?;
+            let (k, v) = (k.trim(), v.trim());
+            scratch.set(k, v).map_err(UsageError)?;
+            Ok((k.to_string(), v.to_string()))
+        })
+        .collect()
 }
 
 #[cfg(test)]

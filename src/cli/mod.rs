@@ -10,6 +10,24 @@ use clap::{Parser, Subcommand};
 
 /// Exit code for usage and configuration errors.
 pub const EXIT_CONFIG: i32 = 2;
+/// Exit code for every other failure.
+pub const EXIT_FAILURE: i32 = 1;
+
+/// A command-line argument pgha cannot use: like a configuration error,
+/// the operator must change the command, so it exits with [`EXIT_CONFIG`].
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+/// The exit code for an error that ended a command: decided by the types in
+/// its chain, never by its text, so rewording a message cannot change it.
+pub fn exit_code(error: &anyhow::Error) -> i32 {
+    let usage = error.chain().any(|e| {
+        e.downcast_ref::<crate::config::ConfigError>().is_some()
+            || e.downcast_ref::<UsageError>().is_some()
+    });
+    if usage { EXIT_CONFIG } else { EXIT_FAILURE }
+}
 
 #[derive(Debug, Parser)]
 #[command(name = "pgha", version, about = "PostgreSQL high-availability manager")]
@@ -125,7 +143,8 @@ pub enum ConfigAction {
     },
 }
 
-/// Loads a config, or says why not (the caller exits with [`EXIT_CONFIG`]).
+/// Loads a config, or says why not ([`exit_code`] maps the error to
+/// [`EXIT_CONFIG`]).
 pub fn load_config(
     path: &std::path::Path,
 ) -> Result<crate::config::Config, crate::config::ConfigError> {
@@ -134,14 +153,8 @@ pub fn load_config(
 
 /// Connects to the cluster's etcd for a one-off command (no watch).
 pub async fn connect_dcs(cfg: &crate::config::Config) -> anyhow::Result<crate::dcs::etcd::EtcdDcs> {
-    let credentials = cfg
-        .etcd
-        .credentials
-        .as_ref()
-        .map(|(u, p)| (u.clone(), p.expose().to_string()));
     Ok(crate::dcs::etcd::EtcdDcs::connect(
-        &cfg.etcd.endpoints,
-        credentials,
+        &cfg.etcd,
         crate::dcs::keys::Keys::new(&cfg.namespace, &cfg.cluster),
         cfg.name.clone(),
         cfg.ha.ttl,
@@ -149,4 +162,40 @@ pub async fn connect_dcs(cfg: &crate::config::Config) -> anyhow::Result<crate::d
         false,
     )
     .await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use anyhow::Context;
+
+    use super::*;
+    use crate::config::ConfigError;
+    use crate::dcs::DcsError;
+
+    #[test]
+    fn exit_code_follows_the_error_type_not_its_text() {
+        let config = anyhow::Error::new(ConfigError::invalid(
+            Path::new("/etc/pgha/node.toml"),
+            "ha.ttl",
+            "is not valid",
+        ));
+        assert_eq!(exit_code(&config), EXIT_CONFIG);
+        let wrapped = Err::<(), _>(config).context("load").unwrap_err();
+        assert_eq!(exit_code(&wrapped), EXIT_CONFIG, "found under context");
+        let usage = anyhow::Error::new(UsageError("--at \"x\": expected a time".into()));
+        assert_eq!(exit_code(&usage), EXIT_CONFIG);
+        // Runtime failures exit 1, even when their text looks like a usage
+        // error's (the old text matching would have said 2).
+        let runtime = anyhow::Error::new(DcsError::Malformed {
+            key: "config".into(),
+            message: "\"x\" is not a boolean: unknown key".into(),
+        });
+        assert_eq!(exit_code(&runtime), EXIT_FAILURE);
+        assert_eq!(
+            exit_code(&anyhow::anyhow!("expected key=value")),
+            EXIT_FAILURE
+        );
+    }
 }

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 /// the key, so that the operator can go straight to the line to fix.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("{}: cannot read: {source}", path.display())]
+    #[error("{}: cannot read", path.display())]
     Read {
         path: PathBuf,
         #[source]

@@ -39,6 +39,25 @@ pub struct Config {
 pub struct EtcdConfig {
     pub endpoints: Vec<String>,
     pub credentials: Option<(String, SecretString)>,
+    /// Set exactly when the endpoints are `https://` (all of them: the
+    /// etcd client has one TLS setting for every endpoint).
+    pub tls: Option<EtcdTls>,
+}
+
+/// How the etcd client speaks TLS.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EtcdTls {
+    /// CA certificates to verify the etcd servers with; `None`: the
+    /// system's trusted roots.
+    pub ca_file: Option<PathBuf>,
+    /// The certificate presented to etcd (for `--client-cert-auth`).
+    pub client: Option<ClientCertificate>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientCertificate {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
 }
 
 /// Timing and election settings. The relations between the durations are

@@ -38,6 +38,15 @@ pub struct RawEtcd {
     pub username: Option<String>,
     #[serde(default)]
     pub password: Option<SecretString>,
+    /// CA certificates that sign the etcd servers' certificates (https
+    /// endpoints); default: the system's trusted roots.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate for etcd's `--client-cert-auth`, with `key_file`.
+    #[serde(default)]
+    pub cert_file: Option<PathBuf>,
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -526,11 +526,14 @@ fn unreadable_file_names_the_path() {
     let missing = dir.path().join("nope.toml");
     let e = Config::load(&missing).unwrap_err();
     assert!(matches!(e, ConfigError::Read { .. }), "{e:?}");
-    let shown = e.to_string();
+    // The message says what failed; the cause follows once, in the chain.
+    assert_eq!(e.to_string(), format!("{}: cannot read", missing.display()));
+    let shown = crate::util::chain(&e).to_string();
     assert!(
         shown.starts_with(&format!("{}: cannot read: ", missing.display())),
         "{shown}"
     );
+    assert_eq!(shown.matches("No such file").count(), 1, "{shown}");
 }
 
 #[test]
@@ -644,13 +647,14 @@ fn etcd_endpoints() {
     let c = doc()
         .set(
             "etcd",
-            "endpoints = [\"http://a:2379\", \"https://b:2379\", \"http://[::1]:2379\"]",
+            "endpoints = [\"http://a:2379\", \"http://b:2379\", \"http://[::1]:2379\"]",
         )
         .ok();
     assert_eq!(
         c.etcd.endpoints,
-        vec!["http://a:2379", "https://b:2379", "http://[::1]:2379"]
+        vec!["http://a:2379", "http://b:2379", "http://[::1]:2379"]
     );
+    assert_eq!(c.etcd.tls, None);
 }
 
 /// Known bug (see report): the length check compares against
@@ -687,6 +691,192 @@ fn etcd_username_and_password_go_together() {
     let (u, p) = c.etcd.credentials.unwrap();
     assert_eq!(u, "pgha");
     assert_eq!(p.expose(), ETCD_PW);
+}
+
+// ---------------------------------------------------------------- etcd TLS
+
+/// Throwaway PEM files made once per test run with the `openssl` command:
+/// a CA, a certificate signed by it with its key, and a second key.
+struct Pems {
+    _dir: tempfile::TempDir,
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+    other_key: PathBuf,
+    not_pem: PathBuf,
+}
+
+fn pems() -> &'static Pems {
+    static PEMS: std::sync::OnceLock<Pems> = std::sync::OnceLock::new();
+    PEMS.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let openssl = |args: &str| {
+            let out = std::process::Command::new("openssl")
+                .args(args.split_whitespace())
+                .current_dir(dir.path())
+                .output()
+                .expect("run openssl");
+            assert!(
+                out.status.success(),
+                "openssl {args}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let ec = "-newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes";
+        openssl(&format!(
+            "req -x509 {ec} -keyout ca.key -out ca.pem -days 2 -subj /CN=ca"
+        ));
+        openssl(&format!("req {ec} -keyout client.key -out client.csr -subj /CN=c"));
+        std::fs::write(dir.path().join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
+        openssl(
+            "x509 -req -in client.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 -extfile client.ext -out client.pem",
+        );
+        std::fs::write(dir.path().join("notes.txt"), "not a certificate\n").unwrap();
+        let p = |n: &str| dir.path().join(n);
+        Pems {
+            ca: p("ca.pem"),
+            cert: p("client.pem"),
+            key: p("client.key"),
+            other_key: p("ca.key"),
+            not_pem: p("notes.txt"),
+            _dir: dir,
+        }
+    })
+}
+
+/// `[etcd]` with https endpoints and the given extra lines.
+fn https_etcd(extra: &str) -> Doc {
+    doc().set(
+        "etcd",
+        &format!("endpoints = [\"https://e1:2379\", \"https://e2:2379\"]\n{extra}"),
+    )
+}
+
+fn path_line(key: &str, path: &Path) -> String {
+    format!("{key} = {:?}\n", path.display().to_string())
+}
+
+#[test]
+fn etcd_tls_with_ca_and_client_certificate() {
+    let p = pems();
+    let c = https_etcd(
+        &(path_line("ca_file", &p.ca)
+            + &path_line("cert_file", &p.cert)
+            + &path_line("key_file", &p.key)),
+    )
+    .ok();
+    assert_eq!(
+        c.etcd.tls,
+        Some(EtcdTls {
+            ca_file: Some(p.ca.clone()),
+            client: Some(ClientCertificate {
+                cert_file: p.cert.clone(),
+                key_file: p.key.clone(),
+            }),
+        })
+    );
+    // The CA alone (servers verified, no client certificate), or nothing
+    // at all (the system's roots) are fine too.
+    let c = https_etcd(&path_line("ca_file", &p.ca)).ok();
+    assert_eq!(c.etcd.tls.unwrap().client, None);
+    let c = https_etcd("").ok();
+    assert_eq!(
+        c.etcd.tls,
+        Some(EtcdTls {
+            ca_file: None,
+            client: None
+        })
+    );
+}
+
+#[test]
+fn etcd_tls_paths_are_relative_to_the_config_file() {
+    let p = pems();
+    let dir = p.ca.parent().unwrap();
+    let text =
+        https_etcd("ca_file = \"ca.pem\"\ncert_file = \"client.pem\"\nkey_file = \"client.key\"")
+            .text();
+    let c = Config::from_toml(&dir.join("node.toml"), &text).unwrap();
+    let tls = c.etcd.tls.unwrap();
+    assert_eq!(tls.ca_file, Some(p.ca.clone()));
+    assert_eq!(tls.client.unwrap().key_file, p.key);
+}
+
+/// The etcd client has one TLS setting for all endpoints, and TLS files
+/// next to http:// endpoints would silently do nothing.
+#[test]
+fn etcd_endpoints_are_all_https_or_none() {
+    let p = pems();
+    assert_invalid(
+        doc()
+            .set(
+                "etcd",
+                "endpoints = [\"https://a:2379\", \"http://b:2379\"]",
+            )
+            .load(),
+        "etcd.endpoints[1]",
+        "mixes http:// and https://",
+    );
+    assert_invalid(
+        doc()
+            .set(
+                "etcd",
+                "endpoints = [\"http://a:2379\", \"https://b:2379\"]",
+            )
+            .load(),
+        "etcd.endpoints[1]",
+        "\"https://b:2379\"",
+    );
+    for key in ["ca_file", "cert_file", "key_file"] {
+        assert_invalid(
+            doc().set("etcd", &path_line(key, &p.ca)).load(),
+            &format!("etcd.{key}"),
+            "requires https:// endpoints",
+        );
+    }
+}
+
+#[test]
+fn etcd_client_certificate_and_key_go_together() {
+    let p = pems();
+    assert_invalid(
+        https_etcd(&path_line("cert_file", &p.cert)).load(),
+        "etcd.key_file",
+        "required when etcd.cert_file is set",
+    );
+    assert_invalid(
+        https_etcd(&path_line("key_file", &p.key)).load(),
+        "etcd.cert_file",
+        "required when etcd.key_file is set",
+    );
+}
+
+/// Bad files are found when the configuration is checked, and the error
+/// names the key and the file.
+#[test]
+fn etcd_tls_files_must_exist_and_parse() {
+    let p = pems();
+    let missing = p.ca.with_file_name("missing.pem");
+    let shown = |key: &str, file: &Path, extra: &str| {
+        let e = https_etcd(&(path_line(key, file) + extra))
+            .load()
+            .expect_err("a bad file");
+        let text = e.to_string();
+        assert!(text.starts_with(&format!("{PATH}: etcd.")), "{text}");
+        assert!(text.contains(&file.display().to_string()), "{text}");
+        (e, text)
+    };
+    let (e, text) = shown("ca_file", &missing, "");
+    assert_invalid(Err(e), "etcd.ca_file", "cannot read");
+    assert!(text.contains("No such file"), "{text}");
+    let (e, _) = shown("ca_file", &p.not_pem, "");
+    assert_invalid(Err(e), "etcd.ca_file", "holds no PEM certificate");
+    let (e, _) = shown("cert_file", &p.key, &path_line("key_file", &p.key));
+    assert_invalid(Err(e), "etcd.cert_file", "holds no PEM certificate");
+    let (e, _) = shown("key_file", &p.cert, &path_line("cert_file", &p.cert));
+    assert_invalid(Err(e), "etcd.key_file", "holds no PEM private key");
+    let (e, _) = shown("key_file", &p.other_key, &path_line("cert_file", &p.cert));
+    assert_invalid(Err(e), "etcd.key_file", "does not fit the certificate");
 }
 
 // ---------------------------------------------------------------- ha timing
@@ -1178,10 +1368,6 @@ fn connect_host_defaults_to_first_listen_address() {
         (" db1.example.com ,10.0.0.5", "db1.example.com"),
         ("localhost", "localhost"),
         ("::1", "::1"),
-        ("*", "127.0.0.1"),
-        ("*,10.0.0.5", "127.0.0.1"),
-        ("0.0.0.0", "127.0.0.1"),
-        ("::", "127.0.0.1"),
     ];
     for (listen, expected) in cases {
         let c = doc()
@@ -1196,7 +1382,24 @@ fn connect_host_defaults_to_first_listen_address() {
             "listen_addresses is passed through as written"
         );
     }
-    // An explicit connect_host wins, even with '*'.
+}
+
+/// A wildcard in listen_addresses says nothing about the address the
+/// other members can reach: replicas would stream from 127.0.0.1, i.e.
+/// from themselves or from nothing. The operator must name the host.
+#[test]
+fn wildcard_listen_addresses_require_an_explicit_connect_host() {
+    let msg = "required when postgres.listen_addresses contains a wildcard";
+    let key = "postgres.connect_host";
+    run_cases(&[
+        ("postgres", "listen_addresses = \"*\"", key, msg),
+        ("postgres", "listen_addresses = \"*,10.0.0.5\"", key, msg),
+        ("postgres", "listen_addresses = \"10.0.0.5, *\"", key, msg),
+        ("postgres", "listen_addresses = \"0.0.0.0\"", key, msg),
+        ("postgres", "listen_addresses = \"::\"", key, msg),
+        ("postgres", "listen_addresses = \"127.0.0.1,::\"", key, msg),
+    ]);
+    // An explicit connect_host makes the wildcard fine.
     let c = doc()
         .set(
             "postgres",
@@ -1204,6 +1407,32 @@ fn connect_host_defaults_to_first_listen_address() {
         )
         .ok();
     assert_eq!(c.postgres.connect_host, "10.9.9.9");
+    assert_eq!(c.postgres.listen_addresses, "*");
+}
+
+#[test]
+fn connect_host_must_not_be_a_wildcard() {
+    let msg = "is a wildcard address";
+    let key = "postgres.connect_host";
+    run_cases(&[
+        ("postgres", "connect_host = \"*\"", key, msg),
+        ("postgres", "connect_host = \"0.0.0.0\"", key, msg),
+        ("postgres", "connect_host = \" 0.0.0.0 \"", key, msg),
+        ("postgres", "connect_host = \"::\"", key, msg),
+        ("postgres", "connect_host = \"[::]\"", key, msg),
+        ("postgres", "connect_host = \"0:0:0:0:0:0:0:0\"", key, msg),
+    ]);
+    // Also with a concrete listen address: the host is what peers dial.
+    assert_invalid(
+        doc()
+            .set(
+                "postgres",
+                "listen_addresses = \"10.0.0.5\"\nconnect_host = \"0.0.0.0\"",
+            )
+            .load(),
+        "postgres.connect_host",
+        msg,
+    );
 }
 
 #[test]
@@ -1602,6 +1831,66 @@ fn api_listen_must_be_ip_and_port() {
     let c = doc().set("api", "listen = \"[::1]:8080\"").ok();
     assert_eq!(c.api.listen, "[::1]:8080".parse().unwrap());
     assert_eq!(c.api.connect_url, "http://[::1]:8080");
+}
+
+/// Listening on every address says nothing about the address the other
+/// members can reach; a derived `http://0.0.0.0:8008` would make a peer
+/// read its own status (or nobody's) during a leader race.
+#[test]
+fn wildcard_api_listen_requires_an_explicit_connect_url() {
+    let msg = "required when api.listen is a wildcard address";
+    run_cases(&[
+        ("api", "listen = \"0.0.0.0:8008\"", "api.connect_url", msg),
+        ("api", "listen = \"[::]:8008\"", "api.connect_url", msg),
+        ("api", "listen = \"[::0]:9000\"", "api.connect_url", msg),
+    ]);
+    let c = doc()
+        .set(
+            "api",
+            "listen = \"[::]:8008\"\nconnect_url = \"http://10.0.0.5:8008\"",
+        )
+        .ok();
+    assert_eq!(c.api.connect_url, "http://10.0.0.5:8008");
+}
+
+#[test]
+fn api_connect_url_must_not_name_a_wildcard_host() {
+    let msg = "names a wildcard address";
+    run_cases(&[
+        (
+            "api",
+            "connect_url = \"http://0.0.0.0:8008\"",
+            "api.connect_url",
+            msg,
+        ),
+        (
+            "api",
+            "connect_url = \"https://[::]:8008/\"",
+            "api.connect_url",
+            msg,
+        ),
+        (
+            "api",
+            "connect_url = \"http://0.0.0.0\"",
+            "api.connect_url",
+            msg,
+        ),
+        (
+            "api",
+            "listen = \"0.0.0.0:8008\"\nconnect_url = \"http://0.0.0.0:8008\"",
+            "api.connect_url",
+            msg,
+        ),
+    ]);
+    // Host names and IPv6 literals are fine.
+    for url in [
+        "http://db1:8008",
+        "https://[fd00::5]:8008",
+        "http://10.0.0.5",
+    ] {
+        let c = doc().set("api", &format!("connect_url = {url:?}")).ok();
+        assert_eq!(c.api.connect_url, url);
+    }
 }
 
 #[test]

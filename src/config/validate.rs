@@ -4,11 +4,13 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::raw::{RawConfig, RawRole};
+use super::raw::{RawConfig, RawEtcd, RawRole};
 use super::{
-    ApiConfig, Config, ConfigError, EtcdConfig, HaConfig, PostgresConfig, RoleCredentials,
+    ApiConfig, ClientCertificate, Config, ConfigError, EtcdConfig, EtcdTls, HaConfig,
+    PostgresConfig, RoleCredentials,
 };
 use crate::model::MemberName;
+use crate::pem;
 
 /// Server parameters pgha sets itself. Letting the operator override them
 /// would break replication, fencing or the agent's own connection.
@@ -145,6 +147,7 @@ pub(super) fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigErro
             ));
         }
     }
+    let etcd_tls = validate_etcd_tls(path, &raw.etcd, &resolve)?;
     let credentials = match (raw.etcd.username, raw.etcd.password) {
         (Some(u), Some(p)) => Some((u, p)),
         (None, None) => None,
@@ -199,18 +202,37 @@ pub(super) fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigErro
     if pg.listen_addresses.trim().is_empty() {
         return Err(bad("postgres.listen_addresses", "must not be empty".into()));
     }
+    // Peers stream from connect_host; a wildcard only says where the
+    // server listens, not where it can be reached, so it is never guessed.
     let connect_host = match pg.connect_host {
         Some(h) if h.trim().is_empty() => {
             return Err(bad("postgres.connect_host", "must not be empty".into()));
         }
+        Some(h) if is_wildcard_host(&h) => {
+            return Err(bad(
+                "postgres.connect_host",
+                format!(
+                    "{h:?} is a wildcard address; give the address the other members reach this server at"
+                ),
+            ));
+        }
         Some(h) => h,
         None => {
-            let first = pg.listen_addresses.split(',').next().unwrap_or("").trim();
-            if first == "*" || first == "0.0.0.0" || first == "::" {
-                "127.0.0.1".to_string()
-            } else {
-                first.to_string()
+            if let Some(w) = pg
+                .listen_addresses
+                .split(',')
+                .map(str::trim)
+                .find(|a| is_wildcard_host(a))
+            {
+                return Err(bad(
+                    "postgres.connect_host",
+                    format!(
+                        "required when postgres.listen_addresses contains a wildcard ({w:?}): give the address the other members reach this server at"
+                    ),
+                ));
             }
+            let first = pg.listen_addresses.split(',').next().unwrap_or("").trim();
+            first.to_string()
         }
     };
     if pg.os_user.is_empty() {
@@ -305,20 +327,41 @@ pub(super) fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigErro
     }
 
     // api
-    let listen = raw.api.listen.parse().map_err(|_| {
+    let listen: std::net::SocketAddr = raw.api.listen.parse().map_err(|_| {
         bad(
             "api.listen",
             format!("{:?} must be an ip:port address", raw.api.listen),
         )
     })?;
+    // Peers read this node's /status through connect_url during a leader
+    // race; a wildcard there would make them read their own status (or
+    // another node's) and promote the wrong member.
     let connect_url = match raw.api.connect_url {
         Some(u) if u.starts_with("http://") || u.starts_with("https://") => {
-            u.trim_end_matches('/').to_string()
+            let u = u.trim_end_matches('/').to_string();
+            if url_host(&u).is_some_and(is_wildcard_host) {
+                return Err(bad(
+                    "api.connect_url",
+                    format!(
+                        "{u:?} names a wildcard address; give the address the other members reach this API at"
+                    ),
+                ));
+            }
+            u
         }
         Some(u) => {
             return Err(bad(
                 "api.connect_url",
                 format!("{u:?} must start with http:// or https://"),
+            ));
+        }
+        None if listen.ip().is_unspecified() => {
+            return Err(bad(
+                "api.connect_url",
+                format!(
+                    "required when api.listen is a wildcard address ({}): give the URL the other members reach this API at",
+                    raw.api.listen
+                ),
             ));
         }
         None => format!(
@@ -418,6 +461,7 @@ pub(super) fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigErro
         etcd: EtcdConfig {
             endpoints: raw.etcd.endpoints,
             credentials,
+            tls: etcd_tls,
         },
         ha,
         postgres: PostgresConfig {
@@ -443,6 +487,81 @@ pub(super) fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigErro
             tls,
         },
     })
+}
+
+/// TLS towards etcd. The etcd client applies one TLS setting to every
+/// endpoint, so the endpoints are either all `https://` or all `http://`;
+/// TLS files with `http://` endpoints would be silently unused, so they are
+/// rejected. The files are read and checked here, so that a wrong path or a
+/// key that does not fit its certificate stops the start instead of
+/// showing up as "etcd unavailable" in every loop.
+fn validate_etcd_tls(
+    path: &Path,
+    raw: &RawEtcd,
+    resolve: &dyn Fn(&Path) -> PathBuf,
+) -> Result<Option<EtcdTls>, ConfigError> {
+    let bad = |key: &str, msg: String| ConfigError::invalid(path, key, msg);
+    let file_error = |key: &str, e: pem::PemError| bad(key, crate::util::chain(&e).to_string());
+    let https = |ep: &String| ep.starts_with("https://");
+    let tls = raw.endpoints.first().is_some_and(https);
+    if let Some(i) = raw.endpoints.iter().position(|ep| https(ep) != tls) {
+        return Err(bad(
+            &format!("etcd.endpoints[{i}]"),
+            format!(
+                "{:?} mixes http:// and https:// endpoints; use https:// for every endpoint or for none",
+                raw.endpoints[i]
+            ),
+        ));
+    }
+    let given = [
+        ("etcd.ca_file", &raw.ca_file),
+        ("etcd.cert_file", &raw.cert_file),
+        ("etcd.key_file", &raw.key_file),
+    ];
+    if !tls {
+        return match given.iter().find(|(_, v)| v.is_some()) {
+            Some((key, _)) => Err(bad(
+                key,
+                "requires https:// endpoints in etcd.endpoints".into(),
+            )),
+            None => Ok(None),
+        };
+    }
+    let ca_file = match &raw.ca_file {
+        Some(p) => {
+            let p = resolve(p);
+            pem::read_ca(&p).map_err(|e| file_error("etcd.ca_file", e))?;
+            Some(p)
+        }
+        None => None,
+    };
+    let client = match (&raw.cert_file, &raw.key_file) {
+        (Some(cert), Some(key)) => {
+            let (cert_file, key_file) = (resolve(cert), resolve(key));
+            pem::read_certificates(&cert_file).map_err(|e| file_error("etcd.cert_file", e))?;
+            pem::read_private_key(&key_file).map_err(|e| file_error("etcd.key_file", e))?;
+            pem::read_key_pair(&cert_file, &key_file)
+                .map_err(|e| file_error("etcd.key_file", e))?;
+            Some(ClientCertificate {
+                cert_file,
+                key_file,
+            })
+        }
+        (None, None) => None,
+        (Some(_), None) => {
+            return Err(bad(
+                "etcd.key_file",
+                "required when etcd.cert_file is set".into(),
+            ));
+        }
+        (None, Some(_)) => {
+            return Err(bad(
+                "etcd.cert_file",
+                "required when etcd.key_file is set".into(),
+            ));
+        }
+    };
+    Ok(Some(EtcdTls { ca_file, client }))
 }
 
 /// The timing rules. They exist so that one slow etcd round trip never
@@ -551,6 +670,32 @@ fn is_pg_identifier(s: &str) -> bool {
     matches!(chars.next(), Some(c) if c.is_ascii_lowercase() || c == '_')
         && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
         && s.len() <= 63
+}
+
+/// `*`, `0.0.0.0`, `::` and other spellings of "every address": fine to
+/// listen on, meaningless as an address to connect to.
+fn is_wildcard_host(host: &str) -> bool {
+    let host = host.trim();
+    let bare = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    bare == "*"
+        || bare
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_unspecified())
+}
+
+/// The host part of an `http(s)://host[:port][/path]` URL, brackets kept
+/// for IPv6 literals.
+fn url_host(url: &str) -> Option<&str> {
+    let rest = url.split_once("://")?.1;
+    let authority = rest.split('/').next()?;
+    let authority = authority.rsplit_once('@').map_or(authority, |(_, a)| a);
+    if authority.starts_with('[') {
+        return authority.find(']').map(|end| &authority[..=end]);
+    }
+    Some(authority.split(':').next().unwrap_or(authority))
 }
 
 fn is_cidr(s: &str) -> bool {

@@ -15,8 +15,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp,
-    WatchOptions,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity,
+    PutOptions, TlsOptions, Txn, TxnOp, WatchOptions,
 };
 use tokio::sync::{Mutex, Notify};
 
@@ -25,6 +25,7 @@ use super::keys::{KeyKind, Keys};
 use super::{
     ClusterConfig, ClusterView, Dcs, DcsError, FailoverRequest, Initialize, LeaderKey, LeaseRenewal,
 };
+use crate::config::{EtcdConfig, EtcdTls};
 use crate::model::{HistoryEntry, MemberName, MemberRecord};
 use crate::util::boottime_ms;
 
@@ -51,8 +52,38 @@ impl Drop for EtcdDcs {
 fn unavailable(action: &'static str) -> impl FnOnce(etcd_client::Error) -> DcsError {
     move |e| DcsError::Unavailable {
         action,
-        source: Box::new(e),
+        source: match e {
+            etcd_client::Error::GRpcStatus(status) => {
+                let mut message = if status.message().is_empty() {
+                    status.code().to_string()
+                } else {
+                    status.message().to_string()
+                };
+                // The transport's causes, where they add something (the
+                // status message often repeats the innermost one).
+                let mut cause = std::error::Error::source(&status);
+                while let Some(c) = cause {
+                    let text = c.to_string();
+                    if !message.contains(&text) {
+                        message = format!("{message}: {text}");
+                    }
+                    cause = c.source();
+                }
+                Box::new(GrpcFailure { message })
+            }
+            other => Box::new(other),
+        },
     }
+}
+
+/// A failed gRPC call, as the operator needs to read it: the status
+/// message ("invalid peer certificate: UnknownIssuer", "etcdserver: user
+/// name is empty") and the transport's causes. etcd-client's own rendering
+/// appends tonic's debug dump of the transport error instead.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+struct GrpcFailure {
+    message: String,
 }
 
 impl EtcdDcs {
@@ -60,22 +91,27 @@ impl EtcdDcs {
     /// etcd is down, and every call then fails within `timeout`, which is
     /// what the agent needs to keep looping (and logging) instead of
     /// hanging at start. With credentials it must authenticate first.
+    /// With `etcd.tls` the TLS files are read here (the configuration
+    /// check already parsed them).
     pub async fn connect(
-        endpoints: &[String],
-        credentials: Option<(String, String)>,
+        etcd: &EtcdConfig,
         keys: Keys,
         me: MemberName,
         ttl: Duration,
         timeout: Duration,
         watch: bool,
     ) -> Result<Self, DcsError> {
+        let endpoints = &etcd.endpoints;
         let mut options = ConnectOptions::new()
             .with_connect_timeout(timeout)
             .with_timeout(timeout)
             .with_keep_alive(Duration::from_secs(1), timeout)
             .with_require_leader(true);
-        if let Some((user, password)) = credentials {
-            options = options.with_user(user, password);
+        if let Some((user, password)) = &etcd.credentials {
+            options = options.with_user(user.clone(), password.expose().to_string());
+        }
+        if let Some(tls) = &etcd.tls {
+            options = options.with_tls(tls_options(tls)?);
         }
         let client = tokio::time::timeout(timeout, Client::connect(endpoints, Some(options)))
             .await
@@ -163,6 +199,29 @@ impl EtcdDcs {
     }
 }
 
+/// The etcd client's TLS settings: the configured CA (or the system's
+/// roots) and the client certificate, if any.
+fn tls_options(tls: &EtcdTls) -> Result<TlsOptions, DcsError> {
+    let read = |path: &std::path::Path| {
+        std::fs::read(path).map_err(|source| DcsError::TlsFile {
+            path: path.to_path_buf(),
+            source,
+        })
+    };
+    let mut options = TlsOptions::new();
+    options = match &tls.ca_file {
+        Some(ca) => options.ca_certificate(Certificate::from_pem(read(ca)?)),
+        None => options.with_native_roots(),
+    };
+    if let Some(client) = &tls.client {
+        options = options.identity(Identity::from_pem(
+            read(&client.cert_file)?,
+            read(&client.key_file)?,
+        ));
+    }
+    Ok(options)
+}
+
 async fn watch_loop(mut client: Client, keys: Keys, changed: Arc<Notify>) {
     loop {
         let opts = WatchOptions::new().with_prefix();
@@ -227,13 +286,15 @@ pub fn decode_view(
                 }
                 // One unreadable record (say, from a newer pgha) must not
                 // blind the whole cluster: skip it, loudly.
-                Err(e) => tracing::warn!(error = %e, "ignoring member record"),
+                Err(e) => tracing::warn!(error = %crate::util::chain(&e), "ignoring member record"),
             },
             KeyKind::Config => view.config = decode_json::<ClusterConfig>(key, value)?,
             KeyKind::History => view.history = decode_json(key, value)?,
             KeyKind::Failover => match decode_json::<FailoverRequest>(key, value) {
                 Ok(f) => view.failover = Some(f),
-                Err(e) => tracing::warn!(error = %e, "ignoring failover request"),
+                Err(e) => {
+                    tracing::warn!(error = %crate::util::chain(&e), "ignoring failover request")
+                }
             },
             KeyKind::Sync => view.sync = Some(decode_json(key, value)?),
             KeyKind::Unknown => {}

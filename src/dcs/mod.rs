@@ -211,7 +211,7 @@ impl ClusterView {
 /// agent treats as "cannot prove I still hold the lease".
 #[derive(Debug, thiserror::Error)]
 pub enum DcsError {
-    #[error("etcd unavailable while trying to {action}: {source}")]
+    #[error("etcd unavailable while trying to {action}")]
     Unavailable {
         action: &'static str,
         #[source]
@@ -221,6 +221,12 @@ pub enum DcsError {
     Timeout {
         action: &'static str,
         timeout: Duration,
+    },
+    #[error("cannot read the etcd TLS file {}", path.display())]
+    TlsFile {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
     },
     #[error("malformed value under {key}: {message}")]
     Malformed { key: String, message: String },

@@ -28,7 +28,7 @@ use crate::safe_fs::{Owner, SafeFsError, Strictness, TrustedDir};
 pub enum PgError {
     #[error("OS user {user:?} (postgres.os_user) does not exist; create it or set another")]
     NoSuchOsUser { user: String },
-    #[error("{action}: {source}")]
+    #[error("{action}")]
     Io {
         action: String,
         #[source]
@@ -47,13 +47,13 @@ pub enum PgError {
         action: String,
         timeout: Duration,
     },
-    #[error("SQL failed while trying to {action}: {source}")]
+    #[error("SQL failed while trying to {action}")]
     Sql {
         action: String,
         #[source]
         source: tokio_postgres::Error,
     },
-    #[error("could not connect to the local PostgreSQL: {0}")]
+    #[error("could not connect to the local PostgreSQL")]
     Connect(#[source] tokio_postgres::Error),
     #[error("unsafe or unusable directory")]
     Directory(#[from] SafeFsError),

@@ -138,7 +138,7 @@ impl Observer {
         let status = match tokio::time::timeout(Duration::from_secs(2), self.query()).await {
             Ok(Ok(running)) => PgStatus::Running(Box::new(running)),
             Ok(Err(e)) => {
-                tracing::debug!(error = %e, "PostgreSQL not answering");
+                tracing::debug!(error = %crate::util::chain(&e), "PostgreSQL not answering");
                 self.client = None;
                 PgStatus::Starting
             }

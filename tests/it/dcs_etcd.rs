@@ -7,6 +7,7 @@
 
 use std::time::{Duration, Instant};
 
+use pgha::config::EtcdConfig;
 use pgha::dcs::etcd::EtcdDcs;
 use pgha::dcs::keys::Keys;
 use pgha::dcs::{ClusterConfig, Dcs, DcsError, FailoverRequest, Initialize, LeaseRenewal};
@@ -35,6 +36,15 @@ async fn env(test: &str) -> Env {
     Env { etcd, _dir: dir }
 }
 
+/// Plain http endpoints, no credentials.
+fn plain(endpoints: &[String]) -> EtcdConfig {
+    EtcdConfig {
+        endpoints: endpoints.to_vec(),
+        credentials: None,
+        tls: None,
+    }
+}
+
 async fn member(
     endpoints: &[String],
     cluster: &str,
@@ -43,8 +53,7 @@ async fn member(
     watch: bool,
 ) -> EtcdDcs {
     EtcdDcs::connect(
-        endpoints,
-        None,
+        &plain(endpoints),
         Keys::new("pgha", cluster),
         MemberName::new(name),
         ttl,
@@ -495,8 +504,7 @@ async fn unreachable_etcd_fails_within_the_timeout() {
     let limit = TIMEOUT + Duration::from_secs(2);
     let start = Instant::now();
     let connected = EtcdDcs::connect(
-        &endpoints,
-        None,
+        &plain(&endpoints),
         Keys::new("pgha", "c"),
         MemberName::new("a"),
         SHORT_TTL,

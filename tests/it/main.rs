@@ -9,7 +9,9 @@
 mod support;
 
 mod api;
+mod cli;
 mod dcs_etcd;
+mod etcd_tls;
 mod failover;
 mod foundation;
 mod haproxy;

@@ -34,7 +34,7 @@ use serde_json::Value;
 use tokio_postgres::NoTls;
 use tokio_postgres::config::TargetSessionAttrs;
 
-use super::{Etcd, ProcessGuard, TestDir, free_port, wait_until};
+use super::{Etcd, Pki, ProcessGuard, TestDir, free_port, wait_until};
 
 /// The binary under test, built by cargo for this test target.
 pub const PGHA_BIN: &str = env!("CARGO_BIN_EXE_pgha");
@@ -55,6 +55,11 @@ pub struct ClusterOptions {
     pub ha: Vec<(String, String)>,
     /// Extra `[postgres.parameters]`, each value a TOML literal.
     pub parameters: Vec<(String, String)>,
+    /// Extra `[etcd]` keys, each value a TOML literal.
+    pub etcd: Vec<(String, String)>,
+    /// Run etcd with TLS and client-certificate authentication; the nodes
+    /// get the CA and a client certificate in `[etcd]`.
+    pub etcd_tls: bool,
     /// How long [`Cluster::start`] waits for a healthy cluster
     /// (default [`STARTUP_TIMEOUT`]).
     pub startup_timeout: Option<Duration>,
@@ -64,6 +69,18 @@ impl ClusterOptions {
     /// Adds an `[ha]` key; `value` is a TOML literal (quote durations).
     pub fn ha(mut self, key: &str, value: &str) -> Self {
         self.ha.push((key.into(), value.into()));
+        self
+    }
+
+    /// Adds an `[etcd]` key; `value` is a TOML literal.
+    pub fn etcd(mut self, key: &str, value: &str) -> Self {
+        self.etcd.push((key.into(), value.into()));
+        self
+    }
+
+    /// etcd over TLS with client certificates (see [`ClusterOptions::etcd_tls`]).
+    pub fn etcd_tls(mut self) -> Self {
+        self.etcd_tls = true;
         self
     }
 
@@ -174,12 +191,14 @@ state_dir = "{state}"
 
 [etcd]
 endpoints = [{endpoints}]
-
-[ha]
 "#,
             state = node.state_dir.display(),
             endpoints = endpoints.join(", "),
         );
+        for (k, v) in &opts.etcd {
+            toml.push_str(&format!("{k} = {v}\n"));
+        }
+        toml.push_str("\n[ha]\n");
         for (k, v) in &opts.ha {
             toml.push_str(&format!("{k} = {v}\n"));
         }
@@ -588,7 +607,20 @@ impl Cluster {
     /// Starts etcd and writes the node configs, without starting agents.
     pub async fn create(test: &str, n: usize, options: ClusterOptions) -> anyhow::Result<Cluster> {
         let dir = TestDir::new(test);
-        let etcd = Etcd::spawn(&dir, "e1").await?;
+        let mut options = options;
+        let etcd = if options.etcd_tls {
+            let pki = Pki::generate(&dir.subdir("pki"))?;
+            for (key, path) in [
+                ("ca_file", &pki.ca),
+                ("cert_file", &pki.client_cert),
+                ("key_file", &pki.client_key),
+            ] {
+                options = options.etcd(key, &format!("{:?}", path.display().to_string()));
+            }
+            Etcd::spawn_tls(&dir, "e1", &pki).await?
+        } else {
+            Etcd::spawn(&dir, "e1").await?
+        };
         let name = cluster_name(test);
         let (su_password, repl_password) = (password("su"), password("repl"));
         let mut nodes = Vec::new();

@@ -6,10 +6,10 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use etcd_client::{Client, ConnectOptions};
+use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
 use nix::sys::signal::Signal;
 
-use super::{ProcessGuard, TestDir, free_port};
+use super::{Pki, ProcessGuard, TestDir, free_port};
 
 const ETCD_BIN: &str = "/usr/bin/etcd";
 /// etcd normally elects itself within ~1-2 s; a loaded CI host needs slack.
@@ -17,6 +17,8 @@ const READY_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// A single-node etcd with its data dir and log (`etcd.log`) in a
 /// `etcd-<name>` subdirectory of the test dir, listening on free ports.
+/// With [`spawn_tls`](Etcd::spawn_tls) it serves clients over TLS only and
+/// requires a client certificate signed by the test CA.
 ///
 /// It can be stopped and started again on the same data dir and ports, or
 /// frozen with [`pause`](Etcd::pause), to simulate outages. Dropping it
@@ -26,6 +28,7 @@ pub struct Etcd {
     dir: PathBuf,
     client_port: u16,
     peer_port: u16,
+    tls: Option<Pki>,
     process: Option<ProcessGuard>,
 }
 
@@ -34,6 +37,16 @@ impl Etcd {
     /// may grab one of the free ports before etcd binds it, so a start that
     /// dies early is retried on new ports.
     pub async fn spawn(test_dir: &TestDir, name: &str) -> anyhow::Result<Etcd> {
+        Self::spawn_with(test_dir, name, None).await
+    }
+
+    /// Like [`spawn`](Etcd::spawn), but clients must speak TLS and present
+    /// a certificate signed by `pki.ca` (etcd's `--client-cert-auth`).
+    pub async fn spawn_tls(test_dir: &TestDir, name: &str, pki: &Pki) -> anyhow::Result<Etcd> {
+        Self::spawn_with(test_dir, name, Some(pki.clone())).await
+    }
+
+    async fn spawn_with(test_dir: &TestDir, name: &str, tls: Option<Pki>) -> anyhow::Result<Etcd> {
         let dir = test_dir.subdir(&format!("etcd-{name}"));
         let mut last_err = None;
         for _ in 0..3 {
@@ -42,6 +55,7 @@ impl Etcd {
                 dir: dir.clone(),
                 client_port: free_port(),
                 peer_port: free_port(),
+                tls: tls.clone(),
                 process: None,
             };
             match etcd.start().await {
@@ -56,9 +70,33 @@ impl Etcd {
         Err(last_err.expect("at least one attempt"))
     }
 
-    /// `http://127.0.0.1:<client port>`.
+    /// `http://127.0.0.1:<client port>` (`https://` with TLS).
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
+    }
+
+    /// The certificates, when started with [`spawn_tls`](Etcd::spawn_tls).
+    pub fn pki(&self) -> Option<&Pki> {
+        self.tls.as_ref()
+    }
+
+    /// Connect options with the test CA and client certificate when etcd
+    /// runs with TLS.
+    fn connect_options(&self) -> anyhow::Result<ConnectOptions> {
+        let mut opts = ConnectOptions::new();
+        if let Some(pki) = &self.tls {
+            let pem = |p: &Path| std::fs::read(p).with_context(|| format!("read {}", p.display()));
+            opts = opts.with_tls(
+                TlsOptions::new()
+                    .ca_certificate(Certificate::from_pem(pem(&pki.ca)?))
+                    .identity(Identity::from_pem(
+                        pem(&pki.client_cert)?,
+                        pem(&pki.client_key)?,
+                    )),
+            );
+        }
+        Ok(opts)
     }
 
     pub fn endpoints(&self) -> Vec<String> {
@@ -75,7 +113,8 @@ impl Etcd {
 
     /// A plain client, for tests that inspect or tamper with keys directly.
     pub async fn client(&self) -> anyhow::Result<Client> {
-        let opts = ConnectOptions::new()
+        let opts = self
+            .connect_options()?
             .with_connect_timeout(Duration::from_secs(2))
             .with_timeout(Duration::from_secs(5));
         Client::connect(self.endpoints(), Some(opts))
@@ -112,8 +151,17 @@ impl Etcd {
             .arg("--initial-advertise-peer-urls")
             .arg(&peer_url)
             .arg("--initial-cluster")
-            .arg(format!("{}={peer_url}", self.name))
-            .stdin(Stdio::null())
+            .arg(format!("{}={peer_url}", self.name));
+        if let Some(pki) = &self.tls {
+            cmd.arg("--cert-file")
+                .arg(&pki.server_cert)
+                .arg("--key-file")
+                .arg(&pki.server_key)
+                .arg("--trusted-ca-file")
+                .arg(&pki.ca)
+                .arg("--client-cert-auth");
+        }
+        cmd.stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
         self.process = Some(ProcessGuard::spawn(&mut cmd)?);
@@ -163,7 +211,8 @@ impl Etcd {
 
     async fn wait_ready(&mut self) -> anyhow::Result<()> {
         let deadline = Instant::now() + READY_TIMEOUT;
-        let opts = ConnectOptions::new()
+        let opts = self
+            .connect_options()?
             .with_connect_timeout(Duration::from_millis(500))
             .with_timeout(Duration::from_millis(500))
             .with_require_leader(true);

@@ -7,7 +7,8 @@
 //! - [`TestDir`]: a short, world-traversable temp directory, kept on
 //!   failure when `PGHA_KEEP_TEST_DIRS` is set.
 //! - [`ProcessGuard`]: a child in its own process group, killed on drop.
-//! - [`Etcd`]: a single-node etcd that can be stopped, restarted and paused.
+//! - [`Etcd`]: a single-node etcd that can be stopped, restarted and paused,
+//!   optionally serving TLS with client certificates from a [`Pki`].
 //! - [`wait_until`]: polls a condition with a deadline.
 //! - [`Cluster`], [`Node`]: real pgha agents with PostgreSQL (`cluster.rs`).
 //! - [`Writer`], [`OneWritablePrimary`]: failover oracles (`oracle.rs`).
@@ -19,6 +20,7 @@ pub mod cluster;
 mod dir;
 mod etcd;
 pub mod oracle;
+mod pki;
 mod port;
 mod process;
 mod wait;
@@ -27,6 +29,7 @@ pub use cluster::{Cluster, ClusterOptions, Node};
 pub use dir::TestDir;
 pub use etcd::Etcd;
 pub use oracle::{OneWritablePrimary, Writer};
+pub use pki::Pki;
 pub use port::free_port;
 pub use process::ProcessGuard;
 pub use wait::wait_until;
