@@ -53,7 +53,9 @@ pub struct Agent {
     // What the loop remembers between iterations; everything else is
     // observed afresh each time.
     down_since_ms: Option<u64>,
-    not_streaming_since_ms: Option<u64>,
+    /// Since when a running replica has not streamed, and from which
+    /// configured upstream (a new upstream restarts the count).
+    not_streaming_since: Option<(u64, Option<(String, u16)>)>,
     last_leader_lsn: Option<Lsn>,
     last_leader: Option<crate::model::MemberName>,
     rewind_failed: bool,
@@ -144,7 +146,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             .context("build the HTTP client")?,
         status: status_tx,
         down_since_ms: None,
-        not_streaming_since_ms: None,
+        not_streaming_since: None,
         last_leader_lsn: None,
         last_leader: None,
         rewind_failed: false,

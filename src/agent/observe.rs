@@ -83,12 +83,28 @@ impl Agent {
             PgStatus::Running(r) => Some(r.as_ref()),
             _ => None,
         };
-        match running {
-            Some(r) if r.role == PgRole::Replica && !r.streaming => {
-                self.not_streaming_since_ms.get_or_insert(now);
+        // "Not streaming since" counts only time in which streaming could
+        // have worked: the leader is known to run, and the replica points
+        // at the same upstream as when the count started. An etcd outage or
+        // a leader change must not leave a replica that just re-pointed
+        // looking stalled (it would be rewound for nothing).
+        let leader_running = view
+            .as_ref()
+            .and_then(|v| v.leader_record())
+            .is_some_and(|l| {
+                l.role == PgRole::Primary && l.state == crate::model::PgState::Running
+            });
+        self.not_streaming_since = match (running, self.not_streaming_since.take()) {
+            (Some(r), previous) if r.role == PgRole::Replica && !r.streaming && leader_running => {
+                match previous {
+                    Some((since, upstream)) if upstream == r.configured_upstream => {
+                        Some((since, upstream))
+                    }
+                    _ => Some((now, r.configured_upstream.clone())),
+                }
             }
-            _ => self.not_streaming_since_ms = None,
-        }
+            _ => None,
+        };
 
         // The former-primary mark survives agent restarts in a file.
         match running {
@@ -159,7 +175,7 @@ impl Agent {
                 down_since_ms: self.down_since_ms,
                 on_disk,
                 upstream,
-                not_streaming_since_ms: self.not_streaming_since_ms,
+                not_streaming_since_ms: self.not_streaming_since.as_ref().map(|(since, _)| *since),
                 rewind_failed: self.rewind_failed,
                 former_primary: self.former_primary(),
                 fence_ready: crate::ha::lease::keeper_health(now, &self.fence.view()).is_ok(),

@@ -455,6 +455,14 @@ fn as_follower(s: &Snapshot, view: &ClusterView, leader: &MemberName) -> Decisio
                     s.now_ms.saturating_sub(t) >= s.ha.stream_stall_timeout.as_millis() as u64
                 });
             if stalled {
+                // Elapsed time alone is no proof of divergence: rewinding a
+                // replica whose history the leader shares changes nothing
+                // and costs a restart.
+                if history_shared(view, leader, r) {
+                    return Decision::wait(Reason::NotStreamingSameHistory {
+                        leader: leader.clone(),
+                    });
+                }
                 return rewind_or_reclone(s, leader, Reason::StreamingStalled);
             }
             Decision::wait(Reason::Following {
@@ -509,6 +517,32 @@ fn as_follower(s: &Snapshot, view: &ClusterView, leader: &MemberName) -> Decisio
             ),
         },
     }
+}
+
+/// Whether this replica's WAL is provably part of the leader's history:
+/// on the leader's timeline, or on an earlier one and not past the point
+/// where the leader's history branched off it (from the DCS's timeline
+/// history). Anything unknown counts as "not proven".
+fn history_shared(
+    view: &ClusterView,
+    leader: &MemberName,
+    r: &crate::postgres::observe::Running,
+) -> bool {
+    let (Some(mine), Some(position)) = (r.timeline, r.wal_position()) else {
+        return false;
+    };
+    let Some(theirs) = view.members.get(leader).and_then(|m| m.timeline) else {
+        return false;
+    };
+    if mine == theirs {
+        return true;
+    }
+    mine < theirs
+        && view
+            .history
+            .iter()
+            .find(|h| h.old_timeline == mine)
+            .is_some_and(|h| position <= h.switch_lsn)
 }
 
 fn rewind_or_reclone(s: &Snapshot, leader: &MemberName, reason: Reason) -> Decision {

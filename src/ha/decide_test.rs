@@ -416,6 +416,27 @@ impl Fixture {
         f
     }
 
+    /// The leader (`leader`) moved to timeline 2, branching off timeline 1
+    /// at `switch_lsn` (recorded in the DCS history), while this replica is
+    /// still on timeline 1 (at `L`, so `switch_lsn < L` means it diverged).
+    fn leader_branched_at(mut self, leader: &str, switch_lsn: Option<u64>) -> Self {
+        self = self
+            .member_with(leader, |r| r.timeline = Some(Timeline(2)))
+            .timeline(Some(1));
+        if let Some(lsn) = switch_lsn {
+            self.view().history.push(crate::model::HistoryEntry {
+                old_timeline: Timeline(1),
+                new_timeline: Timeline(2),
+                switch_lsn: Lsn(lsn),
+                at_unix_ms: NOW_UNIX,
+                reason: "failover".into(),
+                old_leader: None,
+                new_leader: m(leader),
+            });
+        }
+        self
+    }
+
     /// The agent has not recorded when streaming stopped.
     fn stall_start_unknown(mut self) -> Self {
         self.snap.local.not_streaming_since_ms = None;
@@ -1239,8 +1260,36 @@ fn follower() {
             following(),
         ),
         (
-            "not streaming for stream_stall_timeout, leader running: diverged",
+            "stalled past a branch point the leader recorded: diverged, rewind",
+            other()
+                .replica_stalled("n2", STREAM_STALL_MS)
+                .leader_branched_at("n2", Some(L - 1)),
+            rewind(Reason::StreamingStalled),
+        ),
+        (
+            "stalled on an older timeline, no history recorded: not proven, rewind",
+            other()
+                .replica_stalled("n2", STREAM_STALL_MS)
+                .leader_branched_at("n2", None),
+            rewind(Reason::StreamingStalled),
+        ),
+        (
+            "stalled on an older timeline, not past the branch point: no rewind",
+            other()
+                .replica_stalled("n2", STREAM_STALL_MS)
+                .leader_branched_at("n2", Some(L)),
+            wait(Reason::NotStreamingSameHistory { leader: m("n2") }),
+        ),
+        (
+            "stalled on the leader's own timeline: no rewind (it would change nothing)",
             other().replica_stalled("n2", STREAM_STALL_MS),
+            wait(Reason::NotStreamingSameHistory { leader: m("n2") }),
+        ),
+        (
+            "stalled, own timeline unknown: not proven, rewind",
+            other()
+                .replica_stalled("n2", STREAM_STALL_MS)
+                .timeline(None),
             rewind(Reason::StreamingStalled),
         ),
         (
@@ -1271,7 +1320,8 @@ fn follower() {
             "stalled after a failed rewind: reclone",
             other()
                 .rewind_failed()
-                .replica_stalled("n2", STREAM_STALL_MS),
+                .replica_stalled("n2", STREAM_STALL_MS)
+                .leader_branched_at("n2", Some(L - 1)),
             reclone(),
         ),
         (
@@ -1279,7 +1329,8 @@ fn follower() {
             other()
                 .ha(no_reclone)
                 .rewind_failed()
-                .replica_stalled("n2", STREAM_STALL_MS),
+                .replica_stalled("n2", STREAM_STALL_MS)
+                .leader_branched_at("n2", Some(L - 1)),
             wait(Reason::RewindFailedNoReclone),
         ),
         (

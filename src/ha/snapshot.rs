@@ -258,6 +258,11 @@ pub enum Reason {
     RecloningAfterRewindFailure,
     RewindFailedNoReclone,
     StreamingStalled,
+    /// Not streaming, but the replica's history is the leader's: a rewind
+    /// would change nothing.
+    NotStreamingSameHistory {
+        leader: MemberName,
+    },
     StartKeepsFailing,
     LeaderRecordMissing {
         leader: MemberName,
@@ -369,6 +374,11 @@ impl fmt::Display for Reason {
             StartKeepsFailing => write!(
                 f,
                 "PostgreSQL exits at every start (see its log); rewinding, then re-cloning"
+            ),
+            NotStreamingSameHistory { leader } => write!(
+                f,
+                "not streaming from {leader} although it runs; the histories have not diverged, \
+                 so no rewind (check the network, the replication slot and the leader's WAL retention)"
             ),
             StreamingStalled => write!(
                 f,
