@@ -325,6 +325,13 @@ impl Fence {
         }
     }
 
+    /// Unit tests of the agent's runtime stand in for the keeper process:
+    /// they name its pid and write its acknowledgements themselves.
+    #[cfg(test)]
+    pub(crate) fn pretend_keeper(&self, pid: Option<i32>, stopped: bool) {
+        self.supervisor.set_child(pid, stopped);
+    }
+
     /// Clean shutdown: the keeper is told to exit and is not restarted.
     pub fn exit(&self) {
         self.supervisor.shutting_down.store(true, Ordering::SeqCst);

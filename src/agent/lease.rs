@@ -227,3 +227,7 @@ impl LeaseKeeper {
         self.state.lock().unwrap().last_renewal_latency_ms
     }
 }
+
+#[cfg(test)]
+#[path = "lease_test.rs"]
+mod tests;
