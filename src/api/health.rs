@@ -50,7 +50,11 @@ pub enum HealthCheck {
 
 impl HealthCheck {
     /// Every health path and the check it runs (aliases included).
+    ///
+    /// `/` is the primary check, as in Patroni: a load balancer configured
+    /// for Patroni that checks `/` must never see 200 from a replica.
     pub const PATHS: &'static [(&'static str, HealthCheck)] = &[
+        ("/", HealthCheck::Primary),
         ("/primary", HealthCheck::Primary),
         ("/leader", HealthCheck::Primary),
         ("/master", HealthCheck::Primary),

@@ -1,7 +1,7 @@
 //! The REST API each agent serves (reference: `docs/api.md`).
 //!
 //! - [`health`]: Patroni-compatible health checks for load balancers
-//!   (`/primary`, `/replica?lag=10MB`, `/read-only`, `/sync`, `/async`,
+//!   (`/` and `/primary`, `/replica?lag=10MB`, `/read-only`, `/sync`, `/async`,
 //!   `/health`, `/liveness`, `/readiness`).
 //! - [`status`]: `/status` (also how agents read each other's fresh WAL
 //!   positions during a leader race), `/cluster`, `/history`, `/config`.
@@ -110,7 +110,6 @@ where
 pub(crate) fn router(app: AppState) -> Router {
     let creds = Arc::new(auth::Credentials::from_config(&app.config.api));
     let mut r = Router::new()
-        .route("/", read(status::status))
         .route("/status", read(status::status))
         .route("/cluster", read(status::cluster))
         .route("/history", read(status::history))

@@ -267,15 +267,15 @@ async fn without_configured_credentials_actions_are_forbidden() {
 #[tokio::test]
 async fn private_reads_need_credentials() {
     let f = Fixture::start(config(true, false, false)).await;
-    for path in [
-        "/",
-        "/status",
-        "/cluster",
-        "/history",
-        "/config",
-        "/metrics",
-        "/replica",
-        "/liveness",
+    for (path, want) in [
+        ("/", 503),
+        ("/status", 200),
+        ("/cluster", 200),
+        ("/history", 200),
+        ("/config", 200),
+        ("/metrics", 200),
+        ("/replica", 200),
+        ("/liveness", 200),
     ] {
         let (code, headers, _) = f.send("GET", path, None, None, vec![]).await;
         assert_eq!(code, 401, "{path}");
@@ -289,7 +289,7 @@ async fn private_reads_need_credentials() {
                 vec![],
             )
             .await;
-        assert_eq!(code, 200, "{path}");
+        assert_eq!(code, want, "{path}");
     }
     let f = Fixture::start(config(false, false, false)).await;
     let (code, _, text) = f.send("GET", "/status", None, None, vec![]).await;
@@ -469,7 +469,7 @@ async fn config_patch_and_reads() {
         ),
         (200, json!(true))
     );
-    for path in ["/cluster", "/history", "/status", "/"] {
+    for path in ["/cluster", "/history", "/status"] {
         let (code, _, text) = f.send("GET", path, None, None, vec![]).await;
         assert_eq!(code, 200, "{path}");
         assert!(
@@ -536,4 +536,39 @@ async fn health_methods_queries_and_unknown_routes() {
             .starts_with("text/plain")
     );
     prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).unwrap();
+}
+
+/// Patroni serves its primary check on `/`: an HAProxy configuration
+/// written for Patroni that checks `/` must never route writes to a
+/// replica.
+#[tokio::test]
+async fn root_is_the_primary_check() {
+    let f = Fixture::start(config(false, true, true)).await;
+    for method in ["GET", "HEAD", "OPTIONS"] {
+        let (code, _, text) = f.send(method, "/", None, None, vec![]).await;
+        assert_eq!(code, 503, "{method} / on a replica: {text}");
+        if method != "HEAD" {
+            let body: Value = serde_json::from_str(&text).unwrap();
+            assert_eq!(body["role"], "replica", "{method} /: {text}");
+        }
+    }
+    f.status.send_modify(|s| {
+        s.member = Some(record("n2", "primary", "running"));
+        s.lease_held = true;
+        s.lease_valid = true;
+    });
+    for method in ["GET", "HEAD", "OPTIONS"] {
+        let (root, _, text) = f.send(method, "/", None, None, vec![]).await;
+        let (primary, _, _) = f.send(method, "/primary", None, None, vec![]).await;
+        assert_eq!(
+            (root, primary),
+            (200, 200),
+            "{method} / on the leader: {text}"
+        );
+    }
+    // Query filters apply as on /primary.
+    let (code, _, _) = f
+        .send("GET", "/?tag_nofailover=true", None, None, vec![])
+        .await;
+    assert_eq!(code, 503);
 }

@@ -117,7 +117,9 @@ async fn post_json(node: &Node, path: &str, auth: Option<&str>, body: Value) -> 
     .await
 }
 
-const CHECKS: [&str; 11] = [
+/// `/` first: it is Patroni's primary check, so it must answer as `/primary`.
+const CHECKS: [&str; 12] = [
+    "/",
     "/primary",
     "/leader",
     "/master",
@@ -130,15 +132,15 @@ const CHECKS: [&str; 11] = [
     "/liveness",
     "/readiness",
 ];
-const LEADER: [u16; 11] = [200, 200, 200, 200, 503, 200, 503, 503, 200, 200, 200];
-const REPLICA: [u16; 11] = [503, 503, 503, 503, 200, 200, 503, 200, 200, 200, 200];
+const LEADER: [u16; 12] = [200, 200, 200, 200, 200, 503, 200, 503, 503, 200, 200, 200];
+const REPLICA: [u16; 12] = [503, 503, 503, 503, 503, 200, 200, 503, 200, 200, 200, 200];
 /// A replica whose upstream is gone: still serves reads, not streaming.
-const ORPHAN: [u16; 11] = [503, 503, 503, 503, 200, 200, 503, 200, 200, 200, 503];
-const STOPPED: [u16; 11] = [503, 503, 503, 503, 503, 503, 503, 503, 503, 200, 503];
+const ORPHAN: [u16; 12] = [503, 503, 503, 503, 503, 200, 200, 503, 200, 200, 200, 503];
+const STOPPED: [u16; 12] = [503, 503, 503, 503, 503, 503, 503, 503, 503, 503, 200, 503];
 
 /// Every health path with GET, HEAD and OPTIONS answers `expected`;
 /// HEAD without a body.
-async fn assert_health(node: &Node, expected: [u16; 11], what: &str) {
+async fn assert_health(node: &Node, expected: [u16; 12], what: &str) {
     let mut wrong = Vec::new();
     for (path, want) in CHECKS.iter().zip(expected) {
         for method in ["GET", "HEAD", "OPTIONS"] {
@@ -223,9 +225,15 @@ async fn health_checks_on_leader_replica_stopped_postgres_and_paused_cluster() {
     assert_eq!(status["role"], "replica");
     assert_eq!(status["state"], "streaming");
     assert_eq!(status["leader"], false);
+    // `/` is the primary check, with the status document as its body.
     assert_eq!(
         req(leader, "GET", "/", None, None).await.json()["leader"],
         true
+    );
+    let root = req(replica, "GET", "/", None, None).await;
+    assert_eq!(
+        (root.code, root.json()["role"].clone()),
+        (503, json!("replica"))
     );
     let view = req(other, "GET", "/cluster", None, None).await.json();
     assert_eq!(view["leader"], leader.name());
