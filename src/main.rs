@@ -65,15 +65,22 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::List { config, json } => cli::list::run(&load(&config)?, json).await,
         Command::Switchover {
             config,
+            cancel: true,
+            ..
+        } => cli::manage::cancel_request(&load(&config)?).await,
+        Command::Switchover {
+            config,
             to,
             at,
             force,
+            cancel: false,
         } => cli::manage::switchover(&load(&config)?, to, at, force).await,
         Command::Failover {
             config,
             to,
             accept_data_loss,
-        } => cli::manage::failover(&load(&config)?, to, accept_data_loss).await,
+            force,
+        } => cli::manage::failover(&load(&config)?, to, accept_data_loss, force).await,
         Command::Pause { config } => cli::manage::set_paused(&load(&config)?, true).await,
         Command::Resume { config } => cli::manage::set_paused(&load(&config)?, false).await,
         Command::History { config, json } => cli::manage::history(&load(&config)?, json).await,

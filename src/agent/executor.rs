@@ -382,8 +382,13 @@ impl Agent {
         if let Err(e) = self.dcs.append_history(&entry).await {
             tracing::warn!(error = %crate::util::chain(&e), "cannot record the timeline switch in the history");
         }
+        // Conditioned on the request this promotion served: one recorded
+        // since then is a new operator decision and stays.
         if failover.is_some()
-            && let Err(e) = self.dcs.clear_failover().await
+            && let Err(e) = self
+                .dcs
+                .clear_failover(view.map_or(Default::default(), |v| v.failover_revision))
+                .await
         {
             tracing::warn!(error = %crate::util::chain(&e), "cannot clear the failover request");
         }

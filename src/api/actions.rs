@@ -6,6 +6,11 @@
 //! and unknown fields are refused. Validation is done on a fresh DCS read
 //! and follows `pgha switchover` / `pgha failover`: the checks themselves
 //! are the CLI's ([`switchover_target_problem`], [`pick_target`]).
+//!
+//! Writes never overwrite a concurrent one: a switchover or failover
+//! request is only created (409 while another is pending; `DELETE
+//! /switchover` cancels one), and configuration changes are conditioned on
+//! the revision read and retried from a fresh read ([`update_config`]).
 
 use std::time::Duration;
 
@@ -22,8 +27,11 @@ use tokio::sync::oneshot;
 use super::status::rfc3339_ms;
 use super::{ApiError, AppState};
 use crate::agent::status::{AgentCommand, AgentStatus};
-use crate::cli::manage::{pick_target, switchover_target_problem};
-use crate::dcs::{ClusterConfig, ClusterView, FailoverRequest, SyncMode};
+use crate::cli::manage::{pending_request, pick_target, switchover_target_problem};
+use crate::dcs::{
+    ClusterConfig, ClusterView, DcsError, FailoverRequest, Revision, SyncMode, UpdateConfigError,
+    update_config,
+};
 use crate::model::{MemberName, PgRole, PgState};
 use crate::util::unix_ms;
 
@@ -169,12 +177,7 @@ pub fn plan_switchover(
             leader.name
         )));
     }
-    if view.failover.is_some() {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "a switchover or failover is already pending (see GET /cluster)",
-        ));
-    }
+    refuse_when_pending(view)?;
     let target = match &body.candidate {
         Some(c) => {
             let name = MemberName::new(c.as_str());
@@ -216,12 +219,31 @@ pub fn plan_switchover(
     })
 }
 
+/// 409 naming the pending request: a new one must never silently replace
+/// it (the operator who made it would not know).
+fn refuse_when_pending(view: &ClusterView) -> Result<(), ApiError> {
+    match pending_request(view) {
+        Some(pending) => Err(pending_conflict(&pending)),
+        None => Ok(()),
+    }
+}
+
+fn pending_conflict(pending: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        format!(
+            "a switchover or failover is already pending ({pending}); wait for it or cancel it with DELETE /switchover"
+        ),
+    )
+}
+
 /// Checks a failover request like `pgha failover`: pure.
 pub fn plan_failover(
     view: &ClusterView,
     body: &FailoverBody,
     now_unix_ms: u64,
 ) -> Result<FailoverRequest, ApiError> {
+    refuse_when_pending(view)?;
     let target = MemberName::new(body.candidate.as_str());
     let Some(rec) = view.members.get(&target) else {
         return Err(ApiError::new(
@@ -286,12 +308,23 @@ async fn request_and_wait(
     req: FailoverRequest,
     what: &str,
 ) -> Result<Response, ApiError> {
-    app.dcs.put_failover(&req).await.map_err(|e| {
-        ApiError::unavailable(format!(
-            "cannot record the {what}: {}",
-            crate::util::chain(&e)
-        ))
-    })?;
+    // Create only: the plan checked that nothing was pending, and a
+    // request recorded since then wins.
+    match app.dcs.put_failover(&req, Revision::ABSENT).await {
+        Ok(_) => {}
+        Err(DcsError::Conflict { .. }) => {
+            let view = fresh_view(app).await?;
+            return Err(pending_conflict(
+                &pending_request(&view).unwrap_or_else(|| "since withdrawn; retry".into()),
+            ));
+        }
+        Err(e) => {
+            return Err(ApiError::unavailable(format!(
+                "cannot record the {what}: {}",
+                crate::util::chain(&e)
+            )));
+        }
+    }
     let target = req.to.clone().unwrap_or_else(|| MemberName::new(""));
     let from = req.from.as_ref().map(|n| n.to_string());
     if let Some(at) = req.not_before_unix_ms.filter(|at| *at > unix_ms()) {
@@ -346,6 +379,43 @@ pub async fn failover(
     let view = fresh_view(&app).await?;
     let req = plan_failover(&view, &body, unix_ms())?;
     request_and_wait(&app, req, "failover").await
+}
+
+/// `DELETE /switchover`: cancels the pending switchover or failover
+/// request (the one read: a request recorded meanwhile stays).
+pub async fn cancel_request(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let NoParameters {} = parse_body(&headers, body)?;
+    let view = fresh_view(&app).await?;
+    let Some(pending) = pending_request(&view) else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "no switchover or failover is pending",
+        ));
+    };
+    match app.dcs.clear_failover(view.failover_revision).await {
+        Ok(()) => {
+            tracing::info!(request = %pending, "pending switchover/failover cancelled through the API");
+            Ok(Json(json!({
+                "message": format!("cancelled the pending request ({pending})"),
+                "cancelled": view.failover,
+            }))
+            .into_response())
+        }
+        Err(DcsError::Conflict { .. }) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "the pending request changed while cancelling it (it was {pending}); see GET /cluster and retry"
+            ),
+        )),
+        Err(e) => Err(ApiError::unavailable(format!(
+            "cannot cancel the pending request: {}",
+            crate::util::chain(&e)
+        ))),
+    }
 }
 
 /// Hands a command to the agent loop and waits for its answer.
@@ -499,18 +569,35 @@ pub async fn reload(
     Ok(Json(json!({"message": "configuration reloaded"})).into_response())
 }
 
+/// 400 for an invalid edit, 409 when other writers kept winning, 503 when
+/// etcd cannot be reached.
+fn config_write_error(e: UpdateConfigError) -> ApiError {
+    match e {
+        UpdateConfigError::Invalid(message) => ApiError::bad_request(message),
+        UpdateConfigError::Dcs(e @ DcsError::Conflict { .. }) => ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "other writers kept changing the cluster configuration ({e}); nothing was written, retry"
+            ),
+        ),
+        UpdateConfigError::Dcs(e) => ApiError::unavailable(format!(
+            "cannot write the cluster configuration: {}",
+            crate::util::chain(&e)
+        )),
+    }
+}
+
 async fn set_paused(app: &AppState, paused: bool) -> Result<Response, ApiError> {
-    let view = fresh_view(app).await?;
-    let mut config = view.config.clone();
-    let changed = config.paused != paused;
-    config.paused = paused;
+    let update = update_config(app.dcs.as_ref(), |c| {
+        Ok(ClusterConfig {
+            paused,
+            ..c.clone()
+        })
+    })
+    .await
+    .map_err(config_write_error)?;
+    let changed = update.changed();
     if changed {
-        app.dcs.put_config(&config).await.map_err(|e| {
-            ApiError::unavailable(format!(
-                "cannot write the cluster configuration: {}",
-                crate::util::chain(&e)
-            ))
-        })?;
         tracing::info!(
             paused,
             "cluster {} through the API",
@@ -596,18 +683,18 @@ pub async fn patch_config_handler(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let patch: Value = parse_body(&headers, body)?;
-    let view = fresh_view(&app).await?;
-    let new = patch_config(&view.config, &patch).map_err(ApiError::bad_request)?;
-    if new != view.config {
-        app.dcs.put_config(&new).await.map_err(|e| {
-            ApiError::unavailable(format!(
-                "cannot write the cluster configuration: {}",
-                crate::util::chain(&e)
-            ))
-        })?;
-        tracing::info!(config = ?new, "cluster configuration changed through the API");
+    // Values are checked without the current configuration: a bad request
+    // is 400 even when etcd is down.
+    patch_config(&ClusterConfig::default(), &patch).map_err(ApiError::bad_request)?;
+    // The patch names the keys it changes, so applying it again to a
+    // configuration someone else changed meanwhile keeps both changes.
+    let update = update_config(app.dcs.as_ref(), |current| patch_config(current, &patch))
+        .await
+        .map_err(config_write_error)?;
+    if update.changed() {
+        tracing::info!(config = ?update.after, "cluster configuration changed through the API");
     }
-    Ok(Json(new).into_response())
+    Ok(Json(update.after).into_response())
 }
 
 #[cfg(test)]

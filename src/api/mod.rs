@@ -6,8 +6,8 @@
 //! - [`status`]: `/status` (also how agents read each other's fresh WAL
 //!   positions during a leader race), `/cluster`, `/history`, `/config`.
 //! - [`metrics`]: `/metrics` in Prometheus text format.
-//! - [`actions`]: switchover, failover, restart, reinitialize, reload,
-//!   pause, resume, `PATCH /config`.
+//! - [`actions`]: switchover (and its cancellation), failover, restart,
+//!   reinitialize, reload, pause, resume, `PATCH /config`.
 //! - [`auth`]: who may call what; [`tls`]: optional HTTPS.
 //!
 //! Every error is a JSON object `{"error": "..."}` with a 4xx status for
@@ -126,17 +126,20 @@ pub(crate) fn router(app: AppState) -> Router {
         r = r.route(path, read(h));
     }
     let action = |m: MethodRouter<AppState>| m.fallback(method_not_allowed);
-    r.route("/switchover", action(post(actions::switchover)))
-        .route("/failover", action(post(actions::failover)))
-        .route("/restart", action(post(actions::restart)))
-        .route("/reinitialize", action(post(actions::reinitialize)))
-        .route("/reload", action(post(actions::reload)))
-        .route("/pause", action(post(actions::pause)))
-        .route("/resume", action(post(actions::resume)))
-        .fallback(not_found)
-        .layer(axum::middleware::from_fn_with_state(creds, auth::require))
-        .layer(DefaultBodyLimit::max(BODY_LIMIT))
-        .with_state(app)
+    r.route(
+        "/switchover",
+        action(post(actions::switchover).delete(actions::cancel_request)),
+    )
+    .route("/failover", action(post(actions::failover)))
+    .route("/restart", action(post(actions::restart)))
+    .route("/reinitialize", action(post(actions::reinitialize)))
+    .route("/reload", action(post(actions::reload)))
+    .route("/pause", action(post(actions::pause)))
+    .route("/resume", action(post(actions::resume)))
+    .fallback(not_found)
+    .layer(axum::middleware::from_fn_with_state(creds, auth::require))
+    .layer(DefaultBodyLimit::max(BODY_LIMIT))
+    .with_state(app)
 }
 
 /// What the API needs from the agent.

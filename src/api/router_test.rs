@@ -409,8 +409,60 @@ async fn switchover_and_failover_are_validated_like_the_cli() {
     let pending = f.store.view().failover.expect("request recorded");
     assert_eq!(pending.to, Some("n3".into()));
     assert_eq!(pending.from, Some("n1".into()));
-    let (code, _) = f.post("/switchover", auth, r#"{"candidate": "n3"}"#).await;
+    // A pending request is never replaced; the answer names it.
+    let (code, body) = f.post("/switchover", auth, r#"{"candidate": "n3"}"#).await;
     assert_eq!(code, 409);
+    let error = body["error"].as_str().unwrap();
+    assert!(
+        error.contains("from n1 to n3, scheduled at 2999-01-01T00:00:00.000Z")
+            && error.contains("DELETE /switchover"),
+        "{error}"
+    );
+    f.store.expire_leader();
+    let (code, body) = f.post("/failover", auth, r#"{"candidate": "n3"}"#).await;
+    assert_eq!(code, 409, "{body}");
+    assert_eq!(f.store.view().failover, Some(pending));
+    // Cancelled explicitly: gone, and a second cancel finds nothing.
+    let (code, _, text) = f.send("DELETE", "/switchover", auth, None, vec![]).await;
+    assert_eq!(code, 200, "{text}");
+    assert!(
+        text.contains("cancelled the pending request (from n1 to n3"),
+        "{text}"
+    );
+    assert_eq!(f.store.view().failover, None);
+    let (code, _, text) = f.send("DELETE", "/switchover", auth, None, vec![]).await;
+    assert_eq!(code, 404, "{text}");
+}
+
+/// Two `PATCH /config` and a `POST /pause` at once: every change lands.
+#[tokio::test]
+async fn concurrent_config_changes_all_land() {
+    let f = Fixture::start(config(false, true, true)).await;
+    let auth = bearer();
+    let patch = |body: &'static str| {
+        f.send(
+            "PATCH",
+            "/config",
+            Some(&auth),
+            Some("application/json"),
+            body.as_bytes().to_vec(),
+        )
+    };
+    let (a, b, c) = tokio::join!(
+        patch(r#"{"synchronous_mode": "on"}"#),
+        patch(r#"{"synchronous_node_count": 2}"#),
+        f.post("/pause", Some(&auth), ""),
+    );
+    assert_eq!((a.0, b.0, c.0), (200, 200, 200), "{a:?} {b:?} {c:?}");
+    let config = f.store.view().config;
+    assert_eq!(
+        (
+            config.synchronous_mode,
+            config.synchronous_node_count,
+            config.paused
+        ),
+        (crate::dcs::SyncMode::On, 2, true)
+    );
 }
 
 #[tokio::test]
@@ -519,7 +571,7 @@ async fn health_methods_queries_and_unknown_routes() {
     assert_eq!(code, 404);
     assert!(text.contains("error"));
     let (code, _, text) = f
-        .send("DELETE", "/switchover", Some(&bearer()), None, vec![])
+        .send("DELETE", "/failover", Some(&bearer()), None, vec![])
         .await;
     assert_eq!(code, 405, "{text}");
     assert!(text.contains("error"));

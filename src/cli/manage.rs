@@ -1,5 +1,12 @@
 //! Operator commands that change the cluster through the DCS:
-//! `switchover`, `failover`, `pause`, `resume`, and `history`.
+//! `switchover`, `failover`, `pause`, `resume`, `config`, and `history`.
+//!
+//! Two operators may run these at the same time. Every write is
+//! conditioned on the revision it was based on: `pause`, `resume` and
+//! `config set` edit named keys and start again from a fresh read when
+//! someone else wrote in between ([`update_config`]); a switchover or
+//! failover request never replaces a pending one unless asked to
+//! (`--force`), and then only the one the operator was shown.
 
 use std::time::Duration;
 
@@ -7,7 +14,10 @@ use anyhow::{Context, bail};
 
 use super::UsageError;
 use crate::config::Config;
-use crate::dcs::{ClusterConfig, ClusterView, Dcs, FailoverRequest};
+use crate::dcs::{
+    ClusterConfig, ClusterView, Dcs, DcsError, FailoverRequest, Revision, UpdateConfigError,
+    update_config,
+};
 use crate::model::{MemberName, MemberRecord, PgRole, PgState};
 use crate::util::unix_ms;
 
@@ -96,6 +106,69 @@ async fn wait_for_leader(
     }
 }
 
+/// The pending request as the operator should see it, `None` when there
+/// is none. An unreadable value still counts as pending: replacing it
+/// must be as deliberate as replacing a readable one.
+pub fn pending_request(view: &ClusterView) -> Option<String> {
+    match (&view.failover, view.failover_revision) {
+        (Some(f), _) => Some(f.to_string()),
+        (None, Revision::ABSENT) => None,
+        (None, _) => Some("unreadable".into()),
+    }
+}
+
+/// Records `request`: creates the key, or, with `replace`, overwrites the
+/// request `view` showed (and only that one).
+async fn record_request(
+    dcs: &dyn Dcs,
+    view: &ClusterView,
+    request: &FailoverRequest,
+    replace: bool,
+) -> anyhow::Result<()> {
+    if let Some(pending) = pending_request(view)
+        && !replace
+    {
+        bail!(
+            "a switchover or failover is already pending ({pending}); wait for it, cancel it with `pgha switchover --cancel`, or replace it with --force"
+        );
+    }
+    match dcs.put_failover(request, view.failover_revision).await {
+        Ok(_) => Ok(()),
+        Err(DcsError::Conflict { .. }) => {
+            let now = dcs.read_cluster().await.ok();
+            let pending = now
+                .as_ref()
+                .and_then(pending_request)
+                .unwrap_or_else(|| "since withdrawn".into());
+            bail!(
+                "another switchover or failover request was recorded meanwhile ({pending}); nothing was changed: check `pgha list` and try again"
+            )
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// `pgha switchover --cancel`: removes the pending request, if it is still
+/// the one just read.
+pub async fn cancel_request(cfg: &Config) -> anyhow::Result<()> {
+    let dcs = super::connect_dcs(cfg).await?;
+    let view = dcs.read_cluster().await?;
+    let Some(pending) = pending_request(&view) else {
+        println!("no switchover or failover is pending");
+        return Ok(());
+    };
+    match dcs.clear_failover(view.failover_revision).await {
+        Ok(()) => {
+            println!("cancelled the pending request ({pending})");
+            Ok(())
+        }
+        Err(DcsError::Conflict { .. }) => bail!(
+            "the pending request changed while cancelling it (it was {pending}); check `pgha list` and try again"
+        ),
+        Err(e) => Err(e.into()),
+    }
+}
+
 pub async fn switchover(
     cfg: &Config,
     to: Option<String>,
@@ -109,9 +182,6 @@ pub async fn switchover(
     let Some(leader) = view.leader.clone() else {
         bail!("the cluster has no leader; use `pgha failover --to NODE` instead");
     };
-    if view.failover.is_some() && !force {
-        bail!("a switchover or failover is already pending; use --force to replace it");
-    }
     let max_lag = cfg.ha.maximum_lag_on_failover;
     let target = match to {
         Some(t) => {
@@ -130,14 +200,14 @@ pub async fn switchover(
             pick_target(&view, max_lag).context("no healthy streaming replica to switch over to")?
         }
     };
-    dcs.put_failover(&FailoverRequest {
+    let request = FailoverRequest {
         from: Some(leader.name.clone()),
         to: Some(target.clone()),
         not_before_unix_ms: not_before,
         accept_data_loss: false,
         requested_at_unix_ms: unix_ms(),
-    })
-    .await?;
+    };
+    record_request(&dcs, &view, &request, force).await?;
     if let Some(t) = at {
         println!(
             "switchover from {} to {target} scheduled at {t}",
@@ -155,7 +225,12 @@ pub async fn switchover(
     Ok(())
 }
 
-pub async fn failover(cfg: &Config, to: String, accept_data_loss: bool) -> anyhow::Result<()> {
+pub async fn failover(
+    cfg: &Config,
+    to: String,
+    accept_data_loss: bool,
+    replace: bool,
+) -> anyhow::Result<()> {
     let dcs = super::connect_dcs(cfg).await?;
     let view = dcs.read_cluster().await?;
     let target = MemberName::new(to);
@@ -176,25 +251,40 @@ pub async fn failover(cfg: &Config, to: String, accept_data_loss: bool) -> anyho
     ) {
         bail!("{target} is not running (state: {})", rec.state);
     }
-    dcs.put_failover(&FailoverRequest {
+    let request = FailoverRequest {
         from: view.leader.as_ref().map(|l| l.name.clone()),
         to: Some(target.clone()),
         not_before_unix_ms: None,
         accept_data_loss,
         requested_at_unix_ms: unix_ms(),
-    })
-    .await?;
+    };
+    record_request(&dcs, &view, &request, replace).await?;
     println!("failover to {target} requested...");
     wait_for_leader(&dcs, &target, Duration::from_secs(60)).await?;
     println!("{target} is the leader");
     Ok(())
 }
 
+/// Adds what to do when other writers kept winning.
+fn config_write_error(e: UpdateConfigError) -> anyhow::Error {
+    match e {
+        UpdateConfigError::Dcs(e @ DcsError::Conflict { .. }) => anyhow::Error::new(e).context(
+            "other writers kept changing the cluster configuration; nothing was written by this command, try again",
+        ),
+        e => e.into(),
+    }
+}
+
 pub async fn set_paused(cfg: &Config, paused: bool) -> anyhow::Result<()> {
     let dcs = super::connect_dcs(cfg).await?;
-    let mut config = dcs.read_cluster().await?.config;
-    config.paused = paused;
-    dcs.put_config(&config).await?;
+    update_config(&dcs, |c| {
+        Ok(ClusterConfig {
+            paused,
+            ..c.clone()
+        })
+    })
+    .await
+    .map_err(config_write_error)?;
     println!(
         "{}",
         if paused {
@@ -253,17 +343,21 @@ pub async fn config_show(cfg: &Config, json: bool) -> anyhow::Result<()> {
 }
 
 /// `pgha config set key=value ...`: all assignments are validated before
-/// anything is written.
+/// anything is written; only the keys named change, even when someone
+/// else edits other keys at the same time.
 pub async fn config_set(cfg: &Config, assignments: &[String]) -> anyhow::Result<()> {
-    let assignments = parse_assignments(assignments)?;
+    let pairs = parse_assignments(assignments)?;
     let dcs = super::connect_dcs(cfg).await?;
-    let mut c = dcs.read_cluster().await?.config;
-    for (k, v) in &assignments {
-        c.set(k, v)
-            .expect("parse_assignments checked every assignment");
-    }
-    dcs.put_config(&c).await?;
-    println!("{}", serde_json::to_string(&c)?);
+    let update = update_config(&dcs, |current| {
+        let mut c = current.clone();
+        for (k, v) in &pairs {
+            c.set(k, v)?;
+        }
+        Ok(c)
+    })
+    .await
+    .map_err(config_write_error)?;
+    println!("{}", serde_json::to_string(&update.after)?);
     Ok(())
 }
 

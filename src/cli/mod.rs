@@ -68,9 +68,13 @@ pub enum Command {
         /// Run at this time (RFC 3339, e.g. 2026-01-31T02:00:00Z) instead of now.
         #[arg(long)]
         at: Option<String>,
-        /// Skip the target health checks (and replace a pending request).
+        /// Skip the target health checks, and replace a pending request
+        /// (the one read: a request recorded meanwhile is never replaced).
         #[arg(long)]
         force: bool,
+        /// Cancel the pending switchover or failover request instead.
+        #[arg(long, conflicts_with_all = ["to", "at", "force"])]
+        cancel: bool,
     },
     /// Force a promotion when the cluster has no healthy leader.
     Failover {
@@ -81,6 +85,9 @@ pub enum Command {
         /// Promote even if the target may lack acknowledged commits.
         #[arg(long)]
         accept_data_loss: bool,
+        /// Replace a pending switchover or failover request (the one read).
+        #[arg(long)]
+        force: bool,
     },
     /// Maintenance mode: no automatic action until `resume`.
     Pause {

@@ -6,6 +6,10 @@
 //! - Writes only the leader may make (`history`) are conditioned on the
 //!   leader key still being bound to our lease, as etcd's own election
 //!   recipe does.
+//! - Keys operators edit (`config`, `failover`) are written in
+//!   transactions conditioned on the `mod_revision` their caller read
+//!   (0: the key must not exist), so concurrent edits never silently
+//!   overwrite each other.
 //! - Every request carries `require_leader`, so a partitioned etcd member
 //!   answers "no leader" instead of serving stale data or renewing leases.
 //! - A background watch wakes the agent when the leader, config or
@@ -16,14 +20,15 @@ use std::time::Duration;
 
 use etcd_client::{
     Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity,
-    PutOptions, TlsOptions, Txn, TxnOp, WatchOptions,
+    PutOptions, TlsOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
 };
 use tokio::sync::{Mutex, Notify};
 
 use super::SyncRecord;
 use super::keys::{KeyKind, Keys};
 use super::{
-    ClusterConfig, ClusterView, Dcs, DcsError, FailoverRequest, Initialize, LeaderKey, LeaseRenewal,
+    ClusterConfig, ClusterView, Dcs, DcsError, FailoverRequest, Initialize, LeaderKey,
+    LeaseRenewal, Revision,
 };
 use crate::config::{EtcdConfig, EtcdTls};
 use crate::model::{HistoryEntry, MemberName, MemberRecord};
@@ -167,6 +172,47 @@ impl EtcdDcs {
         }
     }
 
+    /// Runs `op` on `key` only if the key's `mod_revision` is still
+    /// `expected` (etcd compares a missing key as revision 0, so ABSENT
+    /// means "create only"). On a conflict the same round trip reads the
+    /// key's current revision for the error message.
+    async fn write_if_unchanged(
+        &self,
+        action: &'static str,
+        key: String,
+        op: TxnOp,
+        expected: Revision,
+    ) -> Result<Revision, DcsError> {
+        let txn = Txn::new()
+            .when([Compare::mod_revision(
+                key.clone(),
+                CompareOp::Equal,
+                expected.0,
+            )])
+            .and_then([op])
+            .or_else([TxnOp::get(key.clone(), None)]);
+        let mut client = self.client.clone();
+        let resp = self
+            .timed(action, async move { client.txn(txn).await })
+            .await?;
+        if resp.succeeded() {
+            return Ok(Revision(resp.header().map_or(0, |h| h.revision())));
+        }
+        let actual = resp
+            .op_responses()
+            .into_iter()
+            .find_map(|r| match r {
+                TxnOpResponse::Get(g) => Some(g.kvs().first().map_or(0, |kv| kv.mod_revision())),
+                _ => None,
+            })
+            .unwrap_or(0);
+        Err(DcsError::Conflict {
+            key,
+            expected,
+            actual: Revision(actual),
+        })
+    }
+
     fn ttl_secs(&self) -> i64 {
         self.ttl.as_secs() as i64
     }
@@ -252,17 +298,28 @@ fn decode_json<T: serde::de::DeserializeOwned>(key: &str, value: &[u8]) -> Resul
     })
 }
 
+/// One key-value of a range read, as [`decode_view`] needs it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RawKv {
+    pub key: String,
+    pub value: Vec<u8>,
+    pub lease: i64,
+    pub mod_revision: i64,
+}
+
 /// Builds a [`ClusterView`] from the raw key-values of one range read.
-pub fn decode_view(
-    keys: &Keys,
-    revision: i64,
-    kvs: &[(String, Vec<u8>, i64)],
-) -> Result<ClusterView, DcsError> {
+pub fn decode_view(keys: &Keys, revision: i64, kvs: &[RawKv]) -> Result<ClusterView, DcsError> {
     let mut view = ClusterView {
         revision,
         ..Default::default()
     };
-    for (key, value, lease) in kvs {
+    for RawKv {
+        key,
+        value,
+        lease,
+        mod_revision,
+    } in kvs
+    {
         match keys.classify(key) {
             KeyKind::Initialize => {
                 let text = String::from_utf8_lossy(value).to_string();
@@ -288,14 +345,22 @@ pub fn decode_view(
                 // blind the whole cluster: skip it, loudly.
                 Err(e) => tracing::warn!(error = %crate::util::chain(&e), "ignoring member record"),
             },
-            KeyKind::Config => view.config = decode_json::<ClusterConfig>(key, value)?,
+            KeyKind::Config => {
+                view.config = decode_json::<ClusterConfig>(key, value)?;
+                view.config_revision = Revision(*mod_revision);
+            }
             KeyKind::History => view.history = decode_json(key, value)?,
-            KeyKind::Failover => match decode_json::<FailoverRequest>(key, value) {
-                Ok(f) => view.failover = Some(f),
-                Err(e) => {
-                    tracing::warn!(error = %crate::util::chain(&e), "ignoring failover request")
+            KeyKind::Failover => {
+                // Kept even when the request is unreadable, so that it can
+                // be replaced or cleared on purpose.
+                view.failover_revision = Revision(*mod_revision);
+                match decode_json::<FailoverRequest>(key, value) {
+                    Ok(f) => view.failover = Some(f),
+                    Err(e) => {
+                        tracing::warn!(error = %crate::util::chain(&e), "ignoring failover request")
+                    }
                 }
-            },
+            }
             KeyKind::Sync => view.sync = Some(decode_json(key, value)?),
             KeyKind::Unknown => {}
         }
@@ -315,15 +380,14 @@ impl Dcs for EtcdDcs {
             })
             .await?;
         let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
-        let kvs: Vec<(String, Vec<u8>, i64)> = resp
+        let kvs: Vec<RawKv> = resp
             .kvs()
             .iter()
-            .map(|kv| {
-                (
-                    String::from_utf8_lossy(kv.key()).to_string(),
-                    kv.value().to_vec(),
-                    kv.lease(),
-                )
+            .map(|kv| RawKv {
+                key: String::from_utf8_lossy(kv.key()).to_string(),
+                value: kv.value().to_vec(),
+                lease: kv.lease(),
+                mod_revision: kv.mod_revision(),
             })
             .collect();
         decode_view(&self.keys, revision, &kvs)
@@ -567,35 +631,35 @@ impl Dcs for EtcdDcs {
         self.leader_txn("write the synchronous set", txn).await
     }
 
-    async fn put_config(&self, config: &ClusterConfig) -> Result<(), DcsError> {
+    async fn put_config(
+        &self,
+        config: &ClusterConfig,
+        expected: Revision,
+    ) -> Result<Revision, DcsError> {
         let value = serde_json::to_vec(config).expect("config serializes");
         let key = self.keys.config();
-        let mut client = self.client.clone();
-        self.timed("write the cluster config", async move {
-            client.put(key, value, None).await
-        })
-        .await?;
-        Ok(())
+        let op = TxnOp::put(key.clone(), value, None);
+        self.write_if_unchanged("write the cluster config", key, op, expected)
+            .await
     }
 
-    async fn put_failover(&self, request: &FailoverRequest) -> Result<(), DcsError> {
+    async fn put_failover(
+        &self,
+        request: &FailoverRequest,
+        expected: Revision,
+    ) -> Result<Revision, DcsError> {
         let value = serde_json::to_vec(request).expect("failover request serializes");
         let key = self.keys.failover();
-        let mut client = self.client.clone();
-        self.timed("write the failover request", async move {
-            client.put(key, value, None).await
-        })
-        .await?;
-        Ok(())
+        let op = TxnOp::put(key.clone(), value, None);
+        self.write_if_unchanged("write the failover request", key, op, expected)
+            .await
     }
 
-    async fn clear_failover(&self) -> Result<(), DcsError> {
+    async fn clear_failover(&self, expected: Revision) -> Result<(), DcsError> {
         let key = self.keys.failover();
-        let mut client = self.client.clone();
-        self.timed("clear the failover request", async move {
-            client.delete(key, None).await
-        })
-        .await?;
+        let op = TxnOp::delete(key.clone(), None);
+        self.write_if_unchanged("clear the failover request", key, op, expected)
+            .await?;
         Ok(())
     }
 
@@ -612,16 +676,23 @@ mod tests {
     fn decodes_a_full_view() {
         let keys = Keys::new("pgha", "c");
         let rec = r#"{"name":"n1","api_url":"http://a","host":"h","port":1,"role":"primary","state":"running"}"#;
+        let kv = |key: String, value: &[u8], lease: i64, mod_revision: i64| RawKv {
+            key,
+            value: value.to_vec(),
+            lease,
+            mod_revision,
+        };
         let kvs = vec![
-            (keys.initialize(), b"7312345678901234567".to_vec(), 0),
-            (keys.leader(), b"n1".to_vec(), 42),
-            (keys.member(&"n1".into()), rec.as_bytes().to_vec(), 7),
-            (keys.member(&"bad".into()), b"{not json".to_vec(), 7),
-            (keys.config(), br#"{"paused":true}"#.to_vec(), 0),
-            (
+            kv(keys.initialize(), b"7312345678901234567", 0, 2),
+            kv(keys.leader(), b"n1", 42, 3),
+            kv(keys.member(&"n1".into()), rec.as_bytes(), 7, 4),
+            kv(keys.member(&"bad".into()), b"{not json", 7, 5),
+            kv(keys.config(), br#"{"paused":true}"#, 0, 6),
+            kv(
                 keys.failover(),
-                br#"{"to":"n2","requested_at_unix_ms":5}"#.to_vec(),
+                br#"{"to":"n2","requested_at_unix_ms":5}"#,
                 0,
+                8,
             ),
         ];
         let view = decode_view(&keys, 9, &kvs).unwrap();
@@ -640,15 +711,24 @@ mod tests {
         );
         assert_eq!(view.members.len(), 1, "the malformed record is skipped");
         assert!(view.config.paused);
+        assert_eq!(view.config_revision, Revision(6));
         assert_eq!(view.failover.unwrap().to, Some("n2".into()));
+        assert_eq!(view.failover_revision, Revision(8));
         assert_eq!(view.revision, 9);
     }
 
     #[test]
     fn pending_initialize_names_the_claimant() {
         let keys = Keys::new("pgha", "c");
-        let view =
-            decode_view(&keys, 1, &[(keys.initialize(), b"pending:n3".to_vec(), 0)]).unwrap();
+        let raw = RawKv {
+            key: keys.initialize(),
+            value: b"pending:n3".to_vec(),
+            lease: 0,
+            mod_revision: 1,
+        };
+        let view = decode_view(&keys, 1, &[raw]).unwrap();
+        assert_eq!(view.config_revision, Revision::ABSENT);
+        assert_eq!(view.failover_revision, Revision::ABSENT);
         assert_eq!(
             view.initialize,
             Some(Initialize::Pending { by: "n3".into() })

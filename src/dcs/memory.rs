@@ -1,7 +1,8 @@
 //! An in-memory [`Dcs`] for unit tests of the agent and executor.
 //!
 //! It follows the etcd backend's contract (one leader at a time, the
-//! initialize race has one winner) but has no clock: tests expire the
+//! initialize race has one winner, writes conditioned on a revision are
+//! refused when the key changed) but has no clock: tests expire the
 //! leader lease explicitly with [`MemoryStore::expire_leader`]. Integration
 //! tests never use it; they run a real etcd.
 
@@ -10,7 +11,8 @@ use std::time::Duration;
 
 use super::SyncRecord;
 use super::{
-    ClusterConfig, ClusterView, Dcs, DcsError, FailoverRequest, Initialize, LeaderKey, LeaseRenewal,
+    ClusterConfig, ClusterView, Dcs, DcsError, FailoverRequest, Initialize, LeaderKey,
+    LeaseRenewal, Revision,
 };
 use crate::model::{HistoryEntry, MemberName, MemberRecord};
 
@@ -51,6 +53,26 @@ impl MemoryStore {
     }
     pub fn view(&self) -> ClusterView {
         self.inner.lock().unwrap().view.clone()
+    }
+}
+
+impl StoreState {
+    /// Like etcd's store revision: every write gets the next one.
+    fn next_revision(&mut self) -> Revision {
+        self.view.revision += 1;
+        Revision(self.view.revision)
+    }
+
+    fn check(key: &str, current: Revision, expected: Revision) -> Result<(), DcsError> {
+        if current == expected {
+            Ok(())
+        } else {
+            Err(DcsError::Conflict {
+                key: key.to_string(),
+                expected,
+                actual: current,
+            })
+        }
     }
 }
 
@@ -189,18 +211,38 @@ impl Dcs for MemoryDcs {
             Ok(())
         })?
     }
-    async fn put_config(&self, config: &ClusterConfig) -> Result<(), DcsError> {
+    async fn put_config(
+        &self,
+        config: &ClusterConfig,
+        expected: Revision,
+    ) -> Result<Revision, DcsError> {
         self.with("write the cluster config", |s| {
-            s.view.config = config.clone()
-        })
+            StoreState::check("config", s.view.config_revision, expected)?;
+            s.view.config = config.clone();
+            s.view.config_revision = s.next_revision();
+            Ok(s.view.config_revision)
+        })?
     }
-    async fn put_failover(&self, request: &FailoverRequest) -> Result<(), DcsError> {
+    async fn put_failover(
+        &self,
+        request: &FailoverRequest,
+        expected: Revision,
+    ) -> Result<Revision, DcsError> {
         self.with("write the failover request", |s| {
-            s.view.failover = Some(request.clone())
-        })
+            StoreState::check("failover", s.view.failover_revision, expected)?;
+            s.view.failover = Some(request.clone());
+            s.view.failover_revision = s.next_revision();
+            Ok(s.view.failover_revision)
+        })?
     }
-    async fn clear_failover(&self) -> Result<(), DcsError> {
-        self.with("clear the failover request", |s| s.view.failover = None)
+    async fn clear_failover(&self, expected: Revision) -> Result<(), DcsError> {
+        self.with("clear the failover request", |s| {
+            StoreState::check("failover", s.view.failover_revision, expected)?;
+            s.view.failover = None;
+            s.view.failover_revision = Revision::ABSENT;
+            s.next_revision();
+            Ok(())
+        })?
     }
     async fn wait_for_change(&self, timeout: Duration) {
         tokio::time::sleep(timeout.min(Duration::from_millis(10))).await;
@@ -225,6 +267,109 @@ mod tests {
             a.append_history(&sample_history()).await.is_err(),
             "only the leader writes history"
         );
+    }
+
+    #[tokio::test]
+    async fn conditional_writes_refuse_stale_revisions() {
+        let store = MemoryStore::new();
+        let (a, b) = (store.handle("a"), store.handle("b"));
+        let read = a.read_cluster().await.unwrap();
+        let paused = ClusterConfig {
+            paused: true,
+            ..Default::default()
+        };
+        let rev = b.put_config(&paused, read.config_revision).await.unwrap();
+        let stale = a
+            .put_config(&ClusterConfig::default(), read.config_revision)
+            .await;
+        assert!(matches!(stale, Err(DcsError::Conflict { actual, .. }) if actual == rev));
+        assert!(store.view().config.paused);
+
+        let request = FailoverRequest {
+            from: None,
+            to: Some("b".into()),
+            not_before_unix_ms: None,
+            accept_data_loss: false,
+            requested_at_unix_ms: 1,
+        };
+        let first = a.put_failover(&request, Revision::ABSENT).await.unwrap();
+        assert!(matches!(
+            b.put_failover(&request, Revision::ABSENT).await,
+            Err(DcsError::Conflict { .. })
+        ));
+        let second = b.put_failover(&request, first).await.unwrap();
+        assert!(matches!(
+            a.clear_failover(first).await,
+            Err(DcsError::Conflict { .. })
+        ));
+        a.clear_failover(second).await.unwrap();
+        assert_eq!(store.view().failover, None);
+    }
+
+    /// Another writer changes the config between `update_config`'s read
+    /// and its write: the edit is applied again to the fresh value, and
+    /// both changes land.
+    #[tokio::test]
+    async fn update_config_retries_from_a_fresh_read() {
+        let store = MemoryStore::new();
+        let a = store.handle("a");
+        let mut calls = 0;
+        let update = crate::dcs::update_config(&a, |c| {
+            calls += 1;
+            if calls == 1 {
+                let mut s = store.inner.lock().unwrap();
+                s.view.config.synchronous_quorum = true;
+                s.view.config_revision = s.next_revision();
+            }
+            Ok(ClusterConfig {
+                paused: true,
+                ..c.clone()
+            })
+        })
+        .await
+        .unwrap();
+        assert_eq!((calls, update.attempts), (2, 2));
+        let config = store.view().config;
+        assert!(config.paused && config.synchronous_quorum, "{config:?}");
+        assert_eq!(update.revision, store.view().config_revision);
+
+        // Invalid edits write nothing; no-op edits neither.
+        let before = store.view().revision;
+        let e = crate::dcs::update_config(&a, |_| Err("no".into())).await;
+        assert!(matches!(e, Err(crate::dcs::UpdateConfigError::Invalid(m)) if m == "no"));
+        let same = crate::dcs::update_config(&a, |c| Ok(c.clone()))
+            .await
+            .unwrap();
+        assert!(!same.changed());
+        assert_eq!(store.view().revision, before);
+    }
+
+    /// A writer that always loses gives up after a bounded number of
+    /// attempts, with the conflict as the error.
+    #[tokio::test]
+    async fn update_config_gives_up_when_it_always_loses() {
+        let store = MemoryStore::new();
+        let a = store.handle("a");
+        let mut calls = 0;
+        let result = crate::dcs::update_config(&a, |c| {
+            calls += 1;
+            let mut s = store.inner.lock().unwrap();
+            s.view.config.synchronous_node_count += 1;
+            s.view.config_revision = s.next_revision();
+            Ok(ClusterConfig {
+                paused: true,
+                ..c.clone()
+            })
+        })
+        .await;
+        assert!(matches!(
+            result,
+            Err(crate::dcs::UpdateConfigError::Dcs(
+                DcsError::Conflict { .. }
+            ))
+        ));
+        assert_eq!(calls, crate::dcs::CONFIG_WRITE_ATTEMPTS);
+        assert!(!store.view().config.paused);
     }
 
     #[tokio::test]

@@ -177,6 +177,57 @@ pub struct FailoverRequest {
     pub requested_at_unix_ms: u64,
 }
 
+impl std::fmt::Display for FailoverRequest {
+    /// What an operator needs to recognise a pending request: "from node1
+    /// to node2, scheduled at ..., requested at ...". (`from` is set for
+    /// failovers too, when a leader key existed, so the kind is not told.)
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let time = |ms: u64| {
+            humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(ms))
+        };
+        if let Some(from) = &self.from {
+            write!(f, "from {from} ")?;
+        }
+        match &self.to {
+            Some(to) => write!(f, "to {to}")?,
+            None => write!(f, "to the best candidate")?,
+        }
+        if let Some(at) = self.not_before_unix_ms {
+            write!(f, ", scheduled at {}", time(at))?;
+        }
+        if self.accept_data_loss {
+            write!(f, ", accepting data loss")?;
+        }
+        write!(f, ", requested at {}", time(self.requested_at_unix_ms))
+    }
+}
+
+/// The revision of a key's last write, as etcd's `mod_revision`;
+/// [`Revision::ABSENT`] (0) when the key does not exist.
+///
+/// Writes of keys that several operators edit (`config`, `failover`) take
+/// the revision their caller read and are refused with
+/// [`DcsError::Conflict`] when the key changed since: a write based on a
+/// stale read must never silently undo someone else's change.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Revision(pub i64);
+
+impl Revision {
+    /// The key does not exist: a write conditioned on it creates the key
+    /// only if nobody else did.
+    pub const ABSENT: Revision = Revision(0);
+}
+
+impl std::fmt::Display for Revision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if *self == Revision::ABSENT {
+            f.pad("absent")
+        } else {
+            write!(f, "{}", self.0)
+        }
+    }
+}
+
 /// Everything under the cluster prefix, read in one consistent range read.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ClusterView {
@@ -184,8 +235,14 @@ pub struct ClusterView {
     pub leader: Option<LeaderKey>,
     pub members: BTreeMap<MemberName, MemberRecord>,
     pub config: ClusterConfig,
+    /// Revision of the `config` key as read; pass it to
+    /// [`Dcs::put_config`] (or use [`update_config`]).
+    pub config_revision: Revision,
     pub history: Vec<HistoryEntry>,
     pub failover: Option<FailoverRequest>,
+    /// Revision of the `failover` key as read (ABSENT when no request is
+    /// pending); [`Dcs::put_failover`] and [`Dcs::clear_failover`] take it.
+    pub failover_revision: Revision,
     pub sync: Option<SyncRecord>,
     /// etcd revision of the read, to tell fresh views from stale ones.
     pub revision: i64,
@@ -232,6 +289,14 @@ pub enum DcsError {
     Malformed { key: String, message: String },
     #[error("the leader key is not held by this member")]
     NotLeader,
+    /// A conditional write found the key at another revision than the
+    /// one its caller read: someone else wrote it in between.
+    #[error("{key} was changed by another writer (read at revision {expected}, now {actual})")]
+    Conflict {
+        key: String,
+        expected: Revision,
+        actual: Revision,
+    },
 }
 
 /// Result of a renewal: until when the caller may act as leader.
@@ -281,12 +346,104 @@ pub trait Dcs: Send + Sync {
     /// the leader key.
     async fn put_sync(&self, record: &SyncRecord) -> Result<(), DcsError>;
 
-    async fn put_config(&self, config: &ClusterConfig) -> Result<(), DcsError>;
-    async fn put_failover(&self, request: &FailoverRequest) -> Result<(), DcsError>;
-    async fn clear_failover(&self) -> Result<(), DcsError>;
+    /// Writes the cluster-wide configuration if the `config` key is still
+    /// at `expected` (the revision the caller read it at; ABSENT: only if
+    /// it does not exist). Returns the new revision; [`DcsError::Conflict`]
+    /// when another writer got there first. See [`update_config`].
+    async fn put_config(
+        &self,
+        config: &ClusterConfig,
+        expected: Revision,
+    ) -> Result<Revision, DcsError>;
+    /// Records a switchover/failover request if the `failover` key is
+    /// still at `expected`. With ABSENT the write only creates: a pending
+    /// request is never replaced unless the caller read it and passes its
+    /// revision (an explicit replace).
+    async fn put_failover(
+        &self,
+        request: &FailoverRequest,
+        expected: Revision,
+    ) -> Result<Revision, DcsError>;
+    /// Deletes the request read at `expected`; a request written since
+    /// (a newer one) is left alone and reported as [`DcsError::Conflict`].
+    async fn clear_failover(&self, expected: Revision) -> Result<(), DcsError>;
 
     /// Waits until something under the cluster prefix changes, or `timeout`.
     /// Lets the agent react to a released lease within milliseconds instead
     /// of a full loop.
     async fn wait_for_change(&self, timeout: Duration);
+}
+
+/// How many times [`update_config`] reads and writes before giving up.
+/// Every conflict means another writer succeeded, so attempts run out only
+/// when more writers than this edit the key at the same instant.
+pub const CONFIG_WRITE_ATTEMPTS: u32 = 5;
+
+/// The outcome of [`update_config`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigUpdate {
+    /// The configuration the edit was applied to (the last read).
+    pub before: ClusterConfig,
+    pub after: ClusterConfig,
+    /// Revision of the `config` key after the update.
+    pub revision: Revision,
+    /// Reads it took: more than 1 when another writer got in between.
+    pub attempts: u32,
+}
+
+impl ConfigUpdate {
+    pub fn changed(&self) -> bool {
+        self.before != self.after
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpdateConfigError {
+    /// The edit refused the current configuration (an invalid value).
+    #[error("{0}")]
+    Invalid(String),
+    /// etcd failed, or other writers kept winning for
+    /// [`CONFIG_WRITE_ATTEMPTS`] rounds ([`DcsError::Conflict`]).
+    #[error(transparent)]
+    Dcs(#[from] DcsError),
+}
+
+/// Read-modify-write of the `config` key without lost updates: reads it,
+/// applies `edit` to what it read, and writes conditioned on the revision
+/// read. When another writer changed the key in between, it starts again
+/// from the fresh value, so both changes land. `edit` must therefore be
+/// an idempotent edit of named keys ("set paused to true"), not a value
+/// computed from elsewhere. Nothing is written when `edit` changes nothing.
+pub async fn update_config(
+    dcs: &dyn Dcs,
+    mut edit: impl FnMut(&ClusterConfig) -> Result<ClusterConfig, String>,
+) -> Result<ConfigUpdate, UpdateConfigError> {
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let view = dcs.read_cluster().await?;
+        let after = edit(&view.config).map_err(UpdateConfigError::Invalid)?;
+        if after == view.config {
+            return Ok(ConfigUpdate {
+                before: view.config,
+                after,
+                revision: view.config_revision,
+                attempts,
+            });
+        }
+        match dcs.put_config(&after, view.config_revision).await {
+            Ok(revision) => {
+                return Ok(ConfigUpdate {
+                    before: view.config,
+                    after,
+                    revision,
+                    attempts,
+                });
+            }
+            // Another writer succeeded: no backoff needed, the retry
+            // cannot collide with that writer again.
+            Err(DcsError::Conflict { .. }) if attempts < CONFIG_WRITE_ATTEMPTS => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
 }

@@ -10,7 +10,10 @@ use std::time::{Duration, Instant};
 use pgha::config::EtcdConfig;
 use pgha::dcs::etcd::EtcdDcs;
 use pgha::dcs::keys::Keys;
-use pgha::dcs::{ClusterConfig, Dcs, DcsError, FailoverRequest, Initialize, LeaseRenewal};
+use pgha::dcs::{
+    ClusterConfig, Dcs, DcsError, FailoverRequest, Initialize, LeaseRenewal, Revision,
+    update_config,
+};
 use pgha::model::{HistoryEntry, Lsn, MemberName, MemberRecord, PgRole, PgState, Timeline};
 use pgha::util::{boottime_ms, unix_ms};
 
@@ -618,7 +621,10 @@ async fn watch_wakes_waiters_on_changes() {
             accept_data_loss: false,
             requested_at_unix_ms: unix_ms(),
         };
-        other.put_failover(&request).await.unwrap();
+        other
+            .put_failover(&request, Revision::ABSENT)
+            .await
+            .unwrap();
     };
     let start = Instant::now();
     tokio::join!(watcher.wait_for_change(Duration::from_secs(10)), writer);
@@ -691,10 +697,13 @@ async fn clusters_sharing_an_etcd_are_isolated() {
     c.complete_initialize("1111").await.unwrap();
     assert!(c.acquire_leader().await.unwrap().is_some());
     c.put_member(&record("a", PgState::Running)).await.unwrap();
-    c.put_config(&ClusterConfig {
-        paused: true,
-        ..Default::default()
-    })
+    c.put_config(
+        &ClusterConfig {
+            paused: true,
+            ..Default::default()
+        },
+        Revision::ABSENT,
+    )
     .await
     .unwrap();
     c.append_history(&history_entry(2, "a")).await.unwrap();
@@ -724,4 +733,222 @@ async fn clusters_sharing_an_etcd_are_isolated() {
         "c2's release leaves c's leader alone"
     );
     assert_eq!(view.members.len(), 1);
+}
+
+/// Two operators edit different keys of the `config` key at the same
+/// instant (both read the same revision, as `tokio::join!` sends both
+/// reads before either answer arrives): both changes land, every round.
+/// Before writes were conditioned on the revision read, the second write
+/// silently undid the first.
+#[tokio::test]
+async fn concurrent_config_edits_both_land() {
+    let env = env("cfgrace").await;
+    let a = env.member("c", "a", LONG_TTL).await;
+    let b = env.member("c", "b", LONG_TTL).await;
+    let mut retries = 0;
+    for round in 1..=20u32 {
+        let paused = round % 2 == 1;
+        let count = round % 16 + 1;
+        let (ua, ub) = tokio::join!(
+            update_config(&a, |c| Ok(ClusterConfig {
+                paused,
+                ..c.clone()
+            })),
+            update_config(&b, |c| Ok(ClusterConfig {
+                synchronous_node_count: count,
+                ..c.clone()
+            })),
+        );
+        let (ua, ub) = (ua.unwrap(), ub.unwrap());
+        retries += ua.attempts + ub.attempts - 2;
+        let now = a.read_cluster().await.unwrap();
+        assert_eq!(
+            (now.config.paused, now.config.synchronous_node_count),
+            (paused, count),
+            "round {round}: a lost update"
+        );
+        assert_eq!(now.config_revision, ua.revision.max(ub.revision));
+    }
+    // Otherwise the writes never raced and the test proved nothing.
+    assert!(retries > 0, "the two writers never conflicted");
+}
+
+/// A write based on a stale read is refused, names the key and both
+/// revisions, and leaves the newer value in place.
+#[tokio::test]
+async fn stale_revision_writes_are_refused() {
+    let env = env("cfgstale").await;
+    let a = env.member("c", "a", LONG_TTL).await;
+    let b = env.member("c", "b", LONG_TTL).await;
+    let paused = ClusterConfig {
+        paused: true,
+        ..Default::default()
+    };
+    let seen = a.read_cluster().await.unwrap();
+    assert_eq!(seen.config_revision, Revision::ABSENT);
+    let rev = b.put_config(&paused, Revision::ABSENT).await.unwrap();
+    assert!(rev > Revision::ABSENT);
+    assert_eq!(a.read_cluster().await.unwrap().config_revision, rev);
+
+    match a
+        .put_config(&ClusterConfig::default(), seen.config_revision)
+        .await
+    {
+        Err(DcsError::Conflict {
+            key,
+            expected,
+            actual,
+        }) => {
+            assert_eq!(key, "/pgha/c/config");
+            assert_eq!((expected, actual), (Revision::ABSENT, rev));
+        }
+        other => panic!("stale write not refused: {other:?}"),
+    }
+    assert!(a.read_cluster().await.unwrap().config.paused);
+    // With the current revision the write goes through.
+    let next = a.put_config(&ClusterConfig::default(), rev).await.unwrap();
+    assert!(next > rev);
+    assert!(!a.read_cluster().await.unwrap().config.paused);
+}
+
+fn request(to: &str, at: u64) -> FailoverRequest {
+    FailoverRequest {
+        from: Some(MemberName::new("a")),
+        to: Some(MemberName::new(to)),
+        not_before_unix_ms: Some(at),
+        accept_data_loss: false,
+        requested_at_unix_ms: unix_ms(),
+    }
+}
+
+/// A pending switchover or failover request is never replaced by a
+/// create, only by a write that names its revision; clearing removes only
+/// the request that was read.
+#[tokio::test]
+async fn failover_requests_are_created_once_and_cleared_as_read() {
+    let env = env("fo-cas").await;
+    let a = env.member("c", "a", LONG_TTL).await;
+    let b = env.member("c", "b", LONG_TTL).await;
+    let first = a
+        .put_failover(&request("b", 1), Revision::ABSENT)
+        .await
+        .unwrap();
+    let err = b.put_failover(&request("c", 2), Revision::ABSENT).await;
+    assert!(
+        matches!(err, Err(DcsError::Conflict { actual, .. }) if actual == first),
+        "{err:?}"
+    );
+    let view = b.read_cluster().await.unwrap();
+    assert_eq!(view.failover_revision, first);
+    assert_eq!(view.failover.unwrap().not_before_unix_ms, Some(1));
+
+    // An explicit replace of the request read.
+    let second = b.put_failover(&request("c", 2), first).await.unwrap();
+    // An agent that promoted for the first request must not clear the
+    // second one.
+    assert!(matches!(
+        a.clear_failover(first).await,
+        Err(DcsError::Conflict { actual, .. }) if actual == second
+    ));
+    let view = a.read_cluster().await.unwrap();
+    assert_eq!(view.failover.unwrap().to, Some(MemberName::new("c")));
+    a.clear_failover(second).await.unwrap();
+    let view = a.read_cluster().await.unwrap();
+    assert_eq!(
+        (view.failover, view.failover_revision),
+        (None, Revision::ABSENT)
+    );
+    // Clearing what is already gone is a conflict too: the caller's view
+    // is stale.
+    assert!(matches!(
+        a.clear_failover(second).await,
+        Err(DcsError::Conflict {
+            actual: Revision::ABSENT,
+            ..
+        })
+    ));
+}
+
+/// A node configuration for the `pgha` commands, pointing at `env`'s etcd.
+fn cli_config(env: &Env, cluster: &str) -> pgha::config::Config {
+    let toml = format!(
+        r#"
+cluster = "{cluster}"
+name = "b"
+[etcd]
+endpoints = ["{}"]
+[postgres]
+data_dir = "/tmp/pgha-cli-unused/data"
+superuser = {{ username = "postgres", password = "superuser-pw" }}
+replication = {{ username = "replicator", password = "replication-pw" }}
+"#,
+        env.etcd.endpoint()
+    );
+    pgha::config::Config::from_toml(std::path::Path::new("/tmp/pgha-cli.toml"), &toml)
+        .expect("config")
+}
+
+/// `pgha switchover` refuses to replace a pending request (and names it),
+/// replaces it with `--force`, and `--cancel` removes it; `pgha pause` and
+/// `pgha config set` run at the same time both land.
+#[tokio::test]
+async fn cli_requests_and_config_edits_do_not_overwrite_others() {
+    use pgha::cli::manage;
+    let env = env("cli-cas").await;
+    let a = env.member("c", "a", LONG_TTL).await;
+    let b = env.member("c", "b", LONG_TTL).await;
+    assert!(a.acquire_leader().await.unwrap().is_some());
+    let mut leader = record("a", PgState::Running);
+    leader.role = PgRole::Primary;
+    a.put_member(&leader).await.unwrap();
+    b.put_member(&record("b", PgState::Streaming))
+        .await
+        .unwrap();
+    let cfg = cli_config(&env, "c");
+    let at = |t: &str| Some(t.to_string());
+
+    manage::switchover(&cfg, at("b"), at("2999-01-01T00:00:00Z"), false)
+        .await
+        .unwrap();
+    let err = manage::switchover(&cfg, at("b"), at("2998-01-01T00:00:00Z"), false)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("already pending (from a to b, scheduled at 2999-01-01T00:00:00.000Z"),
+        "{err}"
+    );
+    let err = manage::failover(&cfg, "b".into(), false, false)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("healthy leader"), "{err}");
+    let scheduled = |v: pgha::dcs::ClusterView| v.failover.and_then(|f| f.not_before_unix_ms);
+    assert_eq!(
+        scheduled(a.read_cluster().await.unwrap()),
+        Some(32_472_144_000_000)
+    );
+    manage::switchover(&cfg, at("b"), at("2998-01-01T00:00:00Z"), true)
+        .await
+        .unwrap();
+    assert_eq!(
+        scheduled(a.read_cluster().await.unwrap()),
+        Some(32_440_608_000_000)
+    );
+    manage::cancel_request(&cfg).await.unwrap();
+    assert_eq!(a.read_cluster().await.unwrap().failover, None);
+
+    for round in 1..=5u32 {
+        let paused = round % 2 == 1;
+        let count = round + 1;
+        let set = [format!("synchronous_node_count={count}")];
+        let (p, s) = tokio::join!(
+            manage::set_paused(&cfg, paused),
+            manage::config_set(&cfg, &set)
+        );
+        p.unwrap();
+        s.unwrap();
+        let c = a.read_cluster().await.unwrap().config;
+        assert_eq!((c.paused, c.synchronous_node_count), (paused, count));
+    }
 }
