@@ -147,7 +147,7 @@ pub async fn require(
     let access = Access::of(req.method());
     let peer = req
         .extensions()
-        .get::<axum::extract::ConnectInfo<super::tls::PeerAddr>>()
+        .get::<axum::extract::ConnectInfo<super::server::PeerAddr>>()
         .map(|c| c.0.0.to_string())
         .unwrap_or_default();
     match check(&creds, access, authorization(req.headers())) {

@@ -9,6 +9,8 @@
 //! - [`actions`]: switchover (and its cancellation), failover, restart,
 //!   reinitialize, reload, pause, resume, `PATCH /config`.
 //! - [`auth`]: who may call what; [`tls`]: optional HTTPS.
+//! - [`server`]: connections, with the timeouts and the connection limit
+//!   that keep slow clients from exhausting the agent's descriptors.
 //!
 //! Every error is a JSON object `{"error": "..."}` with a 4xx status for
 //! the client's mistakes and 503 when etcd or the agent cannot help now.
@@ -17,6 +19,7 @@ mod actions;
 mod auth;
 mod health;
 mod metrics;
+mod server;
 mod status;
 mod tls;
 
@@ -24,11 +27,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
+use axum::body::Body;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{DefaultBodyLimit, Query, State};
-use axum::http::StatusCode;
+use axum::extract::{DefaultBodyLimit, Query, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::{MethodRouter, get, post};
+use futures_util::StreamExt;
 use tokio::sync::watch;
 
 use crate::agent::status::{AgentCommand, AgentStatus};
@@ -84,6 +90,72 @@ fn json_error(code: StatusCode, message: &str) -> Response {
     (code, Json(serde_json::json!({ "error": message }))).into_response()
 }
 
+fn too_large() -> Response {
+    json_error(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        &format!("the request body is larger than {BODY_LIMIT} bytes"),
+    )
+}
+
+/// Middleware: reads the whole request body (at most [`BODY_LIMIT`])
+/// within `api.body_read_timeout` of the head, or answers 408 and closes
+/// the connection; a client trickling its body cannot keep a request,
+/// and its descriptor, open for longer. Runs after authentication, so a
+/// refused request's body is never read.
+async fn read_body(
+    State(timeout): State<std::time::Duration>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > BODY_LIMIT as u64) {
+        return too_large();
+    }
+    let (parts, body) = req.into_parts();
+    let collect = async {
+        let mut stream = body.into_data_stream();
+        let mut bytes = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| Some(e.to_string()))?;
+            if bytes.len() + chunk.len() > BODY_LIMIT {
+                return Err(None::<String>);
+            }
+            bytes.extend_from_slice(&chunk);
+        }
+        Ok(bytes)
+    };
+    let bytes = match tokio::time::timeout(timeout, collect).await {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(None)) => return too_large(),
+        Ok(Err(Some(e))) => {
+            return json_error(
+                StatusCode::BAD_REQUEST,
+                &format!("cannot read the request body: {e}"),
+            );
+        }
+        Err(_) => {
+            let mut resp = json_error(
+                StatusCode::REQUEST_TIMEOUT,
+                &format!(
+                    "the request body did not arrive within {} (api.body_read_timeout)",
+                    humantime::format_duration(timeout)
+                ),
+            );
+            // The rest of the body may still come: the connection cannot
+            // carry another request.
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return resp;
+        }
+    };
+    next.run(Request::from_parts(parts, Body::from(bytes)))
+        .await
+}
+
 async fn not_found() -> Response {
     json_error(StatusCode::NOT_FOUND, "no such endpoint; see docs/api.md")
 }
@@ -137,6 +209,10 @@ pub(crate) fn router(app: AppState) -> Router {
     .route("/pause", action(post(actions::pause)))
     .route("/resume", action(post(actions::resume)))
     .fallback(not_found)
+    .layer(axum::middleware::from_fn_with_state(
+        app.config.api.limits.body_read_timeout,
+        read_body,
+    ))
     .layer(axum::middleware::from_fn_with_state(creds, auth::require))
     .layer(DefaultBodyLimit::max(BODY_LIMIT))
     .with_state(app)
@@ -167,20 +243,41 @@ pub async fn serve(ctx: ApiContext) -> std::io::Result<tokio::task::JoinHandle<(
         commands: ctx.commands,
         config: Arc::new(ctx.config),
     };
-    let service = router(app).into_make_service_with_connect_info::<tls::PeerAddr>();
+    let limits = app.config.api.limits;
+    warn_if_descriptors_are_short(limits.max_connections);
     let listener = tokio::net::TcpListener::bind(addr).await?;
-    Ok(tokio::spawn(async move {
-        let result = match acceptor {
-            Some(acceptor) => match tls::TlsListener::new(listener, acceptor) {
-                Ok(l) => axum::serve(l, service).await,
-                Err(e) => Err(e),
-            },
-            None => axum::serve(listener, service).await,
-        };
-        if let Err(e) = result {
-            tracing::error!(error = %crate::util::chain(&e), "REST API stopped");
-        }
-    }))
+    Ok(tokio::spawn(server::run(
+        listener,
+        acceptor,
+        router(app),
+        limits,
+    )))
+}
+
+/// Descriptors the agent needs besides API clients: etcd, PostgreSQL,
+/// peers' APIs, logs, pipes.
+const RESERVED_DESCRIPTORS: u64 = 128;
+
+/// `api.max_connections` only protects the agent if the process may open
+/// that many descriptors and more; say so at start when it may not.
+fn warn_if_descriptors_are_short(max_connections: usize) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the struct it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return;
+    }
+    let needed = max_connections as u64 + RESERVED_DESCRIPTORS;
+    let open_files = limit.rlim_cur;
+    if open_files < needed {
+        tracing::warn!(
+            open_files_limit = open_files,
+            max_connections,
+            "the open-files limit (ulimit -n) leaves too few descriptors beside api.max_connections; raise it to at least {needed} or lower api.max_connections"
+        );
+    }
 }
 
 #[cfg(test)]

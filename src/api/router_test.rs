@@ -104,8 +104,8 @@ impl Fixture {
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
-        let service = router(app).into_make_service_with_connect_info::<tls::PeerAddr>();
-        tokio::spawn(async move { axum::serve(listener, service).await });
+        let limits = app.config.api.limits;
+        tokio::spawn(server::run(listener, None, router(app), limits));
         Fixture {
             url,
             store,
@@ -623,4 +623,37 @@ async fn root_is_the_primary_check() {
         .send("GET", "/?tag_nofailover=true", None, None, vec![])
         .await;
     assert_eq!(code, 503);
+}
+
+/// A body that trickles in is cut off after `api.body_read_timeout` with
+/// 408 (as JSON, connection closed) and the action does not happen.
+#[tokio::test]
+async fn a_slow_body_gets_408_and_changes_nothing() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut cfg = config(false, true, true);
+    cfg.api.limits.body_read_timeout = std::time::Duration::from_millis(300);
+    let f = Fixture::start(cfg).await;
+    let addr = f.url.trim_start_matches("http://");
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST /pause HTTP/1.1\r\nHost: t\r\nAuthorization: {}\r\nContent-Type: application/json\r\nContent-Length: 10\r\n\r\n{{",
+        bearer()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        s.read_to_end(&mut answer),
+    )
+    .await
+    .expect("answered and closed within 5 s")
+    .unwrap();
+    let answer = String::from_utf8_lossy(&answer).to_string();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains("connection: close"),
+        "{answer}"
+    );
+    assert!(answer.contains("api.body_read_timeout"), "{answer}");
+    assert!(!f.store.view().config.paused);
 }

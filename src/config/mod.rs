@@ -132,6 +132,19 @@ pub struct ApiConfig {
     pub token: Option<SecretString>,
     pub public_read: bool,
     pub tls: Option<TlsConfig>,
+    /// Limits that keep slow or idle clients from holding descriptors
+    /// the agent needs for etcd and PostgreSQL.
+    pub limits: ApiLimits,
+}
+
+/// Per-connection limits of the API server (`[api]` keys of the same
+/// names; `docs/configuration.md` explains them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ApiLimits {
+    pub header_read_timeout: Duration,
+    pub body_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_connections: usize,
 }
 
 #[derive(Clone, Debug)]

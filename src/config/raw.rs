@@ -156,6 +156,20 @@ pub struct RawApi {
     pub public_read: bool,
     #[serde(default)]
     pub tls: Option<RawTls>,
+    /// The whole request head (and the TLS handshake) must arrive within
+    /// this much of the connection's first byte.
+    #[serde(default = "default_header_read_timeout", with = "humantime_serde")]
+    pub header_read_timeout: std::time::Duration,
+    /// A request body must arrive within this much of its head.
+    #[serde(default = "default_body_read_timeout", with = "humantime_serde")]
+    pub body_read_timeout: std::time::Duration,
+    /// A keep-alive connection with no request in progress is closed
+    /// after this long.
+    #[serde(default = "default_idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: std::time::Duration,
+    /// The most client connections the API holds at once.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
 }
 
 #[derive(Debug, Deserialize)]
@@ -178,6 +192,10 @@ impl Default for RawApi {
             token: None,
             public_read: true,
             tls: None,
+            header_read_timeout: default_header_read_timeout(),
+            body_read_timeout: default_body_read_timeout(),
+            idle_timeout: default_idle_timeout(),
+            max_connections: default_max_connections(),
         }
     }
 }
@@ -229,4 +247,16 @@ fn default_networks() -> Vec<String> {
 }
 fn default_api_listen() -> String {
     "127.0.0.1:8008".into()
+}
+fn default_header_read_timeout() -> std::time::Duration {
+    std::time::Duration::from_secs(5)
+}
+fn default_body_read_timeout() -> std::time::Duration {
+    std::time::Duration::from_secs(10)
+}
+fn default_idle_timeout() -> std::time::Duration {
+    std::time::Duration::from_secs(60)
+}
+fn default_max_connections() -> usize {
+    256
 }

@@ -209,6 +209,15 @@ fn defaults_of_every_key_when_omitted() {
 
     assert_eq!(c.api.listen, "127.0.0.1:8008".parse().unwrap());
     assert_eq!(c.api.connect_url, "http://127.0.0.1:8008");
+    assert_eq!(
+        c.api.limits,
+        crate::config::ApiLimits {
+            header_read_timeout: dur("5s"),
+            body_read_timeout: dur("10s"),
+            idle_timeout: dur("60s"),
+            max_connections: 256,
+        }
+    );
 
     assert_eq!(c.dcs_prefix(), "/pgha/main/");
     assert_eq!(
@@ -1891,6 +1900,60 @@ fn api_connect_url_must_not_name_a_wildcard_host() {
         let c = doc().set("api", &format!("connect_url = {url:?}")).ok();
         assert_eq!(c.api.connect_url, url);
     }
+}
+
+#[test]
+fn api_connection_limits() {
+    let c = doc()
+        .set(
+            "api",
+            "header_read_timeout = \"1500ms\"\nbody_read_timeout = \"3s\"\nidle_timeout = \"2m\"\nmax_connections = 40",
+        )
+        .ok();
+    assert_eq!(
+        c.api.limits,
+        crate::config::ApiLimits {
+            header_read_timeout: dur("1500ms"),
+            body_read_timeout: dur("3s"),
+            idle_timeout: dur("2m"),
+            max_connections: 40,
+        }
+    );
+    let short = "must be at least 100ms";
+    run_cases(&[
+        (
+            "api",
+            "header_read_timeout = \"0s\"",
+            "api.header_read_timeout",
+            short,
+        ),
+        (
+            "api",
+            "body_read_timeout = \"99ms\"",
+            "api.body_read_timeout",
+            short,
+        ),
+        ("api", "idle_timeout = \"0ms\"", "api.idle_timeout", short),
+        ("api", "idle_timeout = \"soon\"", "api.idle_timeout", "soon"),
+        (
+            "api",
+            "max_connections = 7",
+            "api.max_connections",
+            "must be from 8 to 65536 (got 7)",
+        ),
+        (
+            "api",
+            "max_connections = 100000",
+            "api.max_connections",
+            "must be from 8 to 65536",
+        ),
+        (
+            "api",
+            "max_connections = -1",
+            "api.max_connections",
+            "invalid value",
+        ),
+    ]);
 }
 
 #[test]

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use super::raw::{RawConfig, RawEtcd, RawRole};
 use super::{
-    ApiConfig, ClientCertificate, Config, ConfigError, EtcdConfig, EtcdTls, HaConfig,
+    ApiConfig, ApiLimits, ClientCertificate, Config, ConfigError, EtcdConfig, EtcdTls, HaConfig,
     PostgresConfig, RoleCredentials,
 };
 use crate::model::MemberName;
@@ -327,6 +327,7 @@ pub(super) fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigErro
     }
 
     // api
+    let limits = validate_api_limits(path, &raw.api)?;
     let listen: std::net::SocketAddr = raw.api.listen.parse().map_err(|_| {
         bad(
             "api.listen",
@@ -485,6 +486,7 @@ pub(super) fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigErro
             token: raw.api.token,
             public_read: raw.api.public_read,
             tls,
+            limits,
         },
     })
 }
@@ -562,6 +564,50 @@ fn validate_etcd_tls(
         }
     };
     Ok(Some(EtcdTls { ca_file, client }))
+}
+
+/// The fewest connections `api.max_connections` may allow: during a leader
+/// race every peer reads `/status` at once, and the load balancers'
+/// checks and a metrics scrape must still fit beside them.
+const MIN_API_CONNECTIONS: usize = 8;
+/// More than this many descriptors for HTTP clients defeats the purpose
+/// of the limit (leaving descriptors for etcd and PostgreSQL).
+const MAX_API_CONNECTIONS: usize = 65536;
+
+fn validate_api_limits(path: &Path, api: &super::raw::RawApi) -> Result<ApiLimits, ConfigError> {
+    let bad = |key: &str, msg: String| ConfigError::invalid(path, key, msg);
+    // A zero timeout would close every connection at once; below 100 ms a
+    // client across a slow link could not send a request head at all.
+    for (key, d) in [
+        ("api.header_read_timeout", api.header_read_timeout),
+        ("api.body_read_timeout", api.body_read_timeout),
+        ("api.idle_timeout", api.idle_timeout),
+    ] {
+        if d < Duration::from_millis(100) {
+            return Err(bad(
+                key,
+                format!(
+                    "must be at least 100ms (got {})",
+                    humantime::format_duration(d)
+                ),
+            ));
+        }
+    }
+    if !(MIN_API_CONNECTIONS..=MAX_API_CONNECTIONS).contains(&api.max_connections) {
+        return Err(bad(
+            "api.max_connections",
+            format!(
+                "must be from {MIN_API_CONNECTIONS} to {MAX_API_CONNECTIONS} (got {})",
+                api.max_connections
+            ),
+        ));
+    }
+    Ok(ApiLimits {
+        header_read_timeout: api.header_read_timeout,
+        body_read_timeout: api.body_read_timeout,
+        idle_timeout: api.idle_timeout,
+        max_connections: api.max_connections,
+    })
 }
 
 /// The timing rules. They exist so that one slow etcd round trip never

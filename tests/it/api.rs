@@ -1,7 +1,8 @@
 //! The REST API of real agents: health-check codes on a leader, a replica,
 //! a stopped PostgreSQL and a paused cluster; status, cluster, history,
 //! config and metrics documents; actions with and without credentials,
-//! malformed and oversized requests; HTTPS with client certificates.
+//! malformed and oversized requests; HTTPS with client certificates; a
+//! flood of slow clients.
 
 use std::io::Write;
 use std::path::Path;
@@ -764,4 +765,152 @@ async fn https_with_client_certificates_and_private_reads() {
     let body: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(body["paused"], false);
     assert_eq!(cluster.list_json().await.unwrap()["paused"], false);
+}
+
+/// How many connections the slow-client test lets the agent hold, and
+/// how many slow clients it sends.
+const SLOW_LIMIT: usize = 64;
+const SLOW_CLIENTS: usize = 400;
+const SLOW_HEADER_TIMEOUT: Duration = Duration::from_secs(2);
+
+fn open_descriptors(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// A slowloris client: sends a request line, then one header line a
+/// second, never finishing the head. When the server closes the
+/// connection it waits half a second and starts again, so the flood
+/// keeps pressing for as long as it runs.
+async fn slow_client(
+    addr: std::net::SocketAddr,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
+    use std::sync::atomic::Ordering;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    while !stop.load(Ordering::Relaxed) {
+        if let Ok(mut s) = tokio::net::TcpStream::connect(addr).await
+            && s.write_all(b"GET /primary HTTP/1.1\r\nHost: pgha\r\n")
+                .await
+                .is_ok()
+        {
+            let mut buf = [0u8; 256];
+            while !stop.load(Ordering::Relaxed) {
+                match tokio::time::timeout(Duration::from_secs(1), s.read(&mut buf)).await {
+                    Err(_) => {}
+                    // Closed, or an answer: either way this connection is done.
+                    Ok(_) => break,
+                }
+                if s.write_all(b"X-Slow: 1\r\n").await.is_err() {
+                    break;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// One load-balancer health check: a fresh connection (HAProxy opens
+/// one per check), retried for up to `within`. Returns the status code
+/// and how long it took to get one.
+async fn probe(url: &str, within: Duration) -> (Option<u16>, Duration) {
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while start.elapsed() < within {
+        if let Ok(r) = client.get(url).send().await {
+            return (Some(r.status().as_u16()), start.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    (None, start.elapsed())
+}
+
+/// Hundreds of clients that trickle header bytes and never finish their
+/// request must not make the agent hold a descriptor each: the count
+/// stays near `max_connections`, the leader's health check keeps
+/// answering 200 while the flood goes on, and the leader keeps its lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_clients_cannot_exhaust_the_agents_descriptors() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let api_lines = format!(
+        "max_connections = {SLOW_LIMIT}\nheader_read_timeout = \"{}s\"",
+        SLOW_HEADER_TIMEOUT.as_secs()
+    );
+    let cluster = start_with_api("api-slow", 2, &api_lines).await;
+    let leader = cluster.leader_node().await.unwrap();
+    let leader_name = leader.name().to_string();
+    let pid = leader.agent_pid().expect("the leader's agent runs");
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", leader.api_port()).parse().unwrap();
+    let baseline = open_descriptors(pid);
+    assert!(baseline > 0, "cannot read /proc/{pid}/fd");
+    let changes = |text: &str| metric(text, "pgha_leader_changes_total", None);
+    let changes_before = changes(&req(leader, "GET", "/metrics", None, None).await.text);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let flood: Vec<_> = (0..SLOW_CLIENTS)
+        .map(|_| tokio::spawn(slow_client(addr, stop.clone())))
+        .collect();
+    let primary = format!("{}/primary", leader.api_url());
+    let mut most = baseline;
+    let mut probes = Vec::new();
+    let flood_for = Duration::from_secs(20);
+    let start = std::time::Instant::now();
+    while start.elapsed() < flood_for {
+        most = most.max(open_descriptors(pid));
+        if probes.len() < (start.elapsed().as_secs() as usize) {
+            // Every second, a health check, as HAProxy would send.
+            probes.push(probe(&primary, Duration::from_secs(5)).await);
+            most = most.max(open_descriptors(pid));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let during = open_descriptors(pid);
+    stop.store(true, Ordering::Relaxed);
+    for f in flood {
+        f.abort();
+    }
+    eprintln!(
+        "descriptors: baseline {baseline}, at most {most} during the flood of {SLOW_CLIENTS} slow clients (limit {SLOW_LIMIT}); probes (code, latency): {probes:?}"
+    );
+    // The limit, plus the agent's own short-lived connections (peers,
+    // etcd reconnects) and an evicted connection not yet closed.
+    assert!(
+        most <= baseline + SLOW_LIMIT + 16,
+        "the agent held {most} descriptors (baseline {baseline}, limit {SLOW_LIMIT}); last {during}"
+    );
+    let failed: Vec<_> = probes.iter().filter(|(c, _)| *c != Some(200)).collect();
+    assert!(
+        failed.is_empty() && probes.len() >= 15,
+        "GET /primary on the leader during the flood: {probes:?}\n{}",
+        leader.log_tail(30)
+    );
+    // Once the flood stops, its connections time out and are closed.
+    wait_until(SLOW_HEADER_TIMEOUT * 3, POLL, || async {
+        (open_descriptors(pid) <= baseline + 8).then_some(())
+    })
+    .await
+    .unwrap_or_else(|_| {
+        panic!(
+            "{} descriptors {:?} after the flood stopped (baseline {baseline})",
+            open_descriptors(pid),
+            SLOW_HEADER_TIMEOUT * 3
+        )
+    });
+    assert_eq!(
+        cluster.leader().await.unwrap().as_deref(),
+        Some(leader_name.as_str()),
+        "the leader changed during the flood\n{}",
+        cluster.log_tails(30)
+    );
+    assert_eq!(
+        changes(&req(leader, "GET", "/metrics", None, None).await.text),
+        changes_before,
+        "the leader saw its key change during the flood"
+    );
 }
