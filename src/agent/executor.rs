@@ -330,19 +330,17 @@ impl Agent {
         self.lease.expect_busy(Duration::from_secs(65));
         let client = self.observer.client().await?;
         let promoted = promote::promote(client, Duration::from_secs(60)).await?;
-        // primary_conninfo must not survive into the next start of a primary.
-        self.instance.write_config(false, None, ssn)?;
-        let obs = self.observer.observe().await;
-        let new_tl = match &obs.status {
-            PgStatus::Running(r) => r.timeline.unwrap_or_default(),
-            _ => old_tl,
-        };
+        let new_tl = promoted.timeline.unwrap_or(old_tl);
+        // Logged at once: the line's time is when writes became possible
+        // (pgha-bench reads it).
         tracing::info!(
             ms = promoted.elapsed.as_millis() as u64,
             wakeups = promoted.wakeups,
             timeline = %new_tl,
             "promoted"
         );
+        // primary_conninfo must not survive into the next start of a primary.
+        self.instance.write_config(false, None, ssn)?;
         // A checkpoint puts the new timeline into pg_control, which is what
         // pg_rewind on the former primary reads. In the background: it may
         // take a while and nothing here waits for it.

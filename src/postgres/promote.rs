@@ -6,14 +6,16 @@
 //!
 //! - It checks for the end of recovery every 100 ms, so a promotion that
 //!   takes 20 ms is reported after 100 ms.
-//! - PostgreSQL's startup process can notice the promotion request while a
-//!   WAL receiver is starting or streaming (after a lost primary it starts
-//!   one every `wal_retrieve_retry_interval`). It then treats the stream as
-//!   failed and, because its last failure is recent, sleeps out the rest of
-//!   `wal_retrieve_retry_interval` before it looks at the request again
-//!   (`WaitForWALToBecomeAvailable`, wait event
-//!   `RecoveryRetrieveRetryInterval`). Nothing wakes it: the promotion
-//!   signal has already been consumed. That cost up to 500 ms (pgha's
+//! - PostgreSQL's startup process can sleep through the request. While the
+//!   primary is gone it asks for a new WAL receiver every
+//!   `wal_retrieve_retry_interval`. If the promotion request arrives after
+//!   it asked and before the postmaster's new child took over (tens of
+//!   milliseconds), it cancels the receiver that never ran, counts that as
+//!   a failed stream and, its last failure being recent, sleeps out the
+//!   rest of `wal_retrieve_retry_interval` (`WaitForWALToBecomeAvailable`,
+//!   wait event `RecoveryRetrieveRetryInterval`). A receiver that did run
+//!   wakes it when it exits; this one never ran, and the promotion signal
+//!   has been consumed, so nothing does. That cost up to 500 ms (pgha's
 //!   default interval) in about one promotion in six; with PostgreSQL's
 //!   default of 5 s it would cost up to 5 s.
 //!
@@ -31,6 +33,7 @@ use tokio_postgres::Client;
 
 use super::ctl::PgError;
 use super::query;
+use crate::model::Timeline;
 
 /// How often the end of recovery is checked: one cheap local query.
 pub const POLL: Duration = Duration::from_millis(5);
@@ -46,6 +49,8 @@ pub struct Promoted {
     pub elapsed: Duration,
     /// How many times the startup process had to be woken.
     pub wakeups: u32,
+    /// The timeline the server writes on now.
+    pub timeline: Option<Timeline>,
 }
 
 /// Whether to wake the startup process, given its wait event on this poll
@@ -84,14 +89,17 @@ pub async fn promote(client: &Client, timeout: Duration) -> Result<Promoted, PgE
             .query_one(query::PROMOTION_PROGRESS, &[])
             .await
             .map_err(sql("check the progress of the promotion"))?;
-        let in_recovery: bool = row.get(0);
+        let in_recovery: bool = row.get("in_recovery");
         if !in_recovery {
             return Ok(Promoted {
                 elapsed: started.elapsed(),
                 wakeups,
+                timeline: row
+                    .get::<_, Option<i32>>("timeline")
+                    .map(|t| Timeline(t as u32)),
             });
         }
-        let wait_event: Option<String> = row.get(1);
+        let wait_event: Option<String> = row.get("startup_wait");
         if should_wake(wait_event.as_deref(), sleeping) {
             tracing::info!(
                 after_ms = started.elapsed().as_millis() as u64,
