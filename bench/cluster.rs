@@ -75,7 +75,7 @@ pub struct Node {
     pub config_path: PathBuf,
     pub data_dir: PathBuf,
     pub pg_port: u16,
-    log_path: PathBuf,
+    pub log_path: PathBuf,
     agent: Mutex<Option<Child>>,
 }
 

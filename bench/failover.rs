@@ -12,7 +12,7 @@
 use std::collections::HashSet;
 use std::process::Stdio;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
@@ -20,6 +20,7 @@ use tokio_postgres::NoTls;
 
 use crate::clock::{log, now_ms};
 use crate::cluster::Cluster;
+use crate::promotion::Phases;
 use crate::report::summary;
 use crate::writer::{Ack, Writer};
 
@@ -87,6 +88,9 @@ struct Trial {
     /// How long `pgha switchover` took to return.
     command_ms: Option<f64>,
     command_output: Option<String>,
+    /// The new leader's takeover, from its agent log (none when the old
+    /// leader restarted in place).
+    promotion: Option<Phases>,
 }
 
 impl Trial {
@@ -113,6 +117,7 @@ impl Trial {
             "write_errors": self.write_errors,
             "command_ms": self.command_ms.map(round),
             "command_output": self.command_output,
+            "promotion": self.promotion.map(|p| p.json()),
         })
     }
 }
@@ -195,6 +200,17 @@ pub async fn run(cluster: Arc<Cluster>, args: &Args) -> anyhow::Result<Value> {
         if sr.scenario == Scenario::NodeLoss {
             v["rejoin_ms"] = summary(&pick(|t| t.rejoin_ms));
         }
+        let promotions: Vec<Phases> = sr.trials.iter().filter_map(|t| t.promotion).collect();
+        if !promotions.is_empty() {
+            let of = |f: fn(&Phases) -> f64| summary(&promotions.iter().map(f).collect::<Vec<_>>());
+            v["promotion_ms"] = json!({
+                "total": of(|p| p.total_ms),
+                "lease": of(|p| p.lease_ms),
+                "decide": of(|p| p.decide_ms),
+                "promote": of(|p| p.promote_ms),
+                "startup_wakeups": promotions.iter().map(|p| p.wakeups).sum::<u32>(),
+            });
+        }
         scenarios.insert(sr.scenario.name().to_string(), v);
     }
     let rss: Vec<f64> = cluster
@@ -246,11 +262,17 @@ async fn run_scenario(
         match trial(cluster, writer, scenario).await {
             Ok(tr) => {
                 log(&format!(
-                    "  {} -> {}: unavailable {:.0} ms, first write after {:.0} ms{}",
+                    "  {} -> {}: unavailable {:.0} ms, first write after {:.0} ms{}{}",
                     tr.old_leader,
                     tr.new_leader.as_deref().unwrap_or("?"),
                     tr.unavailability_ms,
                     tr.recovery_ms,
+                    tr.promotion
+                        .map(|p| format!(
+                            ", takeover {:.0} ms (lease {:.0}, decide {:.0}, promote {:.0}, wakeups {})",
+                            p.total_ms, p.lease_ms, p.decide_ms, p.promote_ms, p.wakeups
+                        ))
+                        .unwrap_or_default(),
                     tr.rejoin_ms
                         .map(|r| format!(", rejoined after {r:.0} ms"))
                         .unwrap_or_default()
@@ -399,6 +421,8 @@ async fn trial(cluster: &Cluster, writer: &Writer, scenario: Scenario) -> anyhow
     let idx = cluster.index_of(&old_leader)?;
 
     let mut command = None;
+    // The agents' logs carry wall-clock times.
+    let event_wall = SystemTime::now();
     let event_ms;
     match scenario {
         Scenario::NodeLoss => {
@@ -487,6 +511,10 @@ async fn trial(cluster: &Cluster, writer: &Writer, scenario: Scenario) -> anyhow
     let st = cluster.status().await?;
     let new_leader = st.leader.clone();
     let timeline = st.leader_timeline();
+    let promotion = new_leader
+        .as_deref()
+        .and_then(|name| cluster.index_of(name).ok())
+        .and_then(|i| crate::promotion::read(&cluster.nodes[i].log_path, event_wall));
 
     let (rejoin_ms, rejoin_error) = if scenario == Scenario::NodeLoss {
         match rejoin(cluster, idx, old_timeline).await {
@@ -513,6 +541,7 @@ async fn trial(cluster: &Cluster, writer: &Writer, scenario: Scenario) -> anyhow
         write_errors: writer.failed_writes(event_ms - 1000.0, now_ms()),
         command_ms,
         command_output,
+        promotion,
     })
 }
 

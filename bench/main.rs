@@ -1,8 +1,9 @@
 //! `pgha-bench`: end-to-end measurements of pgha on a private local
 //! cluster (one etcd, N real `pgha agent` processes, PostgreSQL 15).
 //!
-//! - `failover`: write unavailability, rejoin time and acknowledged-write
-//!   loss for node loss, PostgreSQL crash and planned switchover.
+//! - `failover`: write unavailability, rejoin time, acknowledged-write
+//!   loss and the phases of each takeover, for node loss, PostgreSQL crash
+//!   and planned switchover.
 //! - `load`: leader stability under a sustained pgbench load.
 //!
 //! The JSON report goes to stdout (and `--json-out`); progress goes to
@@ -12,6 +13,7 @@ mod clock;
 mod cluster;
 mod failover;
 mod load;
+mod promotion;
 mod reaper;
 mod report;
 mod writer;

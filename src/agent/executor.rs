@@ -16,7 +16,7 @@ use crate::ha::sync::SyncSetting;
 use crate::ha::{Action, Decision, DemoteReason, Job, Snapshot};
 use crate::model::{HistoryEntry, MemberName};
 use crate::postgres::conf::Upstream;
-use crate::postgres::{Instance, PgError, PgStatus, StopMode, query};
+use crate::postgres::{Instance, PgError, PgStatus, StopMode, promote, query};
 use crate::util::{boottime_ms, unix_ms};
 
 impl Agent {
@@ -327,28 +327,20 @@ impl Agent {
         // The configuration is rewritten only after the promotion: the
         // startup process removes standby.signal itself and treats a
         // missing file as fatal.
-        let started = boottime_ms();
         self.lease.expect_busy(Duration::from_secs(65));
         let client = self.observer.client().await?;
-        let done: bool = client
-            .query_one(query::PROMOTE, &[&60i32])
-            .await
-            .map_err(|source| PgError::Sql {
-                action: "promote".into(),
-                source,
-            })?
-            .get(0);
-        if !done {
-            anyhow::bail!("pg_promote did not finish within 60s");
-        }
+        let promoted = promote::promote(client, Duration::from_secs(60)).await?;
+        let new_tl = promoted.timeline.unwrap_or(old_tl);
+        // Logged at once: the line's time is when writes became possible
+        // (pgha-bench reads it).
+        tracing::info!(
+            ms = promoted.elapsed.as_millis() as u64,
+            wakeups = promoted.wakeups,
+            timeline = %new_tl,
+            "promoted"
+        );
         // primary_conninfo must not survive into the next start of a primary.
         self.instance.write_config(false, None, ssn)?;
-        let obs = self.observer.observe().await;
-        let new_tl = match &obs.status {
-            PgStatus::Running(r) => r.timeline.unwrap_or_default(),
-            _ => old_tl,
-        };
-        tracing::info!(ms = boottime_ms() - started, timeline = %new_tl, "promoted");
         // A checkpoint puts the new timeline into pg_control, which is what
         // pg_rewind on the former primary reads. In the background: it may
         // take a while and nothing here waits for it.

@@ -2,14 +2,16 @@
 //! on its own machine.
 //!
 //! - [`conf`]: pure renderers for postgresql.conf, pg_hba.conf, passfiles.
-//! - [`ctl`]: initdb, start, stop, promote, pg_basebackup, pg_rewind, run
+//! - [`ctl`]: initdb, start, stop, pg_basebackup, pg_rewind, run
 //!   as the unprivileged OS user when the agent runs as root.
 //! - [`observe`]: the server's state, through SQL and pg_controldata.
+//! - [`promote`]: promotion, finished as soon as the server accepts writes.
 //! - [`query`]: the SQL pgha sends, as named constants.
 
 pub mod conf;
 pub mod ctl;
 pub mod observe;
+pub mod promote;
 pub mod query;
 
 pub use ctl::{Instance, PgError, StopMode};

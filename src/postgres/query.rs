@@ -35,7 +35,17 @@ pub const SLOTS: &str =
 pub const CREATE_SLOT: &str = "SELECT pg_create_physical_replication_slot($1, true)";
 pub const DROP_SLOT: &str = "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1 AND NOT active";
 
-/// Promotion without a restart; waits up to the given seconds.
-pub const PROMOTE: &str = "SELECT pg_promote(true, $1)";
+/// Promotion without a restart; returns once the request is signalled
+/// (see [`super::promote`] for why pgha waits by itself).
+pub const PROMOTE_NO_WAIT: &str = "SELECT pg_promote(wait => false)";
+/// Whether recovery still runs, what the startup process waits for, and,
+/// once writable, the new timeline (from the insert position, as in
+/// [`OBSERVE`]).
+pub const PROMOTION_PROGRESS: &str = "
+SELECT pg_is_in_recovery() AS in_recovery,
+       (SELECT wait_event FROM pg_stat_activity WHERE backend_type = 'startup') AS startup_wait,
+       CASE WHEN pg_is_in_recovery() THEN NULL
+            ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int
+       END AS timeline";
 pub const RELOAD: &str = "SELECT pg_reload_conf()";
 pub const CHECKPOINT: &str = "CHECKPOINT";

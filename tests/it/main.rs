@@ -16,4 +16,5 @@ mod failover;
 mod foundation;
 mod haproxy;
 mod hardening;
+mod promotion;
 mod sync;

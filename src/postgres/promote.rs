@@ -1,0 +1,150 @@
+//! Promotion of the local standby, finished as soon as PostgreSQL accepts
+//! writes.
+//!
+//! `pg_promote(wait => true)` is not used, for two reasons measured in
+//! node-loss failovers (bench/README.md, "Promotion"):
+//!
+//! - It checks for the end of recovery every 100 ms, so a promotion that
+//!   takes 20 ms is reported after 100 ms.
+//! - PostgreSQL's startup process can sleep through the request. While the
+//!   primary is gone it asks for a new WAL receiver every
+//!   `wal_retrieve_retry_interval`. If the promotion request arrives after
+//!   it asked and before the postmaster's new child took over (tens of
+//!   milliseconds), it cancels the receiver that never ran, counts that as
+//!   a failed stream and, its last failure being recent, sleeps out the
+//!   rest of `wal_retrieve_retry_interval` (`WaitForWALToBecomeAvailable`,
+//!   wait event `RecoveryRetrieveRetryInterval`). A receiver that did run
+//!   wakes it when it exits; this one never ran, and the promotion signal
+//!   has been consumed, so nothing does. That cost up to 500 ms (pgha's
+//!   default interval) in about one promotion in six; with PostgreSQL's
+//!   default of 5 s it would cost up to 5 s.
+//!
+//! So the request is sent without waiting, and the end of recovery is
+//! polled every [`POLL`]. A startup process seen sleeping in that wait on
+//! two polls in a row is woken with a configuration reload: its SIGHUP
+//! handler sets the same latch the promotion signal does, and the files on
+//! disk have not changed, so the reload changes nothing else. Once awake it
+//! tries the local WAL once more, finds the promotion request already
+//! registered and ends recovery.
+
+use std::time::{Duration, Instant};
+
+use tokio_postgres::Client;
+
+use super::ctl::PgError;
+use super::query;
+use crate::model::Timeline;
+
+/// How often the end of recovery is checked: one cheap local query.
+pub const POLL: Duration = Duration::from_millis(5);
+
+/// `pg_stat_activity.wait_event` of a startup process sleeping before its
+/// next attempt to fetch WAL.
+pub const RETRY_INTERVAL_WAIT: &str = "RecoveryRetrieveRetryInterval";
+
+/// How a promotion went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Promoted {
+    /// From the request to the first answer "not in recovery".
+    pub elapsed: Duration,
+    /// How many times the startup process had to be woken.
+    pub wakeups: u32,
+    /// The timeline the server writes on now.
+    pub timeline: Option<Timeline>,
+}
+
+/// Whether to wake the startup process, given its wait event on this poll
+/// and whether it was already sleeping in the retry interval on the
+/// previous one. A single sighting may be the sleep the promotion signal is
+/// about to end; a second one, a poll later, is the sleep nothing ends.
+pub fn should_wake(startup_wait_event: Option<&str>, seen_before: bool) -> bool {
+    seen_before && startup_wait_event == Some(RETRY_INTERVAL_WAIT)
+}
+
+fn sql(action: &str) -> impl FnOnce(tokio_postgres::Error) -> PgError {
+    let action = action.to_string();
+    move |source| PgError::Sql { action, source }
+}
+
+/// Asks the server to promote and returns once it accepts writes, or fails
+/// after `timeout`.
+pub async fn promote(client: &Client, timeout: Duration) -> Result<Promoted, PgError> {
+    let started = Instant::now();
+    let signalled: bool = client
+        .query_one(query::PROMOTE_NO_WAIT, &[])
+        .await
+        .map_err(sql("promote"))?
+        .get(0);
+    if !signalled {
+        // pg_promote returns false only when it could not signal the
+        // postmaster (it says why in the server log).
+        return Err(PgError::Unexpected(
+            "pg_promote could not signal the postmaster; see the server log".into(),
+        ));
+    }
+    let mut wakeups = 0;
+    let mut sleeping = false;
+    loop {
+        let row = client
+            .query_one(query::PROMOTION_PROGRESS, &[])
+            .await
+            .map_err(sql("check the progress of the promotion"))?;
+        let in_recovery: bool = row.get("in_recovery");
+        if !in_recovery {
+            return Ok(Promoted {
+                elapsed: started.elapsed(),
+                wakeups,
+                timeline: row
+                    .get::<_, Option<i32>>("timeline")
+                    .map(|t| Timeline(t as u32)),
+            });
+        }
+        let wait_event: Option<String> = row.get("startup_wait");
+        if should_wake(wait_event.as_deref(), sleeping) {
+            tracing::info!(
+                after_ms = started.elapsed().as_millis() as u64,
+                "the startup process sleeps out wal_retrieve_retry_interval after the promotion request; waking it"
+            );
+            client
+                .batch_execute(query::RELOAD)
+                .await
+                .map_err(sql("wake the startup process"))?;
+            wakeups += 1;
+            sleeping = false;
+        } else {
+            sleeping = wait_event.as_deref() == Some(RETRY_INTERVAL_WAIT);
+        }
+        if started.elapsed() >= timeout {
+            return Err(PgError::ToolTimeout {
+                tool: "pg_promote".into(),
+                action: "promote".into(),
+                timeout,
+            });
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wakes_only_a_startup_process_seen_sleeping_twice() {
+        let cases = [
+            (None, false, false),
+            (None, true, false),
+            (Some(RETRY_INTERVAL_WAIT), false, false),
+            (Some(RETRY_INTERVAL_WAIT), true, true),
+            (Some("RecoveryWalStream"), true, false),
+            (Some("RecoveryWalStream"), false, false),
+        ];
+        for (event, seen_before, expected) in cases {
+            assert_eq!(
+                should_wake(event, seen_before),
+                expected,
+                "{event:?}, seen before: {seen_before}"
+            );
+        }
+    }
+}
