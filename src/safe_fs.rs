@@ -75,16 +75,6 @@ pub enum SafeFsError {
     },
 }
 
-impl SafeFsError {
-    /// The underlying I/O error kind, when there is one.
-    pub fn io_kind(&self) -> Option<std::io::ErrorKind> {
-        match self {
-            SafeFsError::Io { source, .. } => Some(source.kind()),
-            _ => None,
-        }
-    }
-}
-
 fn io_err(action: &'static str, path: &Path) -> impl FnOnce(Errno) -> SafeFsError {
     let path = path.to_path_buf();
     move |e| SafeFsError::Io {
@@ -254,10 +244,6 @@ impl TrustedDir {
 
     pub fn path(&self) -> &Path {
         &self.path
-    }
-
-    pub fn owner(&self) -> Owner {
-        self.owner
     }
 
     /// The path of `name` inside this directory, for messages and for
