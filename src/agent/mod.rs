@@ -168,10 +168,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     loop {
-        let wait = match agent.run_once().await {
-            Next::Now => Duration::ZERO,
-            Next::Soon => Duration::from_millis(20),
-            Next::Later => agent.cfg.ha.loop_wait,
+        let hurry = agent.run_once().await;
+        let wait = if hurry {
+            Duration::from_millis(20)
+        } else {
+            agent.cfg.ha.loop_wait
         };
         // Wake up in time to stop writes when the lease cannot be renewed,
         // rather than one loop_wait later (the fence keeper would then fire
@@ -213,22 +214,10 @@ async fn postmaster_exit(instance: &Instance, pid: Option<i32>) {
     }
 }
 
-/// When the next HA loop should run.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Next {
-    /// At once: this loop took the lease, and the decision it enables (the
-    /// promotion) is what every client is waiting for.
-    Now,
-    /// After a short pause: the state just changed in a way that calls for
-    /// another decision, but repeating a failed step at once would spin.
-    Soon,
-    /// After `loop_wait`, or when the DCS watch or the postmaster wakes it.
-    Later,
-}
-
 impl Agent {
-    /// One HA loop; says when the next one should run.
-    async fn run_once(&mut self) -> Next {
+    /// One HA loop. Returns true when the next loop should follow at once
+    /// (the state just changed in a way that calls for another decision).
+    async fn run_once(&mut self) -> bool {
         self.lease.heartbeat();
         self.loop_started_ms = crate::util::boottime_ms();
         self.reap_job().await;
@@ -237,6 +226,10 @@ impl Agent {
         }
         let (snapshot, running) = self.observe().await;
         let decision = ha::decide(&snapshot);
+        let hurry = matches!(
+            decision.action,
+            Action::AcquireLease | Action::AdoptLease { .. } | Action::Promote { .. }
+        );
         let reason = decision.reason.to_string();
         if decision.reason.is_alarm() {
             if self.last_reason.as_deref() != Some(reason.as_str())
@@ -257,15 +250,10 @@ impl Agent {
 
         let view = snapshot.dcs.clone();
         self.execute(&decision, &snapshot).await;
-        let took_lease = !snapshot.lease.held && self.lease.snapshot().held;
         self.keep_fence_consistent().await;
         self.publish(&decision, view, running).await;
         self.loop_count += 1;
-        match decision.action {
-            Action::AcquireLease | Action::AdoptLease { .. } if took_lease => Next::Now,
-            Action::AcquireLease | Action::AdoptLease { .. } | Action::Promote { .. } => Next::Soon,
-            _ => Next::Later,
-        }
+        hurry
     }
 
     /// Disarms the fence keeper once this member neither leads nor runs a
