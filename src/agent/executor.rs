@@ -42,7 +42,11 @@ impl Agent {
             Action::Lead {
                 create_slots,
                 drop_slots,
-            } => self.sync_slots(create_slots, drop_slots).await,
+            } => self.sync_slots(create_slots, drop_slots, true).await,
+            Action::PrepareSlots {
+                create_slots,
+                drop_slots,
+            } => self.sync_slots(create_slots, drop_slots, false).await,
             Action::Demote { reason } => self.demote(*reason).await,
             Action::ReleaseLease => self.release().await,
             Action::StopAndRelease => {
@@ -395,17 +399,25 @@ impl Agent {
         Ok(())
     }
 
-    async fn sync_slots(&mut self, create: &[String], drop: &[String]) -> anyhow::Result<()> {
+    /// `reserve`: hold WAL from now on (a leader's slots); a replica's
+    /// slots wait for their member's first connection, or they would keep
+    /// the replica's WAL forever.
+    async fn sync_slots(
+        &mut self,
+        create: &[String],
+        drop: &[String],
+        reserve: bool,
+    ) -> anyhow::Result<()> {
         let client = self.observer.client().await?;
         for slot in create {
             client
-                .execute(query::CREATE_SLOT, &[slot])
+                .execute(query::CREATE_SLOT, &[slot, &reserve])
                 .await
                 .map_err(|source| PgError::Sql {
                     action: format!("create slot {slot}"),
                     source,
                 })?;
-            tracing::info!(slot, "created replication slot");
+            tracing::info!(slot, reserve, "created replication slot");
         }
         for slot in drop {
             let dropped = client

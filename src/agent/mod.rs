@@ -58,6 +58,11 @@ pub struct Agent {
     not_streaming_since: Option<(u64, Option<(String, u16)>)>,
     last_leader_lsn: Option<Lsn>,
     last_leader: Option<crate::model::MemberName>,
+    /// Every member known, surviving etcd outages (see `ha::membership`);
+    /// also kept in the state directory across restarts.
+    members: ha::membership::Membership,
+    /// Since when every etcd read succeeded (`None` during an outage).
+    dcs_reads_ok_since: Option<u64>,
     rewind_failed: bool,
     fence_armed_by_loop: bool,
     job: Option<RunningJob>,
@@ -134,6 +139,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     .await
     .with_context(|| format!("start the REST API on {}", cfg.api.listen))?;
 
+    let members = observe::load_membership(&instance.state);
     let mut agent = Agent {
         observer: Observer::new(instance.clone()),
         instance,
@@ -149,6 +155,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         not_streaming_since: None,
         last_leader_lsn: None,
         last_leader: None,
+        members,
+        dcs_reads_ok_since: None,
         rewind_failed: false,
         fence_armed_by_loop: false,
         job: None,

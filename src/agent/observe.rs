@@ -5,6 +5,7 @@ use futures_util::future::join_all;
 use super::Agent;
 use super::status::AgentStatus;
 use crate::dcs::ClusterView;
+use crate::ha::membership::{self, Membership};
 use crate::ha::{Decision, Job, Local, OnDisk, PeerStatus, Snapshot};
 use crate::model::{MemberRecord, PgRole, PgState};
 use crate::postgres::observe::Running;
@@ -13,6 +14,26 @@ use crate::util::{boottime_ms, unix_ms};
 
 /// File name of the former-primary mark in the state directory.
 const FORMER_PRIMARY_MARK: &str = "former-primary";
+
+/// File name of the remembered membership in the state directory.
+const MEMBERSHIP_FILE: &str = "members.json";
+
+/// The membership saved by a previous run: without it, an agent restarted
+/// while the records are expired would know no peers. Unreadable or
+/// malformed means "none remembered" (the records refill it).
+pub(super) fn load_membership(state: &crate::safe_fs::TrustedDir) -> Membership {
+    match state.read_to_string(MEMBERSHIP_FILE) {
+        Ok(Some(text)) => serde_json::from_str(&text).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, file = MEMBERSHIP_FILE, "ignoring an unreadable membership file");
+            Membership::new()
+        }),
+        Ok(None) => Membership::new(),
+        Err(e) => {
+            tracing::warn!(error = %crate::util::chain(&e), file = MEMBERSHIP_FILE, "cannot read the membership file");
+            Membership::new()
+        }
+    }
+}
 
 impl Agent {
     pub(super) async fn observe(&mut self) -> (Snapshot, Observation) {
@@ -58,6 +79,7 @@ impl Agent {
         };
         let obs = self.observer.observe().await;
         let now = boottime_ms();
+        self.remember_members(view.as_ref(), now);
 
         if self.start_pending {
             match &obs.status {
@@ -146,18 +168,12 @@ impl Agent {
             (PgStatus::Stopped, DataDirState::Initialized) => self.on_disk().await,
             _ => None,
         };
-        let upstream = match (running, &view) {
-            (Some(r), Some(v)) => r.configured_upstream.as_ref().and_then(|(h, p)| {
-                v.members
-                    .values()
-                    .find(|m| &m.host == h && m.port == *p)
-                    .map(|m| m.name.clone())
-            }),
-            _ => None,
-        };
+        let upstream = running
+            .and_then(|r| r.configured_upstream.as_ref())
+            .and_then(|(h, p)| membership::member_at(&self.members, h, *p));
         let peers = match (&view, running) {
             (Some(v), Some(r)) if v.leader.is_none() && r.role == PgRole::Replica => {
-                self.fetch_peers(v).await
+                self.fetch_peers().await
             }
             _ => Vec::new(),
         };
@@ -181,7 +197,9 @@ impl Agent {
                 fence_ready: crate::ha::lease::keeper_health(now, &self.fence.view()).is_ok(),
                 failed_starts: self.failed_starts,
             },
+            members: self.members.clone(),
             peers,
+            last_leader: self.last_leader.clone(),
             last_leader_lsn: self.last_leader_lsn,
             job: self.job.as_ref().map(|j| j.kind),
             sync_switched_at: self.sync_switched_at,
@@ -232,15 +250,46 @@ impl Agent {
         })
     }
 
-    /// Asks every other member how far it is, in parallel, with a short
-    /// timeout: the DCS records may be a loop old, and failover must pick
-    /// the member that really has the most WAL.
-    async fn fetch_peers(&self, view: &ClusterView) -> Vec<PeerStatus> {
-        let requests = view
+    /// Folds this loop's read into the membership, and saves it when who is
+    /// known (or how to reach them) changed.
+    fn remember_members(&mut self, view: Option<&ClusterView>, now: u64) {
+        let ttl_ms = self.cfg.ha.ttl.as_millis() as u64;
+        let reads_ok_since = match view {
+            Some(_) => *self.dcs_reads_ok_since.get_or_insert(now),
+            None => {
+                self.dcs_reads_ok_since = None;
+                now
+            }
+        };
+        let next = membership::update(&self.members, view, now, ttl_ms, reads_ok_since);
+        if !membership::same_members(&next, &self.members) {
+            let names: Vec<&str> = next.keys().map(|n| n.as_str()).collect();
+            tracing::info!(members = ?names, "membership changed");
+            let saved = serde_json::to_vec_pretty(&next)
+                .map_err(anyhow::Error::from)
+                .and_then(|text| {
+                    Ok(self
+                        .instance
+                        .state
+                        .write_durable(MEMBERSHIP_FILE, &text, 0o600)?)
+                });
+            if let Err(e) = saved {
+                tracing::warn!(error = format!("{e:#}"), "cannot save the membership");
+            }
+        }
+        self.members = next;
+    }
+
+    /// Asks every other known member how far it is, in parallel, with a
+    /// short timeout: the DCS records may be a loop old (or expired by an
+    /// etcd outage), and failover must pick the member that really has the
+    /// most WAL.
+    async fn fetch_peers(&self) -> Vec<PeerStatus> {
+        let requests = self
             .members
-            .values()
-            .filter(|m| m.name != self.cfg.name)
-            .map(|m| {
+            .iter()
+            .filter(|(name, _)| **name != self.cfg.name)
+            .map(|(name, m)| {
                 let url = format!("{}/status", m.api_url);
                 // Members share the API credentials, so peers that keep
                 // their status private (public_read = false) still answer.
@@ -250,7 +299,7 @@ impl Agent {
                 } else if let Some((user, password)) = &self.cfg.api.basic_auth {
                     request = request.basic_auth(user, Some(password.expose()));
                 }
-                let name = m.name.clone();
+                let name = name.clone();
                 async move {
                     let status = match request.send().await {
                         Ok(resp) => resp.json::<crate::api::StatusReport>().await.ok(),
@@ -350,14 +399,9 @@ impl Agent {
             received_lsn: running.and_then(|r| r.receive_lsn),
             replayed_lsn: running.and_then(|r| r.replay_lsn),
             flushed_lsn: running.and_then(|r| r.flush_lsn),
-            upstream: running.and_then(|r| r.sender.as_ref()).and_then(|(h, p)| {
-                self.status.borrow().view.as_ref().and_then(|v| {
-                    v.members
-                        .values()
-                        .find(|m| &m.host == h && m.port == *p)
-                        .map(|m| m.name.clone())
-                })
-            }),
+            upstream: running
+                .and_then(|r| r.sender.as_ref())
+                .and_then(|(h, p)| membership::member_at(&self.members, h, *p)),
             priority: self.cfg.ha.priority,
             nofailover: self.cfg.ha.nofailover,
             nosync: self.cfg.ha.nosync,

@@ -268,28 +268,39 @@ fn sync_protected(view: &ClusterView) -> bool {
 }
 
 /// In synchronous mode, what the new leader records and configures before
-/// it promotes: the other running replicas, so that its very first commit
-/// already waits for a standby.
+/// it promotes, so that its very first commit already waits for a standby.
+///
+/// Nobody streams from it yet, so it names every member that may soon: the
+/// known replicas and the known members whose records an etcd outage just
+/// expired (they are about to publish again), most advanced first, but not
+/// the leader it replaces. With `FIRST k` all of them are listed, not only
+/// the first `k`: whichever connects first acknowledges, and a replica that
+/// is slow to re-point (or gone) does not hold every commit back. The
+/// record then says "k of all of them", which is what that setting
+/// guarantees; the leader narrows both once standbys stream.
 fn promotion_sync_plan(s: &Snapshot, view: &ClusterView) -> Option<(SyncRecord, SyncSetting)> {
     let cfg = &view.config;
     if cfg.synchronous_mode == SyncMode::Off {
         return None;
     }
-    let mut others: Vec<&crate::model::MemberRecord> = view
+    let ttl_ms = s.ha.ttl.as_millis() as u64;
+    let mut others: Vec<(Option<crate::model::Lsn>, &MemberName)> = s
         .members
-        .values()
-        .filter(|m| m.name != s.me && !m.nosync && m.role == PgRole::Replica)
+        .iter()
+        .filter(|(name, known)| {
+            **name != s.me && !known.nosync && Some(*name) != s.last_leader.as_ref()
+        })
+        .filter_map(|(name, known)| match view.members.get(name) {
+            Some(record) => (record.role == PgRole::Replica && !record.nosync)
+                .then(|| (record.wal_position(), name)),
+            None => known
+                .expected_back(s.now_ms, ttl_ms)
+                .then_some((None, name)),
+        })
         .collect();
-    others.sort_by(|a, b| {
-        b.wal_position()
-            .cmp(&a.wal_position())
-            .then_with(|| a.name.cmp(&b.name))
-    });
+    others.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(b.1)));
+    let names: Vec<MemberName> = others.into_iter().map(|(_, n)| n.clone()).collect();
     let k = cfg.synchronous_node_count.max(1);
-    let mut names: Vec<MemberName> = others.into_iter().map(|m| m.name.clone()).collect();
-    if !cfg.synchronous_quorum {
-        names.truncate(k as usize);
-    }
     let record = |members: Vec<MemberName>, quorum: u32, degraded: bool| SyncRecord {
         leader: s.me.clone(),
         members,
@@ -335,7 +346,12 @@ fn leading(s: &Snapshot, view: &ClusterView, reason: Reason) -> Decision {
         || !current.names.is_empty()
         || owned_record.is_some_and(|rec| !rec.members.is_empty() || rec.degraded)
     {
-        let desired = sync::desired(&view.config, view, &s.me, &r.standbys, &current);
+        let known = sync::Known {
+            members: &s.members,
+            now_ms: s.now_ms,
+            ttl_ms: s.ha.ttl.as_millis() as u64,
+        };
+        let desired = sync::desired(&view.config, view, known, &s.me, &r.standbys, &current);
         if let Some(step) = sync::next_step(
             &s.me,
             &desired,
@@ -351,34 +367,47 @@ fn leading(s: &Snapshot, view: &ClusterView, reason: Reason) -> Decision {
             return Decision::new(action, Reason::ManagingSynchronousStandbys);
         }
     }
-    let wanted: Vec<String> = view
-        .members
-        .keys()
-        .filter(|m| **m != s.me)
-        .map(MemberName::slot_name)
-        .collect();
-    let create_slots: Vec<String> = wanted
-        .iter()
-        .filter(|w| !r.slots.contains(w))
-        .cloned()
-        .collect();
-    let drop_slots: Vec<String> = r
-        .slots
-        .iter()
-        .filter(|have| have.starts_with(crate::model::SLOT_PREFIX) && !wanted.contains(have))
-        .cloned()
-        .collect();
-    if create_slots.is_empty() && drop_slots.is_empty() {
-        Decision::wait(reason)
-    } else {
-        Decision::new(
+    match slot_changes(s, view, r) {
+        None => Decision::wait(reason),
+        Some((create_slots, drop_slots)) => Decision::new(
             Action::Lead {
                 create_slots,
                 drop_slots,
             },
             reason,
-        )
+        ),
     }
+}
+
+/// One slot per other member (the known ones: a record expired by an etcd
+/// outage does not cost its member its slot), and no slot of pgha's for
+/// anyone else. `None` when the slots are right.
+fn slot_changes(
+    s: &Snapshot,
+    view: &ClusterView,
+    r: &crate::postgres::observe::Running,
+) -> Option<(Vec<String>, Vec<String>)> {
+    let wanted: Vec<String> = s
+        .members
+        .keys()
+        .chain(view.members.keys())
+        .filter(|m| **m != s.me)
+        .map(MemberName::slot_name)
+        .collect();
+    let create: Vec<String> = wanted
+        .iter()
+        .filter(|w| !r.slots.contains(w))
+        .cloned()
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let drop: Vec<String> = r
+        .slots
+        .iter()
+        .filter(|have| have.starts_with(crate::model::SLOT_PREFIX) && !wanted.contains(have))
+        .cloned()
+        .collect();
+    (!create.is_empty() || !drop.is_empty()).then_some((create, drop))
 }
 
 fn as_follower(s: &Snapshot, view: &ClusterView, leader: &MemberName) -> Decision {
@@ -464,6 +493,23 @@ fn as_follower(s: &Snapshot, view: &ClusterView, leader: &MemberName) -> Decisio
                     });
                 }
                 return rewind_or_reclone(s, leader, Reason::StreamingStalled);
+            }
+            // A replica keeps (unreserved) slots for the other members, so
+            // that the moment it is promoted they can stream from it with
+            // their slots: creating them after promotion made every replica
+            // that re-pointed at once retry its connection.
+            if r.streaming
+                && let Some((create_slots, drop_slots)) = slot_changes(s, view, r)
+            {
+                return Decision::new(
+                    Action::PrepareSlots {
+                        create_slots,
+                        drop_slots,
+                    },
+                    Reason::Following {
+                        leader: leader.clone(),
+                    },
+                );
             }
             Decision::wait(Reason::Following {
                 leader: leader.clone(),

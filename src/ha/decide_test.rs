@@ -15,6 +15,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use super::decide::{FAILOVER_REQUEST_TTL_MS, decide};
+use super::membership::{KnownMember, Membership};
 use super::sync::{NOBODY, SyncSetting};
 use super::{
     Action, Decision, DemoteReason, Disqualified, Job, Lease, Local, OnDisk, PeerReport,
@@ -148,6 +149,10 @@ struct Fixture {
     /// `reachable = false` drops it in [`Fixture::snapshot`].
     snap: Snapshot,
     reachable: bool,
+    /// Members known without a record in the view (see `.remembered…()`);
+    /// the snapshot's membership is these plus every record, as the
+    /// agent's `membership::update` would make it.
+    remembered: Membership,
 }
 
 impl Fixture {
@@ -183,17 +188,35 @@ impl Fixture {
                     failed_starts: 0,
                     fence_ready: true,
                 },
+                members: Membership::new(),
                 peers: Vec::new(),
+                last_leader: None,
                 last_leader_lsn: None,
                 job: None,
                 sync_switched_at: None,
             },
             reachable: true,
+            remembered: Membership::new(),
         }
     }
 
     fn snapshot(&self) -> Snapshot {
         let mut s = self.snap.clone();
+        let view = s.dcs.as_ref().expect("the fixture always keeps a view");
+        s.members = self.remembered.clone();
+        for (name, r) in &view.members {
+            s.members.insert(
+                name.clone(),
+                KnownMember {
+                    api_url: r.api_url.clone(),
+                    host: r.host.clone(),
+                    port: r.port,
+                    nosync: r.nosync,
+                    absent_since_ms: None,
+                    lost_in_outage: false,
+                },
+            );
+        }
         if !self.reachable {
             s.dcs = None;
         }
@@ -601,6 +624,45 @@ impl Fixture {
             name: m(name),
             report: None,
         });
+        self
+    }
+
+    /// A member known from before an etcd outage whose record the outage
+    /// expired a moment ago (its agent has not published again yet).
+    fn remembered_after_outage(mut self, name: &str) -> Self {
+        self.remembered.insert(
+            m(name),
+            KnownMember {
+                api_url: format!("http://{name}:8008"),
+                host: format!("{name}.db"),
+                port: 5432,
+                nosync: false,
+                absent_since_ms: Some(NOW - 100),
+                lost_in_outage: true,
+            },
+        );
+        self
+    }
+
+    /// A member whose record expired while etcd was reachable: it stopped
+    /// renewing (not forgotten yet).
+    fn remembered_gone(mut self, name: &str) -> Self {
+        self.remembered.insert(
+            m(name),
+            KnownMember {
+                api_url: format!("http://{name}:8008"),
+                host: format!("{name}.db"),
+                port: 5432,
+                nosync: false,
+                absent_since_ms: Some(NOW - 100),
+                lost_in_outage: false,
+            },
+        );
+        self
+    }
+
+    fn last_leader(mut self, name: &str) -> Self {
+        self.snap.last_leader = Some(m(name));
         self
     }
 
@@ -1256,7 +1318,38 @@ fn follower() {
         ),
         (
             "streaming from the leader",
-            other().replica_streaming_from("n2"),
+            other().replica_streaming_from("n2").slots(&["n2"]),
+            following(),
+        ),
+        (
+            "streaming, no slots yet: unreserved slots for the others, so they exist when promoted",
+            other().member("n3").replica_streaming_from("n2"),
+            act(
+                Action::PrepareSlots {
+                    create_slots: vec!["pgha_n2".into(), "pgha_n3".into()],
+                    drop_slots: vec![],
+                },
+                Reason::Following { leader: m("n2") },
+            ),
+        ),
+        (
+            "streaming: a member known only from before an etcd outage keeps its slot; a departed one loses it",
+            other()
+                .remembered_after_outage("n3")
+                .replica_streaming_from("n2")
+                .slots(&["n2", "n3", "old"])
+                .foreign_slot("backup_tool"),
+            act(
+                Action::PrepareSlots {
+                    create_slots: vec![],
+                    drop_slots: vec!["pgha_old".into()],
+                },
+                Reason::Following { leader: m("n2") },
+            ),
+        ),
+        (
+            "not streaming yet: slots wait",
+            other().member("n3").replica_stalled("n2", 1_000),
             following(),
         ),
         (
@@ -1431,7 +1524,11 @@ fn no_lease_without_a_fence_keeper() {
     check(vec![
         (
             "healthiest replica, keeper dead: no race",
-            F::new("n1").member("n2").replica().fence_not_ready(),
+            F::new("n1")
+                .member("n2")
+                .peer("n2", report(1, 0))
+                .replica()
+                .fence_not_ready(),
             wait(Reason::FenceKeeperNotReady),
         ),
         (
@@ -1715,6 +1812,77 @@ fn election() {
             not_healthiest(Disqualified::PeerAhead { peer: m("n2") }),
         ),
         (
+            "records expired by an etcd outage, peers remembered but not heard: no blind race",
+            racer()
+                .remembered_after_outage("n2")
+                .remembered_after_outage("n3")
+                .unreachable_peer("n2")
+                .unreachable_peer("n3"),
+            not_healthiest(Disqualified::TooFewAnswered { seen: 1, needed: 2 }),
+        ),
+        (
+            "records expired, a remembered peer answers with more WAL: it wins",
+            racer()
+                .remembered_after_outage("n2")
+                .remembered_after_outage("n3")
+                .peer("n2", report(1, L + 1))
+                .unreachable_peer("n3"),
+            not_healthiest(Disqualified::PeerAhead { peer: m("n2") }),
+        ),
+        (
+            "a majority heard, the lost leader not counted: race",
+            racer()
+                .member("n2")
+                .member("n3")
+                .last_leader("n3")
+                .peer("n2", report(1, L - 1))
+                .unreachable_peer("n3"),
+            race(),
+        ),
+        (
+            "the lost leader counts when unknown: 1 of 3 heard is too few",
+            racer()
+                .member("n2")
+                .member("n3")
+                .unreachable_peer("n2")
+                .unreachable_peer("n3"),
+            not_healthiest(Disqualified::TooFewAnswered { seen: 1, needed: 2 }),
+        ),
+        (
+            "two members, the other was the leader: the survivor races alone",
+            racer()
+                .member("n2")
+                .last_leader("n2")
+                .unreachable_peer("n2"),
+            race(),
+        ),
+        (
+            "five members, leader lost, one more unreachable: 3 of 4 heard is enough",
+            racer()
+                .member("n2")
+                .member("n3")
+                .member("n4")
+                .member("n5")
+                .last_leader("n5")
+                .peer("n2", report(1, L - 1))
+                .peer("n3", report(1, L - 1))
+                .unreachable_peer("n4"),
+            race(),
+        ),
+        (
+            "five members, leader lost, two more unreachable: 2 of 4 is not a majority",
+            racer()
+                .member("n2")
+                .member("n3")
+                .member("n4")
+                .member("n5")
+                .last_leader("n5")
+                .peer("n2", report(1, L - 1))
+                .unreachable_peer("n3")
+                .unreachable_peer("n4"),
+            not_healthiest(Disqualified::TooFewAnswered { seen: 2, needed: 3 }),
+        ),
+        (
             "a peer has less WAL",
             racer().peer("n2", report(1, L - 1)),
             race(),
@@ -1926,6 +2094,48 @@ fn sync_leader_keeps_the_set() {
             wait(Reason::Leading),
         ),
         (
+            "mode on, the named standbys' records expired in an etcd outage: wait for them, no degradation",
+            F::new("n1")
+                .leader("n1")
+                .lease_held(VALID)
+                .primary()
+                .slots(&["n2", "n3"])
+                .sync_mode(SyncMode::On)
+                .remembered_after_outage("n2")
+                .remembered_after_outage("n3")
+                .sync_record("n1", &["n2", "n3"], 1, false)
+                .sync_setting(r#"FIRST 1 ("n2", "n3")"#),
+            wait(Reason::Leading),
+        ),
+        (
+            "mode on, a standby streams before its record returns: it is eligible (known member)",
+            F::new("n1")
+                .leader("n1")
+                .lease_held(VALID)
+                .primary()
+                .slots(&["n2", "n3"])
+                .sync_mode(SyncMode::On)
+                .remembered_after_outage("n2")
+                .remembered_after_outage("n3")
+                .standby("n3", L, "sync")
+                .sync_record("n1", &["n2", "n3"], 1, false)
+                .sync_setting(r#"FIRST 1 ("n2", "n3")"#),
+            managing(Action::SetSyncSetting(setting(&["n3"], 1, false))),
+        ),
+        (
+            "mode on, the named standby's record expired while etcd was reachable: degrade",
+            F::new("n1")
+                .leader("n1")
+                .lease_held(VALID)
+                .primary()
+                .slots(&["n2"])
+                .sync_mode(SyncMode::On)
+                .remembered_gone("n2")
+                .sync_record("n1", &["n2"], 1, false)
+                .sync_setting(r#"FIRST 1 ("n2")"#),
+            managing(Action::WriteSyncRecord(sync_rec("n1", &["n2"], 1, true))),
+        ),
+        (
             "mode on, the named standby is gone: degrade (record first)",
             leading()
                 .sync_mode(SyncMode::On)
@@ -2021,15 +2231,57 @@ fn sync_promotion_plan() {
     check(vec![
         ("mode off: no plan", promoting().member("n2"), promote(None)),
         (
-            "the most advanced replica first, k of them",
+            "every replica, most advanced first, FIRST k: whichever re-points first acknowledges",
             promoting()
                 .sync_mode(SyncMode::On)
                 .member_with("n2", at(L - 10))
                 .member_with("n3", at(L)),
             promote(Some((
+                sync_rec("n1", &["n3", "n2"], 1, false),
+                setting(&["n3", "n2"], 1, false),
+            ))),
+        ),
+        (
+            "records expired by an etcd outage: the remembered members are named, not a degraded set",
+            promoting()
+                .sync_mode(SyncMode::On)
+                .remembered_after_outage("n2")
+                .remembered_after_outage("n3"),
+            promote(Some((
+                sync_rec("n1", &["n2", "n3"], 1, false),
+                setting(&["n2", "n3"], 1, false),
+            ))),
+        ),
+        (
+            "remembered, but its record expired while etcd was reachable: gone, not named",
+            promoting()
+                .sync_mode(SyncMode::On)
+                .remembered_gone("n2")
+                .member_with("n3", at(L)),
+            promote(Some((
                 sync_rec("n1", &["n3"], 1, false),
                 setting(&["n3"], 1, false),
             ))),
+        ),
+        (
+            "the leader it replaces is not named, record or not",
+            promoting()
+                .sync_mode(SyncMode::On)
+                .remembered_after_outage("n2")
+                .last_leader("n2")
+                .member_with("n3", at(L)),
+            promote(Some((
+                sync_rec("n1", &["n3"], 1, false),
+                setting(&["n3"], 1, false),
+            ))),
+        ),
+        (
+            "only a vanished old leader is known: degraded",
+            promoting()
+                .sync_mode(SyncMode::On)
+                .remembered_after_outage("n2")
+                .last_leader("n2"),
+            promote(Some((sync_rec("n1", &[], 0, true), SyncSetting::empty()))),
         ),
         (
             "quorum: every replica, any k",
@@ -2850,6 +3102,7 @@ fn action_kind(a: &Action) -> &'static str {
         Action::Promote { .. } => "Promote",
         Action::WriteSyncRecord(_) => "WriteSyncRecord",
         Action::SetSyncSetting(_) => "SetSyncSetting",
+        Action::PrepareSlots { .. } => "PrepareSlots",
         Action::Lead { .. } => "Lead",
         Action::Demote { .. } => "Demote",
         Action::ReleaseLease => "ReleaseLease",
@@ -2903,6 +3156,7 @@ fn sweep_safety_invariants() {
         "AdoptLease",
         "Promote",
         "Lead",
+        "PrepareSlots",
         "Demote",
         "ReleaseLease",
         "StopAndRelease",

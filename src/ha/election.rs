@@ -33,6 +33,10 @@ pub enum Disqualified {
     /// Synchronous mode `on` degraded to asynchronous (or the set is
     /// empty): nobody is known to hold every acknowledged commit.
     NoSynchronousStandby,
+    /// Without synchronous replication: too few of the known members
+    /// answered to be sure nobody unseen has more WAL (a replica that hears
+    /// from nobody must not conclude it is the most advanced).
+    TooFewAnswered { seen: u32, needed: u32 },
     /// Quorum commit: too few members of the synchronous set answered to
     /// be sure which one holds every acknowledged commit.
     CannotProveCommits { seen: u32, needed: u32 },
@@ -63,6 +67,10 @@ impl fmt::Display for Disqualified {
                     "no synchronous standby was recorded (degraded to asynchronous); only `pgha failover --accept-data-loss` can promote"
                 )
             }
+            Disqualified::TooFewAnswered { seen, needed } => write!(
+                f,
+                "heard from {seen} of the {needed} members needed (a majority of the known members other than the lost leader) to be sure none has more WAL"
+            ),
             Disqualified::CannotProveCommits { seen, needed } => write!(
                 f,
                 "only {seen} of the {needed} synchronous members needed to prove who holds every acknowledged commit answered; use `pgha failover --to NODE --accept-data-loss` to promote anyway"
@@ -97,8 +105,10 @@ pub fn rank_candidates(mut candidates: Vec<Candidate>) -> Vec<Candidate> {
 }
 
 /// Whether this member should race for the leader key, given fresh peer
-/// reports. Unreachable peers do not count: they may be the failed node,
-/// and waiting for them would block failover forever.
+/// reports. A majority of the known members other than the lost leader
+/// must have answered (this member included): an unreachable minority may
+/// be failed nodes, and waiting for them would block failover, but a
+/// replica that hears from nobody cannot know it is the most advanced.
 pub(super) fn may_race(
     s: &Snapshot,
     my_timeline: Option<Timeline>,
@@ -116,6 +126,26 @@ pub(super) fn may_race(
         if lag > s.ha.maximum_lag_on_failover {
             return Err(Disqualified::Lagging { bytes: lag });
         }
+    }
+    let voters: Vec<&MemberName> = s
+        .members
+        .keys()
+        .chain(std::iter::once(&s.me))
+        .filter(|n| Some(*n) != s.last_leader.as_ref())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let needed = super::membership::race_quorum(voters.len());
+    let seen = 1 + s
+        .peers
+        .iter()
+        .filter(|p| p.report.is_some() && p.name != s.me && voters.contains(&&p.name))
+        .count();
+    if seen < needed {
+        return Err(Disqualified::TooFewAnswered {
+            seen: seen as u32,
+            needed: needed as u32,
+        });
     }
     let me = Candidate {
         name: s.me.clone(),

@@ -14,6 +14,7 @@
 mod decide;
 mod election;
 pub mod lease;
+pub mod membership;
 mod snapshot;
 pub mod sync;
 

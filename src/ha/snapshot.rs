@@ -21,9 +21,14 @@ pub struct Snapshot {
     pub dcs: Option<ClusterView>,
     pub lease: Lease,
     pub local: Local,
-    /// Fresh statuses of the other members, fetched from their APIs when a
-    /// leader race is on (empty otherwise).
+    /// Every member this agent knows of: the DCS records plus those it
+    /// remembers through an etcd outage (see [`super::membership`]).
+    pub members: super::membership::Membership,
+    /// Fresh statuses of the other known members, fetched from their APIs
+    /// when a leader race is on (empty otherwise).
     pub peers: Vec<PeerStatus>,
+    /// The leader this agent last saw (not itself).
+    pub last_leader: Option<MemberName>,
     /// The leader's WAL position the last time this agent saw a leader;
     /// bounds how far behind a replica may be and still promote.
     pub last_leader_lsn: Option<Lsn>,
@@ -174,6 +179,12 @@ pub enum Action {
     SetSyncSetting(super::sync::SyncSetting),
     /// Keep leading: make the leader's slots match the members.
     Lead {
+        create_slots: Vec<String>,
+        drop_slots: Vec<String>,
+    },
+    /// On a replica: slots for the other members, created without
+    /// reserving WAL (nothing streams from them until this member leads).
+    PrepareSlots {
         create_slots: Vec<String>,
         drop_slots: Vec<String>,
     },

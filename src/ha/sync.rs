@@ -18,6 +18,7 @@
 //! Failover then needs to see `|R| - k + 1` members of `R` (at least one of
 //! them holds every acknowledged commit) and promotes the most advanced.
 
+use super::membership::Membership;
 use crate::dcs::{ClusterConfig, ClusterView, SyncMode, SyncRecord};
 use crate::model::{Lsn, MemberName};
 use crate::postgres::observe::StandbyInfo;
@@ -98,16 +99,19 @@ pub struct Desired {
     pub degraded: bool,
 }
 
-/// Standbys eligible to be synchronous: streaming, known members, not
-/// `nosync`; most advanced first so `FIRST k` picks the best.
-fn eligible(view: &ClusterView, me: &MemberName, standbys: &[StandbyInfo]) -> Vec<MemberName> {
+/// Standbys eligible to be synchronous: streaming from this leader (its
+/// own `pg_stat_replication` lists only direct streamers), known members,
+/// not `nosync`; most advanced first so `FIRST k` picks the best. Known
+/// means in the membership, which outlives the records: right after an etcd
+/// outage the records are gone while the standbys already stream.
+fn eligible(members: &Membership, me: &MemberName, standbys: &[StandbyInfo]) -> Vec<MemberName> {
     let mut ok: Vec<(&StandbyInfo, MemberName)> = standbys
         .iter()
         .filter(|s| s.state == "streaming")
         .filter_map(|s| {
             let name = MemberName::new(&s.application_name);
-            let rec = view.members.get(&name)?;
-            (name != *me && !rec.nosync).then_some((s, name))
+            let known = members.get(&name)?;
+            (name != *me && !known.nosync).then_some((s, name))
         })
         .collect();
     ok.sort_by(|a, b| {
@@ -118,27 +122,45 @@ fn eligible(view: &ClusterView, me: &MemberName, standbys: &[StandbyInfo]) -> Ve
     ok.into_iter().map(|(_, n)| n).collect()
 }
 
-/// A member whose agent still reports its PostgreSQL up or coming up.
-fn alive(view: &ClusterView, name: &MemberName) -> bool {
+/// A member whose agent still reports its PostgreSQL up or coming up — or
+/// whose record an etcd outage just expired (see
+/// [`expected_back`](super::membership::KnownMember::expected_back)): its agent publishes again on its first
+/// loop that reaches etcd. Declaring the set degraded meanwhile would let the
+/// leader acknowledge commits alone while its standbys are reconnecting.
+fn alive(view: &ClusterView, known: &Known, name: &MemberName) -> bool {
     use crate::model::PgState;
-    view.members.get(name).is_some_and(|m| {
-        matches!(
+    match view.members.get(name) {
+        Some(m) => matches!(
             m.state,
             PgState::Streaming | PgState::InRecovery | PgState::Starting | PgState::Running
-        )
-    })
+        ),
+        None => known
+            .members
+            .get(name)
+            .is_some_and(|m| m.expected_back(known.now_ms, known.ttl_ms)),
+    }
+}
+
+/// The membership as the synchronous rules need it: who is known, and the
+/// time and TTL that say whose missing record is still awaited.
+#[derive(Clone, Copy, Debug)]
+pub struct Known<'a> {
+    pub members: &'a Membership,
+    pub now_ms: u64,
+    pub ttl_ms: u64,
 }
 
 pub fn desired(
     cfg: &ClusterConfig,
     view: &ClusterView,
+    known: Known,
     me: &MemberName,
     standbys: &[StandbyInfo],
     current: &SyncSetting,
 ) -> Desired {
     let k = cfg.synchronous_node_count.max(1);
     let quorum = cfg.synchronous_quorum;
-    let candidates = eligible(view, me, standbys);
+    let candidates = eligible(known.members, me, standbys);
     match cfg.synchronous_mode {
         SyncMode::Off => Desired {
             setting: SyncSetting::empty(),
@@ -173,7 +195,7 @@ pub fn desired(
         // (reconnecting after a failover, restarting), keep waiting for
         // them: writes pause briefly instead of losing their protection.
         // Only when they are gone does `on` degrade.
-        SyncMode::On if current.real_names().iter().any(|n| alive(view, n)) => Desired {
+        SyncMode::On if current.real_names().iter().any(|n| alive(view, &known, n)) => Desired {
             setting: current.clone(),
             degraded: false,
         },

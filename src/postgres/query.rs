@@ -32,7 +32,7 @@ SELECT application_name, state, coalesce(flush_lsn::text, ''), coalesce(replay_l
 pub const SLOTS: &str =
     "SELECT slot_name FROM pg_replication_slots WHERE slot_type = 'physical' AND NOT temporary";
 
-pub const CREATE_SLOT: &str = "SELECT pg_create_physical_replication_slot($1, true)";
+pub const CREATE_SLOT: &str = "SELECT pg_create_physical_replication_slot($1, $2)";
 pub const DROP_SLOT: &str = "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1 AND NOT active";
 
 /// Promotion without a restart; returns once the request is signalled

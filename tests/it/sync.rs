@@ -1127,3 +1127,197 @@ async fn on_mode_sync_standby_stays_put_while_healthy() {
             .join("\n")
     );
 }
+
+// ------------------------------------ etcd outage longer than the TTL
+
+/// Every event on keys under `prefix` from revision `from` up to now, as
+/// (revision, deleted, key, value).
+async fn key_events(
+    cluster: &Cluster,
+    prefix: &str,
+    from: i64,
+) -> anyhow::Result<Vec<(i64, bool, String, String)>> {
+    use etcd_client::{EventType, GetOptions, WatchOptions};
+    let mut client = cluster.etcd.client().await?;
+    let now = client
+        .get(
+            prefix,
+            Some(GetOptions::new().with_prefix().with_count_only()),
+        )
+        .await?
+        .header()
+        .map(|h| h.revision())
+        .unwrap_or(0);
+    let mut stream = client
+        .watch(
+            prefix,
+            Some(WatchOptions::new().with_prefix().with_start_revision(from)),
+        )
+        .await?;
+    let mut events = Vec::new();
+    let mut reached = from > now;
+    while !reached {
+        let msg = tokio::time::timeout(Duration::from_secs(10), stream.message())
+            .await
+            .map_err(|_| anyhow::anyhow!("the watch stopped before revision {now}"))??
+            .ok_or_else(|| anyhow::anyhow!("the watch ended"))?;
+        for e in msg.events() {
+            let Some(kv) = e.kv() else { continue };
+            events.push((
+                kv.mod_revision(),
+                e.event_type() == EventType::Delete,
+                kv.key_str()?.to_string(),
+                kv.value_str()?.to_string(),
+            ));
+            reached |= kv.mod_revision() >= now;
+        }
+    }
+    Ok(events)
+}
+
+/// etcd answers nothing for longer than three TTLs in synchronous mode
+/// `on`: when it returns, every lease has run out — the leader key and
+/// every member record are gone at once. Before the membership was kept
+/// locally, the replicas found no peers to ask and raced blind, and the new
+/// leader promoted with an empty, degraded synchronous record although its
+/// standbys were back a second later (commits acknowledged by it alone).
+///
+/// Here the agent of the replica outside the synchronous set resumes 1.5 s
+/// after etcd, so its record is missing when the new leader promotes.
+/// Checked: the records really expired (else this proves nothing); every
+/// synchronous record written after the outage names a standby and none is
+/// degraded; one member races; no replica is rewound; a writer loses no
+/// acknowledged commit and exactly one primary is ever writable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_outage_longer_than_the_ttl_keeps_the_synchronous_set() {
+    let started = Instant::now();
+    let cluster = Cluster::start("sync-etcd-out", 3, ClusterOptions::default())
+        .await
+        .expect("start a 3-node cluster");
+    let config = cluster.nodes[0].config_path().to_path_buf();
+    config_set(
+        &config,
+        &["synchronous_mode=on", "synchronous_node_count=1"],
+    )
+    .await;
+    let leader = cluster.leader().await.unwrap().expect("a leader");
+    let record = wait_sync_settled(&cluster, &leader, 1, 1).await;
+    // The replica outside the synchronous set: its agent will be late.
+    let late = cluster
+        .replica_names()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|r| !record.members.iter().any(|m| m.as_str() == r))
+        .expect("a replica outside the set");
+    let checker = OneWritablePrimary::start(&cluster);
+    let writer = Writer::start(&cluster).await.expect("start the writer");
+    writer
+        .wait_for_progress(20, Duration::from_secs(30))
+        .await
+        .unwrap();
+
+    let prefix = keys(&cluster).prefix().to_string();
+    let before = {
+        let mut client = cluster.etcd.client().await.unwrap();
+        client
+            .get("x", None)
+            .await
+            .unwrap()
+            .header()
+            .unwrap()
+            .revision()
+            + 1
+    };
+    let log_marks: Vec<usize> = cluster.nodes.iter().map(|n| n.log_text().len()).collect();
+    cluster.etcd.pause().expect("freeze etcd");
+    tokio::time::sleep(3 * TTL + Duration::from_secs(1)).await;
+    // One agent comes back a moment after the others (a slow loop, a busy
+    // host): its PostgreSQL runs, but its record is not there yet when the
+    // new leader promotes.
+    cluster.node(&late).freeze().unwrap();
+    cluster.etcd.resume().expect("thaw etcd");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    cluster.node(&late).thaw().unwrap();
+    eprintln!(
+        "etcd answered nothing for {:?}; {late}'s agent resumed 1.5 s after etcd",
+        3 * TTL + Duration::from_secs(1)
+    );
+
+    let new_leader = wait_until(FAILOVER_TIMEOUT, POLL, || async {
+        let name = cluster.leader().await.ok().flatten()?;
+        cluster
+            .node(&name)
+            .is_writable()
+            .await
+            .ok()?
+            .then_some(name)
+    })
+    .await
+    .unwrap_or_else(|e| {
+        panic!(
+            "no writable leader after the outage: {e:#}\n{}",
+            cluster.log_tails(30)
+        )
+    });
+    wait_sync_settled(&cluster, &new_leader, 1, 1).await;
+    writer
+        .wait_for_progress(20, Duration::from_secs(60))
+        .await
+        .unwrap_or_else(|e| panic!("writes did not resume: {e:#}\n{}", cluster.log_tails(30)));
+    let report = writer.stop().await;
+    assert_holds_everything(&report, cluster.node(&new_leader)).await;
+    checker.stop().await.assert_ok();
+
+    let events = key_events(&cluster, &prefix, before).await.unwrap();
+    let expired: Vec<&String> = events
+        .iter()
+        .filter(|(_, deleted, key, _)| *deleted && key.contains("/members/"))
+        .map(|(_, _, key, _)| key)
+        .collect();
+    assert!(
+        expired.len() >= 3,
+        "the outage did not expire the member records, so it tested nothing: {events:?}"
+    );
+    let records: Vec<SyncRecord> = events
+        .iter()
+        .filter(|(_, deleted, key, _)| !*deleted && key.ends_with("/sync"))
+        .map(|(_, _, _, v)| serde_json::from_str(v).unwrap())
+        .collect();
+    eprintln!("leader {leader} -> {new_leader}; sync records after the outage: {records:?}");
+    assert!(!records.is_empty(), "the new leader wrote no sync record");
+    for r in &records {
+        assert!(
+            !r.degraded && !r.members.is_empty(),
+            "a degraded or empty synchronous record while standbys were reachable: {r:?} (all: {records:?})\n{}",
+            cluster.log_tails(30)
+        );
+    }
+    let mut racers = Vec::new();
+    for (n, mark) in cluster.nodes.iter().zip(&log_marks) {
+        let log = n.log_text();
+        let after = log.get(*mark..).unwrap_or_default();
+        if after.contains("action=AcquireLease") {
+            racers.push(n.name().to_string());
+        }
+        if n.name() != leader {
+            assert!(
+                !after.contains(REWIND_STARTED),
+                "{} was rewound although its timeline did not diverge:\n{}",
+                n.name(),
+                n.log_tail(30)
+            );
+        }
+    }
+    assert_eq!(
+        racers.len(),
+        1,
+        "members that raced for the leader key after the outage: {racers:?}\n{}",
+        cluster.log_tails(20)
+    );
+    eprintln!(
+        "{} acknowledged, none lost; test took {:?}",
+        report.acknowledged.len(),
+        started.elapsed()
+    );
+}
