@@ -306,10 +306,10 @@ impl Agent {
         if !self.lease_valid_now() {
             anyhow::bail!("refusing to promote: the lease is not valid");
         }
-        let (old_tl, switch_lsn, upstream) = match &s.local.pg {
+        let (old_tl, replayed, upstream) = match &s.local.pg {
             PgStatus::Running(r) => (
                 r.timeline.unwrap_or_default(),
-                r.wal_position().unwrap_or_default(),
+                r.replay_lsn.unwrap_or_default(),
                 r.configured_upstream.clone(),
             ),
             _ => anyhow::bail!("PostgreSQL is not running"),
@@ -357,6 +357,21 @@ impl Agent {
                 }
             }
         });
+        // The exact branch point decides whether a replica must be rewound
+        // (`ha::decide::history_shared`). Without it, the position replayed
+        // before the request is a lower bound: a replica below it surely
+        // shares the history, and one above it is rewound, which is safe.
+        let switch_lsn = match promote::switch_point(client, new_tl, old_tl).await {
+            Ok(Some(lsn)) => lsn,
+            Ok(None) => {
+                tracing::warn!(fallback = %replayed, "the timeline history file names no switch point for the old timeline");
+                replayed
+            }
+            Err(e) => {
+                tracing::warn!(error = %crate::util::chain(&e), fallback = %replayed, "cannot read the switch point from the timeline history file");
+                replayed
+            }
+        };
         let view = s.dcs.as_ref();
         let failover = view.and_then(|v| v.failover.clone());
         let entry = HistoryEntry {

@@ -34,7 +34,7 @@ use tokio_postgres::Client;
 
 use super::ctl::PgError;
 use super::query;
-use crate::model::Timeline;
+use crate::model::{Lsn, Timeline};
 
 /// How often the end of recovery is checked: one cheap local query.
 pub const POLL: Duration = Duration::from_millis(5);
@@ -129,9 +129,67 @@ async fn promote_and_wait(client: &Client) -> Result<Promoted, PgError> {
     }
 }
 
+/// Where `timeline` branched off `parent`, from the timeline history file
+/// the promotion wrote (`pg_wal/<TLI>.history`, lines of
+/// `parentTLI<TAB>switchpoint<TAB>reason`).
+///
+/// This is the exact end of the parent's WAL that the new timeline kept. A
+/// replica whose position on the parent is past it holds WAL the new
+/// leader does not have, and must be rewound; the position the promoting
+/// standby reported before promoting is no substitute, as it counts bytes
+/// received after the last complete record.
+pub async fn switch_point(
+    client: &Client,
+    timeline: Timeline,
+    parent: Timeline,
+) -> Result<Option<Lsn>, PgError> {
+    let text: String = client
+        .query_one(query::TIMELINE_HISTORY, &[&(timeline.0 as i32)])
+        .await
+        .map_err(|source| PgError::Sql {
+            action: format!("read the history file of timeline {timeline}"),
+            source,
+        })?
+        .get(0);
+    Ok(parse_switch_point(&text, parent))
+}
+
+/// The switchpoint of `parent` in a timeline history file's text.
+pub fn parse_switch_point(history: &str, parent: Timeline) -> Option<Lsn> {
+    history
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .filter_map(|l| {
+            let mut fields = l.split_whitespace();
+            let tli: u32 = fields.next()?.parse().ok()?;
+            let lsn: Lsn = fields.next()?.parse().ok()?;
+            Some((tli, lsn))
+        })
+        .find(|(tli, _)| *tli == parent.0)
+        .map(|(_, lsn)| lsn)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn switch_point_of_the_parent_timeline() {
+        let history = "1\t0/3000158\tno recovery target specified\n\n\
+                       4\t0/4083260\tno recovery target specified\n";
+        assert_eq!(
+            parse_switch_point(history, Timeline(4)),
+            Some("0/4083260".parse().unwrap())
+        );
+        assert_eq!(
+            parse_switch_point(history, Timeline(1)),
+            Some("0/3000158".parse().unwrap())
+        );
+        assert_eq!(parse_switch_point(history, Timeline(2)), None);
+        assert_eq!(parse_switch_point("garbage\n", Timeline(1)), None);
+        assert_eq!(parse_switch_point("", Timeline(1)), None);
+    }
 
     #[test]
     fn wakes_only_a_startup_process_seen_sleeping_twice() {

@@ -27,6 +27,10 @@ pub const REPLICATION: &str = "
 SELECT application_name, state, coalesce(flush_lsn::text, ''), coalesce(replay_lsn::text, ''), sync_state
   FROM pg_stat_replication";
 
+/// The history file of timeline `$1` (written at promotion).
+pub const TIMELINE_HISTORY: &str =
+    "SELECT pg_read_file('pg_wal/' || lpad(upper(to_hex($1::int)), 8, '0') || '.history')";
+
 /// Physical slots on this server.
 /// Temporary slots (pg_basebackup's) are excluded: they vanish on their own.
 pub const SLOTS: &str =
