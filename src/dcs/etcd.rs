@@ -145,6 +145,11 @@ impl EtcdDcs {
         &self.keys
     }
 
+    /// The underlying client, for the proxy's own watch.
+    pub fn client(&self) -> Client {
+        self.client.clone()
+    }
+
     async fn timed<T, F>(&self, action: &'static str, fut: F) -> Result<T, DcsError>
     where
         F: std::future::Future<Output = Result<T, etcd_client::Error>>,
