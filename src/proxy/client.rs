@@ -31,9 +31,11 @@ pub async fn serve(shared: Arc<Shared>, mut tcp: TcpStream, side: Side) {
         let _ = tcp.write_all(&out).await;
         return;
     };
-    let startup = tokio::time::timeout(shared.cfg.startup_timeout, login(&shared, tcp, side));
-    let session = match startup.await {
-        Ok(Ok(Some(session))) => session,
+    // The limit covers what the client controls (negotiation, login),
+    // not the wait for a server, which hold_timeout bounds.
+    let startup = tokio::time::timeout(shared.cfg.startup_timeout, login(&shared, tcp));
+    let (client, user, database, keys) = match startup.await {
+        Ok(Ok(Some(login))) => login,
         Ok(Ok(None)) => return,
         Ok(Err(e)) => {
             tracing::debug!(error = %e, "client login failed");
@@ -43,6 +45,14 @@ pub async fn serve(shared: Arc<Shared>, mut tcp: TcpStream, side: Side) {
             // PostgreSQL closes such a connection silently too
             // ("incomplete startup packet" in its log only).
             tracing::debug!("client did not finish its login within startup_timeout");
+            return;
+        }
+    };
+    let session = match Session::start(shared.clone(), side, client, user, database, keys).await {
+        Ok(Some(session)) => session,
+        Ok(None) => return,
+        Err(e) => {
+            tracing::debug!(error = %e, "client left during its login");
             return;
         }
     };
@@ -72,13 +82,12 @@ async fn fatal<S: Stream>(io: &mut S, code: &str, message: &str) {
     let _ = io.flush().await;
 }
 
+/// A logged-in client: its connection, user, database and SCRAM keys.
+type LoggedIn = (Conn<Box<dyn Stream>>, String, String, scram::ScramKeys);
+
 /// Negotiation, startup packet and authentication. `None`: the connection
 /// was a cancel request or was refused (the client has been told).
-async fn login(
-    shared: &Arc<Shared>,
-    mut tcp: TcpStream,
-    side: Side,
-) -> Result<Option<Session>, ConnError> {
+async fn login(shared: &Arc<Shared>, mut tcp: TcpStream) -> Result<Option<LoggedIn>, ConnError> {
     let mut buf = BytesMut::new();
     let mut stream: Box<dyn Stream>;
     let params = loop {
@@ -191,7 +200,7 @@ async fn login(
             return Ok(None);
         }
     };
-    Session::start(shared.clone(), side, client, user, database, keys).await
+    Ok(Some((client, user, database, keys)))
 }
 
 /// The SCRAM exchange. The outer error is I/O; the inner one what the

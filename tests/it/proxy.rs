@@ -243,7 +243,8 @@ async fn session_mode_keeps_session_state() {
     let proxy = Proxy::start(
         &cluster,
         "px2",
-        &[("pool_mode", "\"session\""), ("default_pool_size", "2")],
+        // One session for `c`, two for pgbench, one being reset.
+        &[("pool_mode", "\"session\""), ("default_pool_size", "4")],
     )
     .await
     .unwrap();
@@ -298,7 +299,7 @@ async fn leader_kill_holds_then_serves_the_new_leader() {
     // Held (no primary), then served by the new leader; no error.
     c.execute("insert into w values (1)", &[])
         .await
-        .unwrap_or_else(|e| panic!("held transaction failed: {e}\n{}", proxy.log_tail()));
+        .unwrap_or_else(|e| panic!("held transaction failed: {e:?}\n{}", proxy.log_tail()));
     let port = server_port(&c).await;
     assert_ne!(port, old_port);
     let new = cluster
