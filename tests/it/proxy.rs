@@ -10,9 +10,9 @@ use tokio::net::TcpStream;
 use tokio_postgres::NoTls;
 use tokio_postgres::error::SqlState;
 
-use crate::support::cluster::connect;
+use crate::support::cluster::{alive, children_of, connect};
 use crate::support::proxy::Proxy;
-use crate::support::{Cluster, ClusterOptions};
+use crate::support::{Cluster, ClusterOptions, wait_until};
 
 async fn server_port(client: &tokio_postgres::Client) -> i32 {
     client
@@ -293,8 +293,19 @@ async fn leader_kill_holds_then_serves_the_new_leader() {
         .unwrap();
 
     let victim = cluster.node_mut(&old);
+    let backends = children_of(victim.postmaster_pid().expect("postmaster"));
     victim.kill_agent().await.unwrap();
     victim.kill_postgres().expect("the leader's postmaster");
+    // Idle backends exit once they notice their postmaster died; a query
+    // sent before that would run on the dying primary and fail with
+    // "outcome unknown", which is not what this test is about.
+    wait_until(
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        || async { backends.iter().all(|&p| !alive(p)).then_some(()) },
+    )
+    .await
+    .unwrap();
 
     // Held (no primary), then served by the new leader; no error.
     c.execute("insert into w values (1)", &[])
