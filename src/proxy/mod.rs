@@ -19,6 +19,7 @@ pub mod codec;
 pub mod conn;
 pub mod pool;
 pub mod prepared;
+pub mod register;
 pub mod route;
 pub mod scram;
 pub mod server;
@@ -211,6 +212,7 @@ pub async fn start(
         unknown_user_verifier: ScramVerifier::from_password(&scram::random_nonce(), &salt, 4096),
         cfg,
     });
+    let keys_for_record = keys.clone();
     let mut tasks = vec![tokio::spawn(watch::run(
         dcs.client(),
         keys,
@@ -220,6 +222,21 @@ pub async fn start(
     ))];
     let rw_addr = rw.as_ref().and_then(|l| l.local_addr().ok());
     let ro_addr = ro.as_ref().and_then(|l| l.local_addr().ok());
+    let base = crate::dcs::ProxyRecord {
+        name: shared.cfg.name.clone(),
+        rw: rw_addr.map(|a| a.to_string()),
+        ro: ro_addr.map(|a| a.to_string()),
+        auto: shared.cfg.auto,
+        state: crate::dcs::ProxyState::Holding,
+        drained_for: None,
+    };
+    tasks.push(tokio::spawn(register::run(
+        dcs.client(),
+        keys_for_record,
+        base,
+        ttl,
+        shared.clone(),
+    )));
     for (listener, side) in [(rw, Side::Rw), (ro, Side::Ro)] {
         if let Some(listener) = listener {
             tracing::info!(addr = ?listener.local_addr().ok(), side = side.label(), "proxy listening");

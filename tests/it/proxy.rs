@@ -218,6 +218,16 @@ async fn transaction_pooling_routes_authenticates_and_survives_bad_input() {
         );
     }
 
+    // Registered in the DCS: `pgha list --json` shows it.
+    let list = cluster.list_json().await.unwrap();
+    let proxies = list["proxies"].as_array().expect("proxies in pgha list");
+    assert_eq!(proxies.len(), 1, "{list}");
+    assert_eq!(proxies[0]["name"], "px1");
+    assert_eq!(proxies[0]["rw"], format!("127.0.0.1:{}", proxy.rw_port));
+    assert_eq!(proxies[0]["ro"], format!("127.0.0.1:{}", proxy.ro_port));
+    assert_eq!(proxies[0]["auto"], false);
+    assert_eq!(proxies[0]["state"], "serving");
+
     // The metrics endpoint counts what happened.
     let metrics = reqwest::get(format!("http://127.0.0.1:{}/metrics", proxy.api_port))
         .await
