@@ -12,7 +12,7 @@ use tokio_postgres::error::SqlState;
 
 use crate::support::cluster::{alive, children_of, connect};
 use crate::support::proxy::Proxy;
-use crate::support::{Cluster, ClusterOptions, wait_until};
+use crate::support::{Cluster, ClusterOptions, Pki, wait_until};
 
 async fn server_port(client: &tokio_postgres::Client) -> i32 {
     client
@@ -250,14 +250,40 @@ async fn session_mode_keeps_session_state() {
     let cluster = Cluster::start("pxss", 2, ClusterOptions::default())
         .await
         .unwrap();
+    let pki = Pki::generate(&cluster.dir().join("pki")).unwrap();
+    let cert = format!("{:?}", pki.server_cert.display().to_string());
+    let key = format!("{:?}", pki.server_key.display().to_string());
     let proxy = Proxy::start(
         &cluster,
         "px2",
         // One session for `c`, two for pgbench, one being reset.
-        &[("pool_mode", "\"session\""), ("default_pool_size", "4")],
+        &[
+            ("pool_mode", "\"session\""),
+            ("default_pool_size", "4"),
+            ("tls_certificate", &cert),
+            ("tls_key", &key),
+        ],
     )
     .await
     .unwrap();
+
+    // TLS towards clients: psql with sslmode=require gets a TLS session.
+    let out = Command::new("psql")
+        .arg(format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres sslmode=require",
+            proxy.rw_port
+        ))
+        .args(["-Atc", "select 42"])
+        .env("PGPASSWORD", proxy.password())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        proxy.log_tail()
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "42");
     let c = connect(&proxy.config(proxy.rw_port)).await.unwrap();
     c.batch_execute("set application_name = 'kept'; create temp table s(x int)")
         .await
