@@ -355,3 +355,53 @@ async fn leader_kill_holds_then_serves_the_new_leader() {
         .unwrap();
     assert_eq!(port, cluster.node(&new).pg_port() as i32);
 }
+
+/// A `[proxy]` table in every node's file: each agent runs a proxy, each
+/// reaches the leader, and each registers as `auto`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn proxies_inside_agents_route_to_the_leader() {
+    let cluster = Cluster::start(
+        "pxauto",
+        2,
+        ClusterOptions {
+            embedded_proxy: true,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let leader_port = cluster.leader_node().await.unwrap().pg_port() as i32;
+    for node in &cluster.nodes {
+        let mut cfg = tokio_postgres::Config::new();
+        cfg.host("127.0.0.1")
+            .port(node.proxy_port().expect("proxy port"))
+            .user("postgres")
+            .password(cluster.superuser_password())
+            .dbname("postgres");
+        let c = connect(&cfg)
+            .await
+            .unwrap_or_else(|e| panic!("{}'s proxy: {e}\n{}", node.name(), node.log_tail(20)));
+        assert_eq!(
+            server_port(&c).await,
+            leader_port,
+            "through {}",
+            node.name()
+        );
+    }
+    let list = wait_until(
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        || async {
+            let list = cluster.list_json().await.ok()?;
+            let proxies = list["proxies"].as_array()?;
+            (proxies.len() == 2).then_some(list)
+        },
+    )
+    .await
+    .unwrap();
+    for p in list["proxies"].as_array().unwrap() {
+        assert_eq!(p["auto"], true, "{p}");
+        assert_eq!(p["state"], "serving", "{p}");
+        assert_eq!(p["ro"], serde_json::Value::Null, "{p}");
+    }
+}
