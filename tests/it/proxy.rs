@@ -405,3 +405,37 @@ async fn proxies_inside_agents_route_to_the_leader() {
         assert_eq!(p["ro"], serde_json::Value::Null, "{p}");
     }
 }
+
+/// With no replica, the read-only port falls back to the leader only when
+/// allowed; otherwise it holds and then says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn read_only_fallback_to_the_leader_is_configurable() {
+    let cluster = Cluster::start("pxro", 1, ClusterOptions::default())
+        .await
+        .unwrap();
+    let leader_port = cluster.leader_node().await.unwrap().pg_port() as i32;
+    let with = Proxy::start(&cluster, "pxf1", &[]).await.unwrap();
+    let c = connect(&with.config(with.ro_port)).await.unwrap();
+    assert_eq!(server_port(&c).await, leader_port);
+
+    let without = Proxy::start(
+        &cluster,
+        "pxf2",
+        &[
+            ("ro_fallback_to_leader", "false"),
+            ("hold_timeout", "\"1s\""),
+        ],
+    )
+    .await
+    .unwrap();
+    let err = connect(&without.config(without.ro_port))
+        .await
+        .err()
+        .expect("the read-only port reached the leader with fallback off");
+    let text = format!("{err:#}");
+    assert!(
+        text.contains("no read-only server available")
+            && text.contains("no replica within max_lag"),
+        "{text}"
+    );
+}
