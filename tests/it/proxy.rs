@@ -428,10 +428,9 @@ async fn read_only_fallback_to_the_leader_is_configurable() {
     )
     .await
     .unwrap();
-    let err = connect(&without.config(without.ro_port))
-        .await
-        .err()
-        .expect("the read-only port reached the leader with fallback off");
+    let Err(err) = connect(&without.config(without.ro_port)).await else {
+        panic!("the read-only port reached the leader with fallback off");
+    };
     let text = format!("{err:#}");
     assert!(
         text.contains("no read-only server available")
