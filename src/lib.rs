@@ -31,6 +31,7 @@ pub mod ha;
 pub mod model;
 pub mod pem;
 pub mod postgres;
+pub mod proxy;
 pub mod safe_fs;
 pub mod secret;
 pub mod util;

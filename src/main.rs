@@ -62,6 +62,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
             println!("{}: valid", config.display());
             Ok(())
         }
+        Command::Proxy { config } => {
+            pgha::proxy::run_standalone(pgha::config::ProxyFileConfig::load(&config)?).await
+        }
         Command::List { config, json } => cli::list::run(&load(&config)?, json).await,
         Command::Switchover {
             config,

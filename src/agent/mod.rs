@@ -138,6 +138,14 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     })
     .await
     .with_context(|| format!("start the REST API on {}", cfg.api.listen))?;
+    let _proxy = match &cfg.proxy {
+        Some(p) => Some(
+            crate::proxy::start(p.clone(), &cfg.etcd, keys.clone(), cfg.ha.ttl)
+                .await
+                .context("start the proxy")?,
+        ),
+        None => None,
+    };
 
     let members = observe::load_membership(&instance.state);
     let mut agent = Agent {

@@ -188,6 +188,34 @@ pub async fn run(nodes: usize, dir: &Path) -> anyhow::Result<()> {
         0o600,
     )?;
 
+    // The proxy: clients log in with the superuser's password (checked
+    // against a verifier made here); the proxy logs in to the servers
+    // with the same password from the pgpass file.
+    let proxy_config = dir.join("proxy.toml");
+    if !proxy_config.exists() {
+        let salt: [u8; 16] = rand::random();
+        let verifier =
+            crate::proxy::scram::ScramVerifier::from_password(&su_password, &salt, 4096).encode();
+        files.write(
+            "userlist.txt",
+            format!("\"postgres\" \"{verifier}\"\n").as_bytes(),
+            0o600,
+        )?;
+        files.write(
+            "proxy.toml",
+            format!(
+                "cluster = \"demo\"\n\n[etcd]\nendpoints = [\"http://127.0.0.1:{client_port}\"]\n\n\
+                 [proxy]\nname = \"demo-proxy\"\nlisten_rw = \"127.0.0.1:{}\"\nlisten_ro = \"127.0.0.1:{}\"\n\
+                 pool_mode = \"transaction\"\nauth_file = \"userlist.txt\"\nserver_passfile = \"pgpass\"\n",
+                free_port()?,
+                free_port()?
+            )
+            .as_bytes(),
+            0o600,
+        )?;
+    }
+    let proxy_cfg = crate::config::ProxyFileConfig::load(&proxy_config)?;
+
     let mut etcd_cmd = Command::new(ETCD_BIN);
     etcd_cmd
         .arg("--name=demo")
@@ -220,6 +248,9 @@ pub async fn run(nodes: usize, dir: &Path) -> anyhow::Result<()> {
         let log = dir.join(format!("node{}/agent.log", n + 1));
         agents.push(spawn_logged(cmd, &log)?);
     }
+    let mut proxy_cmd = Command::new(&exe);
+    proxy_cmd.arg("proxy").arg("-c").arg(&proxy_config);
+    agents.push(spawn_logged(proxy_cmd, &dir.join("proxy.log"))?);
     let hosts: Vec<String> = configs
         .iter()
         .map(|c| format!("127.0.0.1:{}", c.postgres.port))
@@ -234,6 +265,18 @@ pub async fn run(nodes: usize, dir: &Path) -> anyhow::Result<()> {
         "  PGPASSFILE={} psql 'postgresql://postgres@{}/postgres?target_session_attrs=read-write'",
         pgpass.display(),
         hosts.join(",")
+    );
+    let port = |a: Option<std::net::SocketAddr>| a.map(|a| a.port()).unwrap_or_default();
+    println!("One endpoint through the pgha proxy (transaction pooling):");
+    println!(
+        "  read-write: PGPASSFILE={} psql 'postgresql://postgres@127.0.0.1:{}/postgres'",
+        pgpass.display(),
+        port(proxy_cfg.proxy.listen_rw)
+    );
+    println!(
+        "  read-only:  PGPASSFILE={} psql 'postgresql://postgres@127.0.0.1:{}/postgres'",
+        pgpass.display(),
+        port(proxy_cfg.proxy.listen_ro)
     );
     println!(
         "Status from another terminal:\n  pgha list -c {}",

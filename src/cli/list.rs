@@ -15,6 +15,8 @@ pub struct ListOutput {
     /// the leader alone and automatic failover is blocked.
     pub synchronous_degraded: bool,
     pub members: Vec<ListMember>,
+    /// Live proxies, by name.
+    pub proxies: Vec<ListProxy>,
     /// Conditions an operator must act on (two writable servers).
     pub warnings: Vec<String>,
 }
@@ -34,6 +36,18 @@ pub struct ListMember {
     /// `sync`, `quorum` or `async` for replicas; empty for the leader.
     pub sync_state: String,
     pub decision: Option<String>,
+}
+
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct ListProxy {
+    pub name: String,
+    /// `host:port`, or null when the listener is disabled.
+    pub rw: Option<String>,
+    pub ro: Option<String>,
+    /// Runs inside an agent.
+    pub auto: bool,
+    /// `serving`, `holding`, `draining` or `drained`.
+    pub state: String,
 }
 
 /// Builds the table from a DCS view: pure, so it is unit-tested.
@@ -72,6 +86,17 @@ pub fn build(cluster: &str, view: &ClusterView) -> ListOutput {
         synchronous_mode: view.config.synchronous_mode.to_string(),
         synchronous_degraded: view.config.synchronous_mode != crate::dcs::SyncMode::Off
             && sync.is_some_and(|r| r.degraded),
+        proxies: view
+            .proxies
+            .values()
+            .map(|p| ListProxy {
+                name: p.name.clone(),
+                rw: p.rw.clone(),
+                ro: p.ro.clone(),
+                auto: p.auto,
+                state: p.state.to_string(),
+            })
+            .collect(),
         members: members
             .into_iter()
             .map(|m| {
@@ -162,6 +187,17 @@ pub fn render_table(out: &ListOutput) -> String {
     for w in &out.warnings {
         text.push_str(&format!("WARNING: {w}\n"));
     }
+    let mut proxies = String::new();
+    for p in &out.proxies {
+        proxies.push_str(&format!(
+            "Proxy: {}  rw: {}  ro: {}  {}{}\n",
+            p.name,
+            p.rw.as_deref().unwrap_or("-"),
+            p.ro.as_deref().unwrap_or("-"),
+            p.state,
+            if p.auto { "  (in agent)" } else { "" }
+        ));
+    }
     for r in rows {
         let line: Vec<String> = r
             .iter()
@@ -171,6 +207,7 @@ pub fn render_table(out: &ListOutput) -> String {
         text.push_str(line.join("  ").trim_end());
         text.push('\n');
     }
+    text.push_str(&proxies);
     text
 }
 

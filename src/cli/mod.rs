@@ -24,6 +24,7 @@ pub struct UsageError(pub String);
 pub fn exit_code(error: &anyhow::Error) -> i32 {
     let usage = error.chain().any(|e| {
         e.downcast_ref::<crate::config::ConfigError>().is_some()
+            || e.downcast_ref::<crate::proxy::ProxyError>().is_some()
             || e.downcast_ref::<UsageError>().is_some()
     });
     if usage { EXIT_CONFIG } else { EXIT_FAILURE }
@@ -110,6 +111,12 @@ pub enum Command {
         config: PathBuf,
         #[arg(long)]
         json: bool,
+    },
+    /// Run the connection proxy (`docs/proxy.md`).
+    Proxy {
+        /// The proxy's configuration file (`cluster`, `[etcd]`, `[proxy]`).
+        #[arg(short, long)]
+        config: PathBuf,
     },
     /// Start a complete local cluster (etcd + N nodes) for trying pgha out.
     Demo {

@@ -7,6 +7,7 @@
 //! succeeds. Every key is documented in `docs/configuration.md`.
 
 mod error;
+pub mod proxy;
 pub mod raw;
 mod validate;
 
@@ -16,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use error::ConfigError;
+pub use proxy::{PoolMode, ProxyConfig, ProxyFileConfig};
 
 use crate::model::MemberName;
 use crate::secret::SecretString;
@@ -33,6 +35,8 @@ pub struct Config {
     pub ha: HaConfig,
     pub postgres: PostgresConfig,
     pub api: ApiConfig,
+    /// `[proxy]`: run the connection proxy inside the agent.
+    pub proxy: Option<proxy::ProxyConfig>,
 }
 
 #[derive(Clone, Debug)]

@@ -28,6 +28,9 @@ pub struct RawConfig {
     pub postgres: RawPostgres,
     #[serde(default)]
     pub api: RawApi,
+    /// The connection proxy, run inside the agent (`docs/proxy.md`).
+    #[serde(default)]
+    pub proxy: Option<super::proxy::RawProxy>,
 }
 
 #[derive(Debug, Deserialize)]

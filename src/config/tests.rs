@@ -2017,7 +2017,7 @@ fn debug_output_never_contains_a_password() {
     assert!(shown.contains("replicator") && shown.contains("pgha") && shown.contains("***"));
 
     // The raw form too.
-    let raw = validate::parse(Path::new(PATH), &d.text()).unwrap();
+    let raw: super::raw::RawConfig = validate::parse(Path::new(PATH), &d.text()).unwrap();
     let shown = format!("{raw:?}");
     for pw in [SUPER_PW, REPL_PW, ETCD_PW] {
         assert!(

@@ -43,7 +43,10 @@ const REQUIRED_BINARIES: &[&str] = &[
     "pg_controldata",
 ];
 
-pub(super) fn parse(path: &Path, text: &str) -> Result<RawConfig, ConfigError> {
+pub(super) fn parse<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    text: &str,
+) -> Result<T, ConfigError> {
     let de = toml::de::Deserializer::parse(text).map_err(|e| syntax(path, text, &e))?;
     serde_path_to_error::deserialize(de).map_err(|e| {
         let key = e.path().to_string();
@@ -124,46 +127,11 @@ pub(super) fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigErro
         ));
     }
 
-    // etcd
-    if raw.etcd.endpoints.is_empty() {
-        return Err(bad(
-            "etcd.endpoints",
-            "at least one endpoint is required".into(),
-        ));
-    }
-    for (i, ep) in raw.etcd.endpoints.iter().enumerate() {
-        let rest = ep
-            .strip_prefix("http://")
-            .or_else(|| ep.strip_prefix("https://"));
-        let valid = rest
-            .and_then(|r| r.trim_end_matches('/').rsplit_once(':'))
-            .is_some_and(|(host, port)| {
-                !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
-            });
-        if !valid {
-            return Err(bad(
-                &format!("etcd.endpoints[{i}]"),
-                format!("{ep:?} must look like http://host:port"),
-            ));
-        }
-    }
-    let etcd_tls = validate_etcd_tls(path, &raw.etcd, &resolve)?;
-    let credentials = match (raw.etcd.username, raw.etcd.password) {
-        (Some(u), Some(p)) => Some((u, p)),
-        (None, None) => None,
-        (Some(_), None) => {
-            return Err(bad(
-                "etcd.password",
-                "required when etcd.username is set".into(),
-            ));
-        }
-        (None, Some(_)) => {
-            return Err(bad(
-                "etcd.username",
-                "required when etcd.password is set".into(),
-            ));
-        }
-    };
+    let etcd = validate_etcd(path, raw.etcd, &resolve)?;
+    let proxy = raw
+        .proxy
+        .map(|p| super::proxy::validate_proxy(path, p, &resolve, Some(raw.name.as_str()), true))
+        .transpose()?;
 
     let ha = validate_ha(path, &raw.ha)?;
 
@@ -459,11 +427,7 @@ pub(super) fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigErro
         namespace: raw.namespace,
         name: MemberName::new(raw.name),
         state_dir,
-        etcd: EtcdConfig {
-            endpoints: raw.etcd.endpoints,
-            credentials,
-            tls: etcd_tls,
-        },
+        etcd,
         ha,
         postgres: PostgresConfig {
             bin_dir,
@@ -488,6 +452,61 @@ pub(super) fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigErro
             tls,
             limits,
         },
+        proxy,
+    })
+}
+
+/// `[etcd]`, shared by node and proxy configuration files.
+pub(super) fn validate_etcd(
+    path: &Path,
+    etcd: RawEtcd,
+    resolve: &dyn Fn(&Path) -> PathBuf,
+) -> Result<EtcdConfig, ConfigError> {
+    let bad = |key: &str, msg: String| ConfigError::invalid(path, key, msg);
+    if etcd.endpoints.is_empty() {
+        return Err(bad(
+            "etcd.endpoints",
+            "at least one endpoint is required".into(),
+        ));
+    }
+    for (i, ep) in etcd.endpoints.iter().enumerate() {
+        let rest = ep
+            .strip_prefix("http://")
+            .or_else(|| ep.strip_prefix("https://"));
+        let valid = rest
+            .and_then(|r| r.trim_end_matches('/').rsplit_once(':'))
+            .is_some_and(|(host, port)| {
+                !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+            });
+        if !valid {
+            return Err(bad(
+                &format!("etcd.endpoints[{i}]"),
+                format!("{ep:?} must look like http://host:port"),
+            ));
+        }
+    }
+    let etcd_tls = validate_etcd_tls(path, &etcd, &resolve)?;
+    let credentials = match (etcd.username, etcd.password) {
+        (Some(u), Some(p)) => Some((u, p)),
+        (None, None) => None,
+        (Some(_), None) => {
+            return Err(bad(
+                "etcd.password",
+                "required when etcd.username is set".into(),
+            ));
+        }
+        (None, Some(_)) => {
+            return Err(bad(
+                "etcd.username",
+                "required when etcd.password is set".into(),
+            ));
+        }
+    };
+
+    Ok(EtcdConfig {
+        endpoints: etcd.endpoints,
+        credentials,
+        tls: etcd_tls,
     })
 }
 

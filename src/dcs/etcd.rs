@@ -145,6 +145,11 @@ impl EtcdDcs {
         &self.keys
     }
 
+    /// The underlying client, for the proxy's own watch.
+    pub fn client(&self) -> Client {
+        self.client.clone()
+    }
+
     async fn timed<T, F>(&self, action: &'static str, fut: F) -> Result<T, DcsError>
     where
         F: std::future::Future<Output = Result<T, etcd_client::Error>>,
@@ -279,7 +284,7 @@ async fn watch_loop(mut client: Client, keys: Keys, changed: Arc<Notify>) {
                     let key = ev.kv().and_then(|kv| kv.key_str().ok()).unwrap_or("");
                     // Member records change every loop; waking on them would
                     // turn the loop into a busy loop.
-                    !matches!(keys.classify(key), KeyKind::Member(_))
+                    !matches!(keys.classify(key), KeyKind::Member(_) | KeyKind::Proxy(_))
                         || ev.event_type() == EventType::Delete
                 });
                 if relevant {
@@ -362,6 +367,12 @@ pub fn decode_view(keys: &Keys, revision: i64, kvs: &[RawKv]) -> Result<ClusterV
                 }
             }
             KeyKind::Sync => view.sync = Some(decode_json(key, value)?),
+            KeyKind::Proxy(name) => match decode_json::<super::ProxyRecord>(key, value) {
+                Ok(rec) => {
+                    view.proxies.insert(name, rec);
+                }
+                Err(e) => tracing::warn!(error = %crate::util::chain(&e), "ignoring proxy record"),
+            },
             KeyKind::Unknown => {}
         }
     }

@@ -11,6 +11,7 @@
 //! | `history`         | JSON array of timeline switches            | no             |
 //! | `failover`        | a pending switchover/failover request (JSON) | no           |
 //! | `sync`            | the synchronous standby set (JSON)         | no             |
+//! | `proxies/<name>`  | a live proxy's [`ProxyRecord`](super::ProxyRecord) (JSON) | the proxy's lease |
 
 use crate::model::MemberName;
 
@@ -30,6 +31,7 @@ pub enum KeyKind {
     History,
     Failover,
     Sync,
+    Proxy(String),
     Unknown,
 }
 
@@ -67,6 +69,9 @@ impl Keys {
     pub fn sync(&self) -> String {
         format!("{}sync", self.prefix)
     }
+    pub fn proxy(&self, name: &str) -> String {
+        format!("{}proxies/{}", self.prefix, name)
+    }
 
     /// Classifies a full key read back from etcd.
     pub fn classify(&self, key: &str) -> KeyKind {
@@ -80,8 +85,11 @@ impl Keys {
             "history" => KeyKind::History,
             "failover" => KeyKind::Failover,
             "sync" => KeyKind::Sync,
-            _ => match rest.strip_prefix("members/") {
-                Some(name) if MemberName::is_valid(name) => KeyKind::Member(MemberName::new(name)),
+            _ => match (rest.strip_prefix("members/"), rest.strip_prefix("proxies/")) {
+                (Some(name), _) if MemberName::is_valid(name) => {
+                    KeyKind::Member(MemberName::new(name))
+                }
+                (_, Some(name)) if MemberName::is_valid(name) => KeyKind::Proxy(name.to_string()),
                 _ => KeyKind::Unknown,
             },
         }
@@ -117,6 +125,8 @@ mod tests {
             (k.history(), KeyKind::History),
             (k.failover(), KeyKind::Failover),
             (k.sync(), KeyKind::Sync),
+            (k.proxy("px-1"), KeyKind::Proxy("px-1".into())),
+            ("/ns/c/proxies/".to_string(), KeyKind::Unknown),
             ("/ns/c/members/".to_string(), KeyKind::Unknown),
             ("/ns/other/leader".to_string(), KeyKind::Unknown),
             ("/ns/c/leaderx".to_string(), KeyKind::Unknown),

@@ -202,6 +202,46 @@ impl std::fmt::Display for FailoverRequest {
     }
 }
 
+/// What a live proxy publishes about itself (`proxies/<name>`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProxyRecord {
+    pub name: String,
+    /// The read-write listener as `host:port`; None when disabled.
+    pub rw: Option<String>,
+    pub ro: Option<String>,
+    /// Runs inside an agent (`[proxy]` in a node's file).
+    pub auto: bool,
+    pub state: ProxyState,
+    /// Revision of the `failover` key this proxy drained for, during a
+    /// switchover; None otherwise.
+    #[serde(default)]
+    pub drained_for: Option<i64>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyState {
+    /// Routing read-write transactions to the leader.
+    Serving,
+    /// No primary: new read-write transactions wait.
+    Holding,
+    /// A switchover is due: no new read-write transactions, running ones finishing.
+    Draining,
+    /// No read-write transaction left on the old leader.
+    Drained,
+}
+
+impl std::fmt::Display for ProxyState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(match self {
+            ProxyState::Serving => "serving",
+            ProxyState::Holding => "holding",
+            ProxyState::Draining => "draining",
+            ProxyState::Drained => "drained",
+        })
+    }
+}
+
 /// The revision of a key's last write, as etcd's `mod_revision`;
 /// [`Revision::ABSENT`] (0) when the key does not exist.
 ///
@@ -244,6 +284,8 @@ pub struct ClusterView {
     /// pending); [`Dcs::put_failover`] and [`Dcs::clear_failover`] take it.
     pub failover_revision: Revision,
     pub sync: Option<SyncRecord>,
+    /// Live proxies (`proxies/<name>`, each bound to its proxy's lease).
+    pub proxies: BTreeMap<String, ProxyRecord>,
     /// etcd revision of the read, to tell fresh views from stale ones.
     pub revision: i64,
 }

@@ -17,4 +17,5 @@ mod foundation;
 mod haproxy;
 mod hardening;
 mod promotion;
+mod proxy;
 mod sync;

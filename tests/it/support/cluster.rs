@@ -63,6 +63,9 @@ pub struct ClusterOptions {
     /// How long [`Cluster::start`] waits for a healthy cluster
     /// (default [`STARTUP_TIMEOUT`]).
     pub startup_timeout: Option<Duration>,
+    /// Give every node a `[proxy]` table (read-write port only), so the
+    /// agents run the proxy; see [`Node::proxy_port`].
+    pub embedded_proxy: bool,
 }
 
 impl ClusterOptions {
@@ -135,6 +138,7 @@ pub struct Node {
     pg_port: u16,
     api_port: u16,
     su_password: String,
+    proxy_port: Option<u16>,
     agent: Option<ProcessGuard>,
 }
 
@@ -179,6 +183,7 @@ impl Node {
             pg_port: free_port(),
             api_port: free_port(),
             su_password: su_password.into(),
+            proxy_port: opts.embedded_proxy.then(free_port),
             agent: None,
             dir,
         };
@@ -222,6 +227,29 @@ replication = {{ username = "{REPLICATION_USER}", password = "{repl_password}" }
             "\n[api]\nlisten = \"127.0.0.1:{}\"\n",
             node.api_port
         ));
+        if let Some(port) = node.proxy_port {
+            // The verifier has its own salt, so the proxy logs in to the
+            // servers with the password from the passfile.
+            std::fs::create_dir_all(&node.dir)?;
+            let verifier =
+                pgha::proxy::scram::ScramVerifier::from_password(su_password, b"test salt", 4096);
+            let userlist = node.dir.join("userlist.txt");
+            std::fs::write(
+                &userlist,
+                format!("\"{SUPERUSER}\" \"{}\"\n", verifier.encode()),
+            )?;
+            let passfile = node.dir.join("proxy-pgpass");
+            std::fs::write(&passfile, format!("*:*:*:{SUPERUSER}:{su_password}\n"))?;
+            std::fs::set_permissions(
+                &passfile,
+                std::os::unix::fs::PermissionsExt::from_mode(0o600),
+            )?;
+            toml.push_str(&format!(
+                "\n[proxy]\nlisten_rw = \"127.0.0.1:{port}\"\nauth_file = \"{}\"\nserver_passfile = \"{}\"\n",
+                userlist.display(),
+                passfile.display()
+            ));
+        }
         std::fs::write(&node.config_path, toml)
             .with_context(|| format!("write {}", node.config_path.display()))?;
         Ok(node)
@@ -247,6 +275,10 @@ replication = {{ username = "{REPLICATION_USER}", password = "{repl_password}" }
     }
     pub fn log_path(&self) -> &Path {
         &self.log_path
+    }
+    /// The embedded proxy's read-write port (with `embedded_proxy`).
+    pub fn proxy_port(&self) -> Option<u16> {
+        self.proxy_port
     }
     pub fn pg_port(&self) -> u16 {
         self.pg_port

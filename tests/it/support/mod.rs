@@ -23,6 +23,7 @@ pub mod oracle;
 mod pki;
 mod port;
 mod process;
+pub mod proxy;
 mod wait;
 
 pub use cluster::{Cluster, ClusterOptions, Node};

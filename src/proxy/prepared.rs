@@ -1,0 +1,221 @@
+//! Named prepared statements across server connections (transaction
+//! pooling), without I/O.
+//!
+//! A client's `Parse` of a named statement is remembered under the
+//! client's name and sent to servers under a name derived from its content
+//! (query text and parameter types), so that every server connection
+//! holds at most one copy of each statement and any client may use it.
+//! Before a `Bind` or `Describe` of a statement the current server lacks,
+//! the proxy sends the `Parse` itself and hides its `ParseComplete` from
+//! the client; that bookkeeping lives in `session.rs`.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use sha2::{Digest, Sha256};
+
+use super::codec::cstr;
+
+/// Prefix of the statement names the proxy uses on servers.
+pub const SERVER_PREFIX: &str = "pgha_";
+
+/// A client's Parse, as the proxy replays it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Statement {
+    /// The name on servers: content-derived.
+    pub server_name: String,
+    /// The whole Parse frame under `server_name`.
+    pub parse: Bytes,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParseMsg<'a> {
+    pub name: String,
+    pub query: String,
+    /// Parameter types and anything after them, unchanged.
+    pub rest: &'a [u8],
+}
+
+pub fn parse_parse(body: &[u8]) -> Option<ParseMsg<'_>> {
+    let mut b = body;
+    let name = cstr(&mut b)?;
+    let query = cstr(&mut b)?;
+    Some(ParseMsg {
+        name,
+        query,
+        rest: b,
+    })
+}
+
+/// The content-derived server name of a statement.
+pub fn server_name(query: &str, rest: &[u8]) -> String {
+    let mut h = Sha256::new();
+    h.update(query.as_bytes());
+    h.update([0]);
+    h.update(rest);
+    let digest = h.finalize();
+    let mut name = String::from(SERVER_PREFIX);
+    for b in &digest[..12] {
+        name.push_str(&format!("{b:02x}"));
+    }
+    name
+}
+
+fn frame(tag: u8, body: impl FnOnce(&mut BytesMut)) -> Bytes {
+    let mut out = BytesMut::new();
+    out.put_u8(tag);
+    out.put_i32(0);
+    body(&mut out);
+    let len = (out.len() - 1) as i32;
+    out[1..5].copy_from_slice(&len.to_be_bytes());
+    out.freeze()
+}
+
+fn put_cstr(out: &mut BytesMut, s: &str) {
+    out.put_slice(s.as_bytes());
+    out.put_u8(0);
+}
+
+/// The statement a named client Parse becomes.
+pub fn statement(msg: &ParseMsg<'_>) -> Statement {
+    let server_name = server_name(&msg.query, msg.rest);
+    let parse = frame(b'P', |b| {
+        put_cstr(b, &server_name);
+        put_cstr(b, &msg.query);
+        b.put_slice(msg.rest);
+    });
+    Statement { server_name, parse }
+}
+
+/// `Bind`: portal, then statement name. Returns the statement name and
+/// a function to rebuild the frame under another statement name.
+pub fn bind_statement(body: &[u8]) -> Option<(String, String, &[u8])> {
+    let mut b = body;
+    let portal = cstr(&mut b)?;
+    let stmt = cstr(&mut b)?;
+    Some((portal, stmt, b))
+}
+
+pub fn rebuild_bind(portal: &str, stmt: &str, rest: &[u8]) -> Bytes {
+    frame(b'B', |b| {
+        put_cstr(b, portal);
+        put_cstr(b, stmt);
+        b.put_slice(rest);
+    })
+}
+
+/// `Describe` and `Close`: a kind byte ('S' statement, 'P' portal) and a name.
+pub fn target(body: &[u8]) -> Option<(u8, String)> {
+    let (&kind, mut rest) = body.split_first()?;
+    let name = cstr(&mut rest)?;
+    rest.is_empty().then_some((kind, name))
+}
+
+pub fn rebuild_target(tag: u8, kind: u8, name: &str) -> Bytes {
+    frame(tag, |b| {
+        b.put_u8(kind);
+        put_cstr(b, name);
+    })
+}
+
+/// Whether a simple query drops every prepared statement of the server
+/// (`DISCARD ALL`, `DEALLOCATE ALL`), so the proxy must forget them too.
+pub fn drops_all_statements(query: &str) -> bool {
+    let words: Vec<String> = query
+        .split(|c: char| c.is_whitespace() || c == ';')
+        .filter(|w| !w.is_empty())
+        .take(3)
+        .map(str::to_ascii_lowercase)
+        .collect();
+    matches!(
+        words.iter().map(String::as_str).collect::<Vec<_>>()[..],
+        ["discard", "all", ..] | ["deallocate", "all", ..] | ["deallocate", "prepare", "all"]
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use postgres_protocol::message::frontend;
+
+    fn body(f: &[u8]) -> &[u8] {
+        &f[5..]
+    }
+
+    #[test]
+    fn parse_is_renamed_by_content() {
+        let mut out = BytesMut::new();
+        frontend::parse("P_1", "select $1", [23], &mut out).unwrap();
+        let msg = parse_parse(body(&out)).unwrap();
+        assert_eq!(msg.name, "P_1");
+        assert_eq!(msg.query, "select $1");
+        let st = statement(&msg);
+        assert!(st.server_name.starts_with(SERVER_PREFIX));
+        assert_eq!(st.server_name.len(), SERVER_PREFIX.len() + 24);
+
+        // The rewritten frame is the same Parse under the server name.
+        let mut want = BytesMut::new();
+        frontend::parse(&st.server_name, "select $1", [23], &mut want).unwrap();
+        assert_eq!(&st.parse[..], &want[..]);
+
+        // Same content under another client name: same server name.
+        let mut other = BytesMut::new();
+        frontend::parse("stmt_b", "select $1", [23], &mut other).unwrap();
+        assert_eq!(statement(&parse_parse(body(&other)).unwrap()), st);
+
+        // Other parameter types: another statement.
+        let mut typed = BytesMut::new();
+        frontend::parse("P_1", "select $1", [25], &mut typed).unwrap();
+        assert_ne!(
+            statement(&parse_parse(body(&typed)).unwrap()).server_name,
+            st.server_name
+        );
+    }
+
+    #[test]
+    fn bind_describe_close_are_rewritten() {
+        let mut out = BytesMut::new();
+        frontend::bind(
+            "portal",
+            "P_1",
+            [1i16],
+            [Some(&b"42"[..])],
+            |v, buf| {
+                buf.put_slice(v.unwrap());
+                Ok(postgres_protocol::IsNull::No)
+            },
+            [0i16],
+            &mut out,
+        )
+        .map_err(|_| ())
+        .unwrap();
+        let (portal, stmt, rest) = bind_statement(body(&out)).unwrap();
+        assert_eq!((portal.as_str(), stmt.as_str()), ("portal", "P_1"));
+        let rebuilt = rebuild_bind(&portal, "pgha_x", rest);
+        let (_, stmt2, rest2) = bind_statement(&rebuilt[5..]).unwrap();
+        assert_eq!(stmt2, "pgha_x");
+        assert_eq!(rest2, rest);
+
+        let mut d = BytesMut::new();
+        frontend::describe(b'S', "P_1", &mut d).unwrap();
+        assert_eq!(target(body(&d)), Some((b'S', "P_1".to_string())));
+        let mut want = BytesMut::new();
+        frontend::describe(b'S', "pgha_x", &mut want).unwrap();
+        assert_eq!(&rebuild_target(b'D', b'S', "pgha_x")[..], &want[..]);
+        assert_eq!(target(b"S"), None);
+        assert_eq!(parse_parse(b"no terminator"), None);
+    }
+
+    #[test]
+    fn discard_all_is_recognised() {
+        for (q, want) in [
+            ("DISCARD ALL", true),
+            ("  discard   all;", true),
+            ("deallocate all", true),
+            ("DEALLOCATE PREPARE ALL", true),
+            ("discard plans", false),
+            ("deallocate p1", false),
+            ("select 'discard all'", false),
+        ] {
+            assert_eq!(drops_all_statements(q), want, "{q}");
+        }
+    }
+}

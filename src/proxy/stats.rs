@@ -1,0 +1,175 @@
+//! Counters for `/metrics`, and their Prometheus text rendering.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use super::pool::PoolStats;
+
+/// Upper bounds (seconds) of the wait-time histogram buckets.
+const WAIT_BUCKETS: [f64; 9] = [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0];
+
+#[derive(Default)]
+pub struct Stats {
+    pub clients_active: AtomicU64,
+    pub clients_waiting: AtomicU64,
+    pub clients_refused: AtomicU64,
+    pub held_total: AtomicU64,
+    pub hold_timeouts_total: AtomicU64,
+    hold_micros_total: AtomicU64,
+    pub drains_total: AtomicU64,
+    pub auth_failures_total: AtomicU64,
+    wait: Mutex<Histogram>,
+    transactions: Mutex<BTreeMap<(String, &'static str), u64>>,
+}
+
+#[derive(Default)]
+struct Histogram {
+    buckets: [u64; WAIT_BUCKETS.len()],
+    count: u64,
+    sum: f64,
+}
+
+impl Stats {
+    /// How long a client waited for a server connection.
+    pub fn observe_wait(&self, wait: Duration) {
+        let secs = wait.as_secs_f64();
+        let mut h = self.wait.lock().expect("histogram");
+        for (i, bound) in WAIT_BUCKETS.iter().enumerate() {
+            if secs <= *bound {
+                h.buckets[i] += 1;
+            }
+        }
+        h.count += 1;
+        h.sum += secs;
+    }
+
+    /// A transaction that waited because there was no target.
+    pub fn observe_hold(&self, held: Duration) {
+        self.held_total.fetch_add(1, Ordering::Relaxed);
+        self.hold_micros_total
+            .fetch_add(held.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    pub fn count_transaction(&self, member: &str, side: &'static str) {
+        *self
+            .transactions
+            .lock()
+            .expect("transactions")
+            .entry((member.to_string(), side))
+            .or_default() += 1;
+    }
+
+    pub fn render(&self, pools: &[PoolStats]) -> String {
+        let mut out = String::new();
+        let g = |out: &mut String, name: &str, kind: &str, help: &str, value: u64| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+            );
+        };
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        g(
+            &mut out,
+            "pgha_proxy_clients_active",
+            "gauge",
+            "Client connections past the login.",
+            load(&self.clients_active),
+        );
+        g(
+            &mut out,
+            "pgha_proxy_clients_waiting",
+            "gauge",
+            "Clients waiting for a server connection or a target.",
+            load(&self.clients_waiting),
+        );
+        g(
+            &mut out,
+            "pgha_proxy_clients_refused_total",
+            "counter",
+            "Clients refused by max_client_conn.",
+            load(&self.clients_refused),
+        );
+        g(
+            &mut out,
+            "pgha_proxy_auth_failures_total",
+            "counter",
+            "Failed client logins.",
+            load(&self.auth_failures_total),
+        );
+        g(
+            &mut out,
+            "pgha_proxy_held_transactions_total",
+            "counter",
+            "Transactions that waited for a primary or replica.",
+            load(&self.held_total),
+        );
+        g(
+            &mut out,
+            "pgha_proxy_hold_timeouts_total",
+            "counter",
+            "Held transactions that got an error after hold_timeout.",
+            load(&self.hold_timeouts_total),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP pgha_proxy_hold_seconds_total Time transactions spent held.\n# TYPE pgha_proxy_hold_seconds_total counter\npgha_proxy_hold_seconds_total {}",
+            load(&self.hold_micros_total) as f64 / 1e6
+        );
+        g(
+            &mut out,
+            "pgha_proxy_drains_total",
+            "counter",
+            "Switchover drains completed.",
+            load(&self.drains_total),
+        );
+
+        let h = self.wait.lock().expect("histogram");
+        out.push_str("# HELP pgha_proxy_wait_seconds Time clients waited for a server connection.\n# TYPE pgha_proxy_wait_seconds histogram\n");
+        for (i, bound) in WAIT_BUCKETS.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "pgha_proxy_wait_seconds_bucket{{le=\"{bound}\"}} {}",
+                h.buckets[i]
+            );
+        }
+        let _ = writeln!(
+            out,
+            "pgha_proxy_wait_seconds_bucket{{le=\"+Inf\"}} {}",
+            h.count
+        );
+        let _ = writeln!(out, "pgha_proxy_wait_seconds_sum {}", h.sum);
+        let _ = writeln!(out, "pgha_proxy_wait_seconds_count {}", h.count);
+        drop(h);
+
+        out.push_str("# HELP pgha_proxy_transactions_total Transactions (or sessions) routed, per member and side.\n# TYPE pgha_proxy_transactions_total counter\n");
+        for ((member, side), n) in self.transactions.lock().expect("transactions").iter() {
+            let _ = writeln!(
+                out,
+                "pgha_proxy_transactions_total{{member=\"{member}\",side=\"{side}\"}} {n}"
+            );
+        }
+        out.push_str("# HELP pgha_proxy_server_connections Server connections per pool, in use or idle.\n# TYPE pgha_proxy_server_connections gauge\n");
+        for p in pools {
+            for (state, n) in [("active", p.in_use), ("idle", p.idle)] {
+                let _ = writeln!(
+                    out,
+                    "pgha_proxy_server_connections{{member=\"{}\",user=\"{}\",database=\"{}\",state=\"{state}\"}} {n}",
+                    p.key.target.member,
+                    escape(&p.key.user),
+                    escape(&p.key.database)
+                );
+            }
+        }
+        out
+    }
+}
+
+/// Label values: backslash, quote and newline escaped.
+fn escape(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}

@@ -1,0 +1,440 @@
+//! The pgha proxy in front of a real three-node cluster: routing, pooling
+//! with prepared statements, SCRAM, cancel, bad input, and a leader that
+//! dies while clients are connected.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_postgres::NoTls;
+use tokio_postgres::error::SqlState;
+
+use crate::support::cluster::{alive, children_of, connect};
+use crate::support::proxy::Proxy;
+use crate::support::{Cluster, ClusterOptions, Pki, wait_until};
+
+async fn server_port(client: &tokio_postgres::Client) -> i32 {
+    client
+        .query_one("select inet_server_port()", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Runs pgbench against `port` and asserts it finished every transaction.
+fn pgbench(proxy: &Proxy, port: u16, args: &[&str]) {
+    let out = Command::new("pgbench")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres"])
+        .args(args)
+        .arg("postgres")
+        .env("PGPASSWORD", proxy.password())
+        .output()
+        .expect("run pgbench");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "pgbench {args:?} failed:\n{text}\n{}",
+        proxy.log_tail()
+    );
+    assert!(!text.contains("number of failed transactions: 1"), "{text}");
+}
+
+async fn raw_exchange(port: u16, bytes: &[u8]) -> Vec<u8> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let _ = s.write_all(bytes).await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut out)).await;
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn transaction_pooling_routes_authenticates_and_survives_bad_input() {
+    let cluster = Cluster::start("pxtx", 3, ClusterOptions::default())
+        .await
+        .unwrap();
+    let leader = cluster.leader_node().await.unwrap();
+    let leader_port = leader.pg_port() as i32;
+    // Two server connections for four clients: statements must be
+    // re-prepared on whichever server a transaction gets.
+    let proxy = Proxy::start(
+        &cluster,
+        "px1",
+        &[
+            ("default_pool_size", "2"),
+            ("max_lag", "1073741824"),
+            ("startup_timeout", "\"2s\""),
+        ],
+    )
+    .await
+    .unwrap();
+
+    // Read-write reaches the leader only; read-only a replica.
+    let rw = connect(&proxy.config(proxy.rw_port)).await.unwrap();
+    assert_eq!(server_port(&rw).await, leader_port);
+    let in_recovery: bool = rw
+        .query_one("select pg_is_in_recovery()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!in_recovery);
+    let ro = connect(&proxy.config(proxy.ro_port)).await.unwrap();
+    let in_recovery: bool = ro
+        .query_one("select pg_is_in_recovery()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(in_recovery, "the read-only port reached a primary");
+    assert_ne!(server_port(&ro).await, leader_port);
+
+    // Named prepared statements across server connections.
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let c = connect(&proxy.config(proxy.rw_port)).await.unwrap();
+        let st = c.prepare("select $1::int4 + 1").await.unwrap();
+        clients.push((c, st));
+    }
+    for i in 0..25i32 {
+        for (c, st) in &clients {
+            let v: i32 = c.query_one(st, &[&i]).await.unwrap().get(0);
+            assert_eq!(v, i + 1);
+        }
+    }
+    // A transaction keeps its server connection; temp state of one
+    // transaction is visible within it.
+    let (c, _) = &clients[0];
+    c.batch_execute("begin; create temp table t(x int) on commit drop; insert into t values (1);")
+        .await
+        .unwrap();
+    let n: i64 = c
+        .query_one("select count(*) from t", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1);
+    c.batch_execute("commit").await.unwrap();
+
+    // Errors mid-pipeline: the failed batch does not poison the session.
+    let err = c.query_one("select 1/0", &[]).await.unwrap_err();
+    assert_eq!(err.code(), Some(&SqlState::DIVISION_BY_ZERO));
+    let v: i32 = c.query_one("select 7", &[]).await.unwrap().get(0);
+    assert_eq!(v, 7);
+
+    // SCRAM failure: PostgreSQL's code and text.
+    let mut bad = proxy.config(proxy.rw_port);
+    bad.password("wrong");
+    let err = bad
+        .connect(NoTls)
+        .await
+        .err()
+        .expect("wrong password accepted");
+    let db = err.as_db_error().expect("a server error");
+    assert_eq!(db.code(), &SqlState::INVALID_PASSWORD);
+    assert_eq!(
+        db.message(),
+        "password authentication failed for user \"postgres\""
+    );
+    let mut nobody = proxy.config(proxy.rw_port);
+    nobody.user("nobody");
+    let err = nobody
+        .connect(NoTls)
+        .await
+        .err()
+        .expect("unknown user accepted");
+    assert_eq!(
+        err.as_db_error().map(|d| d.message().to_string()),
+        Some("password authentication failed for user \"nobody\"".into())
+    );
+
+    // Cancel reaches the backend running the client's query.
+    let sleeper = connect(&proxy.config(proxy.rw_port)).await.unwrap();
+    let token = sleeper.cancel_token();
+    let started = Instant::now();
+    let running = tokio::spawn(async move { sleeper.batch_execute("select pg_sleep(60)").await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    token.cancel_query(NoTls).await.unwrap();
+    let err = running.await.unwrap().unwrap_err();
+    assert_eq!(err.code(), Some(&SqlState::QUERY_CANCELED));
+    assert!(started.elapsed() < Duration::from_secs(30));
+
+    // Bad input, each followed by a client that still works.
+    let bad_inputs: Vec<(&str, Vec<u8>)> = vec![
+        ("unknown protocol version", vec![0, 0, 0, 8, 0, 2, 0, 0]),
+        ("negative length", vec![0xff, 0xff, 0xff, 0xff, 0, 3, 0, 0]),
+        ("oversized startup", vec![0x7f, 0, 0, 0, 0, 3, 0, 0]),
+        ("truncated startup", vec![0, 0, 0, 40, 0, 3, 0, 0, b'u']),
+        ("garbage", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec()),
+        ("GSS then nothing", vec![0, 0, 0, 8, 4, 210, 22, 48]),
+        ("SSL without TLS, then garbage", {
+            let mut v = vec![0, 0, 0, 8, 4, 210, 22, 47];
+            v.extend_from_slice(&[1, 2, 3]);
+            v
+        }),
+    ];
+    for (what, bytes) in bad_inputs {
+        let answer = raw_exchange(proxy.rw_port, &bytes).await;
+        if what == "unknown protocol version" {
+            assert_eq!(answer.first(), Some(&b'E'), "{what}: {answer:?}");
+            assert!(
+                String::from_utf8_lossy(&answer).contains("unsupported frontend protocol 2.0"),
+                "{what}"
+            );
+        }
+        if what.starts_with("GSS") || what.starts_with("SSL") {
+            assert_eq!(answer.first(), Some(&b'N'), "{what}: {answer:?}");
+        }
+        let c = connect(&proxy.config(proxy.rw_port))
+            .await
+            .unwrap_or_else(|e| panic!("after {what}: {e}\n{}", proxy.log_tail()));
+        assert_eq!(server_port(&c).await, leader_port, "after {what}");
+    }
+    // A client that logs in and then sends an oversized message.
+    {
+        let mut s = TcpStream::connect(("127.0.0.1", proxy.rw_port))
+            .await
+            .unwrap();
+        s.write_all(b"Q\x7f\xff\xff\xff").await.unwrap();
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+    }
+    assert_eq!(server_port(&rw).await, leader_port);
+
+    // pgbench through both ports: COPY in (-i), and the three protocols.
+    pgbench(&proxy, proxy.rw_port, &["-i", "-s", "1", "-q"]);
+    for mode in ["simple", "extended", "prepared"] {
+        pgbench(
+            &proxy,
+            proxy.rw_port,
+            &["-M", mode, "-c", "4", "-j", "2", "-t", "50"],
+        );
+        pgbench(
+            &proxy,
+            proxy.ro_port,
+            &["-S", "-M", mode, "-c", "4", "-j", "2", "-t", "50"],
+        );
+    }
+
+    // Registered in the DCS: `pgha list --json` shows it.
+    let list = cluster.list_json().await.unwrap();
+    let proxies = list["proxies"].as_array().expect("proxies in pgha list");
+    assert_eq!(proxies.len(), 1, "{list}");
+    assert_eq!(proxies[0]["name"], "px1");
+    assert_eq!(proxies[0]["rw"], format!("127.0.0.1:{}", proxy.rw_port));
+    assert_eq!(proxies[0]["ro"], format!("127.0.0.1:{}", proxy.ro_port));
+    assert_eq!(proxies[0]["auto"], false);
+    assert_eq!(proxies[0]["state"], "serving");
+
+    // The metrics endpoint counts what happened.
+    let metrics = reqwest::get(format!("http://127.0.0.1:{}/metrics", proxy.api_port))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("pgha_proxy_auth_failures_total 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("pgha_proxy_transactions_total{member="),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn session_mode_keeps_session_state() {
+    let cluster = Cluster::start("pxss", 2, ClusterOptions::default())
+        .await
+        .unwrap();
+    let pki = Pki::generate(&cluster.dir().join("pki")).unwrap();
+    let cert = format!("{:?}", pki.server_cert.display().to_string());
+    let key = format!("{:?}", pki.server_key.display().to_string());
+    let proxy = Proxy::start(
+        &cluster,
+        "px2",
+        // One session for `c`, two for pgbench, one being reset.
+        &[
+            ("pool_mode", "\"session\""),
+            ("default_pool_size", "4"),
+            ("tls_certificate", &cert),
+            ("tls_key", &key),
+        ],
+    )
+    .await
+    .unwrap();
+
+    // TLS towards clients: psql with sslmode=require gets a TLS session.
+    let out = Command::new("psql")
+        .arg(format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres sslmode=require",
+            proxy.rw_port
+        ))
+        .args(["-Atc", "select 42"])
+        .env("PGPASSWORD", proxy.password())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        proxy.log_tail()
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "42");
+    let c = connect(&proxy.config(proxy.rw_port)).await.unwrap();
+    c.batch_execute("set application_name = 'kept'; create temp table s(x int)")
+        .await
+        .unwrap();
+    for _ in 0..5 {
+        let name: String = c
+            .query_one("show application_name", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(name, "kept");
+        c.execute("insert into s values (1)", &[]).await.unwrap();
+    }
+    pgbench(&proxy, proxy.rw_port, &["-i", "-s", "1", "-q"]);
+    pgbench(
+        &proxy,
+        proxy.rw_port,
+        &["-M", "prepared", "-c", "2", "-t", "30"],
+    );
+    pgbench(
+        &proxy,
+        proxy.ro_port,
+        &["-S", "-M", "extended", "-c", "2", "-t", "30"],
+    );
+}
+
+/// The leader's host dies: a client between transactions waits and its
+/// next transaction runs on the new leader, never on the old one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn leader_kill_holds_then_serves_the_new_leader() {
+    let mut cluster = Cluster::start("pxkill", 3, ClusterOptions::default())
+        .await
+        .unwrap();
+    let proxy = Proxy::start(&cluster, "px3", &[("hold_timeout", "\"60s\"")])
+        .await
+        .unwrap();
+    let c = connect(&proxy.config(proxy.rw_port)).await.unwrap();
+    let old = cluster.leader().await.unwrap().expect("a leader");
+    let old_port = cluster.node(&old).pg_port() as i32;
+    assert_eq!(server_port(&c).await, old_port);
+    c.batch_execute("create table if not exists w(id int)")
+        .await
+        .unwrap();
+
+    let victim = cluster.node_mut(&old);
+    let backends = children_of(victim.postmaster_pid().expect("postmaster"));
+    victim.kill_agent().await.unwrap();
+    victim.kill_postgres().expect("the leader's postmaster");
+    // Idle backends exit once they notice their postmaster died; a query
+    // sent before that would run on the dying primary and fail with
+    // "outcome unknown", which is not what this test is about.
+    wait_until(
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        || async { backends.iter().all(|&p| !alive(p)).then_some(()) },
+    )
+    .await
+    .unwrap();
+
+    // Held (no primary), then served by the new leader; no error.
+    c.execute("insert into w values (1)", &[])
+        .await
+        .unwrap_or_else(|e| panic!("held transaction failed: {e:?}\n{}", proxy.log_tail()));
+    let port = server_port(&c).await;
+    assert_ne!(port, old_port);
+    let new = cluster
+        .wait_for_leader_other_than(&old, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(port, cluster.node(&new).pg_port() as i32);
+}
+
+/// A `[proxy]` table in every node's file: each agent runs a proxy, each
+/// reaches the leader, and each registers as `auto`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn proxies_inside_agents_route_to_the_leader() {
+    let cluster = Cluster::start(
+        "pxauto",
+        2,
+        ClusterOptions {
+            embedded_proxy: true,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let leader_port = cluster.leader_node().await.unwrap().pg_port() as i32;
+    for node in &cluster.nodes {
+        let mut cfg = tokio_postgres::Config::new();
+        cfg.host("127.0.0.1")
+            .port(node.proxy_port().expect("proxy port"))
+            .user("postgres")
+            .password(cluster.superuser_password())
+            .dbname("postgres");
+        let c = connect(&cfg)
+            .await
+            .unwrap_or_else(|e| panic!("{}'s proxy: {e}\n{}", node.name(), node.log_tail(20)));
+        assert_eq!(
+            server_port(&c).await,
+            leader_port,
+            "through {}",
+            node.name()
+        );
+    }
+    let list = wait_until(
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        || async {
+            let list = cluster.list_json().await.ok()?;
+            let proxies = list["proxies"].as_array()?;
+            (proxies.len() == 2).then_some(list)
+        },
+    )
+    .await
+    .unwrap();
+    for p in list["proxies"].as_array().unwrap() {
+        assert_eq!(p["auto"], true, "{p}");
+        assert_eq!(p["state"], "serving", "{p}");
+        assert_eq!(p["ro"], serde_json::Value::Null, "{p}");
+    }
+}
+
+/// With no replica, the read-only port falls back to the leader only when
+/// allowed; otherwise it holds and then says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn read_only_fallback_to_the_leader_is_configurable() {
+    let cluster = Cluster::start("pxro", 1, ClusterOptions::default())
+        .await
+        .unwrap();
+    let leader_port = cluster.leader_node().await.unwrap().pg_port() as i32;
+    let with = Proxy::start(&cluster, "pxf1", &[]).await.unwrap();
+    let c = connect(&with.config(with.ro_port)).await.unwrap();
+    assert_eq!(server_port(&c).await, leader_port);
+
+    let without = Proxy::start(
+        &cluster,
+        "pxf2",
+        &[
+            ("ro_fallback_to_leader", "false"),
+            ("hold_timeout", "\"1s\""),
+        ],
+    )
+    .await
+    .unwrap();
+    let Err(err) = connect(&without.config(without.ro_port)).await else {
+        panic!("the read-only port reached the leader with fallback off");
+    };
+    let text = format!("{err:#}");
+    assert!(
+        text.contains("no read-only server available")
+            && text.contains("no replica within max_lag"),
+        "{text}"
+    );
+}
