@@ -24,6 +24,11 @@ fn main() {
         };
         std::process::exit(code);
     }
+    if let Command::Wal { action } = &cli.command {
+        // Run by PostgreSQL for every WAL file: no runtime, no logging
+        // framework, just the exit code PostgreSQL acts on.
+        std::process::exit(cli::wal::main(action));
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("PGHA_LOG")
@@ -95,6 +100,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 },
         } => cli::manage::config_set(&load(&config)?, &assignments).await,
         Command::Demo { nodes, dir } => cli::demo::run(nodes, &dir).await,
-        Command::FenceKeeper { .. } => unreachable!("handled before the runtime starts"),
+        Command::FenceKeeper { .. } | Command::Wal { .. } => {
+            unreachable!("handled before the runtime starts")
+        }
     }
 }

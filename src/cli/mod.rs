@@ -3,6 +3,7 @@
 pub mod demo;
 pub mod list;
 pub mod manage;
+pub mod wal;
 
 use std::path::PathBuf;
 
@@ -110,6 +111,11 @@ pub enum Command {
         config: PathBuf,
         #[arg(long)]
         json: bool,
+    },
+    /// WAL archiving commands PostgreSQL runs (archive_command, restore_command).
+    Wal {
+        #[command(subcommand)]
+        action: wal::WalAction,
     },
     /// Start a complete local cluster (etcd + N nodes) for trying pgha out.
     Demo {

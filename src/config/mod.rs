@@ -6,6 +6,7 @@
 //! names the file and the key. Nothing is started or written before this
 //! succeeds. Every key is documented in `docs/configuration.md`.
 
+pub mod backup;
 mod error;
 pub mod raw;
 mod validate;
@@ -33,6 +34,8 @@ pub struct Config {
     pub ha: HaConfig,
     pub postgres: PostgresConfig,
     pub api: ApiConfig,
+    /// `[backup]`: absent when the cluster has no backup repository.
+    pub backup: Option<backup::BackupConfig>,
 }
 
 #[derive(Clone, Debug)]

@@ -28,6 +28,8 @@ pub struct RawConfig {
     pub postgres: RawPostgres,
     #[serde(default)]
     pub api: RawApi,
+    #[serde(default)]
+    pub backup: Option<super::backup::RawBackup>,
 }
 
 #[derive(Debug, Deserialize)]
