@@ -99,6 +99,28 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     assignments,
                 },
         } => cli::manage::config_set(&load(&config)?, &assignments).await,
+        Command::Backup {
+            action: Some(action),
+            ..
+        } => cli::backup::action(action).await,
+        Command::Backup {
+            action: None,
+            config,
+            from,
+            json,
+        } => {
+            let config =
+                config.ok_or_else(|| cli::UsageError("pgha backup needs -c FILE".into()))?;
+            cli::backup::take(&load(&config)?, from, json).await
+        }
+        Command::Restore {
+            config,
+            target_dir,
+            to,
+            backup,
+            pause,
+            port,
+        } => cli::backup::restore(&load(&config)?, &target_dir, &to, backup, pause, port).await,
         Command::Demo { nodes, dir } => cli::demo::run(nodes, &dir).await,
         Command::FenceKeeper { .. } | Command::Wal { .. } => {
             unreachable!("handled before the runtime starts")

@@ -9,9 +9,12 @@
 //!   configured (the repository file, the archive settings).
 
 pub mod agent;
+pub mod base;
+pub mod chain;
 pub mod file;
 pub mod naming;
 pub mod repo;
+pub mod restore;
 
 use std::path::PathBuf;
 
@@ -36,6 +39,10 @@ pub enum BackupError {
     Ambiguous { name: String, keys: Vec<String> },
     #[error("{key}: corrupt object: {detail}")]
     Corrupt { key: String, detail: String },
+    #[error("{tool}: {detail}")]
+    Tool { tool: String, detail: String },
+    #[error("{0}")]
+    Restore(String),
     #[error("cannot {action} {}", path.display())]
     Local {
         action: &'static str,
