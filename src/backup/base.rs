@@ -161,6 +161,14 @@ pub fn take(repo: &dyn Repository, src: &BackupSource<'_>) -> Result<Manifest, B
         path: "pg_basebackup".into(),
         source,
     })?;
+    // A second pipe feeds a tar reader that picks the server's
+    // backup_manifest (with the WAL range) out of the stream as it passes.
+    let (tar_r, mut tar_w) = std::io::pipe().map_err(|source| BackupError::Local {
+        action: "create a pipe for",
+        path: "pg_basebackup".into(),
+        source,
+    })?;
+    let tar_thread = std::thread::spawn(move || server_manifest(tar_r));
     let (level, parallel) = (src.level, src.parallel);
     let mut hashed = 0u64;
     let result = std::thread::scope(|scope| {
@@ -179,10 +187,14 @@ pub fn take(repo: &dyn Repository, src: &BackupSource<'_>) -> Result<Manifest, B
                 }
                 hasher.update(&buf[..n]);
                 enc.write_all(&buf[..n])?;
+                // The tar reader may stop early on a malformed stream; the
+                // checksum and the server's manifest catch that later.
+                let _ = tar_w.write_all(&buf[..n]);
                 total += n as u64;
                 (src.progress)(total);
             }
             enc.finish()?.flush()?;
+            drop(tar_w);
             Ok((total, hex(&hasher.finalize())))
         });
         let stored = repo.create(&key, &mut pipe_r);
@@ -218,11 +230,12 @@ pub fn take(repo: &dyn Repository, src: &BackupSource<'_>) -> Result<Manifest, B
         source,
     })?;
     hashed += size;
+    let server = tar_thread.join().unwrap_or_default();
     let (start_lsn, timeline, stop_lsn) =
-        parse_wal_range(&log).ok_or_else(|| BackupError::Tool {
+        parse_wal_range(&server).ok_or_else(|| BackupError::Tool {
             tool: "pg_basebackup".into(),
             detail: format!(
-                "no write-ahead log start/end point in its output: {}",
+                "no backup_manifest with a WAL range in its output: {}",
                 log.trim()
             ),
         })?;
@@ -250,23 +263,36 @@ pub fn take(repo: &dyn Repository, src: &BackupSource<'_>) -> Result<Manifest, B
     Ok(manifest)
 }
 
-/// `write-ahead log start point: 0/2000028 on timeline 1` and `write-ahead
-/// log end point: 0/2000100` from `pg_basebackup -v`.
-pub fn parse_wal_range(log: &str) -> Option<(Lsn, Timeline, Lsn)> {
-    let mut start = None;
-    let mut stop = None;
-    for line in log.lines() {
-        if let Some(rest) = line.split("write-ahead log start point: ").nth(1) {
-            let mut w = rest.split_whitespace();
-            let lsn: Lsn = w.next()?.parse().ok()?;
-            let tl: u32 = w.nth(2)?.parse().ok()?;
-            start = Some((lsn, Timeline(tl)));
-        } else if let Some(rest) = line.split("write-ahead log end point: ").nth(1) {
-            stop = Some(rest.split_whitespace().next()?.parse().ok()?);
+/// The server's `backup_manifest` from a tar stream (empty if absent).
+fn server_manifest(r: impl Read) -> String {
+    let mut text = String::new();
+    let mut archive = tar::Archive::new(r);
+    if let Ok(entries) = archive.entries() {
+        for mut e in entries.flatten() {
+            if e.path().is_ok_and(|p| p == Path::new("backup_manifest")) {
+                let _ = e.read_to_string(&mut text);
+            }
         }
     }
-    let (s, tl) = start?;
-    Some((s, tl, stop?))
+    text
+}
+
+/// The WAL range of the server's backup manifest:
+/// `"WAL-Ranges": [{ "Timeline": 1, "Start-LSN": "0/2000028", "End-LSN": "0/2000100" }]`.
+/// With several ranges (the source changed timeline during the backup)
+/// the backup starts on the first and ends on the last.
+pub fn parse_wal_range(server_manifest: &str) -> Option<(Lsn, Timeline, Lsn)> {
+    let v: serde_json::Value = serde_json::from_str(server_manifest).ok()?;
+    let ranges = v.get("WAL-Ranges")?.as_array()?;
+    let lsn = |r: &serde_json::Value, k: &str| r.get(k)?.as_str()?.parse::<Lsn>().ok();
+    let first = ranges.first()?;
+    let last = ranges.last()?;
+    let tl = first.get("Timeline")?.as_u64()?;
+    Some((
+        lsn(first, "Start-LSN")?,
+        Timeline(tl as u32),
+        lsn(last, "End-LSN")?,
+    ))
 }
 
 /// The segment holding the last byte a backup needs.
@@ -400,13 +426,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn wal_range_from_pg_basebackup_output() {
-        let log = "pg_basebackup: initiating base backup, waiting for checkpoint to complete\n\
-                   pg_basebackup: checkpoint completed\n\
-                   pg_basebackup: write-ahead log start point: 0/2000028 on timeline 1\n\
-                   pg_basebackup: write-ahead log end point: 0/2000100\n\
-                   pg_basebackup: base backup completed\n";
-        let (s, tl, e) = parse_wal_range(log).unwrap();
+    fn wal_range_from_the_server_manifest() {
+        let text = r#"{ "PostgreSQL-Backup-Manifest-Version": 1,
+"Files": [],
+"WAL-Ranges": [
+{ "Timeline": 1, "Start-LSN": "0/2000028", "End-LSN": "0/2000100" }
+],
+"Manifest-Checksum": "x"}"#;
+        let (s, tl, e) = parse_wal_range(text).unwrap();
         assert_eq!(s, "0/2000028".parse().unwrap());
         assert_eq!(tl, Timeline(1));
         assert_eq!(e, "0/2000100".parse().unwrap());
