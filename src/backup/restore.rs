@@ -44,10 +44,10 @@ fn parse_time(t: &str) -> Option<SystemTime> {
     if t.len() < 19 || !t.is_char_boundary(10) {
         return None;
     }
-    if let Ok(s) = humantime::parse_rfc3339_weak(t.trim_end_matches('Z')) {
-        if t.ends_with('Z') || !t[10..].contains(['+', '-']) {
-            return Some(s);
-        }
+    if let Ok(s) = humantime::parse_rfc3339_weak(t.trim_end_matches('Z'))
+        && (t.ends_with('Z') || !t[10..].contains(['+', '-']))
+    {
+        return Some(s);
     }
     // An explicit offset: split it off and shift.
     let pos = t[10..].rfind(['+', '-'])? + 10;
