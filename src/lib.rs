@@ -20,10 +20,12 @@
 //!   the fence keeper that stops a leader whose lease is running out.
 //! - [`api`]: the REST API agents and operators use.
 //! - [`cli`]: the `pgha` subcommands.
+//! - [`backup`]: WAL archiving, base backups and restore into a repository.
 //! - [`pem`]: certificate and key files for the API server and the etcd client.
 
 pub mod agent;
 pub mod api;
+pub mod backup;
 pub mod cli;
 pub mod config;
 pub mod dcs;

@@ -24,6 +24,11 @@ fn main() {
         };
         std::process::exit(code);
     }
+    if let Command::Wal { action } = &cli.command {
+        // Run by PostgreSQL for every WAL file: no runtime, no logging
+        // framework, just the exit code PostgreSQL acts on.
+        std::process::exit(cli::wal::main(action));
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("PGHA_LOG")
@@ -97,7 +102,31 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     assignments,
                 },
         } => cli::manage::config_set(&load(&config)?, &assignments).await,
+        Command::Backup {
+            action: Some(action),
+            ..
+        } => cli::backup::action(action).await,
+        Command::Backup {
+            action: None,
+            config,
+            from,
+            json,
+        } => {
+            let config =
+                config.ok_or_else(|| cli::UsageError("pgha backup needs -c FILE".into()))?;
+            cli::backup::take(&load(&config)?, from, json).await
+        }
+        Command::Restore {
+            config,
+            target_dir,
+            to,
+            backup,
+            pause,
+            port,
+        } => cli::backup::restore(&load(&config)?, &target_dir, &to, backup, pause, port).await,
         Command::Demo { nodes, dir } => cli::demo::run(nodes, &dir).await,
-        Command::FenceKeeper { .. } => unreachable!("handled before the runtime starts"),
+        Command::FenceKeeper { .. } | Command::Wal { .. } => {
+            unreachable!("handled before the runtime starts")
+        }
     }
 }

@@ -87,7 +87,12 @@ replication = {{ username = "replicator", password = "{repl_password}" }}
 
 [api]
 listen = "127.0.0.1:{api_port}"
+
+# WAL archiving and `pgha backup` / `pgha restore` (docs/backup.md).
+[backup]
+repository = "{repo}"
 "#,
+        repo = dir.join("repo").display(),
         state = node_dir.join("state").display(),
         data = node_dir.join("data").display(),
         pg_port = free_port()?,

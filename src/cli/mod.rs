@@ -1,8 +1,10 @@
 //! The `pgha` command line: one module per subcommand.
 
+pub mod backup;
 pub mod demo;
 pub mod list;
 pub mod manage;
+pub mod wal;
 
 use std::path::PathBuf;
 
@@ -117,6 +119,46 @@ pub enum Command {
         /// The proxy's configuration file (`cluster`, `[etcd]`, `[proxy]`).
         #[arg(short, long)]
         config: PathBuf,
+    },
+    /// Take a base backup into the repository (`list` and `verify` too).
+    #[command(args_conflicts_with_subcommands = true)]
+    Backup {
+        #[command(subcommand)]
+        action: Option<backup::BackupAction>,
+        /// Any member's configuration file (with `[backup]`).
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+        /// Where to take the backup from.
+        #[arg(long, value_enum, default_value = "replica")]
+        from: backup::From,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Restore a backup into a new data directory, ready to replay to a target.
+    Restore {
+        #[arg(short, long)]
+        config: PathBuf,
+        /// An empty or new directory.
+        #[arg(long)]
+        target_dir: PathBuf,
+        /// `latest`, a time (2026-01-31T02:00:00Z) or an LSN (0/3000060).
+        #[arg(long)]
+        to: String,
+        /// Restore this backup instead of the newest one before the target.
+        #[arg(long)]
+        backup: Option<String>,
+        /// Pause at the target instead of promoting.
+        #[arg(long)]
+        pause: bool,
+        /// The port the restored server listens on (default: the backed-up
+        /// member's).
+        #[arg(long)]
+        port: Option<u16>,
+    },
+    /// WAL archiving commands PostgreSQL runs (archive_command, restore_command).
+    Wal {
+        #[command(subcommand)]
+        action: wal::WalAction,
     },
     /// Start a complete local cluster (etcd + N nodes) for trying pgha out.
     Demo {

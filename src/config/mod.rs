@@ -6,6 +6,7 @@
 //! names the file and the key. Nothing is started or written before this
 //! succeeds. Every key is documented in `docs/configuration.md`.
 
+pub mod backup;
 mod error;
 pub mod proxy;
 pub mod raw;
@@ -37,6 +38,8 @@ pub struct Config {
     pub api: ApiConfig,
     /// `[proxy]`: run the connection proxy inside the agent.
     pub proxy: Option<proxy::ProxyConfig>,
+    /// `[backup]`: absent when the cluster has no backup repository.
+    pub backup: Option<backup::BackupConfig>,
 }
 
 #[derive(Clone, Debug)]

@@ -31,6 +31,8 @@ pub struct RawConfig {
     /// The connection proxy, run inside the agent (`docs/proxy.md`).
     #[serde(default)]
     pub proxy: Option<super::proxy::RawProxy>,
+    #[serde(default)]
+    pub backup: Option<super::backup::RawBackup>,
 }
 
 #[derive(Debug, Deserialize)]

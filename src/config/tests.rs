@@ -2087,3 +2087,37 @@ fn docs_example_is_valid_and_its_defaults_are_true() {
         .unwrap_or_else(|e| panic!("trimmed example: {e}"));
     assert_eq!(format!("{trimmed:?}"), format!("{full:?}"));
 }
+
+#[test]
+fn backup_table_is_validated_and_owns_the_archive_parameters() {
+    assert!(doc().ok().backup.is_none());
+    let cfg = doc().set("backup", "repository = \"repo\"").ok();
+    let b = cfg.backup.expect("[backup] parsed");
+    assert_eq!(b.repository, Path::new("/etc/pgha/repo"));
+    assert_invalid(
+        doc().set("backup", "repository = \"/r\"\nlevel = 3").load(),
+        "backup.level",
+        "unknown field",
+    );
+    assert_invalid(
+        doc()
+            .set("backup", "repository = \"/r\"\ncompress_level = 30")
+            .load(),
+        "backup.compress_level",
+        "must be 1-19",
+    );
+    for name in ["archive_mode", "archive_command", "Restore_Command"] {
+        assert_invalid(
+            doc()
+                .set("backup", "repository = \"/r\"")
+                .set("postgres.parameters", &format!("{name} = \"x\""))
+                .load(),
+            &format!("postgres.parameters.{name}"),
+            "is set by pgha from [backup]",
+        );
+    }
+    // Without [backup] the operator may archive with a tool of their own.
+    doc()
+        .set("postgres.parameters", "archive_command = \"/bin/true\"")
+        .ok();
+}

@@ -421,6 +421,21 @@ pub(super) fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigErro
         ));
     }
 
+    let backup = match raw.backup {
+        Some(b) => {
+            for name in parameters.keys() {
+                if super::backup::BACKUP_PARAMETERS.contains(&name.to_ascii_lowercase().as_str()) {
+                    return Err(bad(
+                        &format!("postgres.parameters.{name}"),
+                        "is set by pgha from [backup]; remove it here".into(),
+                    ));
+                }
+            }
+            Some(super::backup::BackupConfig::validate(path, b, resolve)?)
+        }
+        None => None,
+    };
+
     Ok(Config {
         path: path.to_path_buf(),
         cluster: raw.cluster,
@@ -453,6 +468,7 @@ pub(super) fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigErro
             limits,
         },
         proxy,
+        backup,
     })
 }
 

@@ -33,6 +33,23 @@ pub struct ServerSettings {
     /// Operator's extra parameters; pgha's own settings win on conflict
     /// (the config validation already rejects overriding them).
     pub extra: BTreeMap<String, String>,
+    /// WAL archiving into the backup repository (`[backup]`).
+    pub archive: Option<Archiving>,
+}
+
+/// `archive_mode`, `archive_command` and `restore_command`, set together
+/// when a backup repository is configured.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Archiving {
+    pub mode: String,
+    pub archive_command: String,
+    pub restore_command: String,
+}
+
+/// Quotes a word for the shell PostgreSQL runs archive and restore
+/// commands with.
+pub fn quote_shell(word: &str) -> String {
+    format!("'{}'", word.replace('\'', "'\"'\"'"))
 }
 
 /// Quotes a value for postgresql.conf: single quotes, with `'` doubled and
@@ -114,6 +131,11 @@ pub fn render_postgresql_conf(s: &ServerSettings) -> String {
             own.push(("primary_conninfo", String::new()));
             own.push(("primary_slot_name", String::new()));
         }
+    }
+    if let Some(a) = &s.archive {
+        own.push(("archive_mode", a.mode.clone()));
+        own.push(("archive_command", a.archive_command.clone()));
+        own.push(("restore_command", a.restore_command.clone()));
     }
     own.push((
         "synchronous_standby_names",
@@ -223,6 +245,7 @@ mod tests {
             upstream: None,
             synchronous_standby_names: None,
             extra: BTreeMap::from([("work_mem".to_string(), "8MB".to_string())]),
+            archive: None,
         }
     }
 

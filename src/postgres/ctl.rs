@@ -106,6 +106,8 @@ pub struct Instance {
     pub os_user: Option<OsUser>,
     /// Who owns the data directory and the files PostgreSQL reads.
     pub pg_owner: Owner,
+    /// Archive settings when `[backup]` is configured.
+    pub archiving: Option<conf::Archiving>,
 }
 
 /// Subdirectory of the state directory that belongs to the PostgreSQL
@@ -148,6 +150,13 @@ impl Instance {
             Strictness::Private,
         )?;
         let pg_dir = state.subdir(PG_SUBDIR, pg_owner, 0o700, Strictness::OwnerOnly)?;
+        let archiving = match &cfg.backup {
+            Some(b) => {
+                let exe = std::env::current_exe().map_err(io("find the pgha binary"))?;
+                Some(crate::backup::agent::prepare(b, &pg_dir, pg_owner, &exe)?)
+            }
+            None => None,
+        };
         let instance = Instance {
             name: cfg.name.to_string(),
             bin_dir: cfg.postgres.bin_dir.clone(),
@@ -171,6 +180,7 @@ impl Instance {
             parameters: cfg.postgres.parameters.clone(),
             os_user,
             pg_owner,
+            archiving,
         };
         instance.prepare()?;
         Ok(instance)
@@ -326,6 +336,7 @@ impl Instance {
             upstream,
             synchronous_standby_names: sync_names,
             extra: self.parameters.clone(),
+            archive: self.archiving.clone(),
         };
         let data = self.data_dir_handle()?;
         data.write(

@@ -9,6 +9,7 @@
 mod support;
 
 mod api;
+mod backup;
 mod cli;
 mod dcs_etcd;
 mod etcd_tls;

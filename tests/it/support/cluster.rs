@@ -66,6 +66,9 @@ pub struct ClusterOptions {
     /// Give every node a `[proxy]` table (read-write port only), so the
     /// agents run the proxy; see [`Node::proxy_port`].
     pub embedded_proxy: bool,
+    /// A `[backup]` table with its repository at `<test dir>/repo`, plus
+    /// these extra keys (TOML literals).
+    pub backup: Option<Vec<(String, String)>>,
 }
 
 impl ClusterOptions {
@@ -84,6 +87,12 @@ impl ClusterOptions {
     /// etcd over TLS with client certificates (see [`ClusterOptions::etcd_tls`]).
     pub fn etcd_tls(mut self) -> Self {
         self.etcd_tls = true;
+        self
+    }
+
+    /// Configures `[backup]` with the repository `<test dir>/repo`.
+    pub fn backup(mut self) -> Self {
+        self.backup.get_or_insert_with(Vec::new);
         self
     }
 
@@ -249,6 +258,15 @@ replication = {{ username = "{REPLICATION_USER}", password = "{repl_password}" }
                 userlist.display(),
                 passfile.display()
             ));
+        }
+        if let Some(keys) = &opts.backup {
+            toml.push_str(&format!(
+                "\n[backup]\nrepository = {:?}\n",
+                test_dir.path().join("repo").display().to_string()
+            ));
+            for (k, v) in keys {
+                toml.push_str(&format!("{k} = {v}\n"));
+            }
         }
         std::fs::write(&node.config_path, toml)
             .with_context(|| format!("write {}", node.config_path.display()))?;

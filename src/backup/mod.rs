@@ -1,0 +1,58 @@
+//! Backups: continuous WAL archiving into a repository, base backups, and
+//! point-in-time restore. See `docs/backup.md`.
+//!
+//! - [`naming`]: WAL names and repository keys (pure).
+//! - [`repo`]: the [`repo::Repository`] trait and the directory repository.
+//! - [`file`]: one WAL file in and out (`archive_command`,
+//!   `restore_command`); [`crate::cli::wal`] wraps it.
+//! - [`agent`]: what the agent sets up for PostgreSQL when `[backup]` is
+//!   configured (the repository file, the archive settings).
+
+pub mod agent;
+pub mod base;
+pub mod chain;
+pub mod file;
+pub mod naming;
+pub mod repo;
+pub mod restore;
+
+use std::path::PathBuf;
+
+/// A backup or archive failure, naming the object involved.
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    #[error(transparent)]
+    Repository(#[from] repo::RepoError),
+    #[error("{name}: not a WAL file name PostgreSQL would archive")]
+    NotWal { name: String },
+    #[error("{name}: not in the archive of {repo}")]
+    NotArchived { name: String, repo: String },
+    #[error(
+        "{name}: refusing to archive: {archived} holds different content (local copy has sha256 {local_sha256}); the archive is left unchanged"
+    )]
+    Conflict {
+        name: String,
+        archived: String,
+        local_sha256: String,
+    },
+    #[error("{name}: several archived copies with different content: {}", keys.join(", "))]
+    Ambiguous { name: String, keys: Vec<String> },
+    #[error("{key}: corrupt object: {detail}")]
+    Corrupt { key: String, detail: String },
+    #[error("{tool}: {detail}")]
+    Tool { tool: String, detail: String },
+    #[error("{0}")]
+    Restore(String),
+    #[error("cannot {action} {}", path.display())]
+    Local {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The repository a validated `[backup]` table names.
+pub fn open_repository(cfg: &crate::config::backup::BackupConfig) -> Box<dyn repo::Repository> {
+    Box::new(repo::DirRepository::new(cfg.repository.clone()))
+}

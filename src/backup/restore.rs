@@ -1,0 +1,337 @@
+//! Point-in-time restore: pick the backup, unpack and check it, and write
+//! the recovery settings so that a plain `pg_ctl start` replays archived
+//! WAL to the target and stops there (promoted or paused).
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use sha2::{Digest, Sha256};
+
+use super::BackupError;
+use super::base::Manifest;
+use super::file::hex;
+use super::repo::Repository;
+use crate::model::Lsn;
+use crate::postgres::conf::{Archiving, quote_conf};
+
+/// How far to replay.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// Everything archived, on the newest timeline.
+    Latest,
+    Time(SystemTime),
+    Lsn(Lsn),
+}
+
+/// Parses `latest`, an LSN (`X/Y`) or an RFC 3339 time (`Z` or `±HH:MM`
+/// offset; a space may replace the `T`).
+pub fn parse_target(text: &str) -> Result<Target, String> {
+    let t = text.trim();
+    if t == "latest" {
+        return Ok(Target::Latest);
+    }
+    if t.contains('/') {
+        return t.parse().map(Target::Lsn).map_err(|e| e.to_string());
+    }
+    parse_time(t).map(Target::Time).ok_or_else(|| {
+        format!("{text:?} is not `latest`, an LSN (0/3000060) or a time (2026-01-31T02:00:00Z)")
+    })
+}
+
+fn parse_time(t: &str) -> Option<SystemTime> {
+    let t = t.replacen(' ', "T", 1);
+    if t.len() < 19 || !t.is_char_boundary(10) {
+        return None;
+    }
+    if let Ok(s) = humantime::parse_rfc3339_weak(t.trim_end_matches('Z'))
+        && (t.ends_with('Z') || !t[10..].contains(['+', '-']))
+    {
+        return Some(s);
+    }
+    // An explicit offset: split it off and shift.
+    let pos = t[10..].rfind(['+', '-'])? + 10;
+    let (base, off) = t.split_at(pos);
+    let sign: i64 = if off.starts_with('-') { -1 } else { 1 };
+    let (h, m) = off[1..].split_once(':').unwrap_or((&off[1..], "0"));
+    let secs = sign * (h.parse::<i64>().ok()? * 3600 + m.parse::<i64>().ok()? * 60);
+    let local = humantime::parse_rfc3339_weak(base).ok()?;
+    if secs >= 0 {
+        local.checked_sub(std::time::Duration::from_secs(secs as u64))
+    } else {
+        local.checked_add(std::time::Duration::from_secs((-secs) as u64))
+    }
+}
+
+/// The backup to restore for `target`: the newest that had finished by it.
+pub fn choose<'a>(backups: &'a [Manifest], target: &Target) -> Result<&'a Manifest, BackupError> {
+    let usable = |m: &&Manifest| match target {
+        Target::Latest => true,
+        Target::Time(t) => m.stop().is_some_and(|s| s <= *t),
+        Target::Lsn(l) => m.stop_lsn <= *l,
+    };
+    if let Some(m) = backups.iter().rev().find(usable) {
+        return Ok(m);
+    }
+    Err(BackupError::Restore(match (backups.first(), target) {
+        (None, _) => "the repository holds no complete backup".into(),
+        (Some(oldest), Target::Time(t)) => format!(
+            "target {} is before the oldest backup {} (consistent from {})",
+            humantime::format_rfc3339_seconds(*t),
+            oldest.id,
+            oldest.stop_time
+        ),
+        (Some(oldest), _) => format!(
+            "target is before the oldest backup {} (consistent from {})",
+            oldest.id, oldest.stop_lsn
+        ),
+    }))
+}
+
+/// The recovery settings appended to `postgresql.auto.conf` (pure).
+pub fn recovery_settings(
+    target: &Target,
+    pause: bool,
+    archiving: &Archiving,
+    port: Option<u16>,
+    socket_dir: &str,
+) -> String {
+    let mut out = String::from("\n# Written by pgha restore.\n");
+    let mut set = |k: &str, v: &str| out.push_str(&format!("{k} = {}\n", quote_conf(v)));
+    set("restore_command", &archiving.restore_command);
+    // The restored server must not archive into the cluster's repository
+    // or stream from its leader: it is a copy, not a member.
+    set("archive_mode", "off");
+    set("primary_conninfo", "");
+    set("primary_slot_name", "");
+    set("synchronous_standby_names", "");
+    set("unix_socket_directories", socket_dir);
+    if let Some(p) = port {
+        set("port", &p.to_string());
+    }
+    set("recovery_target_timeline", "latest");
+    match target {
+        Target::Latest => {}
+        Target::Time(t) => {
+            let text = humantime::format_rfc3339_micros(*t).to_string();
+            // PostgreSQL reads `2026-01-31 02:00:00.123456+00`.
+            let text = text.replacen('T', " ", 1).replace('Z', "+00");
+            set("recovery_target_time", &text);
+        }
+        Target::Lsn(l) => set("recovery_target_lsn", &l.to_string()),
+    }
+    if *target != Target::Latest {
+        set(
+            "recovery_target_action",
+            if pause { "pause" } else { "promote" },
+        );
+    }
+    out
+}
+
+/// Unpacks `m` into `dir` (which must be empty or absent), checking the
+/// stored checksum while unpacking and the files against the server's
+/// backup manifest with `pg_verifybackup` afterwards.
+pub fn unpack(
+    repo: &dyn Repository,
+    m: &Manifest,
+    dir: &Path,
+    bin_dir: &Path,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<(), BackupError> {
+    let local = |action: &'static str, path: PathBuf| {
+        move |source| BackupError::Local {
+            action,
+            path,
+            source,
+        }
+    };
+    match std::fs::read_dir(dir) {
+        Ok(mut entries) => {
+            if entries.next().is_some() {
+                return Err(BackupError::Restore(format!(
+                    "{} is not empty; restore needs an empty or new directory",
+                    dir.display()
+                )));
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(dir).map_err(local("create", dir.to_path_buf()))?;
+        }
+        Err(e) => return Err(local("read", dir.to_path_buf())(e)),
+    }
+    std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .map_err(local("set the mode of", dir.to_path_buf()))?;
+    for f in &m.files {
+        let decoder = zstd::stream::read::Decoder::new(repo.open(&f.key)?).map_err(|e| {
+            BackupError::Corrupt {
+                key: f.key.clone(),
+                detail: e.to_string(),
+            }
+        })?;
+        let mut reader = HashingReader {
+            inner: decoder,
+            hasher: Sha256::new(),
+            total: 0,
+            progress,
+        };
+        let mut archive = tar::Archive::new(&mut reader);
+        archive.set_preserve_permissions(true);
+        archive.set_overwrite(false);
+        archive.unpack(dir).map_err(|e| BackupError::Corrupt {
+            key: f.key.clone(),
+            detail: format!("cannot unpack: {e}"),
+        })?;
+        // Drain the tar's trailing padding so that the checksum covers it.
+        std::io::copy(&mut reader, &mut std::io::sink()).map_err(|e| BackupError::Corrupt {
+            key: f.key.clone(),
+            detail: e.to_string(),
+        })?;
+        let sha = hex(&reader.hasher.finalize());
+        if sha != f.sha256 || reader.total != f.size {
+            return Err(BackupError::Corrupt {
+                key: f.key.clone(),
+                detail: format!(
+                    "{} bytes with sha256 {sha}, manifest says {} bytes with {}",
+                    reader.total, f.size, f.sha256
+                ),
+            });
+        }
+    }
+    let out = std::process::Command::new(bin_dir.join("pg_verifybackup"))
+        .arg("-n")
+        .arg(dir)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(local("run", bin_dir.join("pg_verifybackup")))?;
+    if !out.status.success() {
+        return Err(BackupError::Tool {
+            tool: "pg_verifybackup".into(),
+            detail: format!(
+                "{}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        });
+    }
+    // A backup of a replica carries its standby.signal; the restored
+    // server must run recovery to the target and stop, not follow anyone.
+    let _ = std::fs::remove_file(dir.join("standby.signal"));
+    Ok(())
+}
+
+struct HashingReader<'a, R> {
+    inner: R,
+    hasher: Sha256,
+    total: u64,
+    progress: &'a (dyn Fn(u64) + Sync),
+}
+
+impl<R: Read> Read for HashingReader<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.total += n as u64;
+        (self.progress)(self.total);
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, UNIX_EPOCH};
+
+    fn manifest(id: &str, stop: &str, stop_lsn: &str) -> Manifest {
+        Manifest {
+            id: id.into(),
+            label: String::new(),
+            source: "n".into(),
+            timeline: 1,
+            start_lsn: "0/1000000".parse().unwrap(),
+            stop_lsn: stop_lsn.parse().unwrap(),
+            start_time: stop.into(),
+            stop_time: stop.into(),
+            wal_segment_size: 16 << 20,
+            server_manifest: String::new(),
+            files: vec![],
+        }
+    }
+
+    #[test]
+    fn targets_parse() {
+        let t = UNIX_EPOCH + Duration::from_secs(1_769_824_800);
+        assert_eq!(parse_target("latest"), Ok(Target::Latest));
+        assert_eq!(
+            parse_target("0/3000060"),
+            Ok(Target::Lsn("0/3000060".parse().unwrap()))
+        );
+        assert_eq!(parse_target("2026-01-31T02:00:00Z"), Ok(Target::Time(t)));
+        assert_eq!(parse_target("2026-01-31 02:00:00"), Ok(Target::Time(t)));
+        assert_eq!(
+            parse_target("2026-01-31T03:30:00+01:30"),
+            Ok(Target::Time(t))
+        );
+        assert_eq!(
+            parse_target("2026-01-31T00:00:00-02:00"),
+            Ok(Target::Time(t))
+        );
+        assert_eq!(
+            parse_target("2026-01-31T02:00:00.250Z"),
+            Ok(Target::Time(t + Duration::from_millis(250)))
+        );
+        for bad in ["", "yesterday", "1/zz", "2026-13-01T00:00:00Z"] {
+            assert!(parse_target(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_newest_backup_before_the_target_is_chosen() {
+        let backups = [
+            manifest("20260131T010000Z", "2026-01-31T01:00:10Z", "0/3000000"),
+            manifest("20260131T020000Z", "2026-01-31T02:00:10Z", "0/5000000"),
+        ];
+        let at = |s: &str| parse_target(s).unwrap();
+        assert_eq!(choose(&backups, &Target::Latest).unwrap().id, backups[1].id);
+        assert_eq!(
+            choose(&backups, &at("2026-01-31T01:30:00Z")).unwrap().id,
+            backups[0].id
+        );
+        assert_eq!(
+            choose(&backups, &at("0/5000000")).unwrap().id,
+            backups[1].id
+        );
+        let err = choose(&backups, &at("2026-01-31T01:00:05Z")).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("before the oldest backup 20260131T010000Z"),
+            "{err}"
+        );
+        assert!(choose(&[], &Target::Latest).is_err());
+    }
+
+    #[test]
+    fn recovery_settings_stop_at_the_target() {
+        let a = Archiving {
+            mode: "on".into(),
+            archive_command: "x".into(),
+            restore_command: "'/bin/pgha' wal get -c '/r.toml' %f %p".into(),
+        };
+        let t = parse_target("2026-01-31T02:00:00.5Z").unwrap();
+        let text = recovery_settings(&t, false, &a, Some(6000), "/tmp");
+        assert!(
+            text.contains("recovery_target_time = '2026-01-31 02:00:00.500000+00'\n"),
+            "{text}"
+        );
+        assert!(text.contains("recovery_target_action = 'promote'\n"));
+        assert!(text.contains("restore_command = '''/bin/pgha'' wal get -c ''/r.toml'' %f %p'\n"));
+        assert!(text.contains("archive_mode = 'off'\n"));
+        assert!(text.contains("port = '6000'\n"));
+        let paused = recovery_settings(&parse_target("0/5000000").unwrap(), true, &a, None, "/tmp");
+        assert!(paused.contains("recovery_target_lsn = '0/5000000'\n"));
+        assert!(paused.contains("recovery_target_action = 'pause'\n"));
+        let latest = recovery_settings(&Target::Latest, false, &a, None, "/tmp");
+        assert!(!latest.contains("recovery_target_action"));
+        assert!(!latest.contains("port"));
+    }
+}

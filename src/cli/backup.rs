@@ -1,0 +1,401 @@
+//! `pgha backup`, `pgha backup list`, `pgha backup verify` and
+//! `pgha restore`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::{Subcommand, ValueEnum};
+
+use super::UsageError;
+use crate::backup::base::{self, BackupSource, Manifest};
+use crate::backup::repo::Repository;
+use crate::backup::{file, naming, open_repository, restore};
+use crate::config::Config;
+use crate::config::backup::{BackupConfig, RepositoryFile};
+use crate::dcs::Dcs;
+use crate::model::PgState;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum From {
+    Leader,
+    Replica,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BackupAction {
+    /// The complete backups in the repository, oldest first.
+    List {
+        #[arg(short, long)]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check backups (checksums) and the WAL chain from each to the newest
+    /// archived segment of every timeline.
+    Verify {
+        #[arg(short, long)]
+        config: PathBuf,
+        /// One backup; default: all.
+        id: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn backup_config(cfg: &Config) -> anyhow::Result<&BackupConfig> {
+    cfg.backup.as_ref().ok_or_else(|| {
+        UsageError(format!(
+            "{}: [backup] is not configured",
+            cfg.path.display()
+        ))
+        .into()
+    })
+}
+
+/// A byte progress bar on a terminal; nothing otherwise.
+fn progress_bar(what: &str) -> Option<indicatif::ProgressBar> {
+    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} {msg} {bytes} ({binary_bytes_per_sec}, {elapsed})",
+        )
+        .expect("valid template"),
+    );
+    bar.set_message(what.to_string());
+    bar.enable_steady_tick(Duration::from_millis(200));
+    Some(bar)
+}
+
+/// `pgha backup`: a base backup from a healthy replica (or the leader).
+pub async fn take(cfg: &Config, from: From, json: bool) -> anyhow::Result<()> {
+    let b = backup_config(cfg)?.clone();
+    let dcs = super::connect_dcs(cfg).await?;
+    let view = dcs.read_cluster().await?;
+    let leader = view
+        .leader
+        .as_ref()
+        .and_then(|l| view.members.get(&l.name))
+        .context("the cluster has no leader")?
+        .clone();
+    let member = match from {
+        From::Leader => leader.clone(),
+        From::Replica => view
+            .members
+            .values()
+            .filter(|m| m.name != leader.name && m.state == PgState::Streaming)
+            .min_by_key(|m| view.lag_of(m).unwrap_or(u64::MAX))
+            .cloned()
+            .context("no streaming replica to back up from; use --from leader")?,
+    };
+    let repo: Arc<dyn Repository> = Arc::from(open_repository(&b));
+    let bar = progress_bar(&format!("backing up {}", member.name));
+    let started = Instant::now();
+    let manifest = {
+        let repo = repo.clone();
+        let bar = bar.clone();
+        let (host, port, name) = (member.host.clone(), member.port, member.name.to_string());
+        let user = cfg.postgres.replication.username.clone();
+        let bin_dir = cfg.postgres.bin_dir.clone();
+        let passfile = cfg.passfile_path();
+        tokio::task::spawn_blocking(move || {
+            let progress = move |n: u64| {
+                if let Some(bar) = &bar {
+                    bar.set_position(n);
+                }
+            };
+            base::take(
+                repo.as_ref(),
+                &BackupSource {
+                    member: name,
+                    host,
+                    port,
+                    user,
+                    bin_dir: &bin_dir,
+                    passfile: &passfile,
+                    level: b.compress_level,
+                    parallel: b.parallel,
+                    progress: &progress,
+                },
+            )
+        })
+        .await??
+    };
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    // A replica cannot end a WAL segment; until the leader does, the
+    // segment holding the end of the backup is not archived and the
+    // backup cannot be restored.
+    let stop = base::stop_segment(&manifest);
+    if from == From::Replica {
+        let pg = &cfg.postgres.superuser;
+        let (client, conn) = tokio_postgres::Config::new()
+            .host(&leader.host)
+            .port(leader.port)
+            .user(&pg.username)
+            .password(pg.password.expose())
+            .dbname("postgres")
+            .connect_timeout(Duration::from_secs(5))
+            .connect(tokio_postgres::NoTls)
+            .await
+            .with_context(|| {
+                format!(
+                    "connect to the leader {} to end the WAL segment",
+                    leader.name
+                )
+            })?;
+        tokio::spawn(conn);
+        client
+            .batch_execute("SELECT pg_switch_wal()")
+            .await
+            .context("pg_switch_wal on the leader")?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let wal = naming::WalName::parse(stop.as_str()).expect("valid");
+        if !file::archived_copies(repo.as_ref(), &wal)?.is_empty()
+            || newer_timeline_has(repo.as_ref(), &manifest)?
+        {
+            break;
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "backup {} is stored, but {stop}, the last segment it needs, was not archived within 60 s: check archive_command on the leader",
+                manifest.id
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let elapsed = started.elapsed();
+    let size = manifest.files.iter().map(|f| f.size).sum::<u64>();
+    if json {
+        let mut v = serde_json::to_value(&manifest)?;
+        v["seconds"] = serde_json::json!(elapsed.as_secs_f64());
+        v["bytes"] = serde_json::json!(size);
+        v["stored_bytes"] = serde_json::json!(manifest.stored_bytes());
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!(
+            "backup {} from {}: {} bytes ({} stored) in {:.1}s, WAL {} .. {} on timeline {}",
+            manifest.id,
+            manifest.source,
+            size,
+            manifest.stored_bytes(),
+            elapsed.as_secs_f64(),
+            manifest.start_lsn,
+            manifest.stop_lsn,
+            manifest.timeline
+        );
+    }
+    Ok(())
+}
+
+/// Whether a timeline after the backup's already has a history file: then
+/// the backup's last segment lives on as that timeline's copy.
+fn newer_timeline_has(repo: &dyn Repository, m: &Manifest) -> anyhow::Result<bool> {
+    for dir in repo.list("archive")? {
+        if u32::from_str_radix(&dir, 16).is_ok_and(|tl| tl > m.timeline) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+pub async fn action(action: BackupAction) -> anyhow::Result<()> {
+    match action {
+        BackupAction::List { config, json } => {
+            let cfg = super::load_config(&config)?;
+            let repo = open_repository(backup_config(&cfg)?);
+            let list = tokio::task::spawn_blocking(move || base::list(repo.as_ref())).await??;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                println!(
+                    "{:<17} {:<10} {:>3} {:<12} {:<12} {:<21} {:>12}",
+                    "ID", "SOURCE", "TL", "START LSN", "STOP LSN", "STOP TIME", "STORED"
+                );
+                for m in &list {
+                    println!(
+                        "{:<17} {:<10} {:>3} {:<12} {:<12} {:<21} {:>12}",
+                        m.id,
+                        m.source,
+                        m.timeline,
+                        m.start_lsn.to_string(),
+                        m.stop_lsn.to_string(),
+                        m.stop_time,
+                        m.stored_bytes()
+                    );
+                }
+            }
+            Ok(())
+        }
+        BackupAction::Verify { config, id, json } => {
+            let cfg = super::load_config(&config)?;
+            let repo = open_repository(backup_config(&cfg)?);
+            let reports = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+                let list = base::list(repo.as_ref())?;
+                let chosen: Vec<&Manifest> = match &id {
+                    Some(id) => vec![list.iter().find(|m| &m.id == id).ok_or_else(|| {
+                        UsageError(format!("no backup {id:?} in the repository"))
+                    })?],
+                    None => list.iter().collect(),
+                };
+                if chosen.is_empty() {
+                    bail!("the repository holds no complete backup");
+                }
+                chosen
+                    .into_iter()
+                    .map(|m| Ok(base::verify(repo.as_ref(), m)?))
+                    .collect::<anyhow::Result<Vec<_>>>()
+            })
+            .await??;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&reports)?);
+            } else {
+                for r in &reports {
+                    let status = if r.problems.is_empty() {
+                        "ok"
+                    } else {
+                        "FAILED"
+                    };
+                    println!(
+                        "backup {}: {status} ({} segments on timelines {:?})",
+                        r.id, r.segments_checked, r.timelines
+                    );
+                    for p in &r.problems {
+                        println!("  {p}");
+                    }
+                }
+            }
+            let bad: usize = reports.iter().map(|r| r.problems.len()).sum();
+            if bad > 0 {
+                bail!("verify found {bad} problem(s)");
+            }
+            Ok(())
+        }
+    }
+}
+
+/// `pgha restore`.
+pub async fn restore(
+    cfg: &Config,
+    target_dir: &Path,
+    to: &str,
+    backup: Option<String>,
+    pause: bool,
+    port: Option<u16>,
+) -> anyhow::Result<()> {
+    let b = backup_config(cfg)?.clone();
+    let target = restore::parse_target(to).map_err(|e| UsageError(format!("--to {e}")))?;
+    let repo: Arc<dyn Repository> = Arc::from(open_repository(&b));
+    let list = {
+        let repo = repo.clone();
+        tokio::task::spawn_blocking(move || base::list(repo.as_ref())).await??
+    };
+    let manifest = match &backup {
+        Some(id) => {
+            let m = list.iter().find(|m| &m.id == id).ok_or_else(|| {
+                UsageError(format!("--backup: no backup {id:?} in the repository"))
+            })?;
+            restore::choose(std::slice::from_ref(m), &target)?.clone()
+        }
+        None => restore::choose(&list, &target)?.clone(),
+    };
+    let bar = progress_bar(&format!("restoring {}", manifest.id));
+    {
+        let (repo, m, dir, bin) = (
+            repo.clone(),
+            manifest.clone(),
+            target_dir.to_path_buf(),
+            cfg.postgres.bin_dir.clone(),
+        );
+        let bar = bar.clone();
+        tokio::task::spawn_blocking(move || {
+            let progress = move |n: u64| {
+                if let Some(bar) = &bar {
+                    bar.set_position(n);
+                }
+            };
+            restore::unpack(repo.as_ref(), &m, &dir, &bin, &progress)
+        })
+        .await??;
+    }
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    // The restored server reads the repository through the same command
+    // the cluster uses, with its own copy of the repository file.
+    let repo_file = target_dir.join("pgha_backup.toml");
+    std::fs::write(&repo_file, RepositoryFile::render(&b))
+        .with_context(|| format!("write {}", repo_file.display()))?;
+    let exe = std::env::current_exe().context("find the pgha binary")?;
+    let archiving = crate::backup::agent::archiving(&b, &exe, &repo_file);
+    let dir_text = target_dir.display().to_string();
+    // Unix socket paths are limited to about 100 bytes.
+    let socket_dir = if dir_text.len() < 80 {
+        dir_text.as_str()
+    } else {
+        "/tmp"
+    };
+    let settings = restore::recovery_settings(&target, pause, &archiving, port, socket_dir);
+    let auto = target_dir.join("postgresql.auto.conf");
+    let mut text = std::fs::read_to_string(&auto).unwrap_or_default();
+    text.push_str(&settings);
+    std::fs::write(&auto, text).with_context(|| format!("write {}", auto.display()))?;
+    std::fs::write(target_dir.join("recovery.signal"), b"")
+        .with_context(|| format!("write {}/recovery.signal", target_dir.display()))?;
+    if nix::unistd::geteuid().is_root() {
+        let user = nix::unistd::User::from_name(&cfg.postgres.os_user)
+            .ok()
+            .flatten()
+            .ok_or_else(|| {
+                UsageError(format!(
+                    "OS user {:?} (postgres.os_user) does not exist",
+                    cfg.postgres.os_user
+                ))
+            })?;
+        chown_tree(target_dir, user.uid, user.gid)?;
+    }
+    println!(
+        "restored backup {} into {}; start it with pg_ctl start -D {} to replay to {to} and {}",
+        manifest.id,
+        target_dir.display(),
+        target_dir.display(),
+        if matches!(target, restore::Target::Latest) {
+            "promote"
+        } else if pause {
+            "pause"
+        } else {
+            "promote"
+        }
+    );
+    Ok(())
+}
+
+/// Hands the restored tree to the PostgreSQL account. `lchown`: a link in
+/// the backup is changed itself, never what it points at.
+fn chown_tree(dir: &Path, uid: nix::unistd::Uid, gid: nix::unistd::Gid) -> anyhow::Result<()> {
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        nix::unistd::fchownat(
+            nix::fcntl::AT_FDCWD,
+            &p,
+            Some(uid),
+            Some(gid),
+            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+        )
+        .with_context(|| format!("chown {}", p.display()))?;
+        let meta = std::fs::symlink_metadata(&p)?;
+        if meta.is_dir() {
+            for e in std::fs::read_dir(&p)? {
+                stack.push(e?.path());
+            }
+        }
+    }
+    Ok(())
+}
