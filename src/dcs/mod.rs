@@ -216,6 +216,11 @@ pub struct ProxyRecord {
     /// switchover; None otherwise.
     #[serde(default)]
     pub drained_for: Option<i64>,
+    /// How long this proxy lets running transactions finish before it
+    /// cancels them (`drain_timeout`); the leader waits that long for its
+    /// acknowledgement, and a little more.
+    #[serde(default)]
+    pub drain_timeout_ms: Option<u64>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

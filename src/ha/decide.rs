@@ -180,6 +180,9 @@ fn as_leader(s: &Snapshot, view: &ClusterView, lease_id: i64) -> Decision {
         && is_primary(s)
     {
         let due = f.not_before_unix_ms.is_none_or(|t| t <= s.now_unix_ms);
+        if due && let Some(pending) = proxies_still_draining(s, view, f) {
+            return leading(s, view, Reason::WaitingForProxiesToDrain { pending });
+        }
         return if due {
             Decision::new(
                 Action::Demote {
@@ -255,6 +258,47 @@ fn down_too_long(s: &Snapshot) -> bool {
     s.local.down_since_ms.is_some_and(|since| {
         s.now_ms.saturating_sub(since) >= s.ha.primary_start_timeout.as_millis() as u64
     })
+}
+
+/// How long after a proxy's own `drain_timeout` the leader still waits for
+/// its acknowledgement: the proxy cancels what still runs, then writes its
+/// record, and the leader reads it on its next loop.
+pub(crate) const PROXY_ACK_MARGIN_MS: u64 = 2_000;
+/// The `drain_timeout` assumed for a proxy that does not publish one.
+const DEFAULT_PROXY_DRAIN_MS: u64 = 5_000;
+
+/// A planned switchover ends the old leader's sessions when PostgreSQL
+/// stops. Every live proxy with a read-write listener first stops starting
+/// transactions there and lets running ones finish (docs/proxy.md); the
+/// leader shuts down once each has acknowledged for this very request (the
+/// `failover` key's revision), or once the longest proxy `drain_timeout`
+/// plus [`PROXY_ACK_MARGIN_MS`] has passed since the switchover became due
+/// (a proxy that cannot write its record must not block the handover).
+/// `Some(names)` while waiting is still worthwhile.
+fn proxies_still_draining(
+    s: &Snapshot,
+    view: &ClusterView,
+    request: &crate::dcs::FailoverRequest,
+) -> Option<Vec<String>> {
+    let rw_proxies: Vec<&crate::dcs::ProxyRecord> =
+        view.proxies.values().filter(|p| p.rw.is_some()).collect();
+    let pending: Vec<String> = rw_proxies
+        .iter()
+        .filter(|p| p.drained_for != Some(view.failover_revision.0))
+        .map(|p| p.name.clone())
+        .collect();
+    if pending.is_empty() {
+        return None;
+    }
+    let due_since = request
+        .requested_at_unix_ms
+        .max(request.not_before_unix_ms.unwrap_or(0));
+    let longest = rw_proxies
+        .iter()
+        .map(|p| p.drain_timeout_ms.unwrap_or(DEFAULT_PROXY_DRAIN_MS))
+        .max()
+        .unwrap_or(DEFAULT_PROXY_DRAIN_MS);
+    (s.now_unix_ms < due_since + longest + PROXY_ACK_MARGIN_MS).then_some(pending)
 }
 
 /// Whether a synchronous set currently promises that some standby holds

@@ -14,7 +14,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use super::decide::{FAILOVER_REQUEST_TTL_MS, decide};
+use super::decide::{FAILOVER_REQUEST_TTL_MS, PROXY_ACK_MARGIN_MS, decide};
 use super::membership::{KnownMember, Membership};
 use super::sync::{NOBODY, SyncSetting};
 use super::{
@@ -35,6 +35,10 @@ const NOW: u64 = 10_000_000;
 /// Wall-clock "now", for failover requests and scheduled switchovers.
 const NOW_UNIX: u64 = 1_700_000_000_000;
 const SYSID: &str = "7300000000000000001";
+/// The `failover` key's revision, for proxies' drain acknowledgements.
+const FAILOVER_REV: i64 = 77;
+/// The proxies' `drain_timeout` in these tests.
+const PROXY_DRAIN_MS: u64 = 5_000;
 const LEASE_ID: i64 = 4242;
 
 const FENCE_MARGIN_MS: u64 = 500;
@@ -334,6 +338,26 @@ impl Fixture {
             accept_data_loss: false,
             requested_at_unix_ms: NOW_UNIX,
         });
+        self
+    }
+
+    /// A live proxy with a read-write listener (or without, `rw = false`),
+    /// that drained for the `failover` key at `drained_for` (its revision
+    /// is [`FAILOVER_REV`] in these tests).
+    fn proxy(mut self, name: &str, rw: bool, drained_for: Option<i64>) -> Self {
+        self.view().failover_revision = crate::dcs::Revision(FAILOVER_REV);
+        self.view().proxies.insert(
+            name.into(),
+            crate::dcs::ProxyRecord {
+                name: name.into(),
+                rw: rw.then(|| "127.0.0.1:6432".into()),
+                ro: None,
+                auto: false,
+                state: crate::dcs::ProxyState::Draining,
+                drained_for,
+                drain_timeout_ms: Some(PROXY_DRAIN_MS),
+            },
+        );
         self
     }
 
@@ -1053,6 +1077,61 @@ fn leader_switchover() {
             "failover request without a source: the leader ignores it",
             leading().failover_request(None, Some("n2")),
             wait(Reason::Leading),
+        ),
+        (
+            "switchover due, a proxy still draining: keep leading, say who is waited for",
+            leading()
+                .failover_request(Some("n1"), Some("n2"))
+                .proxy("p1", true, Some(FAILOVER_REV))
+                .proxy("p2", true, None),
+            wait(Reason::WaitingForProxiesToDrain {
+                pending: vec!["p2".into()],
+            }),
+        ),
+        (
+            "switchover due, a proxy acknowledged an older request: still waited for",
+            leading().failover_request(Some("n1"), Some("n2")).proxy(
+                "p1",
+                true,
+                Some(FAILOVER_REV - 1),
+            ),
+            wait(Reason::WaitingForProxiesToDrain {
+                pending: vec!["p1".into()],
+            }),
+        ),
+        (
+            "switchover due, every read-write proxy drained: demote",
+            leading()
+                .failover_request(Some("n1"), Some("n2"))
+                .proxy("p1", true, Some(FAILOVER_REV))
+                .proxy("ro-only", false, None),
+            demote(DemoteReason::Switchover, Reason::SwitchoverRequested),
+        ),
+        (
+            "switchover due, a proxy silent past its drain_timeout and the margin: demote anyway",
+            leading()
+                .failover_request(Some("n1"), Some("n2"))
+                .requested_ago(PROXY_DRAIN_MS + PROXY_ACK_MARGIN_MS)
+                .proxy("p1", true, None),
+            demote(DemoteReason::Switchover, Reason::SwitchoverRequested),
+        ),
+        (
+            "switchover due, just inside the proxy's drain_timeout and the margin: wait",
+            leading()
+                .failover_request(Some("n1"), Some("n2"))
+                .requested_ago(PROXY_DRAIN_MS + PROXY_ACK_MARGIN_MS - 1)
+                .proxy("p1", true, None),
+            wait(Reason::WaitingForProxiesToDrain {
+                pending: vec!["p1".into()],
+            }),
+        ),
+        (
+            "switchover scheduled later: proxies are not waited for yet",
+            leading()
+                .failover_request(Some("n1"), Some("n2"))
+                .not_before(1)
+                .proxy("p1", true, None),
+            wait(Reason::SwitchoverScheduled),
         ),
         (
             "switchover from me, lease running out: the lease comes first",

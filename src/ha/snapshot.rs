@@ -243,6 +243,11 @@ pub enum Reason {
     DataDirectoryLost,
     SwitchoverRequested,
     SwitchoverScheduled,
+    /// A switchover is due, and these proxies have not yet acknowledged
+    /// that no read-write transaction of theirs runs on this leader.
+    WaitingForProxiesToDrain {
+        pending: Vec<String>,
+    },
     // replica side
     Following {
         leader: MemberName,
@@ -352,6 +357,11 @@ impl fmt::Display for Reason {
             ),
             SwitchoverRequested => write!(f, "switchover requested; demoting"),
             SwitchoverScheduled => write!(f, "switchover scheduled for later"),
+            WaitingForProxiesToDrain { pending } => write!(
+                f,
+                "switchover due; waiting for proxies to drain their read-write transactions: {}",
+                pending.join(", ")
+            ),
             Following { leader } => write!(f, "replica streaming from {leader}"),
             RepointingToLeader { leader } => write!(f, "re-pointing replication to {leader}"),
             StartingAsReplica => write!(f, "starting PostgreSQL as a replica"),

@@ -229,6 +229,7 @@ pub async fn start(
         auto: shared.cfg.auto,
         state: crate::dcs::ProxyState::Holding,
         drained_for: None,
+        drain_timeout_ms: Some(shared.cfg.drain_timeout.as_millis() as u64),
     };
     tasks.push(tokio::spawn(register::run(
         dcs.client(),

@@ -26,19 +26,17 @@
 //! generous because other suites share the 2-core host.
 
 use std::collections::BTreeSet;
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
 use futures_util::future::join_all;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::Value;
 use tokio::task::JoinHandle;
 
-use crate::support::cluster::PGHA_BIN;
+use crate::support::cluster::pgha;
 use crate::support::oracle::{CheckerReport, WriterReport};
 use crate::support::{Cluster, ClusterOptions, Node, OneWritablePrimary, Writer, wait_until};
 
@@ -399,35 +397,6 @@ fn report_rejoin(story: &Story, node: &Node) {
         log.contains("action=StartReplica { leader: None }"),
         log.contains(STALL_REWIND)
     ));
-}
-
-/// `pgha <args>` as a subprocess; stdout on success.
-async fn pgha(args: &[&str], config: &Path) -> anyhow::Result<String> {
-    let (sub, rest) = args.split_first().context("no subcommand")?;
-    let out = tokio::time::timeout(
-        Duration::from_secs(90),
-        tokio::process::Command::new(PGHA_BIN)
-            .arg(sub)
-            .arg("-c")
-            .arg(config)
-            .args(rest)
-            .stdin(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .with_context(|| format!("pgha {args:?} timed out"))?
-    .with_context(|| format!("run pgha {args:?}"))?;
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    if !out.status.success() {
-        bail!(
-            "pgha {args:?} failed ({}): {}{}",
-            out.status,
-            stdout,
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(stdout)
 }
 
 /// `pgha history --json`.

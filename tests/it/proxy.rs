@@ -438,3 +438,155 @@ async fn read_only_fallback_to_the_leader_is_configurable() {
         "{text}"
     );
 }
+
+/// Three planned switchovers while three writers insert through the
+/// read-write port in transaction mode: the writers see no error at all
+/// (each keeps its one session, no insert fails or times out), every
+/// acknowledged row is on the final leader, and at no instant are two
+/// servers writable. Each old leader waits for the proxy's drain
+/// acknowledgement before it stops (docs/proxy.md, "Switchover").
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn switchovers_through_the_proxy_cause_no_client_errors() {
+    use crate::support::cluster::pgha;
+    use crate::support::{OneWritablePrimary, Writer};
+
+    let cluster = Cluster::start("pxswitch", 3, ClusterOptions::default())
+        .await
+        .unwrap();
+    let proxy = Proxy::start(
+        &cluster,
+        "pxs",
+        &[("hold_timeout", "\"30s\""), ("drain_timeout", "\"5s\"")],
+    )
+    .await
+    .unwrap();
+    let checker = OneWritablePrimary::start(&cluster);
+    let mut writers = Vec::new();
+    for i in 0..3 {
+        let w = Writer::start_with(proxy.config(proxy.rw_port), &format!("px_writes_{i}"))
+            .await
+            .unwrap();
+        writers.push(w);
+    }
+    for w in &writers {
+        w.wait_for_progress(20, Duration::from_secs(30))
+            .await
+            .unwrap();
+    }
+    // One writer whose transactions last a quarter of a second: a
+    // switchover that stopped the old leader without waiting for the proxy's
+    // drain would cut one of them off.
+    let slow = {
+        let client = connect(&proxy.config(proxy.rw_port)).await.unwrap();
+        client
+            .batch_execute("CREATE TABLE px_slow (id bigint PRIMARY KEY)")
+            .await
+            .unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop_flag = stop.clone();
+        let task = tokio::spawn(async move {
+            let (mut acked, mut errors) = (Vec::new(), Vec::new());
+            let mut id = 0i64;
+            while !stop_flag.load(std::sync::atomic::Ordering::Relaxed) {
+                id += 1;
+                let sql = format!(
+                    "BEGIN; INSERT INTO px_slow VALUES ({id}); SELECT pg_sleep(0.25); COMMIT"
+                );
+                match tokio::time::timeout(Duration::from_secs(20), client.batch_execute(&sql))
+                    .await
+                {
+                    Ok(Ok(())) => acked.push(id),
+                    Ok(Err(e)) => errors.push(format!("{id}: {e}")),
+                    Err(_) => errors.push(format!("{id}: timed out")),
+                }
+            }
+            (acked, errors)
+        });
+        (stop, task)
+    };
+    let config = cluster.nodes[0].config_path().to_path_buf();
+    for round in 1..=3 {
+        let from = cluster.leader().await.unwrap().expect("a leader");
+        let to = cluster.replica_names().await.unwrap()[0].clone();
+        let started = Instant::now();
+        let out = pgha(&["switchover", "--to", to.as_str()], &config)
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "round {round}: switchover to {to}: {e:#}\n{}",
+                    cluster.log_tails(30)
+                )
+            });
+        eprintln!(
+            "round {round}: {from} -> {to} in {:.2}s: {}",
+            started.elapsed().as_secs_f64(),
+            out.trim().replace('\n', " / ")
+        );
+        for w in &writers {
+            w.wait_for_progress(20, Duration::from_secs(60))
+                .await
+                .unwrap_or_else(|e| {
+                    panic!(
+                        "round {round}: writes did not resume: {e:#}\n{}",
+                        proxy.log_tail()
+                    )
+                });
+        }
+        cluster
+            .wait_healthy(Duration::from_secs(120))
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: {e:#}\n{}", cluster.log_tails(30)));
+    }
+    let leader = cluster.leader_node().await.unwrap();
+    slow.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (acked, errors) = slow.1.await.unwrap();
+    assert!(
+        errors.is_empty(),
+        "long transactions failed across the switchovers: {errors:?}\n{}",
+        proxy.log_tail()
+    );
+    let present: i64 = leader
+        .scalar(&format!(
+            "SELECT count(*) FROM px_slow WHERE id = ANY('{{{}}}')",
+            acked
+                .iter()
+                .map(i64::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        ))
+        .await
+        .unwrap()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(
+        present,
+        acked.len() as i64,
+        "acknowledged long transactions lost"
+    );
+    eprintln!(
+        "px_slow: {} long transactions acknowledged, no errors",
+        acked.len()
+    );
+    for w in writers {
+        let report = w.stop().await;
+        assert!(
+            report.unknown.is_empty() && report.connect_failures == 0 && report.sessions == 1,
+            "{}: a client saw errors across the switchovers: {} unknown, {} failed connects, {} sessions, last error {:?}\n{}",
+            report.table,
+            report.unknown.len(),
+            report.connect_failures,
+            report.sessions,
+            report.last_error,
+            proxy.log_tail()
+        );
+        let missing = report.missing_on(leader).await.unwrap();
+        assert!(missing.is_empty(), "{}: lost {missing:?}", report.table);
+        eprintln!(
+            "{}: {} acknowledged, no errors",
+            report.table,
+            report.acknowledged.len()
+        );
+    }
+    checker.stop().await.assert_ok();
+}

@@ -872,35 +872,40 @@ pub fn is_healthy(list: &Value, expected: &BTreeSet<String>) -> bool {
     &names == expected && leaders == 1 && streaming + 1 == expected.len()
 }
 
-/// `pgha list --json -c <config>`.
-pub async fn list_json(config: &Path) -> anyhow::Result<Value> {
+/// Runs `pgha SUBCOMMAND -c CONFIG REST...` (90 s at most) and returns its
+/// standard output; a non-zero exit is an error carrying both outputs.
+pub async fn pgha(args: &[&str], config: &Path) -> anyhow::Result<String> {
+    let (sub, rest) = args.split_first().context("no subcommand")?;
     let out = tokio::time::timeout(
-        Duration::from_secs(10),
+        Duration::from_secs(90),
         tokio::process::Command::new(PGHA_BIN)
-            .arg("list")
-            .arg("--json")
+            .arg(sub)
             .arg("-c")
             .arg(config)
+            .args(rest)
             .stdin(Stdio::null())
             .kill_on_drop(true)
             .output(),
     )
     .await
-    .context("pgha list --json timed out")?
-    .context("run pgha list --json")?;
+    .with_context(|| format!("pgha {args:?} timed out"))?
+    .with_context(|| format!("run pgha {args:?}"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     if !out.status.success() {
         bail!(
-            "pgha list --json failed ({}): {}",
+            "pgha {args:?} failed ({}): {}{}",
             out.status,
+            stdout,
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
-    serde_json::from_slice(&out.stdout).with_context(|| {
-        format!(
-            "pgha list --json printed no JSON: {}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    })
+    Ok(stdout)
+}
+
+/// `pgha list --json -c <config>`.
+pub async fn list_json(config: &Path) -> anyhow::Result<Value> {
+    let out = pgha(&["list", "--json"], config).await?;
+    serde_json::from_str(&out).with_context(|| format!("pgha list --json printed no JSON: {out}"))
 }
 
 /// Connects and runs the connection on a background task.
