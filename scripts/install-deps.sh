@@ -11,6 +11,8 @@ command -v haproxy >/dev/null || need+=(haproxy)
 command -v protoc >/dev/null || need+=(protobuf-compiler)
 command -v pgbench >/dev/null || need+=(postgresql-contrib)
 command -v openssl >/dev/null || need+=(openssl)
+command -v psql >/dev/null || need+=(postgresql-client-15)
+command -v curl >/dev/null || need+=(curl)
 if [ ${#need[@]} -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
