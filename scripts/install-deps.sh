@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what pgha's demo and tests need on Debian 12, only when missing:
-# PostgreSQL 15, etcd, HAProxy (for the load-balancer tests), protoc and
+# PostgreSQL 15 (server, client tools, pgbench), etcd, HAProxy (for the
+# load-balancer tests), curl (API tests), protoc and
 # openssl (the TLS tests make throwaway certificates with it).
 set -euo pipefail
 need=()
