@@ -304,8 +304,12 @@ pub(super) fn validate_proxy(
         }
         None => None,
     };
-    let tls = match (raw.tls_certificate, raw.tls_key) {
-        (Some(c), Some(k)) => {
+    let tls = match super::validate::paired(
+        path,
+        ("proxy.tls_certificate", raw.tls_certificate),
+        ("proxy.tls_key", raw.tls_key),
+    )? {
+        Some((c, k)) => {
             let tls = ProxyTls {
                 certificate: resolve(&c),
                 key: resolve(&k),
@@ -314,19 +318,7 @@ pub(super) fn validate_proxy(
                 .map_err(|e| bad("tls_certificate", crate::util::chain(&e).to_string()))?;
             Some(tls)
         }
-        (None, None) => None,
-        (Some(_), None) => {
-            return Err(bad(
-                "tls_key",
-                "required when proxy.tls_certificate is set".into(),
-            ));
-        }
-        (None, Some(_)) => {
-            return Err(bad(
-                "tls_certificate",
-                "required when proxy.tls_key is set".into(),
-            ));
-        }
+        None => None,
     };
     let api_listen = match raw.api {
         Some(api) => Some(api.listen.parse::<SocketAddr>().map_err(|_| {

@@ -344,8 +344,12 @@ pub(super) fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigErro
         ),
     };
 
-    let basic_auth = match (raw.api.username, raw.api.password) {
-        (Some(u), Some(p)) => {
+    let basic_auth = match paired(
+        path,
+        ("api.username", raw.api.username),
+        ("api.password", raw.api.password),
+    )? {
+        Some((u, p)) => {
             if u.is_empty() || u.contains(':') {
                 return Err(bad(
                     "api.username",
@@ -357,19 +361,7 @@ pub(super) fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigErro
             }
             Some((u, p))
         }
-        (None, None) => None,
-        (Some(_), None) => {
-            return Err(bad(
-                "api.password",
-                "required when api.username is set".into(),
-            ));
-        }
-        (None, Some(_)) => {
-            return Err(bad(
-                "api.username",
-                "required when api.password is set".into(),
-            ));
-        }
+        None => None,
     };
     if let Some(t) = &raw.api.token
         && t.expose().len() < 16
@@ -472,6 +464,30 @@ pub(super) fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigErro
     })
 }
 
+/// Two keys that only make sense together (a user and its password, a
+/// certificate and its key): both, or neither; one alone names the other
+/// as missing.
+pub(super) fn paired<A, B>(
+    path: &Path,
+    (a_key, a): (&str, Option<A>),
+    (b_key, b): (&str, Option<B>),
+) -> Result<Option<(A, B)>, ConfigError> {
+    match (a, b) {
+        (Some(a), Some(b)) => Ok(Some((a, b))),
+        (None, None) => Ok(None),
+        (Some(_), None) => Err(ConfigError::invalid(
+            path,
+            b_key,
+            format!("required when {a_key} is set"),
+        )),
+        (None, Some(_)) => Err(ConfigError::invalid(
+            path,
+            a_key,
+            format!("required when {b_key} is set"),
+        )),
+    }
+}
+
 /// `[etcd]`, shared by node and proxy configuration files.
 pub(super) fn validate_etcd(
     path: &Path,
@@ -502,22 +518,11 @@ pub(super) fn validate_etcd(
         }
     }
     let etcd_tls = validate_etcd_tls(path, &etcd, &resolve)?;
-    let credentials = match (etcd.username, etcd.password) {
-        (Some(u), Some(p)) => Some((u, p)),
-        (None, None) => None,
-        (Some(_), None) => {
-            return Err(bad(
-                "etcd.password",
-                "required when etcd.username is set".into(),
-            ));
-        }
-        (None, Some(_)) => {
-            return Err(bad(
-                "etcd.username",
-                "required when etcd.password is set".into(),
-            ));
-        }
-    };
+    let credentials = paired(
+        path,
+        ("etcd.username", etcd.username),
+        ("etcd.password", etcd.password),
+    )?;
 
     Ok(EtcdConfig {
         endpoints: etcd.endpoints,
@@ -572,8 +577,12 @@ fn validate_etcd_tls(
         }
         None => None,
     };
-    let client = match (&raw.cert_file, &raw.key_file) {
-        (Some(cert), Some(key)) => {
+    let client = match paired(
+        path,
+        ("etcd.cert_file", raw.cert_file.as_ref()),
+        ("etcd.key_file", raw.key_file.as_ref()),
+    )? {
+        Some((cert, key)) => {
             let (cert_file, key_file) = (resolve(cert), resolve(key));
             pem::read_certificates(&cert_file).map_err(|e| file_error("etcd.cert_file", e))?;
             pem::read_private_key(&key_file).map_err(|e| file_error("etcd.key_file", e))?;
@@ -584,19 +593,7 @@ fn validate_etcd_tls(
                 key_file,
             })
         }
-        (None, None) => None,
-        (Some(_), None) => {
-            return Err(bad(
-                "etcd.key_file",
-                "required when etcd.cert_file is set".into(),
-            ));
-        }
-        (None, Some(_)) => {
-            return Err(bad(
-                "etcd.cert_file",
-                "required when etcd.key_file is set".into(),
-            ));
-        }
+        None => None,
     };
     Ok(Some(EtcdTls { ca_file, client }))
 }
