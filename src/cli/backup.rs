@@ -11,7 +11,7 @@ use clap::{Subcommand, ValueEnum};
 use super::UsageError;
 use crate::backup::base::{self, BackupSource, Manifest};
 use crate::backup::repo::Repository;
-use crate::backup::{file, naming, open_repository, restore};
+use crate::backup::{file, naming, open_repository, restore, retention};
 use crate::config::Config;
 use crate::config::backup::{BackupConfig, RepositoryFile};
 use crate::dcs::Dcs;
@@ -39,6 +39,14 @@ pub enum BackupAction {
         config: PathBuf,
         /// One backup; default: all.
         id: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove the backups beyond `keep` and the archived WAL no kept
+    /// backup needs (also done after every `pgha backup`).
+    Expire {
+        #[arg(short, long)]
+        config: PathBuf,
         #[arg(long)]
         json: bool,
     },
@@ -172,9 +180,23 @@ pub async fn take(cfg: &Config, from: From, json: bool) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let elapsed = started.elapsed();
+    // Retention runs only once the new backup is complete and restorable,
+    // so that a failed backup never costs an older one.
+    let expired = {
+        let (repo, keep) = (repo.clone(), b.keep);
+        tokio::task::spawn_blocking(move || retention::expire(repo.as_ref(), keep))
+            .await?
+            .with_context(|| {
+                format!(
+                    "backup {} is stored, but expiring old backups failed",
+                    manifest.id
+                )
+            })?
+    };
     let size = manifest.files.iter().map(|f| f.size).sum::<u64>();
     if json {
         let mut v = serde_json::to_value(&manifest)?;
+        v["expire"] = serde_json::to_value(&expired)?;
         v["seconds"] = serde_json::json!(elapsed.as_secs_f64());
         v["bytes"] = serde_json::json!(size);
         v["stored_bytes"] = serde_json::json!(manifest.stored_bytes());
@@ -191,8 +213,25 @@ pub async fn take(cfg: &Config, from: From, json: bool) -> anyhow::Result<()> {
             manifest.stop_lsn,
             manifest.timeline
         );
+        print_expired(&expired);
     }
     Ok(())
+}
+
+fn print_expired(r: &retention::ExpireReport) {
+    println!(
+        "kept {} backup(s) ({}); expired {} backup(s){}{}; removed {} archived WAL file(s)",
+        r.kept.len(),
+        r.kept.join(", "),
+        r.expired_backups.len(),
+        if r.expired_backups.is_empty() {
+            ""
+        } else {
+            ": "
+        },
+        r.expired_backups.join(", "),
+        r.expired_wal_objects
+    );
 }
 
 /// Whether a timeline after the backup's already has a history file: then
@@ -231,6 +270,21 @@ pub async fn action(action: BackupAction) -> anyhow::Result<()> {
                         m.stored_bytes()
                     );
                 }
+            }
+            Ok(())
+        }
+        BackupAction::Expire { config, json } => {
+            let cfg = super::load_config(&config)?;
+            let b = backup_config(&cfg)?;
+            let keep = b.keep;
+            let repo = open_repository(b);
+            let report =
+                tokio::task::spawn_blocking(move || retention::expire(repo.as_ref(), keep))
+                    .await??;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print_expired(&report);
             }
             Ok(())
         }
