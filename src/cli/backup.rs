@@ -45,6 +45,7 @@ pub enum BackupAction {
     /// Remove the backups beyond `keep` and the archived WAL no kept
     /// backup needs (also done after every `pgha backup`).
     Expire {
+        /// The node configuration or the repository file.
         #[arg(short, long)]
         config: PathBuf,
         #[arg(long)]
@@ -274,10 +275,12 @@ pub async fn action(action: BackupAction) -> anyhow::Result<()> {
             Ok(())
         }
         BackupAction::Expire { config, json } => {
-            let cfg = super::load_config(&config)?;
-            let b = backup_config(&cfg)?;
+            // The node file or the repository file: expiry needs nothing
+            // else, and may run as the account that owns the repository.
+            let b = crate::config::backup::load_backup_config(&config)
+                .map_err(|e| UsageError(e.to_string()))?;
             let keep = b.keep;
-            let repo = open_repository(b);
+            let repo = open_repository(&b);
             let report =
                 tokio::task::spawn_blocking(move || retention::expire(repo.as_ref(), keep))
                     .await??;
