@@ -104,6 +104,13 @@ pub async fn take(cfg: &Config, from: From, json: bool) -> anyhow::Result<()> {
     let repo: Arc<dyn Repository> = Arc::from(open_repository(&b));
     let bar = progress_bar(&format!("backing up {}", member.name));
     let started = Instant::now();
+    let nudge = (from == From::Replica).then(|| {
+        tokio::spawn(nudge_leader(
+            cfg.clone(),
+            (member.host.clone(), member.port),
+            (leader.host.clone(), leader.port),
+        ))
+    });
     let manifest = {
         let repo = repo.clone();
         let bar = bar.clone();
@@ -134,6 +141,9 @@ pub async fn take(cfg: &Config, from: From, json: bool) -> anyhow::Result<()> {
         })
         .await??
     };
+    if let Some(nudge) = nudge {
+        nudge.abort();
+    }
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
@@ -142,15 +152,7 @@ pub async fn take(cfg: &Config, from: From, json: bool) -> anyhow::Result<()> {
     // backup cannot be restored.
     let stop = base::stop_segment(&manifest);
     if from == From::Replica {
-        let pg = &cfg.postgres.superuser;
-        let (client, conn) = tokio_postgres::Config::new()
-            .host(&leader.host)
-            .port(leader.port)
-            .user(&pg.username)
-            .password(pg.password.expose())
-            .dbname("postgres")
-            .connect_timeout(Duration::from_secs(5))
-            .connect(tokio_postgres::NoTls)
+        let client = connect(cfg, &leader.host, leader.port)
             .await
             .with_context(|| {
                 format!(
@@ -158,7 +160,6 @@ pub async fn take(cfg: &Config, from: From, json: bool) -> anyhow::Result<()> {
                     leader.name
                 )
             })?;
-        tokio::spawn(conn);
         client
             .batch_execute("SELECT pg_switch_wal()")
             .await
@@ -233,6 +234,58 @@ fn print_expired(r: &retention::ExpireReport) {
         r.expired_backups.join(", "),
         r.expired_wal_objects
     );
+}
+
+/// A superuser session to a member's PostgreSQL.
+async fn connect(cfg: &Config, host: &str, port: u16) -> anyhow::Result<tokio_postgres::Client> {
+    let pg = &cfg.postgres.superuser;
+    let (client, conn) = tokio_postgres::Config::new()
+        .host(host)
+        .port(port)
+        .user(&pg.username)
+        .password(pg.password.expose())
+        .dbname("postgres")
+        .connect_timeout(Duration::from_secs(5))
+        .connect(tokio_postgres::NoTls)
+        .await?;
+    tokio::spawn(conn);
+    Ok(client)
+}
+
+/// While a backup runs on a replica: with `archive_mode = always` the
+/// replica's `pg_backup_stop` waits until the segment holding the end of
+/// the backup is archived, and only the leader can end that segment. So
+/// when the replica's backup is seen waiting for the archive
+/// (`BackupWaitWalArchive`), the leader switches WAL segments (at most every
+/// 2 s). Errors are ignored: the backup's own result says what went wrong.
+async fn nudge_leader(cfg: Config, replica: (String, u16), leader: (String, u16)) {
+    let mut sessions = None;
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if sessions.is_none() {
+            let r = connect(&cfg, &replica.0, replica.1).await;
+            let l = connect(&cfg, &leader.0, leader.1).await;
+            if let (Ok(r), Ok(l)) = (r, l) {
+                sessions = Some((r, l));
+            }
+        }
+        let Some((r, l)) = &sessions else { continue };
+        let waiting = r
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'BackupWaitWalArchive'",
+                &[],
+            )
+            .await
+            .map(|row| row.get::<_, i64>(0) > 0);
+        match waiting {
+            Ok(true) => {
+                let _ = l.batch_execute("SELECT pg_switch_wal()").await;
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+            Ok(false) => {}
+            Err(_) => sessions = None,
+        }
+    }
 }
 
 /// Whether a timeline after the backup's already has a history file: then
