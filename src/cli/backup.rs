@@ -161,7 +161,7 @@ pub async fn take(cfg: &Config, from: From, json: bool) -> anyhow::Result<()> {
                 )
             })?;
         client
-            .batch_execute("SELECT pg_switch_wal()")
+            .batch_execute(END_SEGMENT)
             .await
             .context("pg_switch_wal on the leader")?;
     }
@@ -236,6 +236,12 @@ fn print_expired(r: &retention::ExpireReport) {
     );
 }
 
+/// Ends the leader's current WAL segment. The restore point first: on an
+/// idle leader whose insert position sits at a segment boundary,
+/// `pg_switch_wal()` alone does nothing, and a replica closes (and marks
+/// for archiving) a received segment only once it writes into the next.
+const END_SEGMENT: &str = "SELECT pg_create_restore_point('pgha backup'); SELECT pg_switch_wal()";
+
 /// A superuser session to a member's PostgreSQL.
 async fn connect(cfg: &Config, host: &str, port: u16) -> anyhow::Result<tokio_postgres::Client> {
     let pg = &cfg.postgres.superuser;
@@ -279,7 +285,7 @@ async fn nudge_leader(cfg: Config, replica: (String, u16), leader: (String, u16)
             .map(|row| row.get::<_, i64>(0) > 0);
         match waiting {
             Ok(true) => {
-                let _ = l.batch_execute("SELECT pg_switch_wal()").await;
+                let _ = l.batch_execute(END_SEGMENT).await;
                 tokio::time::sleep(Duration::from_secs(2)).await;
             }
             Ok(false) => {}

@@ -308,12 +308,24 @@ async fn archive_backup_failover_verify_and_restore() {
     .unwrap();
     assert!(!ok && err.contains("before the oldest backup"), "{err}");
     // A corrupt segment, then a missing one: verify names each.
+    // The segment holding the backup's start: on every restore's path
+    // (the newest TL1 segment may be a replica's copy cut at the switch,
+    // which no recovery reads).
+    let start: u64 = {
+        let (hi, lo) = summary["start_lsn"]
+            .as_str()
+            .unwrap()
+            .split_once('/')
+            .unwrap();
+        (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap()
+    };
+    let segno = start / (16 << 20);
+    let start_name = format!("00000001{:08X}{:08X}", segno >> 8, segno & 0xFF);
     let tl1 = archived(&repo, 1);
     let victim = tl1
         .iter()
-        .filter(|n| n.split('.').count() == 3)
-        .max()
-        .unwrap()
+        .find(|n| n.starts_with(&format!("{start_name}.")) && n.split('.').count() == 3)
+        .unwrap_or_else(|| panic!("{start_name} not archived: {tl1:?}"))
         .clone();
     let path = repo.join("archive/00000001").join(&victim);
     let good = std::fs::read(&path).unwrap();
