@@ -18,10 +18,10 @@ pub enum Pushed {
     Stored { key: String, bytes: u64 },
     /// Already archived with the same content: nothing to do.
     AlreadyArchived { key: String },
-    /// Pushed by a standby (`archive_mode = always`) with content that
-    /// differs from the archived copy: the archived copy stays and the
-    /// standby's is dropped (see [`Origin::Standby`]).
-    KeptArchived { key: String, local_sha256: String },
+    /// Pushed by a standby (`archive_mode = always`) for a name already
+    /// archived: the archived copy stays, whatever the standby's holds
+    /// (see [`Origin::Standby`]), so the standby's file is not even read.
+    KeptArchived { key: String },
 }
 
 /// Who runs `archive_command`, which decides what a conflict means.
@@ -104,6 +104,16 @@ pub fn push(
     let name = WalName::parse(file_name).ok_or_else(|| BackupError::NotWal {
         name: path.display().to_string(),
     })?;
+    // A standby only fills holes: when the name is archived, the archived
+    // copy stays either way, so its file need not be read or hashed (this
+    // keeps `always` cheap: one listing per segment on every replica).
+    if origin == Origin::Standby
+        && let Some(sha) = archived_copies(repo, &name)?.first()
+    {
+        return Ok(Pushed::KeptArchived {
+            key: naming::archive_key(&name, sha),
+        });
+    }
     let data = std::fs::read(path).map_err(|source| BackupError::Local {
         action: "read",
         path: path.to_path_buf(),
@@ -116,12 +126,6 @@ pub fn push(
         return Ok(Pushed::AlreadyArchived { key });
     }
     if let Some(other) = copies.first() {
-        if origin == Origin::Standby {
-            return Ok(Pushed::KeptArchived {
-                key: naming::archive_key(&name, other),
-                local_sha256: sha,
-            });
-        }
         return Err(BackupError::Conflict {
             name: name.to_string(),
             archived: naming::archive_key(&name, other),
@@ -288,6 +292,8 @@ mod tests {
             push(&repo, &next, 3, Origin::Standby).unwrap(),
             Pushed::Stored { .. }
         ));
+        let again = push(&repo, &next, 3, Origin::Standby).unwrap();
+        assert!(matches!(again, Pushed::KeptArchived { .. }), "{again:?}");
         // The primary's later push of the same content is a no-op.
         assert!(matches!(
             push(&repo, &next, 3, Origin::Primary).unwrap(),

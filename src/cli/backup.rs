@@ -284,14 +284,37 @@ async fn nudge_leader(cfg: Config, replica: (String, u16), leader: (String, u16)
             .await
             .map(|row| row.get::<_, i64>(0) > 0);
         match waiting {
-            Ok(true) => {
+            // Only while the replica's position is still in the leader's
+            // current segment: once that segment is complete, the replica
+            // just has to archive it, and another switch would only add a
+            // segment to its queue.
+            Ok(true) if same_segment(r, l).await.unwrap_or(false) => {
                 let _ = l.batch_execute(END_SEGMENT).await;
                 tokio::time::sleep(Duration::from_secs(2)).await;
             }
-            Ok(false) => {}
+            Ok(_) => {}
             Err(_) => sessions = None,
         }
     }
+}
+
+/// Whether the replica's replay position is in the leader's current WAL
+/// segment.
+async fn same_segment(
+    replica: &tokio_postgres::Client,
+    leader: &tokio_postgres::Client,
+) -> anyhow::Result<bool> {
+    let lsn = |row: tokio_postgres::Row| -> anyhow::Result<crate::model::Lsn> {
+        Ok(row.get::<_, String>(0).parse()?)
+    };
+    let r = lsn(replica
+        .query_one("SELECT pg_last_wal_replay_lsn()::text", &[])
+        .await?)?;
+    let l = lsn(leader
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await?)?;
+    let seg = naming::DEFAULT_SEGMENT_SIZE;
+    Ok(naming::segno_of(r, seg) == naming::segno_of(l, seg))
 }
 
 /// Whether a timeline after the backup's already has a history file: then

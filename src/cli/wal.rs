@@ -66,15 +66,9 @@ pub fn main(action: &WalAction) -> i32 {
             file::Origin::of(path),
         ) {
             Ok(Pushed::Stored { .. } | Pushed::AlreadyArchived { .. }) => 0,
-            Ok(Pushed::KeptArchived { key, local_sha256 }) => {
-                // Shown in the standby's server log: expected once per
-                // timeline switch, worth a look if it repeats.
-                eprintln!(
-                    "pgha wal push {}: this standby's copy (sha256 {local_sha256}) differs from the archived {key}; keeping the archived copy",
-                    path.display()
-                );
-                0
-            }
+            // A standby found the name archived (normally by the primary,
+            // with the same content): nothing to do.
+            Ok(Pushed::KeptArchived { .. }) => 0,
             Err(e) => {
                 eprintln!("pgha wal push {}: {}", path.display(), chain(&e));
                 super::EXIT_FAILURE
