@@ -694,10 +694,17 @@ async fn drop_table_failovers_retention_and_read_only_repository() {
     .await
     .unwrap();
     assert_eq!(tree(&repo), before, "the read-only repository changed");
-    // Writable again: archiving catches up, nothing lost.
+    // Writable again: archiving catches up, nothing lost. After three
+    // failures in a row the archiver rests until a new segment is ready
+    // (or a minute passes): complete one to wake it.
     chmod_tree(&repo, true);
+    leader
+        .psql("SELECT pg_create_restore_point('wake the archiver')")
+        .await
+        .unwrap();
+    leader.psql("SELECT pg_switch_wal()").await.unwrap();
     wait_until(
-        Duration::from_secs(60),
+        Duration::from_secs(90),
         Duration::from_millis(300),
         || async {
             archived(&repo, tl)
