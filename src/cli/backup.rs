@@ -298,23 +298,34 @@ async fn nudge_leader(cfg: Config, replica: (String, u16), leader: (String, u16)
     }
 }
 
-/// Whether the replica's replay position is in the leader's current WAL
-/// segment.
+/// Whether ending the leader's segment would help the replica's backup:
+/// the replica's replay position is in the leader's current segment (so
+/// that segment is what it waits for) and its archiver has caught up with
+/// every segment before it (otherwise it is still working through its
+/// queue, and a switch would only lengthen it).
 async fn same_segment(
     replica: &tokio_postgres::Client,
     leader: &tokio_postgres::Client,
 ) -> anyhow::Result<bool> {
-    let lsn = |row: tokio_postgres::Row| -> anyhow::Result<crate::model::Lsn> {
-        Ok(row.get::<_, String>(0).parse()?)
-    };
-    let r = lsn(replica
-        .query_one("SELECT pg_last_wal_replay_lsn()::text", &[])
-        .await?)?;
-    let l = lsn(leader
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
-        .await?)?;
     let seg = naming::DEFAULT_SEGMENT_SIZE;
-    Ok(naming::segno_of(r, seg) == naming::segno_of(l, seg))
+    let row = replica
+        .query_one(
+            "SELECT pg_last_wal_replay_lsn()::text, coalesce(last_archived_wal, '') FROM pg_stat_archiver",
+            &[],
+        )
+        .await?;
+    let replay: crate::model::Lsn = row.get::<_, String>(0).parse()?;
+    let archived = naming::WalName::parse(&row.get::<_, String>(1)).and_then(|w| w.segno(seg));
+    let replay_seg = naming::segno_of(replay, seg);
+    if archived.is_some_and(|a| a + 1 < replay_seg) {
+        return Ok(false);
+    }
+    let l: crate::model::Lsn = leader
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await?
+        .get::<_, String>(0)
+        .parse()?;
+    Ok(replay_seg == naming::segno_of(l, seg))
 }
 
 /// Whether a timeline after the backup's already has a history file: then
