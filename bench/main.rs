@@ -5,10 +5,12 @@
 //!   loss and the phases of each takeover, for node loss, PostgreSQL crash
 //!   and planned switchover.
 //! - `load`: leader stability under a sustained pgbench load.
+//! - `backup`: backup, restore and archiving against pgBackRest.
 //!
 //! The JSON report goes to stdout (and `--json-out`); progress goes to
 //! stderr. See bench/README.md for what every number means.
 
+mod backup;
 mod clock;
 mod cluster;
 mod failover;
@@ -76,6 +78,11 @@ enum Command {
         #[command(flatten)]
         args: load::Args,
     },
+    /// Backup, restore and WAL archiving of one server, pgha vs pgBackRest.
+    Backup {
+        #[command(flatten)]
+        args: backup::Args,
+    },
 }
 
 /// Exit codes: 0 success; 1 error, aborted run or failed trial; 3 when an
@@ -95,8 +102,10 @@ fn main() {
 }
 
 async fn run(cli: Cli) -> i32 {
-    let common = match &cli.command {
-        Command::Failover { common, .. } | Command::Load { common, .. } => common,
+    let common = match cli.command {
+        // One server of its own: no cluster.
+        Command::Backup { args } => return backup::main(args).await,
+        Command::Failover { ref common, .. } | Command::Load { ref common, .. } => common,
     };
     report::init_machine();
     if !common.no_subreaper {
@@ -121,6 +130,7 @@ async fn run(cli: Cli) -> i32 {
         match &cli.command {
             Command::Failover { args, .. } => failover::run(cluster.clone(), args).await,
             Command::Load { args, .. } => load::run(cluster.clone(), args).await,
+            Command::Backup { .. } => unreachable!("handled above"),
         }
     };
     // The cluster outlives the work future, so that Ctrl-C (which drops

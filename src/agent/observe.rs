@@ -351,7 +351,12 @@ impl Agent {
         if leader.is_some() && previous_leader.is_some() && leader != previous_leader {
             leader_changes += 1;
         }
+        let archive = match running {
+            Some(_) => self.observer.archive_status().await,
+            None => None,
+        };
         let status = AgentStatus {
+            archive,
             loop_duration,
             renewal_latency: self.lease.renewal_histogram(),
             leader_changes,

@@ -32,6 +32,8 @@ pub struct AgentStatus {
     pub leader_changes: u64,
     /// Name of the leader in the last view.
     pub leader: Option<crate::model::MemberName>,
+    /// `pg_stat_archiver` of the local server, while it runs.
+    pub archive: Option<crate::postgres::observe::ArchiveStatus>,
 }
 
 /// Requests the REST API hands to the agent loop; each is carried out at

@@ -101,6 +101,51 @@ fn running(m: &MemberRecord) -> bool {
     )
 }
 
+/// `pg_stat_archiver` of the local server (only while it runs). Counters
+/// restart at zero with the server (Prometheus' `rate` handles resets);
+/// the ages are absent until the first success or failure.
+fn archive(o: &mut Out, a: &crate::postgres::observe::ArchiveStatus) {
+    o.header(
+        "pgha_archive_archived_total",
+        "counter",
+        "WAL files archived by the local server since its statistics were reset.",
+    );
+    o.sample(
+        "pgha_archive_archived_total",
+        &[("mode", &a.mode)],
+        a.archived_count as f64,
+    );
+    o.header(
+        "pgha_archive_failed_total",
+        "counter",
+        "Failed archive_command runs of the local server since its statistics were reset.",
+    );
+    o.sample(
+        "pgha_archive_failed_total",
+        &[("mode", &a.mode)],
+        a.failed_count as f64,
+    );
+    if let Some(ms) = a.last_archived_age_ms {
+        o.gauge(
+            "pgha_archive_last_archived_age_seconds",
+            "Seconds since the local server last archived a WAL file.",
+            ms as f64 / 1000.0,
+        );
+    }
+    if let Some(ms) = a.last_failed_age_ms {
+        o.gauge(
+            "pgha_archive_last_failed_age_seconds",
+            "Seconds since the local server's last failed archive attempt.",
+            ms as f64 / 1000.0,
+        );
+    }
+    o.gauge(
+        "pgha_archive_failing",
+        "1 when the local server's last archive attempt failed (a failure newer than the last success).",
+        b(a.failing()),
+    );
+}
+
 /// The whole exposition for one agent status: pure, so it is unit-tested.
 pub fn render(cluster: &str, s: &AgentStatus) -> String {
     let me = s.member.as_ref();
@@ -189,6 +234,9 @@ pub fn render(cluster: &str, s: &AgentStatus) -> String {
             "Bytes this replica trails the leader's last published position.",
             lag as f64,
         );
+    }
+    if let Some(a) = &s.archive {
+        archive(&mut o, a);
     }
     let sync = me.is_some_and(|m| !is_leader && is_synchronous(view, &m.name));
     o.gauge(
@@ -376,6 +424,49 @@ mod tests {
             renewal_latency: Histogram::latency(),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn archive_metrics_from_pg_stat_archiver() {
+        let mut s = replica_status();
+        assert!(!render("orders", &s).contains("pgha_archive_"));
+        s.archive = Some(crate::postgres::observe::ArchiveStatus {
+            mode: "always".into(),
+            archived_count: 41,
+            failed_count: 2,
+            last_archived_wal: Some("000000020000000000000007".into()),
+            last_failed_wal: Some("000000020000000000000008".into()),
+            last_archived_age_ms: Some(12_500),
+            last_failed_age_ms: Some(1_000),
+        });
+        let text = render("orders", &s);
+        let scrape = parse(&text);
+        assert_eq!(
+            value(
+                &scrape,
+                "pgha_archive_archived_total",
+                Some(("mode", "always"))
+            ),
+            Some(41.0)
+        );
+        assert_eq!(
+            value(
+                &scrape,
+                "pgha_archive_failed_total",
+                Some(("mode", "always"))
+            ),
+            Some(2.0)
+        );
+        assert_eq!(
+            value(&scrape, "pgha_archive_last_archived_age_seconds", None),
+            Some(12.5)
+        );
+        assert_eq!(
+            value(&scrape, "pgha_archive_last_failed_age_seconds", None),
+            Some(1.0)
+        );
+        assert_eq!(value(&scrape, "pgha_archive_failing", None), Some(1.0));
+        assert!(text.contains("# TYPE pgha_archive_failed_total counter"));
     }
 
     #[test]

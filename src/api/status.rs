@@ -35,6 +35,9 @@ pub struct StatusReport {
     pub dcs_reachable: bool,
     pub last_decision: Option<String>,
     pub upstream: Option<MemberName>,
+    /// `pg_stat_archiver` while the server runs (`pgha list` shows it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub archive: Option<crate::postgres::observe::ArchiveStatus>,
 }
 
 impl StatusReport {
@@ -82,6 +85,7 @@ impl StatusReport {
             dcs_reachable: s.dcs_reachable,
             last_decision: s.last_decision.clone(),
             upstream: m.upstream.clone(),
+            archive: s.archive.clone(),
         })
     }
 }

@@ -18,6 +18,49 @@ pub enum Pushed {
     Stored { key: String, bytes: u64 },
     /// Already archived with the same content: nothing to do.
     AlreadyArchived { key: String },
+    /// Pushed by a standby (`archive_mode = always`) for a name already
+    /// archived: the archived copy stays, whatever the standby's holds
+    /// (see [`Origin::Standby`]), so the standby's file is not even read.
+    KeptArchived { key: String },
+}
+
+/// Who runs `archive_command`, which decides what a conflict means.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// The primary: its WAL is the timeline's; a different archived copy is
+    /// an error that must be seen (two clusters sharing a repository, a
+    /// split brain), and PostgreSQL keeps retrying.
+    Primary,
+    /// A standby with `archive_mode = always`. It archives only to fill
+    /// holes the primary may leave (a segment completed but not archived
+    /// before it died). A standby legitimately holds a different copy of a
+    /// name at a timeline switch: its walreceiver closes the old
+    /// timeline's segment at the switch point and marks it for archiving
+    /// under the full name, while the old primary may have archived that
+    /// segment complete. Recovery on the new timeline never reads that copy
+    /// (the new timeline owns the switch segment), so keeping the archived
+    /// one loses nothing, and refusing would stall the standby's archiver
+    /// on that file forever (it retries the oldest file first), filling its
+    /// pg_wal.
+    Standby,
+}
+
+impl Origin {
+    /// From the WAL file's path as `archive_command` gets it (`%p`,
+    /// relative to the data directory, which is the working directory):
+    /// a standby has `standby.signal` in its data directory.
+    pub fn of(wal_path: &Path) -> Origin {
+        let data_dir = wal_path
+            .parent()
+            .and_then(Path::parent)
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        if data_dir.join("standby.signal").exists() {
+            Origin::Standby
+        } else {
+            Origin::Primary
+        }
+    }
 }
 
 pub fn sha256_hex(data: &[u8]) -> String {
@@ -48,7 +91,12 @@ pub fn archived_copies(repo: &dyn Repository, name: &WalName) -> Result<Vec<Stri
 /// success (PostgreSQL retries an archive_command whose success it did not
 /// see); different content under the same name is refused, since one of the
 /// two copies would otherwise silently shadow the other at restore.
-pub fn push(repo: &dyn Repository, path: &Path, level: i32) -> Result<Pushed, BackupError> {
+pub fn push(
+    repo: &dyn Repository,
+    path: &Path,
+    level: i32,
+    origin: Origin,
+) -> Result<Pushed, BackupError> {
     let file_name = path
         .file_name()
         .and_then(|n| n.to_str())
@@ -56,6 +104,16 @@ pub fn push(repo: &dyn Repository, path: &Path, level: i32) -> Result<Pushed, Ba
     let name = WalName::parse(file_name).ok_or_else(|| BackupError::NotWal {
         name: path.display().to_string(),
     })?;
+    // A standby only fills holes: when the name is archived, the archived
+    // copy stays either way, so its file need not be read or hashed (this
+    // keeps `always` cheap: one listing per segment on every replica).
+    if origin == Origin::Standby
+        && let Some(sha) = archived_copies(repo, &name)?.first()
+    {
+        return Ok(Pushed::KeptArchived {
+            key: naming::archive_key(&name, sha),
+        });
+    }
     let data = std::fs::read(path).map_err(|source| BackupError::Local {
         action: "read",
         path: path.to_path_buf(),
@@ -172,7 +230,7 @@ mod tests {
         let seg = wal.join("000000010000000000000002");
         let content: Vec<u8> = (0..100_000u32).flat_map(|i| i.to_le_bytes()).collect();
         std::fs::write(&seg, &content).unwrap();
-        let key = match push(&repo, &seg, 3).unwrap() {
+        let key = match push(&repo, &seg, 3, Origin::Primary).unwrap() {
             Pushed::Stored { key, bytes } => {
                 assert!(bytes < content.len() as u64, "compressed");
                 key
@@ -180,7 +238,7 @@ mod tests {
             other => panic!("{other:?}"),
         };
         assert_eq!(
-            push(&repo, &seg, 3).unwrap(),
+            push(&repo, &seg, 3, Origin::Primary).unwrap(),
             Pushed::AlreadyArchived { key: key.clone() }
         );
         let out = wal.join("RECOVERYXLOG");
@@ -193,9 +251,9 @@ mod tests {
         let (_d, repo, wal) = setup();
         let seg = wal.join("000000010000000000000002");
         std::fs::write(&seg, b"one").unwrap();
-        push(&repo, &seg, 3).unwrap();
+        push(&repo, &seg, 3, Origin::Primary).unwrap();
         std::fs::write(&seg, b"two").unwrap();
-        let err = push(&repo, &seg, 3).unwrap_err();
+        let err = push(&repo, &seg, 3, Origin::Primary).unwrap_err();
         assert!(matches!(err, BackupError::Conflict { .. }), "{err}");
         assert!(
             err.to_string().contains("000000010000000000000002"),
@@ -208,6 +266,47 @@ mod tests {
     }
 
     #[test]
+    fn a_standby_keeps_the_archived_copy_and_an_identical_one_is_a_no_op() {
+        let (d, repo, wal) = setup();
+        let seg = wal.join("000000010000000000000002");
+        std::fs::write(&seg, b"the old primary's complete segment").unwrap();
+        push(&repo, &seg, 3, Origin::Primary).unwrap();
+        // The standby's copy, closed at the timeline switch.
+        std::fs::write(&seg, b"the old primary's").unwrap();
+        assert_eq!(Origin::of(&seg), Origin::Primary);
+        std::fs::write(d.path().join("standby.signal"), b"").unwrap();
+        assert_eq!(Origin::of(&seg), Origin::Standby);
+        let pushed = push(&repo, &seg, 3, Origin::of(&seg)).unwrap();
+        assert!(matches!(pushed, Pushed::KeptArchived { .. }), "{pushed:?}");
+        let out = wal.join("out");
+        get(&repo, "000000010000000000000002", &out).unwrap();
+        assert_eq!(
+            std::fs::read(&out).unwrap(),
+            b"the old primary's complete segment"
+        );
+        assert_eq!(repo.list("archive/00000001").unwrap().len(), 1);
+        // A segment the primary never archived: the standby fills the hole.
+        let next = wal.join("000000010000000000000003");
+        std::fs::write(&next, b"completed, never archived by the primary").unwrap();
+        assert!(matches!(
+            push(&repo, &next, 3, Origin::Standby).unwrap(),
+            Pushed::Stored { .. }
+        ));
+        let again = push(&repo, &next, 3, Origin::Standby).unwrap();
+        assert!(matches!(again, Pushed::KeptArchived { .. }), "{again:?}");
+        // The primary's later push of the same content is a no-op.
+        assert!(matches!(
+            push(&repo, &next, 3, Origin::Primary).unwrap(),
+            Pushed::AlreadyArchived { .. }
+        ));
+        // %p as PostgreSQL passes it: relative to the data directory.
+        assert_eq!(
+            Origin::of(Path::new("pg_wal/000000010000000000000003")),
+            Origin::of(Path::new("./pg_wal/000000010000000000000003"))
+        );
+    }
+
+    #[test]
     fn missing_corrupt_and_truncated_objects_are_named() {
         let (_d, repo, wal) = setup();
         let out = wal.join("out");
@@ -216,7 +315,7 @@ mod tests {
 
         let seg = wal.join("000000010000000000000003");
         std::fs::write(&seg, vec![7u8; 1 << 16]).unwrap();
-        let Pushed::Stored { key, .. } = push(&repo, &seg, 3).unwrap() else {
+        let Pushed::Stored { key, .. } = push(&repo, &seg, 3, Origin::Primary).unwrap() else {
             panic!()
         };
         let path = repo.root().join(&key);
@@ -238,14 +337,14 @@ mod tests {
         let (_d, repo, wal) = setup();
         let h = wal.join("00000002.history");
         std::fs::write(&h, b"1\t0/3000060\tno recovery target specified\n").unwrap();
-        let Pushed::Stored { key, .. } = push(&repo, &h, 3).unwrap() else {
+        let Pushed::Stored { key, .. } = push(&repo, &h, 3, Origin::Primary).unwrap() else {
             panic!()
         };
         assert!(
             key.starts_with("archive/00000002/00000002.history."),
             "{key}"
         );
-        let err = push(&repo, &wal.join("not-wal"), 3).unwrap_err();
+        let err = push(&repo, &wal.join("not-wal"), 3, Origin::Primary).unwrap_err();
         assert!(matches!(err, BackupError::NotWal { .. }), "{err}");
     }
 }

@@ -5,6 +5,7 @@
 //! - [`repo`]: the [`repo::Repository`] trait and the directory repository.
 //! - [`file`]: one WAL file in and out (`archive_command`,
 //!   `restore_command`); [`crate::cli::wal`] wraps it.
+//! - [`retention`]: which backups and archived WAL `keep` lets go.
 //! - [`agent`]: what the agent sets up for PostgreSQL when `[backup]` is
 //!   configured (the repository file, the archive settings).
 
@@ -15,6 +16,7 @@ pub mod file;
 pub mod naming;
 pub mod repo;
 pub mod restore;
+pub mod retention;
 
 use std::path::PathBuf;
 

@@ -58,6 +58,12 @@ pub trait Repository: Send + Sync {
     /// Removes `key` (retention only); a missing key is not an error.
     fn delete(&self, key: &str) -> Result<(), RepoError>;
 
+    /// Removes the directory `dir` if it is empty (retention, after the
+    /// objects of a backup are gone); stores without directories do nothing.
+    fn remove_empty_dir(&self, _dir: &str) -> Result<(), RepoError> {
+        Ok(())
+    }
+
     /// Reads all of `key`.
     fn read(&self, key: &str) -> Result<Vec<u8>, RepoError> {
         let mut out = Vec::new();
@@ -256,6 +262,23 @@ impl Repository for DirRepository {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(self.io("delete", key)(e)),
+        }
+    }
+
+    fn remove_empty_dir(&self, dir: &str) -> Result<(), RepoError> {
+        let path = self.path(dir)?;
+        match std::fs::remove_dir(&path) {
+            Ok(()) => Ok(()),
+            // Not empty (a stray file) or already gone: leave it.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::DirectoryNotEmpty
+                ) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(self.io("remove the directory", dir)(e)),
         }
     }
 }

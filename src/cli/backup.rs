@@ -11,7 +11,7 @@ use clap::{Subcommand, ValueEnum};
 use super::UsageError;
 use crate::backup::base::{self, BackupSource, Manifest};
 use crate::backup::repo::Repository;
-use crate::backup::{file, naming, open_repository, restore};
+use crate::backup::{file, naming, open_repository, restore, retention};
 use crate::config::Config;
 use crate::config::backup::{BackupConfig, RepositoryFile};
 use crate::dcs::Dcs;
@@ -39,6 +39,15 @@ pub enum BackupAction {
         config: PathBuf,
         /// One backup; default: all.
         id: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove the backups beyond `keep` and the archived WAL no kept
+    /// backup needs (also done after every `pgha backup`).
+    Expire {
+        /// The node configuration or the repository file.
+        #[arg(short, long)]
+        config: PathBuf,
         #[arg(long)]
         json: bool,
     },
@@ -95,6 +104,13 @@ pub async fn take(cfg: &Config, from: From, json: bool) -> anyhow::Result<()> {
     let repo: Arc<dyn Repository> = Arc::from(open_repository(&b));
     let bar = progress_bar(&format!("backing up {}", member.name));
     let started = Instant::now();
+    let nudge = (from == From::Replica).then(|| {
+        tokio::spawn(nudge_leader(
+            cfg.clone(),
+            (member.host.clone(), member.port),
+            (leader.host.clone(), leader.port),
+        ))
+    });
     let manifest = {
         let repo = repo.clone();
         let bar = bar.clone();
@@ -125,6 +141,9 @@ pub async fn take(cfg: &Config, from: From, json: bool) -> anyhow::Result<()> {
         })
         .await??
     };
+    if let Some(nudge) = nudge {
+        nudge.abort();
+    }
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
@@ -133,15 +152,7 @@ pub async fn take(cfg: &Config, from: From, json: bool) -> anyhow::Result<()> {
     // backup cannot be restored.
     let stop = base::stop_segment(&manifest);
     if from == From::Replica {
-        let pg = &cfg.postgres.superuser;
-        let (client, conn) = tokio_postgres::Config::new()
-            .host(&leader.host)
-            .port(leader.port)
-            .user(&pg.username)
-            .password(pg.password.expose())
-            .dbname("postgres")
-            .connect_timeout(Duration::from_secs(5))
-            .connect(tokio_postgres::NoTls)
+        let client = connect(cfg, &leader.host, leader.port)
             .await
             .with_context(|| {
                 format!(
@@ -149,9 +160,8 @@ pub async fn take(cfg: &Config, from: From, json: bool) -> anyhow::Result<()> {
                     leader.name
                 )
             })?;
-        tokio::spawn(conn);
         client
-            .batch_execute("SELECT pg_switch_wal()")
+            .batch_execute(END_SEGMENT)
             .await
             .context("pg_switch_wal on the leader")?;
     }
@@ -172,9 +182,23 @@ pub async fn take(cfg: &Config, from: From, json: bool) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let elapsed = started.elapsed();
+    // Retention runs only once the new backup is complete and restorable,
+    // so that a failed backup never costs an older one.
+    let expired = {
+        let (repo, keep) = (repo.clone(), b.keep);
+        tokio::task::spawn_blocking(move || retention::expire(repo.as_ref(), keep))
+            .await?
+            .with_context(|| {
+                format!(
+                    "backup {} is stored, but expiring old backups failed",
+                    manifest.id
+                )
+            })?
+    };
     let size = manifest.files.iter().map(|f| f.size).sum::<u64>();
     if json {
         let mut v = serde_json::to_value(&manifest)?;
+        v["expire"] = serde_json::to_value(&expired)?;
         v["seconds"] = serde_json::json!(elapsed.as_secs_f64());
         v["bytes"] = serde_json::json!(size);
         v["stored_bytes"] = serde_json::json!(manifest.stored_bytes());
@@ -191,8 +215,117 @@ pub async fn take(cfg: &Config, from: From, json: bool) -> anyhow::Result<()> {
             manifest.stop_lsn,
             manifest.timeline
         );
+        print_expired(&expired);
     }
     Ok(())
+}
+
+fn print_expired(r: &retention::ExpireReport) {
+    println!(
+        "kept {} backup(s) ({}); expired {} backup(s){}{}; removed {} archived WAL file(s)",
+        r.kept.len(),
+        r.kept.join(", "),
+        r.expired_backups.len(),
+        if r.expired_backups.is_empty() {
+            ""
+        } else {
+            ": "
+        },
+        r.expired_backups.join(", "),
+        r.expired_wal_objects
+    );
+}
+
+/// Ends the leader's current WAL segment. The restore point first: on an
+/// idle leader whose insert position sits at a segment boundary,
+/// `pg_switch_wal()` alone does nothing, and a replica closes (and marks
+/// for archiving) a received segment only once it writes into the next.
+const END_SEGMENT: &str = "SELECT pg_create_restore_point('pgha backup'); SELECT pg_switch_wal()";
+
+/// A superuser session to a member's PostgreSQL.
+async fn connect(cfg: &Config, host: &str, port: u16) -> anyhow::Result<tokio_postgres::Client> {
+    let pg = &cfg.postgres.superuser;
+    let (client, conn) = tokio_postgres::Config::new()
+        .host(host)
+        .port(port)
+        .user(&pg.username)
+        .password(pg.password.expose())
+        .dbname("postgres")
+        .connect_timeout(Duration::from_secs(5))
+        .connect(tokio_postgres::NoTls)
+        .await?;
+    tokio::spawn(conn);
+    Ok(client)
+}
+
+/// While a backup runs on a replica: with `archive_mode = always` the
+/// replica's `pg_backup_stop` waits until the segment holding the end of
+/// the backup is archived, and only the leader can end that segment. So
+/// when the replica's backup is seen waiting for the archive
+/// (`BackupWaitWalArchive`), the leader switches WAL segments (at most every
+/// 2 s). Errors are ignored: the backup's own result says what went wrong.
+async fn nudge_leader(cfg: Config, replica: (String, u16), leader: (String, u16)) {
+    let mut sessions = None;
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if sessions.is_none() {
+            let r = connect(&cfg, &replica.0, replica.1).await;
+            let l = connect(&cfg, &leader.0, leader.1).await;
+            if let (Ok(r), Ok(l)) = (r, l) {
+                sessions = Some((r, l));
+            }
+        }
+        let Some((r, l)) = &sessions else { continue };
+        let waiting = r
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'BackupWaitWalArchive'",
+                &[],
+            )
+            .await
+            .map(|row| row.get::<_, i64>(0) > 0);
+        match waiting {
+            // Only while the replica's position is still in the leader's
+            // current segment: once that segment is complete, the replica
+            // just has to archive it, and another switch would only add a
+            // segment to its queue.
+            Ok(true) if same_segment(r, l).await.unwrap_or(false) => {
+                let _ = l.batch_execute(END_SEGMENT).await;
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+            Ok(_) => {}
+            Err(_) => sessions = None,
+        }
+    }
+}
+
+/// Whether ending the leader's segment would help the replica's backup:
+/// the replica's replay position is in the leader's current segment (so
+/// that segment is what it waits for) and its archiver has caught up with
+/// every segment before it (otherwise it is still working through its
+/// queue, and a switch would only lengthen it).
+async fn same_segment(
+    replica: &tokio_postgres::Client,
+    leader: &tokio_postgres::Client,
+) -> anyhow::Result<bool> {
+    let seg = naming::DEFAULT_SEGMENT_SIZE;
+    let row = replica
+        .query_one(
+            "SELECT pg_last_wal_replay_lsn()::text, coalesce(last_archived_wal, '') FROM pg_stat_archiver",
+            &[],
+        )
+        .await?;
+    let replay: crate::model::Lsn = row.get::<_, String>(0).parse()?;
+    let archived = naming::WalName::parse(&row.get::<_, String>(1)).and_then(|w| w.segno(seg));
+    let replay_seg = naming::segno_of(replay, seg);
+    if archived.is_some_and(|a| a + 1 < replay_seg) {
+        return Ok(false);
+    }
+    let l: crate::model::Lsn = leader
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await?
+        .get::<_, String>(0)
+        .parse()?;
+    Ok(replay_seg == naming::segno_of(l, seg))
 }
 
 /// Whether a timeline after the backup's already has a history file: then
@@ -231,6 +364,23 @@ pub async fn action(action: BackupAction) -> anyhow::Result<()> {
                         m.stored_bytes()
                     );
                 }
+            }
+            Ok(())
+        }
+        BackupAction::Expire { config, json } => {
+            // The node file or the repository file: expiry needs nothing
+            // else, and may run as the account that owns the repository.
+            let b = crate::config::backup::load_backup_config(&config)
+                .map_err(|e| UsageError(e.to_string()))?;
+            let keep = b.keep;
+            let repo = open_repository(&b);
+            let report =
+                tokio::task::spawn_blocking(move || retention::expire(repo.as_ref(), keep))
+                    .await??;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print_expired(&report);
             }
             Ok(())
         }

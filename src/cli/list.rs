@@ -1,5 +1,7 @@
 //! `pgha list`: the member table, leader first.
 
+use crate::api::StatusReport;
+use crate::postgres::observe::ArchiveStatus;
 use serde::Serialize;
 
 use crate::dcs::{ClusterView, Dcs};
@@ -36,6 +38,9 @@ pub struct ListMember {
     /// `sync`, `quorum` or `async` for replicas; empty for the leader.
     pub sync_state: String,
     pub decision: Option<String>,
+    /// The member's `pg_stat_archiver` from its agent's `/status`; null
+    /// when the agent did not answer or its server is not running.
+    pub archive: Option<ArchiveStatus>,
 }
 
 #[derive(Debug, Serialize, PartialEq, Eq)]
@@ -133,6 +138,7 @@ pub fn build(cluster: &str, view: &ClusterView) -> ListOutput {
                         "async".into()
                     },
                     decision: m.last_decision.clone(),
+                    archive: None,
                 }
             })
             .collect(),
@@ -149,6 +155,7 @@ pub fn render_table(out: &ListOutput) -> String {
             "Sync",
             "TL",
             "Lag (bytes)",
+            "Archived",
         ]
         .map(String::from)
         .to_vec(),
@@ -164,6 +171,7 @@ pub fn render_table(out: &ListOutput) -> String {
             m.lag_bytes
                 .map(|l| l.to_string())
                 .unwrap_or_else(|| "unknown".into()),
+            m.archive.as_ref().map(archive_cell).unwrap_or_default(),
         ]);
     }
     let widths: Vec<usize> = (0..rows[0].len())
@@ -211,10 +219,44 @@ pub fn render_table(out: &ListOutput) -> String {
     text
 }
 
+/// The last archived segment and the failures, e.g.
+/// `000000020000000000000007` or `000000020000000000000007, 3 failed (failing)`.
+fn archive_cell(a: &ArchiveStatus) -> String {
+    let last = a.last_archived_wal.as_deref().unwrap_or("-");
+    match (a.failed_count, a.failing()) {
+        (0, _) => last.to_string(),
+        (n, true) => format!("{last}, {n} failed (failing)"),
+        (n, false) => format!("{last}, {n} failed"),
+    }
+}
+
+/// Each member's archive status from its agent's `/status`, all at once
+/// with a short timeout: `pgha list` must stay quick when a node is down.
+async fn fill_archive(out: &mut ListOutput) {
+    let Ok(http) = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(2))
+        .build()
+    else {
+        return;
+    };
+    let requests = out.members.iter().map(|m| {
+        let (http, url) = (http.clone(), format!("{}/status", m.api_url));
+        async move {
+            let report: StatusReport = http.get(url).send().await.ok()?.json().await.ok()?;
+            report.archive
+        }
+    });
+    let answers = futures_util::future::join_all(requests).await;
+    for (m, a) in out.members.iter_mut().zip(answers) {
+        m.archive = a;
+    }
+}
+
 pub async fn run(cfg: &crate::config::Config, json: bool) -> anyhow::Result<()> {
     let dcs = super::connect_dcs(cfg).await?;
     let view = dcs.read_cluster().await?;
-    let out = build(&cfg.cluster, &view);
+    let mut out = build(&cfg.cluster, &view);
+    fill_archive(&mut out).await;
     if json {
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
@@ -319,6 +361,7 @@ mod tests {
             "timeline",
             "lag_bytes",
             "api_url",
+            "archive",
         ] {
             assert!(json["members"][0].get(key).is_some(), "{key} missing");
         }
@@ -331,7 +374,7 @@ mod tests {
             .split("  ")
             .filter(|c| !c.trim().is_empty())
             .collect();
-        assert_eq!(header.len(), 7, "{table}");
+        assert_eq!(header.len(), 8, "{table}");
         assert!(
             table.lines().nth(3).unwrap().trim_end().ends_with("10"),
             "replica lag shown last: {table}"

@@ -59,8 +59,16 @@ pub fn main(action: &WalAction) -> i32 {
     };
     let repo = open_repository(&cfg);
     match action {
-        WalAction::Push { path, .. } => match file::push(repo.as_ref(), path, cfg.compress_level) {
+        WalAction::Push { path, .. } => match file::push(
+            repo.as_ref(),
+            path,
+            cfg.compress_level,
+            file::Origin::of(path),
+        ) {
             Ok(Pushed::Stored { .. } | Pushed::AlreadyArchived { .. }) => 0,
+            // A standby found the name archived (normally by the primary,
+            // with the same content): nothing to do.
+            Ok(Pushed::KeptArchived { .. }) => 0,
             Err(e) => {
                 eprintln!("pgha wal push {}: {}", path.display(), chain(&e));
                 super::EXIT_FAILURE

@@ -68,8 +68,10 @@ fn default_parallel() -> usize {
 fn default_keep() -> usize {
     2
 }
+/// `always`: the only mode in which a segment the old primary completed
+/// but never archived still reaches the repository (see `docs/backup.md`).
 fn default_archive_mode() -> String {
-    "on".into()
+    "always".into()
 }
 
 /// Server parameters that `[backup]` sets; the operator may not set them in
@@ -229,7 +231,7 @@ mod tests {
         assert_eq!(cfg.compress_level, 3);
         assert_eq!(cfg.parallel, 2);
         assert_eq!(cfg.keep, 2);
-        assert_eq!(cfg.archive_mode, ArchiveMode::On);
+        assert_eq!(cfg.archive_mode, ArchiveMode::Always);
     }
 
     #[test]

@@ -9,6 +9,31 @@ use super::ctl::{Instance, PgError};
 use super::query;
 use crate::model::{Lsn, PgRole, Timeline};
 
+/// `pg_stat_archiver`: how WAL archiving is going on this server.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ArchiveStatus {
+    /// `archive_mode`: `on` (the primary archives), `always` (replicas
+    /// too) or `off`.
+    pub mode: String,
+    pub archived_count: i64,
+    pub failed_count: i64,
+    pub last_archived_wal: Option<String>,
+    pub last_failed_wal: Option<String>,
+    pub last_archived_age_ms: Option<i64>,
+    pub last_failed_age_ms: Option<i64>,
+}
+
+impl ArchiveStatus {
+    /// The last attempt failed: a failure newer than the last success.
+    pub fn failing(&self) -> bool {
+        match (self.last_failed_age_ms, self.last_archived_age_ms) {
+            (Some(f), Some(a)) => f < a,
+            (Some(_), None) => true,
+            _ => false,
+        }
+    }
+}
+
 /// What is on disk.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DataDirState {
@@ -121,6 +146,28 @@ impl Observer {
             self.client = Some(client);
         }
         Ok(self.client.as_ref().expect("just set"))
+    }
+
+    /// The archiver's counters, or `None` when the server does not answer
+    /// (they are for display: never a reason to fail a loop).
+    pub async fn archive_status(&mut self) -> Option<ArchiveStatus> {
+        let client = self.client().await.ok()?;
+        let row = tokio::time::timeout(
+            Duration::from_secs(1),
+            client.query_one(query::ARCHIVER, &[]),
+        )
+        .await
+        .ok()?
+        .ok()?;
+        Some(ArchiveStatus {
+            mode: row.get("mode"),
+            archived_count: row.get("archived_count"),
+            failed_count: row.get("failed_count"),
+            last_archived_wal: row.get("last_archived_wal"),
+            last_failed_wal: row.get("last_failed_wal"),
+            last_archived_age_ms: row.get("last_archived_age_ms"),
+            last_failed_age_ms: row.get("last_failed_age_ms"),
+        })
     }
 
     pub async fn observe(&mut self) -> Observation {

@@ -53,3 +53,13 @@ SELECT pg_is_in_recovery() AS in_recovery,
        END AS timeline";
 pub const RELOAD: &str = "SELECT pg_reload_conf()";
 pub const CHECKPOINT: &str = "CHECKPOINT";
+
+/// The archiver's counters (`[backup]`): a query of its own, so that the
+/// observation above keeps its columns. Ages in milliseconds, measured by
+/// the server so that no clock comparison is needed.
+pub const ARCHIVER: &str = "
+SELECT current_setting('archive_mode') AS mode,
+       archived_count, failed_count, last_archived_wal, last_failed_wal,
+       (extract(epoch FROM now() - last_archived_time) * 1000)::bigint AS last_archived_age_ms,
+       (extract(epoch FROM now() - last_failed_time) * 1000)::bigint AS last_failed_age_ms
+  FROM pg_stat_archiver";

@@ -172,14 +172,18 @@ async fn archive_backup_failover_verify_and_restore() {
         .await
         .unwrap();
 
-    // Replicas with archive_mode = on do not archive.
+    // Replicas archive what they receive too (archive_mode = always), and
+    // never fail: their copies are the primary's, so every push is a no-op
+    // or fills a hole.
     for name in cluster.replica_names().await.unwrap() {
-        let n = cluster
-            .node(&name)
-            .scalar("SELECT archived_count FROM pg_stat_archiver")
+        let node = cluster.node(&name);
+        let mode = node.scalar("SHOW archive_mode").await.unwrap();
+        assert_eq!(mode.as_deref(), Some("always"), "{name}");
+        let failed = node
+            .scalar("SELECT failed_count FROM pg_stat_archiver")
             .await
             .unwrap();
-        assert_eq!(n.as_deref(), Some("0"), "{name} archived");
+        assert_eq!(failed.as_deref(), Some("0"), "{name} failed to archive");
     }
 
     // Failover: the new leader archives its history file and its timeline.
@@ -304,12 +308,24 @@ async fn archive_backup_failover_verify_and_restore() {
     .unwrap();
     assert!(!ok && err.contains("before the oldest backup"), "{err}");
     // A corrupt segment, then a missing one: verify names each.
+    // The segment holding the backup's start: on every restore's path
+    // (the newest TL1 segment may be a replica's copy cut at the switch,
+    // which no recovery reads).
+    let start: u64 = {
+        let (hi, lo) = summary["start_lsn"]
+            .as_str()
+            .unwrap()
+            .split_once('/')
+            .unwrap();
+        (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap()
+    };
+    let segno = start / (16 << 20);
+    let start_name = format!("00000001{:08X}{:08X}", segno >> 8, segno & 0xFF);
     let tl1 = archived(&repo, 1);
     let victim = tl1
         .iter()
-        .filter(|n| n.split('.').count() == 3)
-        .max()
-        .unwrap()
+        .find(|n| n.starts_with(&format!("{start_name}.")) && n.split('.').count() == 3)
+        .unwrap_or_else(|| panic!("{start_name} not archived: {tl1:?}"))
         .clone();
     let path = repo.join("archive/00000001").join(&victim);
     let good = std::fs::read(&path).unwrap();
@@ -342,4 +358,362 @@ fn port_of(dir: &Path) -> u16 {
         .rev()
         .find_map(|l| l.strip_prefix("port = '")?.strip_suffix('\'')?.parse().ok())
         .expect("a port line")
+}
+
+/// `pgha` as the PostgreSQL account (root ignores file modes, the
+/// archiver does not).
+async fn pgha_as_postgres(args: &[&str]) -> anyhow::Result<(bool, String, String)> {
+    let user = nix::unistd::User::from_name("postgres")?.context("no postgres user")?;
+    let mut cmd = tokio::process::Command::new(PGHA_BIN);
+    cmd.args(args)
+        .uid(user.uid.as_raw())
+        .gid(user.gid.as_raw())
+        .current_dir("/")
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(60), cmd.output()).await??;
+    Ok((
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    ))
+}
+
+/// Every file under `dir` with its size.
+fn tree(dir: &Path) -> BTreeSet<(PathBuf, u64)> {
+    let mut out = BTreeSet::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let meta = e.metadata().unwrap();
+            if meta.is_dir() {
+                stack.push(e.path());
+            } else {
+                out.insert((e.path(), meta.len()));
+            }
+        }
+    }
+    out
+}
+
+fn chmod_tree(dir: &Path, writable: bool) {
+    let status = std::process::Command::new("chmod")
+        .args(["-R", if writable { "u+w" } else { "a-w" }])
+        .arg(dir)
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+async fn backup_ids(config: &str) -> Vec<String> {
+    let (ok, out, err) = pgha(&["backup", "list", "-c", config, "--json"])
+        .await
+        .unwrap();
+    assert!(ok, "{err}");
+    let list: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    list.iter()
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// One cluster, `keep = 2`, for: `DROP TABLE` recovery; three consecutive
+/// failovers, the first with the leader's archiver stopped so that only
+/// the replicas (archive_mode = always) archive its last segments; then
+/// retention after a third backup, verify, a restore of the oldest kept
+/// backup to latest across every failover, and a read-only repository.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drop_table_failovers_retention_and_read_only_repository() {
+    let mut options = ClusterOptions::default().backup();
+    options
+        .backup
+        .as_mut()
+        .unwrap()
+        .push(("keep".into(), "2".into()));
+    let mut cluster = Cluster::start("bk-ret", 3, options).await.unwrap();
+    let repo = cluster.dir().join("repo");
+    let config = cluster.node("node1").config_path().display().to_string();
+    let password = cluster.superuser_password().to_string();
+
+    // Two backups (ids are per second).
+    for _ in 0..2 {
+        let (ok, _, err) = pgha(&["backup", "-c", &config]).await.unwrap();
+        assert!(ok, "pgha backup failed: {err}\n{}", cluster.log_tails(20));
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+    }
+    let first_two = backup_ids(&config).await;
+    assert_eq!(first_two.len(), 2, "{first_two:?}");
+
+    // A table, a point in time, then the mistake.
+    let leader = cluster.leader_node().await.unwrap();
+    leader
+        .psql("CREATE TABLE precious (id bigint PRIMARY KEY); INSERT INTO precious SELECT generate_series(1, 500)")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before_drop = SystemTime::now();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    leader.psql("DROP TABLE precious").await.unwrap();
+    leader
+        .psql("CREATE TABLE failovers (round int)")
+        .await
+        .unwrap();
+
+    // Three failovers; the killed leader comes back as a replica each time.
+    for round in 1..=3 {
+        let old = cluster.leader().await.unwrap().unwrap();
+        let mut stopped_archiver = None;
+        if round == 1 {
+            // The leader completes segments it never archives: only the
+            // replicas can bring them to the repository.
+            let node = cluster.node(&old);
+            let pid = node
+                .scalar("SELECT pid FROM pg_stat_activity WHERE backend_type = 'archiver'")
+                .await
+                .unwrap()
+                .unwrap();
+            let pid = nix::unistd::Pid::from_raw(pid.parse().unwrap());
+            nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+            stopped_archiver = Some(pid);
+            let mut unarchived = Vec::new();
+            for _ in 0..2 {
+                node.psql("INSERT INTO failovers SELECT 0 FROM generate_series(1, 1000)")
+                    .await
+                    .unwrap();
+                let seg = node
+                    .scalar("SELECT pg_walfile_name(pg_switch_wal())")
+                    .await
+                    .unwrap()
+                    .unwrap();
+                unarchived.push(seg);
+            }
+            wait_until(
+                Duration::from_secs(30),
+                Duration::from_millis(200),
+                || async {
+                    let names = archived(&repo, 1);
+                    unarchived
+                        .iter()
+                        .all(|s| names.iter().any(|n| n.starts_with(&format!("{s}."))))
+                        .then_some(())
+                },
+            )
+            .await
+            .with_context(|| format!("replicas did not archive {unarchived:?}"))
+            .unwrap();
+        }
+        {
+            let victim = cluster.node_mut(&old);
+            victim.kill_agent().await.unwrap();
+            victim.kill_postgres().expect("the leader's postmaster");
+        }
+        if let Some(pid) = stopped_archiver {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        }
+        let new = cluster
+            .wait_for_leader_other_than(&old, FAILOVER_TIMEOUT)
+            .await
+            .unwrap();
+        let node = cluster.node(&new);
+        wait_until(FAILOVER_TIMEOUT, Duration::from_millis(200), || async {
+            node.is_writable().await.ok()?.then_some(())
+        })
+        .await
+        .unwrap();
+        node.psql(&format!("INSERT INTO failovers VALUES ({round})"))
+            .await
+            .unwrap();
+        node.psql("SELECT pg_switch_wal()").await.unwrap();
+        cluster.node_mut(&old).start().unwrap();
+        cluster
+            .wait_healthy(Duration::from_secs(120))
+            .await
+            .with_context(|| cluster.log_tails(30))
+            .unwrap();
+    }
+    let tl = cluster
+        .leader_node()
+        .await
+        .unwrap()
+        .timeline()
+        .await
+        .unwrap();
+    assert!(tl >= 4, "timeline {tl} after three failovers");
+
+    // A third backup expires the first, and the archive before the oldest
+    // kept one; verify still finds no gap on any timeline.
+    let (ok, out, err) = pgha(&["backup", "-c", &config, "--json"]).await.unwrap();
+    assert!(ok, "pgha backup failed: {err}\n{}", cluster.log_tails(20));
+    let summary: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        summary["expire"]["expired_backups"][0],
+        first_two[0].as_str()
+    );
+    let ids = backup_ids(&config).await;
+    assert_eq!(ids.len(), 2, "{ids:?}");
+    assert_eq!(ids[0], first_two[1]);
+    assert!(!repo.join("backup").join(&first_two[0]).exists());
+    let (ok, out, err) = pgha(&["backup", "verify", "-c", &config]).await.unwrap();
+    assert!(ok, "verify after expire failed: {out}{err}");
+    let (ok, out, _) = pgha(&["backup", "expire", "-c", &config, "--json"])
+        .await
+        .unwrap();
+    let again: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(ok && again["expired_backups"].as_array().unwrap().is_empty());
+    assert_eq!(
+        again["expired_wal_objects"], 0,
+        "a second expire is a no-op"
+    );
+
+    // DROP TABLE recovery from the oldest kept backup.
+    let dir = cluster.dir().join("undrop");
+    let to = humantime::format_rfc3339_micros(before_drop).to_string();
+    let (ok, out, err) = pgha(&[
+        "restore",
+        "-c",
+        &config,
+        "--target-dir",
+        dir.to_str().unwrap(),
+        "--to",
+        &to,
+        "--backup",
+        &ids[0],
+        "--port",
+        &free_port().to_string(),
+    ])
+    .await
+    .unwrap();
+    assert!(ok, "restore failed: {out}{err}");
+    let undrop = Restored::start(&dir, port_of(&dir), &password)
+        .await
+        .unwrap();
+    undrop.wait_promoted().await.unwrap();
+    let rows = undrop.ids("precious").await.unwrap();
+    assert_eq!(rows, (1..=500).collect::<BTreeSet<i64>>());
+    drop(undrop);
+
+    // The oldest kept backup to latest: across the three failovers.
+    let dir = cluster.dir().join("latest");
+    let (ok, out, err) = pgha(&[
+        "restore",
+        "-c",
+        &config,
+        "--target-dir",
+        dir.to_str().unwrap(),
+        "--to",
+        "latest",
+        "--backup",
+        &ids[0],
+        "--port",
+        &free_port().to_string(),
+    ])
+    .await
+    .unwrap();
+    assert!(ok, "restore failed: {out}{err}");
+    let latest = Restored::start(&dir, port_of(&dir), &password)
+        .await
+        .unwrap();
+    latest.wait_promoted().await.unwrap();
+    let c = latest.client().await.unwrap();
+    let rounds: Vec<i32> = c
+        .query(
+            "SELECT round FROM failovers WHERE round > 0 ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(rounds, [1, 2, 3]);
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM failovers WHERE round = 0", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 2000, "the rows of the segments only replicas archived");
+    let gone = c
+        .query_one("SELECT to_regclass('precious') IS NULL", &[])
+        .await
+        .unwrap();
+    assert!(gone.get::<_, bool>(0));
+    drop(latest);
+
+    // A read-only repository: a clear error naming the object, and
+    // nothing deleted or overwritten.
+    let leader = cluster.leader_node().await.unwrap();
+    let repo_file = leader.state_dir().join("postgres/backup.toml");
+    let scratch = cluster.dir().join("ro");
+    std::fs::create_dir(&scratch).unwrap();
+    let text = std::fs::read_to_string(&repo_file).unwrap();
+    let keep1 = scratch.join("keep1.toml");
+    std::fs::write(&keep1, text.replace("keep = 2", "keep = 1")).unwrap();
+    let seg = scratch.join("0000000100000000000000FE");
+    std::fs::write(&seg, vec![1u8; 8192]).unwrap();
+    let pg = nix::unistd::User::from_name("postgres").unwrap().unwrap();
+    for p in [&scratch, &keep1, &seg] {
+        nix::unistd::chown(p.as_path(), Some(pg.uid), Some(pg.gid)).unwrap();
+    }
+    let before = tree(&repo);
+    chmod_tree(&repo, false);
+    let (ok, _, err) = pgha_as_postgres(&[
+        "wal",
+        "push",
+        "-c",
+        keep1.to_str().unwrap(),
+        seg.to_str().unwrap(),
+    ])
+    .await
+    .unwrap();
+    assert!(
+        !ok && err.contains("0000000100000000000000FE") && err.contains("archive/00000001"),
+        "{err}"
+    );
+    let (ok, _, err) = pgha_as_postgres(&["backup", "expire", "-c", keep1.to_str().unwrap()])
+        .await
+        .unwrap();
+    let manifest = format!("backup/{}/manifest.json", ids[0]);
+    assert!(!ok && err.contains(&manifest), "{err}");
+    // The leader's archiver fails too, and keeps the segment.
+    leader.psql("SELECT pg_switch_wal()").await.unwrap();
+    let failing = leader
+        .scalar("SELECT pg_walfile_name(pg_current_wal_lsn() - 1)")
+        .await
+        .unwrap()
+        .unwrap();
+    wait_until(
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        || async {
+            let failed = leader
+                .scalar("SELECT failed_count FROM pg_stat_archiver")
+                .await
+                .ok()??;
+            (failed != "0").then_some(())
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(tree(&repo), before, "the read-only repository changed");
+    // Writable again: archiving catches up, nothing lost. After three
+    // failures in a row the archiver rests until a new segment is ready
+    // (or a minute passes): complete one to wake it.
+    chmod_tree(&repo, true);
+    leader
+        .psql("SELECT pg_create_restore_point('wake the archiver')")
+        .await
+        .unwrap();
+    leader.psql("SELECT pg_switch_wal()").await.unwrap();
+    wait_until(
+        Duration::from_secs(90),
+        Duration::from_millis(300),
+        || async {
+            archived(&repo, tl)
+                .iter()
+                .any(|n| n.starts_with(&format!("{failing}.")))
+                .then_some(())
+        },
+    )
+    .await
+    .with_context(|| format!("{failing} not archived after the repository came back"))
+    .unwrap();
 }
