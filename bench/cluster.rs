@@ -64,7 +64,7 @@ impl Timing {
 pub const SUPERUSER: &str = "postgres";
 /// Per-host connect timeout of the writer's multi-host connection.
 pub const CLIENT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
-const CLUSTER_NAME: &str = "bench";
+pub const CLUSTER_NAME: &str = "bench";
 /// A healthy replica must be within this many bytes of the leader before a
 /// trial starts, well under pgha's default `maximum_lag_on_failover`, so
 /// that no trial starts with a replica that is not allowed to take over.
@@ -165,7 +165,7 @@ impl Status {
     }
 }
 
-fn free_port() -> anyhow::Result<u16> {
+pub fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
@@ -414,6 +414,11 @@ listen = "127.0.0.1:{api_port}"
 
     pub fn pgha_exe(&self) -> &Path {
         &self.pgha_exe
+    }
+
+    /// The etcd client URL (for a standalone proxy's configuration).
+    pub fn etcd_endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.etcd_ports.lock().unwrap().0)
     }
 
     /// Starts etcd and every agent, then waits for one leader and N-1

@@ -5,6 +5,8 @@
 //!   loss and the phases of each takeover, for node loss, PostgreSQL crash
 //!   and planned switchover.
 //! - `load`: leader stability under a sustained pgbench load.
+//! - `proxy`: pgbench through the pgha proxy, pgbouncer and HAProxy as a
+//!   ratio to direct connections, and the proxy's memory per idle client.
 //!
 //! The JSON report goes to stdout (and `--json-out`); progress goes to
 //! stderr. See bench/README.md for what every number means.
@@ -14,6 +16,7 @@ mod cluster;
 mod failover;
 mod load;
 mod promotion;
+mod proxy;
 mod reaper;
 mod report;
 mod writer;
@@ -76,6 +79,14 @@ enum Command {
         #[command(flatten)]
         args: load::Args,
     },
+    /// Compare pgbench through the pgha proxy, pgbouncer and HAProxy with
+    /// direct connections (always on a single node).
+    Proxy {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        args: proxy::Args,
+    },
 }
 
 /// Exit codes: 0 success; 1 error, aborted run or failed trial; 3 when an
@@ -96,7 +107,14 @@ fn main() {
 
 async fn run(cli: Cli) -> i32 {
     let common = match &cli.command {
-        Command::Failover { common, .. } | Command::Load { common, .. } => common,
+        Command::Failover { common, .. }
+        | Command::Load { common, .. }
+        | Command::Proxy { common, .. } => common,
+    };
+    // Every target of the proxy bench must reach the same PostgreSQL.
+    let nodes = match &cli.command {
+        Command::Proxy { .. } => 1,
+        _ => common.nodes,
     };
     report::init_machine();
     if !common.no_subreaper {
@@ -110,7 +128,7 @@ async fn run(cli: Cli) -> i32 {
     if let Some(mode) = &common.sync {
         cluster_config.push(format!("synchronous_mode={mode}"));
     }
-    let cluster = match Cluster::create(common.nodes, &common.timing, cluster_config) {
+    let cluster = match Cluster::create(nodes, &common.timing, cluster_config) {
         Ok(c) => Arc::new(c),
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -121,6 +139,7 @@ async fn run(cli: Cli) -> i32 {
         match &cli.command {
             Command::Failover { args, .. } => failover::run(cluster.clone(), args).await,
             Command::Load { args, .. } => load::run(cluster.clone(), args).await,
+            Command::Proxy { args, .. } => proxy::run(cluster.clone(), args).await,
         }
     };
     // The cluster outlives the work future, so that Ctrl-C (which drops
