@@ -464,7 +464,7 @@ async fn start_haproxy(dir: &Path, pg_port: u16) -> anyhow::Result<Service> {
     std::fs::write(
         &cfg,
         format!(
-            "global\n    maxconn 20000\n\ndefaults\n    mode tcp\n    timeout connect 5s\n    \
+            "global\n    maxconn 4096\n\ndefaults\n    mode tcp\n    timeout connect 5s\n    \
              timeout client 1h\n    timeout server 1h\n\nlisten pg\n    bind 127.0.0.1:{port}\n    \
              server pg 127.0.0.1:{pg_port}\n"
         ),
