@@ -317,6 +317,7 @@ impl Cluster {
         nodes: usize,
         timing: &Timing,
         cluster_config: Vec<String>,
+        pg_parameters: &[(&str, &str)],
     ) -> anyhow::Result<Cluster> {
         anyhow::ensure!((1..=9).contains(&nodes), "--nodes must be between 1 and 9");
         let exe = std::env::current_exe()?;
@@ -369,12 +370,19 @@ replication = {{ username = "replicator", password = "{replication_password}" }}
 
 [api]
 listen = "127.0.0.1:{api_port}"
-"#,
+{parameters}"#,
                 state = node_dir.join("state").display(),
                 data = data_dir.display(),
                 etcd_port = etcd_ports.0,
                 timing = timing.toml(),
                 api_port = free_port()?,
+                parameters = if pg_parameters.is_empty() {
+                    String::new()
+                } else {
+                    let lines: Vec<String> =
+                        pg_parameters.iter().map(|(k, v)| format!("{k} = {v}\n")).collect();
+                    format!("\n[postgres.parameters]\n{}", lines.concat())
+                },
             );
             std::fs::write(&config_path, text)?;
             std::fs::set_permissions(&config_path, std::fs::Permissions::from_mode(0o600))?;

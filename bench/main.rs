@@ -112,9 +112,10 @@ async fn run(cli: Cli) -> i32 {
         | Command::Proxy { common, .. } => common,
     };
     // Every target of the proxy bench must reach the same PostgreSQL.
-    let nodes = match &cli.command {
-        Command::Proxy { .. } => 1,
-        _ => common.nodes,
+    // Its pooled targets keep server connections open side by side.
+    let (nodes, pg_parameters): (usize, &[(&str, &str)]) = match &cli.command {
+        Command::Proxy { .. } => (1, &[("max_connections", "400")]),
+        _ => (common.nodes, &[]),
     };
     report::init_machine();
     if !common.no_subreaper {
@@ -128,7 +129,7 @@ async fn run(cli: Cli) -> i32 {
     if let Some(mode) = &common.sync {
         cluster_config.push(format!("synchronous_mode={mode}"));
     }
-    let cluster = match Cluster::create(nodes, &common.timing, cluster_config) {
+    let cluster = match Cluster::create(nodes, &common.timing, cluster_config, pg_parameters) {
         Ok(c) => Arc::new(c),
         Err(e) => {
             eprintln!("error: {e:#}");
