@@ -379,8 +379,10 @@ listen = "127.0.0.1:{api_port}"
                 parameters = if pg_parameters.is_empty() {
                     String::new()
                 } else {
-                    let lines: Vec<String> =
-                        pg_parameters.iter().map(|(k, v)| format!("{k} = {v}\n")).collect();
+                    let lines: Vec<String> = pg_parameters
+                        .iter()
+                        .map(|(k, v)| format!("{k} = {v}\n"))
+                        .collect();
                     format!("\n[postgres.parameters]\n{}", lines.concat())
                 },
             );

@@ -29,11 +29,19 @@ pub struct Args {
     #[arg(long, value_delimiter = ',', default_value = "8,32")]
     pub clients: Vec<u32>,
     /// Workloads (comma-separated): select-prepared, select-simple, tpcb.
-    #[arg(long, value_delimiter = ',', default_value = "select-prepared,select-simple,tpcb")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "select-prepared,select-simple,tpcb"
+    )]
     pub workloads: Vec<String>,
     /// Targets besides `direct` (comma-separated): pgha-tx, pgha-session,
     /// pgbouncer, haproxy.
-    #[arg(long, value_delimiter = ',', default_value = "pgha-tx,pgha-session,pgbouncer,haproxy")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "pgha-tx,pgha-session,pgbouncer,haproxy"
+    )]
     pub targets: Vec<String>,
     /// pgbench scale factor.
     #[arg(long, default_value_t = 10)]
@@ -100,7 +108,12 @@ pub async fn run(cluster: Arc<Cluster>, args: &Args) -> anyhow::Result<Value> {
     chown_postgres(&dir)?;
 
     log(&format!("pgbench -i -s {} on the leader", args.scale));
-    pgbench(cluster.as_ref(), port, &["-i", "-q", "-s", &args.scale.to_string()]).await?;
+    pgbench(
+        cluster.as_ref(),
+        port,
+        &["-i", "-q", "-s", &args.scale.to_string()],
+    )
+    .await?;
     let userlist = dir.join("userlist.txt");
     write_userlist(&cluster, port, &userlist).await?;
 
@@ -369,10 +382,7 @@ async fn write_userlist(cluster: &Cluster, port: u16, path: &Path) -> anyhow::Re
         "the superuser has no SCRAM verifier"
     );
     std::fs::write(path, format!("\"{SUPERUSER}\" \"{secret}\"\n"))?;
-    std::fs::set_permissions(
-        path,
-        std::os::unix::fs::PermissionsExt::from_mode(0o600),
-    )?;
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
     chown_postgres(path)
 }
 

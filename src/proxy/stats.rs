@@ -153,7 +153,11 @@ impl Stats {
             "pgha_proxy_wait_seconds_sum {}",
             load(&h.sum_nanos) as f64 / 1e9
         );
-        let _ = writeln!(out, "pgha_proxy_wait_seconds_count {}", count.max(cumulative));
+        let _ = writeln!(
+            out,
+            "pgha_proxy_wait_seconds_count {}",
+            count.max(cumulative)
+        );
 
         out.push_str("# HELP pgha_proxy_transactions_total Transactions (or sessions) routed, per member and side.\n# TYPE pgha_proxy_transactions_total counter\n");
         for ((member, side), n) in self.transactions.lock().expect("transactions").iter() {
