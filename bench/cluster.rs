@@ -64,7 +64,7 @@ impl Timing {
 pub const SUPERUSER: &str = "postgres";
 /// Per-host connect timeout of the writer's multi-host connection.
 pub const CLIENT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
-const CLUSTER_NAME: &str = "bench";
+pub const CLUSTER_NAME: &str = "bench";
 /// A healthy replica must be within this many bytes of the leader before a
 /// trial starts, well under pgha's default `maximum_lag_on_failover`, so
 /// that no trial starts with a replica that is not allowed to take over.
@@ -165,7 +165,7 @@ impl Status {
     }
 }
 
-fn free_port() -> anyhow::Result<u16> {
+pub fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
@@ -317,6 +317,7 @@ impl Cluster {
         nodes: usize,
         timing: &Timing,
         cluster_config: Vec<String>,
+        pg_parameters: &[(&str, &str)],
     ) -> anyhow::Result<Cluster> {
         anyhow::ensure!((1..=9).contains(&nodes), "--nodes must be between 1 and 9");
         let exe = std::env::current_exe()?;
@@ -369,12 +370,21 @@ replication = {{ username = "replicator", password = "{replication_password}" }}
 
 [api]
 listen = "127.0.0.1:{api_port}"
-"#,
+{parameters}"#,
                 state = node_dir.join("state").display(),
                 data = data_dir.display(),
                 etcd_port = etcd_ports.0,
                 timing = timing.toml(),
                 api_port = free_port()?,
+                parameters = if pg_parameters.is_empty() {
+                    String::new()
+                } else {
+                    let lines: Vec<String> = pg_parameters
+                        .iter()
+                        .map(|(k, v)| format!("{k} = {v}\n"))
+                        .collect();
+                    format!("\n[postgres.parameters]\n{}", lines.concat())
+                },
             );
             std::fs::write(&config_path, text)?;
             std::fs::set_permissions(&config_path, std::fs::Permissions::from_mode(0o600))?;
@@ -414,6 +424,11 @@ listen = "127.0.0.1:{api_port}"
 
     pub fn pgha_exe(&self) -> &Path {
         &self.pgha_exe
+    }
+
+    /// The etcd client URL (for a standalone proxy's configuration).
+    pub fn etcd_endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.etcd_ports.lock().unwrap().0)
     }
 
     /// Starts etcd and every agent, then waits for one leader and N-1

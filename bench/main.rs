@@ -6,6 +6,8 @@
 //!   and planned switchover.
 //! - `load`: leader stability under a sustained pgbench load.
 //! - `backup`: backup, restore and archiving against pgBackRest.
+//! - `proxy`: pgbench through the pgha proxy, pgbouncer and HAProxy as a
+//!   ratio to direct connections, and the proxy's memory per idle client.
 //!
 //! The JSON report goes to stdout (and `--json-out`); progress goes to
 //! stderr. See bench/README.md for what every number means.
@@ -16,6 +18,7 @@ mod cluster;
 mod failover;
 mod load;
 mod promotion;
+mod proxy;
 mod reaper;
 mod report;
 mod writer;
@@ -83,6 +86,14 @@ enum Command {
         #[command(flatten)]
         args: backup::Args,
     },
+    /// Compare pgbench through the pgha proxy, pgbouncer and HAProxy with
+    /// direct connections (always on a single node).
+    Proxy {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        args: proxy::Args,
+    },
 }
 
 /// Exit codes: 0 success; 1 error, aborted run or failed trial; 3 when an
@@ -105,7 +116,15 @@ async fn run(cli: Cli) -> i32 {
     let common = match cli.command {
         // One server of its own: no cluster.
         Command::Backup { args } => return backup::main(args).await,
-        Command::Failover { ref common, .. } | Command::Load { ref common, .. } => common,
+        Command::Failover { ref common, .. }
+        | Command::Load { ref common, .. }
+        | Command::Proxy { ref common, .. } => common,
+    };
+    // Every target of the proxy bench must reach the same PostgreSQL.
+    // Its pooled targets keep server connections open side by side.
+    let (nodes, pg_parameters): (usize, &[(&str, &str)]) = match &cli.command {
+        Command::Proxy { .. } => (1, &[("max_connections", "400")]),
+        _ => (common.nodes, &[]),
     };
     report::init_machine();
     if !common.no_subreaper {
@@ -119,7 +138,7 @@ async fn run(cli: Cli) -> i32 {
     if let Some(mode) = &common.sync {
         cluster_config.push(format!("synchronous_mode={mode}"));
     }
-    let cluster = match Cluster::create(common.nodes, &common.timing, cluster_config) {
+    let cluster = match Cluster::create(nodes, &common.timing, cluster_config, pg_parameters) {
         Ok(c) => Arc::new(c),
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -131,6 +150,7 @@ async fn run(cli: Cli) -> i32 {
             Command::Failover { args, .. } => failover::run(cluster.clone(), args).await,
             Command::Load { args, .. } => load::run(cluster.clone(), args).await,
             Command::Backup { .. } => unreachable!("handled above"),
+            Command::Proxy { args, .. } => proxy::run(cluster.clone(), args).await,
         }
     };
     // The cluster outlives the work future, so that Ctrl-C (which drops

@@ -4,7 +4,7 @@
 //! pool's permits, and only when no idle one is left.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -45,6 +45,15 @@ pub struct Pool {
     opened: AtomicU64,
     /// The last login's ParameterStatus values, for new clients.
     params: Mutex<Option<Vec<(String, String)>>>,
+    /// Removed from the map by [`Pools::sweep`]: a session that cached it
+    /// must look its pool up again.
+    retired: AtomicBool,
+}
+
+impl Pool {
+    pub fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::Relaxed)
+    }
 }
 
 /// A server connection checked out of its pool. Dropping it closes the
@@ -90,7 +99,10 @@ impl Pools {
         }
     }
 
-    fn pool(&self, key: &PoolKey) -> Arc<Pool> {
+    /// The pool of `key`, created on first use. Sessions keep it between
+    /// transactions (until it is retired), so that the map's lock and the
+    /// key's hashing stay off the per-transaction path.
+    pub fn pool(&self, key: &PoolKey) -> Arc<Pool> {
         let mut pools = self.pools.lock().expect("pool map");
         pools
             .entry(key.clone())
@@ -101,20 +113,22 @@ impl Pools {
                     in_use: AtomicUsize::new(0),
                     opened: AtomicU64::new(0),
                     params: Mutex::new(None),
+                    retired: AtomicBool::new(false),
                 })
             })
             .clone()
     }
 
-    /// An idle connection of the pool, or a new one; waits for a permit
-    /// until `deadline`.
+    /// An idle connection of `pool` (which is `key`'s), or a new one
+    /// logged in with `credentials()`; waits for a permit until `deadline`.
     pub async fn acquire(
         &self,
+        pool: &Arc<Pool>,
         key: &PoolKey,
-        credentials: &Credentials,
+        credentials: impl FnOnce() -> Credentials,
         deadline: tokio::time::Instant,
     ) -> Result<Lease, AcquireError> {
-        let pool = self.pool(key);
+        let pool = pool.clone();
         let permit = tokio::time::timeout_at(deadline, pool.permits.clone().acquire_owned())
             .await
             .map_err(|_| AcquireError::Exhausted { size: self.size })?
@@ -134,7 +148,7 @@ impl Pools {
                     &key.target,
                     &key.user,
                     &key.database,
-                    credentials,
+                    &credentials(),
                     self.connect_timeout,
                 )
                 .await?;
@@ -205,9 +219,13 @@ impl Pools {
                 .retain(|s| keep_target && !self.expired(s, now));
         }
         pools.retain(|key, pool| {
-            keep(&key.target)
+            let retain = keep(&key.target)
                 || pool.in_use.load(Ordering::Relaxed) > 0
-                || pool.permits.available_permits() < self.size
+                || pool.permits.available_permits() < self.size;
+            if !retain {
+                pool.retired.store(true, Ordering::Relaxed);
+            }
+            retain
         });
     }
 

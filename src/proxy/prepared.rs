@@ -85,21 +85,33 @@ pub fn statement(msg: &ParseMsg<'_>) -> Statement {
     Statement { server_name, parse }
 }
 
-/// `Bind`: portal, then statement name. Returns the statement name and
-/// a function to rebuild the frame under another statement name.
-pub fn bind_statement(body: &[u8]) -> Option<(String, String, &[u8])> {
+/// `Bind`: portal, then statement name, then the rest (formats,
+/// parameters), borrowed from the frame: Bind is on every transaction's
+/// path, so it is read without allocating.
+pub fn bind_statement(body: &[u8]) -> Option<(&str, &str, &[u8])> {
     let mut b = body;
-    let portal = cstr(&mut b)?;
-    let stmt = cstr(&mut b)?;
+    let portal = cstr_ref(&mut b)?;
+    let stmt = cstr_ref(&mut b)?;
     Some((portal, stmt, b))
 }
 
-pub fn rebuild_bind(portal: &str, stmt: &str, rest: &[u8]) -> Bytes {
-    frame(b'B', |b| {
-        put_cstr(b, portal);
-        put_cstr(b, stmt);
-        b.put_slice(rest);
-    })
+/// Appends a Bind of `stmt` to `out`, the rest unchanged.
+pub fn write_bind(out: &mut BytesMut, portal: &str, stmt: &str, rest: &[u8]) {
+    let len = 4 + portal.len() + 1 + stmt.len() + 1 + rest.len();
+    out.reserve(1 + len);
+    out.put_u8(b'B');
+    out.put_i32(len as i32);
+    put_cstr(out, portal);
+    put_cstr(out, stmt);
+    out.put_slice(rest);
+}
+
+/// A NUL-terminated UTF-8 string off the front of `buf`, borrowed.
+fn cstr_ref<'a>(buf: &mut &'a [u8]) -> Option<&'a str> {
+    let end = buf.iter().position(|&b| b == 0)?;
+    let s = std::str::from_utf8(&buf[..end]).ok()?;
+    *buf = &buf[end + 1..];
+    Some(s)
 }
 
 /// `Describe` and `Close`: a kind byte ('S' statement, 'P' portal) and a name.
@@ -188,8 +200,12 @@ mod tests {
         .map_err(|_| ())
         .unwrap();
         let (portal, stmt, rest) = bind_statement(body(&out)).unwrap();
-        assert_eq!((portal.as_str(), stmt.as_str()), ("portal", "P_1"));
-        let rebuilt = rebuild_bind(&portal, "pgha_x", rest);
+        assert_eq!((portal, stmt), ("portal", "P_1"));
+        let mut rebuilt = BytesMut::from(&b"prefix"[..]);
+        write_bind(&mut rebuilt, portal, "pgha_x", rest);
+        let rebuilt = rebuilt.split_off(6);
+        let len = i32::from_be_bytes([rebuilt[1], rebuilt[2], rebuilt[3], rebuilt[4]]);
+        assert_eq!(len as usize + 1, rebuilt.len());
         let (_, stmt2, rest2) = bind_statement(&rebuilt[5..]).unwrap();
         assert_eq!(stmt2, "pgha_x");
         assert_eq!(rest2, rest);

@@ -9,8 +9,10 @@
 //! `ReadyForQuery` (to know when a transaction ends), and `ErrorResponse`.
 
 use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -20,7 +22,7 @@ use tokio::time::Instant;
 use super::cancel::{CancelKey, CancelTarget};
 use super::codec::{self, Frame, Severity};
 use super::conn::{Conn, ConnError, Stream};
-use super::pool::{AcquireError, Lease, PoolKey};
+use super::pool::{AcquireError, Lease, Pool, PoolKey};
 use super::prepared::{self, Statement};
 use super::route::{self, Routes, Rw, Target};
 use super::scram::ScramKeys;
@@ -78,7 +80,28 @@ pub struct Session {
     client_out: BytesMut,
     server_out: BytesMut,
     routes: watch::Receiver<Arc<Routes>>,
+    /// Resolves on the next change of the routes. Kept across loop
+    /// iterations: a fresh `changed()` per iteration would lock the
+    /// channel's waiter list twice per message, shared by every client.
+    routes_changed: RoutesChanged,
     cancel: CancelKey,
+    /// The pool of the last target, kept between transactions.
+    pool: Option<(Target, Arc<Pool>)>,
+    /// The transaction counter of the last member used.
+    counter: Option<(crate::model::MemberName, Arc<AtomicU64>)>,
+}
+
+type RoutesChanged = Pin<Box<dyn Future<Output = watch::Receiver<Arc<Routes>>> + Send>>;
+
+fn routes_changed(mut rx: watch::Receiver<Arc<Routes>>) -> RoutesChanged {
+    Box::pin(async move {
+        if rx.changed().await.is_err() {
+            // The watch task is gone (the proxy is stopping): no more
+            // changes will come.
+            std::future::pending::<()>().await;
+        }
+        rx
+    })
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -106,6 +129,8 @@ impl Session {
     ) -> Result<Option<Session>, ConnError> {
         let cancel = shared.cancels.register();
         let routes = shared.routes.clone();
+        let mut changes = shared.routes.clone();
+        changes.mark_unchanged();
         let mut s = Session {
             shared,
             side,
@@ -124,7 +149,10 @@ impl Session {
             client_out: BytesMut::new(),
             server_out: BytesMut::new(),
             routes,
+            routes_changed: routes_changed(changes),
             cancel,
+            pool: None,
+            counter: None,
         };
         match s.acquire().await {
             Ok(lease) => {
@@ -224,7 +252,7 @@ impl Session {
             let Session {
                 client,
                 server,
-                routes,
+                routes_changed: changes,
                 ..
             } = self;
             let server_read = async {
@@ -236,14 +264,14 @@ impl Session {
             enum Event {
                 Client(Result<(), ConnError>),
                 Server(Result<(), ConnError>),
-                Routes,
+                Routes(watch::Receiver<Arc<Routes>>),
                 Idle,
                 DrainDue,
             }
             let event = tokio::select! {
                 r = client.fill() => Event::Client(r),
                 r = server_read => Event::Server(r),
-                _ = routes.changed() => Event::Routes,
+                rx = changes => Event::Routes(rx),
                 _ = sleep_opt(idle_timeout) => Event::Idle,
                 _ = sleep_until_opt(drain_deadline) => Event::DrainDue,
             };
@@ -252,7 +280,8 @@ impl Session {
                 Event::Client(Err(ConnError::Closed)) => return End::ClientGone,
                 Event::Client(Err(e)) => return End::Client(e),
                 Event::Server(Err(e)) => return self.server_lost(&e.to_string()).await,
-                Event::Routes => {
+                Event::Routes(rx) => {
+                    self.routes_changed = routes_changed(rx);
                     if let Some(end) = self.check_routes().await {
                         return end;
                     }
@@ -343,9 +372,19 @@ impl Session {
             process_id: s.process_id,
             secret_key: s.secret_key,
         }));
-        self.shared
-            .stats
-            .count_transaction(s.target.member.as_str(), self.side.label());
+        match &self.counter {
+            Some((member, counter)) if *member == s.target.member => {
+                counter.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {
+                let counter = self
+                    .shared
+                    .stats
+                    .transaction_counter(s.target.member.as_str(), self.side.label());
+                counter.fetch_add(1, Ordering::Relaxed);
+                self.counter = Some((s.target.member.clone(), counter));
+            }
+        }
         self.server = Some(lease);
     }
 
@@ -392,15 +431,27 @@ impl Session {
             };
             if let Some(target) = target {
                 let key = PoolKey {
-                    target: target.clone(),
+                    target,
                     user: self.user.clone(),
                     database: self.database.clone(),
                 };
-                let credentials = self.credentials(&target);
+                let pool = match &self.pool {
+                    Some((t, p)) if *t == key.target && !p.is_retired() => p.clone(),
+                    _ => {
+                        let p = self.shared.pools.pool(&key);
+                        self.pool = Some((key.target.clone(), p.clone()));
+                        p
+                    }
+                };
+                // Only the fields: the closure lives across an await, where
+                // a borrow of the whole session would need it to be Sync.
+                let (shared, user, database, keys) =
+                    (&self.shared, &self.user, &self.database, &self.keys);
+                let credentials = || credentials(shared, &key.target, user, database, keys);
                 match self
                     .shared
                     .pools
-                    .acquire(&key, &credentials, deadline)
+                    .acquire(&pool, &key, credentials, deadline)
                     .await
                 {
                     Ok(lease) => break Ok(lease),
@@ -458,15 +509,6 @@ impl Session {
             self.shared.stats.observe_hold(waited);
         }
         result
-    }
-
-    fn credentials(&self, target: &Target) -> Credentials {
-        self.shared
-            .passfile
-            .as_ref()
-            .and_then(|p| p.lookup(&target.host, target.port, &self.database, &self.user))
-            .map(Credentials::Password)
-            .unwrap_or_else(|| Credentials::Keys(self.keys.clone()))
     }
 
     /// Handles one client message; `Some` ends the session.
@@ -554,14 +596,10 @@ impl Session {
             b'B' => {
                 let (portal, stmt, rest) =
                     prepared::bind_statement(body).ok_or_else(|| bad("Bind"))?;
-                match self.statements.get(&stmt) {
+                match self.statements.get(stmt) {
                     Some(st) => {
                         ensure_prepared(&mut self.server_out, server, batch, st);
-                        self.server_out.extend_from_slice(&prepared::rebuild_bind(
-                            &portal,
-                            &st.server_name,
-                            rest,
-                        ));
+                        prepared::write_bind(&mut self.server_out, portal, &st.server_name, rest);
                     }
                     None => self.server_out.extend_from_slice(&frame.raw),
                 }
@@ -672,6 +710,23 @@ impl Session {
             _ => self.client_out.extend_from_slice(&frame.raw),
         }
     }
+}
+
+/// How the proxy logs in to `target` as `user`: a password from the
+/// server passfile, or else the client's own SCRAM keys.
+fn credentials(
+    shared: &Shared,
+    target: &Target,
+    user: &str,
+    database: &str,
+    keys: &ScramKeys,
+) -> Credentials {
+    shared
+        .passfile
+        .as_ref()
+        .and_then(|p| p.lookup(&target.host, target.port, database, user))
+        .map(Credentials::Password)
+        .unwrap_or_else(|| Credentials::Keys(keys.clone()))
 }
 
 /// Makes sure the server holds `st` before a Bind or Describe uses it:

@@ -2,8 +2,8 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::pool::PoolStats;
@@ -21,29 +21,34 @@ pub struct Stats {
     hold_micros_total: AtomicU64,
     pub drains_total: AtomicU64,
     pub auth_failures_total: AtomicU64,
-    wait: Mutex<Histogram>,
-    transactions: Mutex<BTreeMap<(String, &'static str), u64>>,
+    wait: Histogram,
+    /// Sessions keep the counter of the member they use (see
+    /// [`Stats::transaction_counter`]): the map's lock is not taken per
+    /// transaction.
+    transactions: Mutex<BTreeMap<(String, &'static str), Arc<AtomicU64>>>,
 }
 
+/// Atomics, not a lock: every transaction records its wait.
 #[derive(Default)]
 struct Histogram {
-    buckets: [u64; WAIT_BUCKETS.len()],
-    count: u64,
-    sum: f64,
+    buckets: [AtomicU64; WAIT_BUCKETS.len()],
+    count: AtomicU64,
+    sum_nanos: AtomicU64,
 }
 
 impl Stats {
     /// How long a client waited for a server connection.
     pub fn observe_wait(&self, wait: Duration) {
         let secs = wait.as_secs_f64();
-        let mut h = self.wait.lock().expect("histogram");
-        for (i, bound) in WAIT_BUCKETS.iter().enumerate() {
-            if secs <= *bound {
-                h.buckets[i] += 1;
-            }
+        let h = &self.wait;
+        // Cumulative buckets: only the first one that fits is counted
+        // here; `render` sums them.
+        if let Some(i) = WAIT_BUCKETS.iter().position(|b| secs <= *b) {
+            h.buckets[i].fetch_add(1, Ordering::Relaxed);
         }
-        h.count += 1;
-        h.sum += secs;
+        h.count.fetch_add(1, Ordering::Relaxed);
+        h.sum_nanos
+            .fetch_add(wait.as_nanos() as u64, Ordering::Relaxed);
     }
 
     /// A transaction that waited because there was no target.
@@ -53,13 +58,14 @@ impl Stats {
             .fetch_add(held.as_micros() as u64, Ordering::Relaxed);
     }
 
-    pub fn count_transaction(&self, member: &str, side: &'static str) {
-        *self
-            .transactions
+    /// The counter of transactions routed to `member` on `side`.
+    pub fn transaction_counter(&self, member: &str, side: &'static str) -> Arc<AtomicU64> {
+        self.transactions
             .lock()
             .expect("transactions")
             .entry((member.to_string(), side))
-            .or_default() += 1;
+            .or_default()
+            .clone()
     }
 
     pub fn render(&self, pools: &[PoolStats]) -> String {
@@ -126,26 +132,36 @@ impl Stats {
             load(&self.drains_total),
         );
 
-        let h = self.wait.lock().expect("histogram");
+        let h = &self.wait;
+        let count = load(&h.count);
         out.push_str("# HELP pgha_proxy_wait_seconds Time clients waited for a server connection.\n# TYPE pgha_proxy_wait_seconds histogram\n");
+        let mut cumulative = 0;
         for (i, bound) in WAIT_BUCKETS.iter().enumerate() {
+            cumulative += load(&h.buckets[i]);
             let _ = writeln!(
                 out,
-                "pgha_proxy_wait_seconds_bucket{{le=\"{bound}\"}} {}",
-                h.buckets[i]
+                "pgha_proxy_wait_seconds_bucket{{le=\"{bound}\"}} {cumulative}"
             );
         }
         let _ = writeln!(
             out,
             "pgha_proxy_wait_seconds_bucket{{le=\"+Inf\"}} {}",
-            h.count
+            count.max(cumulative)
         );
-        let _ = writeln!(out, "pgha_proxy_wait_seconds_sum {}", h.sum);
-        let _ = writeln!(out, "pgha_proxy_wait_seconds_count {}", h.count);
-        drop(h);
+        let _ = writeln!(
+            out,
+            "pgha_proxy_wait_seconds_sum {}",
+            load(&h.sum_nanos) as f64 / 1e9
+        );
+        let _ = writeln!(
+            out,
+            "pgha_proxy_wait_seconds_count {}",
+            count.max(cumulative)
+        );
 
         out.push_str("# HELP pgha_proxy_transactions_total Transactions (or sessions) routed, per member and side.\n# TYPE pgha_proxy_transactions_total counter\n");
         for ((member, side), n) in self.transactions.lock().expect("transactions").iter() {
+            let n = load(n);
             let _ = writeln!(
                 out,
                 "pgha_proxy_transactions_total{{member=\"{member}\",side=\"{side}\"}} {n}"

@@ -439,6 +439,243 @@ async fn read_only_fallback_to_the_leader_is_configurable() {
     );
 }
 
+/// psql against `port` with extra connection keywords; (success, stdout,
+/// stderr).
+fn psql(proxy: &Proxy, port: u16, conninfo: &str, sql: &str) -> (bool, String, String) {
+    let out = Command::new("psql")
+        .arg(format!(
+            "host=127.0.0.1 port={port} user=postgres dbname=postgres connect_timeout=5 {conninfo}"
+        ))
+        .args(["-X", "-At", "-v", "ON_ERROR_STOP=1", "-c", sql])
+        .env("PGPASSWORD", proxy.password())
+        .output()
+        .expect("run psql");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `max_client_conn`, a client stalling mid-message, COPY TO STDOUT in
+/// transaction mode, notices, and a certificate reload on SIGHUP; after
+/// each bad client, another client still works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn limits_stalls_copy_out_notices_and_tls_reload() {
+    let cluster = Cluster::start("pxlim", 1, ClusterOptions::default())
+        .await
+        .unwrap();
+    let leader_port = cluster.leader_node().await.unwrap().pg_port() as i32;
+
+    // max_client_conn: the fourth client gets PostgreSQL's 53300.
+    let limited = Proxy::start(&cluster, "pxmax", &[("max_client_conn", "3")])
+        .await
+        .unwrap();
+    // Retried: the start-up probe's connection may still hold a slot
+    // for a moment after it closed.
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let c = wait_until(Duration::from_secs(10), Duration::from_millis(100), || {
+            let cfg = limited.config(limited.rw_port);
+            async move { connect(&cfg).await.ok() }
+        })
+        .await
+        .unwrap();
+        held.push(c);
+    }
+    let err = limited
+        .config(limited.rw_port)
+        .connect(NoTls)
+        .await
+        .err()
+        .expect("a fourth client was accepted");
+    assert_eq!(
+        err.code(),
+        Some(&SqlState::TOO_MANY_CONNECTIONS),
+        "{err:?}\n{}",
+        limited.log_tail()
+    );
+    for c in &held {
+        assert_eq!(server_port(c).await, leader_port);
+    }
+    // A slot frees when a client leaves.
+    held.pop();
+    let again = wait_until(Duration::from_secs(10), Duration::from_millis(100), || {
+        let cfg = limited.config(limited.rw_port);
+        async move { connect(&cfg).await.ok() }
+    })
+    .await
+    .unwrap();
+    assert_eq!(server_port(&again).await, leader_port);
+    drop((held, again, limited));
+
+    let pki = Pki::generate(&cluster.dir().join("pki-a")).unwrap();
+    let next = Pki::generate(&cluster.dir().join("pki-b")).unwrap();
+    let tls_dir = cluster.dir().join("proxy-tls");
+    std::fs::create_dir_all(&tls_dir).unwrap();
+    let (cert_path, key_path) = (tls_dir.join("server.pem"), tls_dir.join("server.key"));
+    std::fs::copy(&pki.server_cert, &cert_path).unwrap();
+    std::fs::copy(&pki.server_key, &key_path).unwrap();
+    let cert = format!("{:?}", cert_path.display().to_string());
+    let key = format!("{:?}", key_path.display().to_string());
+    let proxy = Proxy::start(
+        &cluster,
+        "pxstall",
+        &[
+            ("startup_timeout", "\"1s\""),
+            ("client_idle_timeout", "\"2s\""),
+            ("tls_certificate", &cert),
+            ("tls_key", &key),
+        ],
+    )
+    .await
+    .unwrap();
+    let worker = connect(&proxy.config(proxy.rw_port)).await.unwrap();
+
+    // Stalls mid-message: in the startup packet (startup_timeout), and
+    // after the login, in a query (client_idle_timeout). Each is dropped
+    // after its timeout while `worker` keeps working.
+    let mut stalled_startup = TcpStream::connect(("127.0.0.1", proxy.rw_port))
+        .await
+        .unwrap();
+    stalled_startup
+        .write_all(&[0, 0, 0, 40, 0, 3, 0, 0, b'u'])
+        .await
+        .unwrap();
+    let mut stalled_query = {
+        let mut s = TcpStream::connect(("127.0.0.1", proxy.rw_port))
+            .await
+            .unwrap();
+        login_raw(&mut s, &proxy).await;
+        // A Query announcing 100 bytes, 10 of them sent.
+        s.write_all(b"Q\0\0\0\x64select 1 ").await.unwrap();
+        s
+    };
+    let started = Instant::now();
+    assert_eq!(server_port(&worker).await, leader_port);
+    let mut buf = Vec::new();
+    let n = tokio::time::timeout(
+        Duration::from_secs(10),
+        stalled_startup.read_to_end(&mut buf),
+    )
+    .await
+    .expect("a client stalled in its startup packet was not dropped")
+    .unwrap_or(0);
+    assert_eq!(n, 0, "{buf:?}");
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(15), stalled_query.read_to_end(&mut buf))
+        .await
+        .expect("a client stalled mid-query was not dropped")
+        .ok();
+    let text = String::from_utf8_lossy(&buf);
+    assert!(text.contains("57P05"), "{text}");
+    assert!(started.elapsed() >= Duration::from_secs(1));
+    let worker = connect(&proxy.config(proxy.rw_port)).await.unwrap();
+    assert_eq!(server_port(&worker).await, leader_port);
+
+    // COPY TO STDOUT through transaction pooling, twice, then a query on
+    // the same client.
+    for _ in 0..2 {
+        let stream = worker
+            .copy_out("copy (select generate_series(1, 5000)) to stdout")
+            .await
+            .unwrap();
+        let chunks: Vec<bytes::Bytes> = futures_util::TryStreamExt::try_collect(stream)
+            .await
+            .unwrap();
+        let data: Vec<u8> = chunks.concat();
+        let text = String::from_utf8(data).unwrap();
+        assert_eq!(text.lines().count(), 5000);
+        assert_eq!(text.lines().last(), Some("5000"));
+    }
+    let v: i32 = worker.query_one("select 11", &[]).await.unwrap().get(0);
+    assert_eq!(v, 11);
+
+    // NOTICE messages reach the client (psql prints them on stderr).
+    let (ok, out, err) = psql(
+        &proxy,
+        proxy.rw_port,
+        "",
+        "DO $$ BEGIN RAISE NOTICE 'notice from % through the proxy', 'plpgsql'; END $$; SELECT 5",
+    );
+    assert!(ok, "{err}");
+    assert_eq!(out.lines().collect::<Vec<_>>(), ["DO", "5"]);
+    assert!(
+        err.contains("NOTICE:  notice from plpgsql through the proxy"),
+        "{err}"
+    );
+
+    // TLS: the first certificate, then the second after SIGHUP.
+    let verify = |ca: &std::path::Path| format!("sslmode=verify-ca sslrootcert={}", ca.display());
+    let (ok, out, err) = psql(&proxy, proxy.rw_port, &verify(&pki.ca), "select 1");
+    assert!(ok && out.trim() == "1", "{err}\n{}", proxy.log_tail());
+    let (ok, _, _) = psql(&proxy, proxy.rw_port, &verify(&next.ca), "select 1");
+    assert!(!ok, "the second CA verified the first certificate");
+    std::fs::copy(&next.server_cert, &cert_path).unwrap();
+    std::fs::copy(&next.server_key, &key_path).unwrap();
+    proxy.signal(nix::sys::signal::Signal::SIGHUP).unwrap();
+    let proxy_ref = &proxy;
+    let next_ca = verify(&next.ca);
+    wait_until(Duration::from_secs(10), Duration::from_millis(200), || {
+        let next_ca = next_ca.clone();
+        async move {
+            let (ok, _, _) = psql(proxy_ref, proxy_ref.rw_port, &next_ca, "select 1");
+            ok.then_some(())
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("new certificate not served: {e}\n{}", proxy.log_tail()));
+    let (ok, _, _) = psql(&proxy, proxy.rw_port, &verify(&pki.ca), "select 1");
+    assert!(!ok, "the old certificate is still served");
+    // (`worker` may have met client_idle_timeout meanwhile.)
+    let after = connect(&proxy.config(proxy.rw_port)).await.unwrap();
+    assert_eq!(server_port(&after).await, leader_port);
+}
+
+/// Logs in on a raw socket with SCRAM (through tokio-postgres' client
+/// side of the exchange) and reads up to ReadyForQuery.
+async fn login_raw(s: &mut TcpStream, proxy: &Proxy) {
+    use postgres_protocol::authentication::sasl::{ChannelBinding, SCRAM_SHA_256, ScramSha256};
+    use postgres_protocol::message::{backend, frontend};
+    let mut out = bytes::BytesMut::new();
+    frontend::startup_message([("user", "postgres"), ("database", "postgres")], &mut out).unwrap();
+    s.write_all(&out).await.unwrap();
+    let mut buf = bytes::BytesMut::new();
+    let mut scram: Option<ScramSha256> = None;
+    loop {
+        let msg = loop {
+            if let Some(m) = backend::Message::parse(&mut buf).unwrap() {
+                break m;
+            }
+            let n = s.read_buf(&mut buf).await.unwrap();
+            assert!(n > 0, "proxy closed during login");
+        };
+        out.clear();
+        match msg {
+            backend::Message::AuthenticationSasl(_) => {
+                let sc =
+                    ScramSha256::new(proxy.password().as_bytes(), ChannelBinding::unsupported());
+                frontend::sasl_initial_response(SCRAM_SHA_256, sc.message(), &mut out).unwrap();
+                scram = Some(sc);
+            }
+            backend::Message::AuthenticationSaslContinue(body) => {
+                let sc = scram.as_mut().unwrap();
+                sc.update(body.data()).unwrap();
+                frontend::sasl_response(sc.message(), &mut out).unwrap();
+            }
+            backend::Message::AuthenticationSaslFinal(body) => {
+                scram.as_mut().unwrap().finish(body.data()).unwrap();
+            }
+            backend::Message::ErrorResponse(_) => panic!("login refused"),
+            backend::Message::ReadyForQuery(_) => return,
+            _ => {}
+        }
+        if !out.is_empty() {
+            s.write_all(&out).await.unwrap();
+        }
+    }
+}
+
 /// Three planned switchovers while three writers insert through the
 /// read-write port in transaction mode: the writers see no error at all
 /// (each keeps its one session, no insert fails or times out), every

@@ -119,6 +119,11 @@ auth_file = "{auth}"
         c
     }
 
+    /// Signals the proxy process (e.g. SIGHUP to reload its files).
+    pub fn signal(&self, signal: nix::sys::signal::Signal) -> anyhow::Result<()> {
+        self._guard.signal(signal)
+    }
+
     pub fn password(&self) -> &str {
         &self.password
     }
