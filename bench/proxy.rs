@@ -216,8 +216,8 @@ pub async fn run(cluster: Arc<Cluster>, args: &Args) -> anyhow::Result<Value> {
                 "workload": r.workload,
                 "clients": r.clients,
                 "target": r.target,
-                "tps": stats(&r.tps, 0),
-                "ratio_to_direct": if r.target == "direct" { Value::Null } else { stats(&r.ratio, 3) },
+                "tps": crate::report::summary_decimals(&r.tps, 0),
+                "ratio_to_direct": if r.target == "direct" { Value::Null } else { crate::report::summary_decimals(&r.ratio, 3) },
                 // A failed round is reported as failed, never as a number.
                 "failed": !r.errors.is_empty(),
                 "errors": r.errors.iter().map(|e| last_lines(e, 3)).collect::<Vec<_>>(),
@@ -270,25 +270,6 @@ fn row_mut<'a>(rows: &'a mut Vec<Row>, w: &str, c: u32, t: &str) -> &'a mut Row 
         }
     };
     &mut rows[i]
-}
-
-/// Median, min, max and every value, rounded to `digits` decimals.
-fn stats(values: &[f64], digits: i32) -> Value {
-    let scale = 10f64.powi(digits);
-    let round = |x: f64| (x * scale).round() / scale;
-    let mut v = values.to_vec();
-    v.sort_by(f64::total_cmp);
-    let median = match v.len() {
-        0 => None,
-        n if n % 2 == 1 => Some(v[n / 2]),
-        n => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
-    };
-    json!({
-        "median": median.map(round),
-        "min": v.first().copied().map(round),
-        "max": v.last().copied().map(round),
-        "all": values.iter().copied().map(round).collect::<Vec<_>>(),
-    })
 }
 
 fn tps(out: &str) -> Option<f64> {

@@ -9,20 +9,39 @@ use crate::cluster::Cluster;
 /// `{"median", "min", "max", "all"}` of a list of milliseconds (or KiB),
 /// rounded to whole units; nulls when the list is empty.
 pub fn summary(values: &[f64]) -> Value {
-    let mut v: Vec<f64> = values.to_vec();
-    v.sort_by(f64::total_cmp);
     let round = |x: f64| x.round() as i64;
+    let (median, min, max) = median_min_max(values);
+    json!({
+        "median": median.map(round),
+        "min": min.map(round),
+        "max": max.map(round),
+        "all": values.iter().copied().map(round).collect::<Vec<_>>(),
+    })
+}
+
+/// Like [`summary`], rounded to `digits` decimals (ratios, rates).
+pub fn summary_decimals(values: &[f64], digits: i32) -> Value {
+    let scale = 10f64.powi(digits);
+    let round = |x: f64| (x * scale).round() / scale;
+    let (median, min, max) = median_min_max(values);
+    json!({
+        "median": median.map(round),
+        "min": min.map(round),
+        "max": max.map(round),
+        "all": values.iter().copied().map(round).collect::<Vec<_>>(),
+    })
+}
+
+/// Median (the mean of the middle two for an even count), min and max.
+fn median_min_max(values: &[f64]) -> (Option<f64>, Option<f64>, Option<f64>) {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
     let median = match v.len() {
         0 => None,
         n if n % 2 == 1 => Some(v[n / 2]),
         n => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
     };
-    json!({
-        "median": median.map(round),
-        "min": v.first().copied().map(round),
-        "max": v.last().copied().map(round),
-        "all": values.iter().copied().map(round).collect::<Vec<_>>(),
-    })
+    (median, v.first().copied(), v.last().copied())
 }
 
 fn first_line_of(cmd: &str, args: &[&str]) -> Option<String> {
