@@ -70,8 +70,39 @@ pub const CLUSTER_NAME: &str = "bench";
 /// that no trial starts with a replica that is not allowed to take over.
 const MAX_HEALTHY_LAG: u64 = 256 * 1024;
 
+/// Where the nodes run when they do not all share the loopback interface:
+/// `pgha-bench chaos` puts each node in a network namespace of its own
+/// (bench/netns.rs) and runs etcd itself.
+#[derive(Clone, Debug)]
+pub struct Placement {
+    /// One per node: PostgreSQL and the REST API listen on `addr`.
+    pub hosts: Vec<PlacedHost>,
+    /// The etcd cluster the agents use; the [`Cluster`] starts no etcd.
+    pub etcd_endpoints: Vec<String>,
+    /// The network every member and client is in (pg_hba), e.g. `10.77.0.0/24`.
+    pub network: String,
+    /// Data directories go to `<node dir>/<data_parent>/data`, so that a
+    /// caller can mount a size-limited file system on `<data_parent>`.
+    pub data_parent: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct PlacedHost {
+    pub addr: String,
+    /// Command prefix the agent is started with, e.g.
+    /// `["ip", "netns", "exec", "<ns>"]`.
+    pub launcher: Vec<String>,
+}
+
 pub struct Node {
     pub name: String,
+    /// Node directory: config-independent files (state, agent log).
+    pub dir: PathBuf,
+    /// PostgreSQL's unix socket directory (as pgha configures it).
+    pub socket_dir: PathBuf,
+    /// The address PostgreSQL and the API listen on.
+    pub addr: String,
+    launcher: Vec<String>,
     pub config_path: PathBuf,
     pub data_dir: PathBuf,
     pub pg_port: u16,
@@ -93,6 +124,8 @@ pub struct Cluster {
     pgha_exe: PathBuf,
     etcd_ports: Mutex<(u16, u16)>,
     etcd: Mutex<Option<Child>>,
+    /// etcd is run by the caller (see [`Placement`]).
+    external_etcd: bool,
     dcs: tokio::sync::OnceCell<EtcdDcs>,
     shut_down: std::sync::atomic::AtomicBool,
 }
@@ -181,7 +214,7 @@ fn random_hex(bytes: usize) -> anyhow::Result<String> {
 /// it forked) that dies with the bench (`PR_SET_PDEATHSIG`). Linux sends
 /// that signal when the spawning *thread* exits; tokio's worker threads
 /// and the main thread live as long as the bench.
-fn spawn_logged(mut cmd: Command, log_path: &Path) -> anyhow::Result<Child> {
+pub fn spawn_logged(mut cmd: Command, log_path: &Path) -> anyhow::Result<Child> {
     let out = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -319,6 +352,21 @@ impl Cluster {
         cluster_config: Vec<String>,
         pg_parameters: &[(&str, &str)],
     ) -> anyhow::Result<Cluster> {
+        Self::create_placed(nodes, timing, cluster_config, pg_parameters, None)
+    }
+
+    /// Like [`create`](Cluster::create), with the nodes placed on the
+    /// given hosts (`None`: all on 127.0.0.1 with a local etcd).
+    pub fn create_placed(
+        nodes: usize,
+        timing: &Timing,
+        cluster_config: Vec<String>,
+        pg_parameters: &[(&str, &str)],
+        placement: Option<&Placement>,
+    ) -> anyhow::Result<Cluster> {
+        if let Some(p) = placement {
+            anyhow::ensure!(p.hosts.len() == nodes, "one placed host per node");
+        }
         anyhow::ensure!((1..=9).contains(&nodes), "--nodes must be between 1 and 9");
         let exe = std::env::current_exe()?;
         let pgha_exe = exe.with_file_name("pgha");
@@ -341,6 +389,9 @@ impl Cluster {
 
         let superuser_password = random_hex(16)?;
         let replication_password = random_hex(16)?;
+        // Shared by every member: failsafe mode's confirmations between
+        // members are authenticated API calls.
+        let api_token = random_hex(16)?;
         let etcd_ports = (free_port()?, free_port()?);
         let mut node_list = Vec::new();
         for n in 1..=nodes {
@@ -348,9 +399,34 @@ impl Cluster {
             let node_dir = dir.join(&name);
             std::fs::create_dir(&node_dir)?;
             std::fs::set_permissions(&node_dir, std::fs::Permissions::from_mode(0o755))?;
-            let pg_port = free_port()?;
+            let host = placement.map(|p| &p.hosts[n - 1]);
+            let addr = host.map_or("127.0.0.1".to_string(), |h| h.addr.clone());
+            // Every namespace has its own port space: the standard ports.
+            let (pg_port, api_port) = match host {
+                Some(_) => (5432, 8008),
+                None => (free_port()?, free_port()?),
+            };
             let config_path = dir.join(format!("{name}.toml"));
-            let data_dir = node_dir.join("data");
+            let data_dir = match placement {
+                Some(p) => node_dir.join(&p.data_parent).join("data"),
+                None => node_dir.join("data"),
+            };
+            let endpoints = match placement {
+                Some(p) => p
+                    .etcd_endpoints
+                    .iter()
+                    .map(|e| format!("{e:?}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                None => format!("\"http://127.0.0.1:{}\"", etcd_ports.0),
+            };
+            let networks = match placement {
+                Some(p) => format!(
+                    "listen_addresses = \"{addr}\"\nreplication_networks = [\"{0}\"]\nclient_networks = [\"{0}\"]\n",
+                    p.network
+                ),
+                None => String::new(),
+            };
             let text = format!(
                 r#"# Generated by pgha-bench.
 cluster = "{CLUSTER_NAME}"
@@ -358,24 +434,23 @@ name = "{name}"
 state_dir = "{state}"
 
 [etcd]
-endpoints = ["http://127.0.0.1:{etcd_port}"]
+endpoints = [{endpoints}]
 
 [ha]
 {timing}
 [postgres]
 data_dir = "{data}"
 port = {pg_port}
-superuser = {{ username = "{SUPERUSER}", password = "{superuser_password}" }}
+{networks}superuser = {{ username = "{SUPERUSER}", password = "{superuser_password}" }}
 replication = {{ username = "replicator", password = "{replication_password}" }}
 
 [api]
-listen = "127.0.0.1:{api_port}"
+listen = "{addr}:{api_port}"
+token = "{api_token}"
 {parameters}"#,
                 state = node_dir.join("state").display(),
                 data = data_dir.display(),
-                etcd_port = etcd_ports.0,
                 timing = timing.toml(),
-                api_port = free_port()?,
                 parameters = if pg_parameters.is_empty() {
                     String::new()
                 } else {
@@ -389,6 +464,10 @@ listen = "127.0.0.1:{api_port}"
             std::fs::write(&config_path, text)?;
             std::fs::set_permissions(&config_path, std::fs::Permissions::from_mode(0o600))?;
             node_list.push(Node {
+                socket_dir: node_dir.join("state").join("postgres").join("run"),
+                dir: node_dir.clone(),
+                addr,
+                launcher: host.map(|h| h.launcher.clone()).unwrap_or_default(),
                 name,
                 config_path,
                 data_dir,
@@ -417,6 +496,7 @@ listen = "127.0.0.1:{api_port}"
             pgha_exe,
             etcd_ports: Mutex::new(etcd_ports),
             etcd: Mutex::new(None),
+            external_etcd: placement.is_some(),
             dcs: tokio::sync::OnceCell::new(),
             shut_down: false.into(),
         })
@@ -434,7 +514,9 @@ listen = "127.0.0.1:{api_port}"
     /// Starts etcd and every agent, then waits for one leader and N-1
     /// streaming replicas.
     pub async fn start(&self) -> anyhow::Result<()> {
-        self.start_etcd().await?;
+        if !self.external_etcd {
+            self.start_etcd().await?;
+        }
         for i in 0..self.nodes.len() {
             self.start_agent(i)?;
         }
@@ -456,12 +538,17 @@ listen = "127.0.0.1:{api_port}"
     /// `pgha config set -c node1.toml KEY=VALUE...`, through the real CLI
     /// like an operator would.
     async fn set_cluster_config(&self) -> anyhow::Result<()> {
+        self.config_set(&self.cluster_config).await
+    }
+
+    /// `pgha config set -c node1.toml KEY=VALUE...` with any settings.
+    pub async fn config_set(&self, settings: &[String]) -> anyhow::Result<()> {
         let mut cmd = Command::new(&self.pgha_exe);
         cmd.arg("config")
             .arg("set")
             .arg("-c")
             .arg(&self.nodes[0].config_path)
-            .args(&self.cluster_config)
+            .args(settings)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -472,13 +559,13 @@ listen = "127.0.0.1:{api_port}"
         anyhow::ensure!(
             out.status.success(),
             "pgha config set {:?} failed ({}): {}",
-            self.cluster_config,
+            settings,
             out.status,
             String::from_utf8_lossy(&out.stderr).trim()
         );
         log(&format!(
             "cluster configuration set: {}",
-            self.cluster_config.join(" ")
+            settings.join(" ")
         ));
         Ok(())
     }
@@ -557,7 +644,14 @@ listen = "127.0.0.1:{api_port}"
         let node = &self.nodes[i];
         let mut slot = node.agent.lock().unwrap();
         anyhow::ensure!(slot.is_none(), "{}'s agent is already running", node.name);
-        let mut cmd = Command::new(&self.pgha_exe);
+        let mut cmd = match node.launcher.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(&self.pgha_exe);
+                c
+            }
+            None => Command::new(&self.pgha_exe),
+        };
         cmd.arg("agent").arg("-c").arg(&node.config_path);
         *slot = Some(spawn_logged(cmd, &node.log_path)?);
         Ok(())
@@ -697,7 +791,7 @@ listen = "127.0.0.1:{api_port}"
     pub fn writer_config(&self) -> tokio_postgres::Config {
         let mut c = tokio_postgres::Config::new();
         for n in &self.nodes {
-            c.host("127.0.0.1").port(n.pg_port);
+            c.host(&n.addr).port(n.pg_port);
         }
         c.user(SUPERUSER)
             .password(&self.superuser_password)

@@ -6,6 +6,9 @@
 //!   and planned switchover.
 //! - `load`: leader stability under a sustained pgbench load.
 //! - `backup`: backup, restore and archiving against pgBackRest.
+//! - `chaos`: network and process faults against a cluster whose members
+//!   are separate hosts (network namespaces), with a history check of
+//!   every acknowledged write after each fault.
 //! - `proxy`: pgbench through the pgha proxy, pgbouncer and HAProxy as a
 //!   ratio to direct connections, and the proxy's memory per idle client.
 //!
@@ -13,14 +16,18 @@
 //! stderr. See bench/README.md for what every number means.
 
 mod backup;
+mod chaos;
 mod clock;
 mod cluster;
 mod failover;
+mod history;
 mod load;
+mod netns;
 mod promotion;
 mod proxy;
 mod reaper;
 mod report;
+mod route;
 mod writer;
 
 use std::path::PathBuf;
@@ -86,6 +93,12 @@ enum Command {
         #[command(flatten)]
         args: backup::Args,
     },
+    /// Inject network and process faults into a cluster of network
+    /// namespaces (3 etcd, 3 nodes, a client) under writes; needs root.
+    Chaos {
+        #[command(flatten)]
+        args: chaos::Args,
+    },
     /// Compare pgbench through the pgha proxy, pgbouncer and HAProxy with
     /// direct connections (always on a single node).
     Proxy {
@@ -94,16 +107,27 @@ enum Command {
         #[command(flatten)]
         args: proxy::Args,
     },
+    /// The proxy's auto listener (statement routing, read-your-writes).
+    Route {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        args: route::Args,
+    },
 }
 
 /// Exit codes: 0 success; 1 error, aborted run or failed trial; 3 when an
 /// acknowledged write was lost (the one result that must never happen).
-const EXIT_ERROR: i32 = 1;
-const EXIT_LOST_WRITES: i32 = 3;
+pub(crate) const EXIT_ERROR: i32 = 1;
+pub(crate) const EXIT_LOST_WRITES: i32 = 3;
 
 fn main() {
     clock::now_ms(); // start the run's clock
     let cli = Cli::parse();
+    // It builds its own runtime, from inside its client namespace.
+    if let Command::Chaos { args } = cli.command {
+        std::process::exit(chaos::main(args));
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -116,9 +140,11 @@ async fn run(cli: Cli) -> i32 {
     let common = match cli.command {
         // One server of its own: no cluster.
         Command::Backup { args } => return backup::main(args).await,
+        Command::Chaos { .. } => unreachable!("handled in main"),
         Command::Failover { ref common, .. }
         | Command::Load { ref common, .. }
-        | Command::Proxy { ref common, .. } => common,
+        | Command::Proxy { ref common, .. }
+        | Command::Route { ref common, .. } => common,
     };
     // Every target of the proxy bench must reach the same PostgreSQL.
     // Its pooled targets keep server connections open side by side.
@@ -149,8 +175,9 @@ async fn run(cli: Cli) -> i32 {
         match &cli.command {
             Command::Failover { args, .. } => failover::run(cluster.clone(), args).await,
             Command::Load { args, .. } => load::run(cluster.clone(), args).await,
-            Command::Backup { .. } => unreachable!("handled above"),
+            Command::Backup { .. } | Command::Chaos { .. } => unreachable!("handled above"),
             Command::Proxy { args, .. } => proxy::run(cluster.clone(), args).await,
+            Command::Route { args, .. } => route::run(cluster.clone(), args).await,
         }
     };
     // The cluster outlives the work future, so that Ctrl-C (which drops
@@ -204,7 +231,7 @@ fn exit_code(report: &Value) -> i32 {
     }
 }
 
-async fn termination() -> &'static str {
+pub(crate) async fn termination() -> &'static str {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
     let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler");

@@ -69,9 +69,9 @@ const WORKLOADS: [(&str, &[&str]); 3] = [
 ];
 
 /// A process the bench started; killed when dropped.
-struct Service {
+pub(crate) struct Service {
     name: String,
-    port: u16,
+    pub(crate) port: u16,
     child: Child,
     log: PathBuf,
 }
@@ -272,7 +272,7 @@ fn row_mut<'a>(rows: &'a mut Vec<Row>, w: &str, c: u32, t: &str) -> &'a mut Row 
     &mut rows[i]
 }
 
-fn tps(out: &str) -> Option<f64> {
+pub(crate) fn tps(out: &str) -> Option<f64> {
     out.lines()
         .find_map(|l| l.trim().strip_prefix("tps ="))
         .and_then(|rest| rest.split_whitespace().next())
@@ -324,7 +324,7 @@ fn raise_fd_limit() -> Option<u64> {
     get().map(|l| l.rlim_cur)
 }
 
-fn chown_postgres(path: &Path) -> anyhow::Result<()> {
+pub(crate) fn chown_postgres(path: &Path) -> anyhow::Result<()> {
     if !nix::unistd::geteuid().is_root() {
         return Ok(());
     }
@@ -333,7 +333,10 @@ fn chown_postgres(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn superuser_client(cluster: &Cluster, port: u16) -> anyhow::Result<tokio_postgres::Client> {
+pub(crate) async fn superuser_client(
+    cluster: &Cluster,
+    port: u16,
+) -> anyhow::Result<tokio_postgres::Client> {
     let mut cfg = tokio_postgres::Config::new();
     cfg.host("127.0.0.1")
         .port(port)
@@ -348,7 +351,11 @@ async fn superuser_client(cluster: &Cluster, port: u16) -> anyhow::Result<tokio_
 
 /// The superuser's SCRAM verifier from `pg_authid`, in the
 /// `"user" "secret"` format pgha's `auth_file` and pgbouncer both read.
-async fn write_userlist(cluster: &Cluster, port: u16, path: &Path) -> anyhow::Result<()> {
+pub(crate) async fn write_userlist(
+    cluster: &Cluster,
+    port: u16,
+    path: &Path,
+) -> anyhow::Result<()> {
     let client = superuser_client(cluster, port).await?;
     client.batch_execute("VACUUM ANALYZE").await?;
     let row = client
@@ -367,7 +374,12 @@ async fn write_userlist(cluster: &Cluster, port: u16, path: &Path) -> anyhow::Re
     chown_postgres(path)
 }
 
-fn spawn(name: &str, port: u16, cmd: &mut Command, log_path: PathBuf) -> anyhow::Result<Service> {
+pub(crate) fn spawn(
+    name: &str,
+    port: u16,
+    cmd: &mut Command,
+    log_path: PathBuf,
+) -> anyhow::Result<Service> {
     let log_file = std::fs::File::create(&log_path)?;
     cmd.stdin(Stdio::null())
         .stdout(log_file.try_clone()?)
@@ -466,7 +478,7 @@ async fn start_haproxy(dir: &Path, pg_port: u16) -> anyhow::Result<Service> {
         .context("start haproxy (apt-get install haproxy)")
 }
 
-async fn wait_ready(cluster: &Cluster, s: &Service) -> anyhow::Result<()> {
+pub(crate) async fn wait_ready(cluster: &Cluster, s: &Service) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         match superuser_client(cluster, s.port).await {
@@ -607,7 +619,7 @@ async fn idle_clients(
 
 /// pgbench against 127.0.0.1:`port` as the superuser, the password in the
 /// cluster's 0600 passfile; stdout, or the error with stderr.
-async fn pgbench(cluster: &Cluster, port: u16, args: &[&str]) -> anyhow::Result<String> {
+pub(crate) async fn pgbench(cluster: &Cluster, port: u16, args: &[&str]) -> anyhow::Result<String> {
     let mut cmd = Command::new("pgbench");
     cmd.args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", SUPERUSER])
         .args(args)

@@ -2,7 +2,10 @@
 # Installs what pgha's demo and tests need on Debian 12, only when missing:
 # PostgreSQL 15 (server, client tools, pgbench), etcd, HAProxy (for the
 # load-balancer tests), curl (API tests), protoc and
-# openssl (the TLS tests make throwaway certificates with it).
+# openssl (the TLS tests make throwaway certificates with it), iproute2 and
+# nftables (network namespaces and fault rules of the chaos suite), systemd
+# (systemd-analyze, for the packaging tests), and clang
+# with libclang (the pg_query crate builds libpg_query and runs bindgen on it).
 set -euo pipefail
 need=()
 [ -x /usr/lib/postgresql/15/bin/postgres ] || need+=(postgresql-15)
@@ -14,6 +17,18 @@ command -v pgbench >/dev/null || need+=(postgresql-contrib)
 command -v openssl >/dev/null || need+=(openssl)
 command -v psql >/dev/null || need+=(postgresql-client-15)
 command -v curl >/dev/null || need+=(curl)
+# The network fault suite (pgha-bench chaos, tests/it/chaos.rs): ip and tc
+# (iproute2) and nft (nftables).
+command -v ip >/dev/null || need+=(iproute2)
+command -v tc >/dev/null || need+=(iproute2)
+command -v nft >/dev/null || need+=(nftables)
+command -v clang >/dev/null || need+=(clang)
+ls /usr/lib/llvm-*/lib/libclang.so >/dev/null 2>&1 || ls /usr/lib/*/libclang.so >/dev/null 2>&1 || need+=(libclang-dev)
+# The packaging tests (tests/it/packaging.rs): systemd-analyze checks the
+# units without a running systemd; a fresh Debian 12 (a container image) has
+# no systemd package. dpkg-deb and setpriv are always there (dpkg,
+# util-linux).
+command -v systemd-analyze >/dev/null || need+=(systemd)
 if [ ${#need[@]} -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"

@@ -11,11 +11,18 @@ fn main() {
         state_dir,
         data_dir,
         agent_pid,
+        vip,
+        vip_interface,
     } = &cli.command
     {
         // No runtime, no logging framework: the keeper must stay tiny and
         // must never wait on anything but the clock.
-        let code = match pgha::agent::fence_keeper::run_keeper(state_dir, data_dir, *agent_pid) {
+        let code = match pgha::agent::fence_keeper::run_keeper(
+            state_dir,
+            data_dir,
+            *agent_pid,
+            vip.as_deref().zip(vip_interface.as_deref()),
+        ) {
             Ok(()) => 0,
             Err(e) => {
                 eprintln!("fence keeper: {e:#}");
@@ -62,12 +69,25 @@ fn load(path: &std::path::Path) -> anyhow::Result<pgha::config::Config> {
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Agent { config } => pgha::agent::run(load(&config)?).await,
+        Command::PostStop {
+            config,
+            service_result,
+        } => cli::post_stop::run(&load(&config)?, service_result.as_deref()).await,
         Command::CheckConfig { config } => {
             load(&config)?;
             println!("{}: valid", config.display());
             Ok(())
         }
-        Command::Proxy { config } => {
+        Command::Proxy {
+            action: Some(cli::ProxyAction::Explain { sql, config, json }),
+            ..
+        } => cli::explain::run(&sql, config.as_deref(), json).await,
+        Command::Proxy {
+            action: None,
+            config,
+        } => {
+            let config =
+                config.ok_or_else(|| cli::UsageError("pgha proxy needs -c FILE".into()))?;
             pgha::proxy::run_standalone(pgha::config::ProxyFileConfig::load(&config)?).await
         }
         Command::List { config, json } => cli::list::run(&load(&config)?, json).await,
@@ -89,6 +109,33 @@ async fn run(command: Command) -> anyhow::Result<()> {
             accept_data_loss,
             force,
         } => cli::manage::failover(&load(&config)?, to, accept_data_loss, force).await,
+        Command::Restart {
+            config,
+            nodes,
+            pending,
+            switchover,
+            force,
+            timeout,
+        } => {
+            cli::operate::restart(&load(&config)?, nodes, pending, switchover, force, timeout).await
+        }
+        Command::Reinit {
+            config,
+            node,
+            force,
+            timeout,
+        } => cli::operate::reinit(&load(&config)?, &node, force, timeout).await,
+        Command::Reload { config, nodes } => cli::operate::reload(&load(&config)?, nodes).await,
+        Command::Dsn {
+            config,
+            role,
+            dbname,
+            user,
+            json,
+        } => cli::operate::dsn(&load(&config)?, role, dbname, user, json).await,
+        Command::Topology { config, json } => {
+            cli::operate::show_topology(&load(&config)?, json).await
+        }
         Command::Pause { config } => cli::manage::set_paused(&load(&config)?, true).await,
         Command::Resume { config } => cli::manage::set_paused(&load(&config)?, false).await,
         Command::History { config, json } => cli::manage::history(&load(&config)?, json).await,
@@ -102,6 +149,17 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     assignments,
                 },
         } => cli::manage::config_set(&load(&config)?, &assignments).await,
+        Command::EditConfig {
+            config,
+            apply,
+            force,
+        } => {
+            let source = match apply {
+                Some(file) => cli::edit_config::Source::File(file),
+                None => cli::edit_config::Source::Editor,
+            };
+            cli::edit_config::edit_config(&load(&config)?, source, force).await
+        }
         Command::Backup {
             action: Some(action),
             ..

@@ -5,6 +5,7 @@
 //! timeline and so that parsing/printing of PostgreSQL's `X/Y` notation lives
 //! in exactly one place.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 
@@ -221,6 +222,33 @@ pub struct MemberRecord {
     /// liveness comes from the key's lease.
     #[serde(default)]
     pub updated_at_ms: u64,
+    /// Server parameters waiting for a restart, or refused by this member.
+    #[serde(default, skip_serializing_if = "ParameterStatus::is_clean")]
+    pub parameters: ParameterStatus,
+    /// Its data directory holds a primary pgha never managed, which it
+    /// adopts as the first leader while the cluster is new (members with
+    /// an empty directory wait for it instead of creating an empty one).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub adoptable: bool,
+}
+
+/// What a member made of the server parameters it was given.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ParameterStatus {
+    /// Parameters whose new value takes effect only after a restart of
+    /// this member's server (`pg_settings.pending_restart`); pgha never
+    /// restarts for them by itself.
+    pub pending_restart: Vec<String>,
+    /// Cluster-wide parameters this member refused, with PostgreSQL's
+    /// reason; it keeps running with the previous value.
+    pub rejected: BTreeMap<String, String>,
+}
+
+impl ParameterStatus {
+    pub fn is_clean(&self) -> bool {
+        self.pending_restart.is_empty() && self.rejected.is_empty()
+    }
 }
 
 fn default_priority() -> u32 {
@@ -310,6 +338,8 @@ mod tests {
             nosync: false,
             last_decision: None,
             updated_at_ms: 1,
+            parameters: Default::default(),
+            adoptable: false,
         };
         let json = serde_json::to_string(&rec).unwrap();
         assert_eq!(

@@ -21,9 +21,11 @@ use crate::util::{boottime_ms, unix_ms};
 
 impl Agent {
     pub(super) async fn execute(&mut self, decision: &Decision, s: &Snapshot) {
+        self.reconcile_vip(decision, s);
         let result: anyhow::Result<()> = match &decision.action {
             Action::Wait => Ok(()),
             Action::Bootstrap => self.bootstrap(s).await,
+            Action::Adopt => self.adopt_database(s).await,
             Action::Clone { leader } => self.start_job(Job::Cloning, s, leader, false),
             Action::Reclone { leader } => self.start_job(Job::Cloning, s, leader, true),
             Action::Rewind { leader } => self.start_job(Job::Rewinding, s, leader, false),
@@ -32,7 +34,20 @@ impl Agent {
             Action::Follow { leader } => self.follow(s, leader).await,
             Action::AcquireLease => self.acquire().await,
             Action::AdoptLease { lease_id } => self.adopt(*lease_id).await,
-            Action::Promote { sync } => self.promote(s, sync.as_ref()).await,
+            Action::Promote { sync } => {
+                self.promoting_since_ms.get_or_insert(boottime_ms());
+                let result = self.promote(s, sync.as_ref()).await;
+                if let Err(e) = &result {
+                    self.failed_promotions += 1;
+                    self.last_promotion_error = Some(format!("{e:#}"));
+                }
+                result
+            }
+            Action::WriteFailsafeRecord(record) => {
+                self.dcs.put_failsafe(record).await.map_err(Into::into).map(|()| {
+                    tracing::info!(members = ?record.members.keys().collect::<Vec<_>>(), "recorded the failsafe membership");
+                })
+            }
             Action::WriteSyncRecord(record) => {
                 self.dcs.put_sync(record).await.map_err(Into::into).map(|()| {
                     tracing::info!(members = ?record.members, k = record.quorum, degraded = record.degraded, "recorded the synchronous set");
@@ -46,9 +61,17 @@ impl Agent {
             Action::PrepareSlots {
                 create_slots,
                 drop_slots,
-            } => self.sync_slots(create_slots, drop_slots, false).await,
+                reset_slots,
+            } => {
+                let synced = self.sync_slots(create_slots, drop_slots, false).await;
+                match synced {
+                    Ok(()) => self.reset_slots(reset_slots).await,
+                    Err(e) => Err(e),
+                }
+            }
             Action::Demote { reason } => self.demote(*reason).await,
             Action::ReleaseLease => self.release().await,
+            Action::Resign { failed_promotions } => self.resign(*failed_promotions).await,
             Action::StopAndRelease => {
                 let r = self
                     .instance
@@ -60,6 +83,7 @@ impl Agent {
         if let Err(e) = result {
             tracing::error!(action = ?decision.action, error = format!("{e:#}"), "action failed");
         }
+        self.reconcile_vip_after(decision).await;
     }
 
     fn upstream_for(&self, view: Option<&ClusterView>, leader: &MemberName) -> Option<Upstream> {
@@ -124,6 +148,103 @@ impl Agent {
         }
     }
 
+    /// Makes the database already in the data directory the first leader.
+    /// Unlike a bootstrap, a failure never removes anything, and the claim
+    /// is kept: the next loop tries again (the other members wait rather
+    /// than create an empty cluster beside the operator's database). The
+    /// database is left stopped with pgha's configuration files, the
+    /// originals kept beside them.
+    async fn adopt_database(&mut self, s: &Snapshot) -> anyhow::Result<()> {
+        let resuming = matches!(s.dcs.as_ref().and_then(|v| v.initialize.as_ref()), Some(Initialize::Pending { by }) if by == &self.cfg.name);
+        if !resuming && !self.dcs.claim_initialize().await? {
+            tracing::info!("another member won the race to initialize the cluster");
+            return Ok(());
+        }
+        tracing::info!(data_dir = %self.instance.data_dir.display(), "adopting the existing database as the cluster's first leader");
+        // Stopping a busy server, crash recovery in single-user mode and
+        // the first start block this loop for a while.
+        self.lease.expect_busy(Duration::from_secs(900));
+        match self.adopt_claimed().await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                tracing::error!(
+                    error = format!("{e:#}"),
+                    "adoption failed; retrying (the data is untouched)"
+                );
+                let _ = self
+                    .instance
+                    .stop(StopMode::Fast, Duration::from_secs(60))
+                    .await;
+                let _ = self.release().await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn adopt_claimed(&mut self) -> anyhow::Result<()> {
+        if let Some(pid) = self.instance.postmaster_pid() {
+            // The settings pgha needs (replication, wal_log_hints, its
+            // authentication rules) take a restart; this is the moment, as
+            // the cluster has no other server to keep writes going.
+            tracing::warn!(
+                pid,
+                "stopping the running server to adopt it (fast shutdown: open transactions are rolled back)"
+            );
+            self.instance
+                .stop(StopMode::Fast, Duration::from_secs(300))
+                .await
+                .context("stop the server to adopt it")?;
+        }
+        let disabled = self.instance.adopt_config_files()?;
+        if !disabled.is_empty() {
+            tracing::warn!(settings = ?disabled, "disabled settings of the adopted configuration that pgha manages itself");
+        }
+        let verifier = |password: &crate::secret::SecretString| {
+            postgres_protocol::password::scram_sha_256(password.expose().as_bytes())
+        };
+        let sql = crate::postgres::adopt::roles_sql(
+            &self.cfg.postgres.superuser.username,
+            &verifier(&self.cfg.postgres.superuser.password),
+            &self.cfg.postgres.replication.username,
+            &verifier(&self.cfg.postgres.replication.password),
+        );
+        // Single-user mode reads postgresql.conf: pgha's, from now on.
+        self.instance.write_config(false, None, None)?;
+        self.instance.set_roles_single_user(&sql).await?;
+        // The lease comes before the first writable start, always.
+        let Some(renewal) = self.dcs.acquire_leader().await? else {
+            anyhow::bail!(
+                "the leader key is held by another member although the cluster was not initialized"
+            );
+        };
+        self.take_lease(renewal).await?;
+        self.instance.start().await?;
+        self.wait_until_running(Duration::from_secs(600)).await?;
+        let system_id = self.read_system_id().await?;
+        self.dcs.complete_initialize(&system_id).await?;
+        tracing::info!(
+            system_id,
+            "existing database adopted; this member leads (the original pg_hba.conf is kept as {})",
+            crate::postgres::adopt::HBA_BEFORE_ADOPTION
+        );
+        Ok(())
+    }
+
+    async fn read_system_id(&mut self) -> anyhow::Result<String> {
+        let client = self.observer.client().await?;
+        let row = client
+            .query_one(
+                "SELECT system_identifier::text FROM pg_control_system()",
+                &[],
+            )
+            .await
+            .map_err(|source| PgError::Sql {
+                action: "read the system identifier".into(),
+                source,
+            })?;
+        Ok(row.get(0))
+    }
+
     async fn bootstrap_claimed(&mut self) -> anyhow::Result<()> {
         self.instance.remove_data_dir()?;
         self.instance.initdb().await?;
@@ -153,17 +274,7 @@ impl Agent {
                 action: "create the replication role".into(),
                 source,
             })?;
-        let row = client
-            .query_one(
-                "SELECT system_identifier::text FROM pg_control_system()",
-                &[],
-            )
-            .await
-            .map_err(|source| PgError::Sql {
-                action: "read the system identifier".into(),
-                source,
-            })?;
-        let system_id: String = row.get(0);
+        let system_id = self.read_system_id().await?;
         self.dcs.complete_initialize(&system_id).await?;
         tracing::info!(system_id, "cluster initialized; this member leads");
         Ok(())
@@ -274,12 +385,26 @@ impl Agent {
     }
 
     async fn acquire(&mut self) -> anyhow::Result<()> {
-        match self.dcs.acquire_leader().await? {
-            Some(r) => {
+        // Checked under the lock the API confirms failsafe leaders under:
+        // a promise given after the decision still stops the race here.
+        if let Err(p) = self.failsafe.begin_race(crate::util::boottime_ms()) {
+            anyhow::bail!(
+                "not taking the leader key: promised failsafe leader {} not to",
+                p.leader
+            );
+        }
+        match self.dcs.acquire_leader().await {
+            Ok(Some(r)) => {
                 self.take_lease(r).await?;
                 tracing::info!("acquired the leader lease");
             }
-            None => tracing::info!("another member acquired the leader lease first"),
+            Ok(None) => {
+                self.failsafe.end_race();
+                tracing::info!("another member acquired the leader lease first");
+            }
+            // Whether the key was taken is unknown: keep refusing
+            // confirmations until the next loop has read etcd.
+            Err(e) => return Err(e.into()),
         }
         Ok(())
     }
@@ -450,6 +575,38 @@ impl Agent {
         Ok(())
     }
 
+    /// Drops each slot and creates it again without reserving WAL, on a
+    /// replica, so it no longer holds the WAL and xmin of a former
+    /// leadership (see `ha::slots`). A slot a member started streaming from
+    /// since the snapshot is not dropped, and so not recreated either.
+    async fn reset_slots(&mut self, slots: &[String]) -> anyhow::Result<()> {
+        let client = self.observer.client().await?;
+        for slot in slots {
+            let dropped = client
+                .execute(query::DROP_SLOT, &[slot])
+                .await
+                .map_err(|source| PgError::Sql {
+                    action: format!("drop slot {slot} to reset it"),
+                    source,
+                })?;
+            if dropped == 0 {
+                continue;
+            }
+            client
+                .execute(query::CREATE_SLOT, &[slot, &false])
+                .await
+                .map_err(|source| PgError::Sql {
+                    action: format!("create slot {slot} again, unreserved"),
+                    source,
+                })?;
+            tracing::info!(
+                slot,
+                "reset replication slot: it held WAL or an xmin from when this member led"
+            );
+        }
+        Ok(())
+    }
+
     async fn demote(&mut self, reason: DemoteReason) -> anyhow::Result<()> {
         let mode = if reason == DemoteReason::Switchover {
             StopMode::Fast
@@ -523,7 +680,7 @@ impl Agent {
         }
     }
 
-    async fn reload_config(&mut self) -> anyhow::Result<()> {
+    pub(super) async fn reload_config(&mut self) -> anyhow::Result<()> {
         let obs = self.observer.observe().await;
         let PgStatus::Running(r) = &obs.status else {
             anyhow::bail!("PostgreSQL is not running")
@@ -551,6 +708,27 @@ impl Agent {
                 action: format!("reload the configuration ({why})"),
                 source,
             })
+    }
+
+    /// Gives the key up after failed promotions; the bar on racing starts
+    /// now, whether or not etcd takes the release (the lease then expires).
+    async fn resign(&mut self, failed_promotions: u32) -> anyhow::Result<()> {
+        self.resigned_at_ms = Some(boottime_ms());
+        let log_tail = tokio::task::spawn_blocking({
+            let path = self.instance.log_file.clone();
+            move || promote::read_log_tail(&path)
+        })
+        .await
+        .unwrap_or_default();
+        tracing::error!(
+            failed_promotions,
+            last_error = self.last_promotion_error.as_deref().unwrap_or("none"),
+            postgres_error = promote::failed_promotion_cause(&log_tail).unwrap_or("none found"),
+            log = %self.instance.log_file.display(),
+            out_of_race_ms = crate::ha::promotion::cooldown_ms(&self.cfg.ha),
+            "PostgreSQL cannot be promoted here: giving the leader key up so that another member can lead"
+        );
+        self.release().await
     }
 
     async fn release(&mut self) -> anyhow::Result<()> {

@@ -32,6 +32,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use super::vip_net::FloatingAddress;
 use crate::ha::lease::{KeeperAck, KeeperView};
 use crate::safe_fs::{SafeFsError, TrustedDir};
 
@@ -131,6 +132,8 @@ pub enum FenceError {
 pub struct Fence {
     dir: Arc<TrustedDir>,
     supervisor: Arc<FenceSupervisor>,
+    /// `[vip]`: the keeper removes this address when it fences.
+    floating_address: Option<FloatingAddress>,
 }
 
 impl Fence {
@@ -138,7 +141,14 @@ impl Fence {
         Fence {
             dir,
             supervisor: Arc::new(FenceSupervisor::default()),
+            floating_address: None,
         }
+    }
+
+    /// Hands the floating address to every keeper this fence starts.
+    pub fn with_floating_address(mut self, address: Option<FloatingAddress>) -> Self {
+        self.floating_address = address;
+        self
     }
 
     pub fn set(&self, state: FenceState) -> Result<(), FenceError> {
@@ -235,8 +245,14 @@ impl Fence {
             .arg("--data-dir")
             .arg(data_dir)
             .arg("--agent-pid")
-            .arg(std::process::id().to_string())
-            .stdin(std::process::Stdio::null())
+            .arg(std::process::id().to_string());
+        if let Some(a) = &self.floating_address {
+            cmd.arg("--vip")
+                .arg(a.cidr())
+                .arg("--vip-interface")
+                .arg(&a.interface);
+        }
+        cmd.stdin(std::process::Stdio::null())
             .stdout(log.try_clone().map_err(FenceError::Spawn)?)
             .stderr(log);
         // SAFETY: only async-signal-safe calls (dup2, fcntl) between fork

@@ -7,6 +7,10 @@
 //! [`KEEPER_BEAT_MS`], so the agent can tell a working keeper from a dead,
 //! stopped or hung one.
 //!
+//! With `[vip]` it also removes the floating address when it fences,
+//! right after the kill (see [`run_keeper`] for why in that order), so a
+//! frozen agent cannot leave the address on a node that no longer leads.
+//!
 //! It works in the state directory through the descriptor it inherited
 //! from the agent ([`KEEPER_DIR_FD`]), checked again here, so that neither
 //! a renamed directory nor a planted symlink can redirect it.
@@ -16,6 +20,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use super::fence::{ACK_FILE, FenceState, KEEPER_DIR_FD, LOCK_FILE, STATE_FILE, render_ack};
+use super::vip_net::FloatingAddress;
 use crate::ha::lease::KEEPER_BEAT_MS;
 use crate::safe_fs::{Owner, Strictness, TrustedDir};
 use crate::util::boottime_ms;
@@ -24,7 +29,33 @@ const POLL: Duration = Duration::from_millis(20);
 
 /// Runs the keeper until the agent says exit, or the agent is gone and
 /// nothing is armed.
-pub fn run_keeper(state_dir: &Path, data_dir: &Path, first_agent_pid: i32) -> anyhow::Result<()> {
+///
+/// `vip` is the floating address (`address/prefix`, interface) to remove
+/// when fencing. The kill comes first: it is what safety rests on (no
+/// write may be acknowledged past the deadline), and it takes no more than
+/// a few signals, while the netlink call could be slowed by a busy kernel.
+/// Once PostgreSQL is dead, a client that still reaches the address gets
+/// a refused connection at once and retries; the address is gone a
+/// moment later, well inside `fence_margin`, before any other member can
+/// take the lease and add it.
+pub fn run_keeper(
+    state_dir: &Path,
+    data_dir: &Path,
+    first_agent_pid: i32,
+    vip: Option<(&str, &str)>,
+) -> anyhow::Result<()> {
+    let floating_address = match vip {
+        Some((cidr, interface)) => {
+            let (address, prefix_len) = crate::config::vip::parse_address(cidr)
+                .map_err(|m| anyhow::anyhow!("--vip: {m}"))?;
+            Some(FloatingAddress {
+                address,
+                prefix_len,
+                interface: interface.to_string(),
+            })
+        }
+        None => None,
+    };
     // SAFETY: the agent passes the state directory as this descriptor
     // (see `Fence::spawn_keeper`); nothing else in this process owns it.
     let fd = unsafe { OwnedFd::from_raw_fd(KEEPER_DIR_FD) };
@@ -47,7 +78,13 @@ pub fn run_keeper(state_dir: &Path, data_dir: &Path, first_agent_pid: i32) -> an
     let me = std::process::id() as i32;
     let mut acknowledged: Option<Option<FenceState>> = None;
     let mut last_beat = 0;
+    // A removal that failed is retried every poll, and the keeper does not
+    // exit before it succeeded.
+    let mut address_to_remove = false;
     loop {
+        if address_to_remove && let Some(a) = &floating_address {
+            address_to_remove = !remove_address(a);
+        }
         let state = dir
             .read_to_string(STATE_FILE)
             .ok()
@@ -76,6 +113,9 @@ pub fn run_keeper(state_dir: &Path, data_dir: &Path, first_agent_pid: i32) -> an
                         now - deadline_ms
                     );
                 }
+                if let Some(a) = &floating_address {
+                    address_to_remove = !remove_address(a);
+                }
                 let _ = dir.write(
                     STATE_FILE,
                     FenceState::Disarmed { agent_pid }.render().as_bytes(),
@@ -83,13 +123,39 @@ pub fn run_keeper(state_dir: &Path, data_dir: &Path, first_agent_pid: i32) -> an
                 );
             }
             Some(FenceState::Armed { .. }) => {}
-            Some(FenceState::Disarmed { agent_pid }) if !pid_alive(agent_pid) => return Ok(()),
+            _ if address_to_remove => {}
+            // Nothing to protect and nobody to protect it for: the state
+            // names the agent that disarmed (or, after a fencing, armed)
+            // it, which after an agent restart is the previous one. The
+            // agent that started this keeper counts too, or a keeper
+            // started by a new agent would exit at once, be restarted,
+            // and exit again, hundreds of times a second.
+            Some(FenceState::Disarmed { agent_pid })
+                if !pid_alive(agent_pid) && !pid_alive(first_agent_pid) =>
+            {
+                return Ok(());
+            }
             Some(FenceState::Disarmed { .. }) => {}
             Some(FenceState::Exit) => return Ok(()),
             None if !pid_alive(first_agent_pid) => return Ok(()),
             None => {}
         }
         std::thread::sleep(POLL);
+    }
+}
+
+/// Removes the floating address; true when it is gone.
+fn remove_address(a: &FloatingAddress) -> bool {
+    match a.remove() {
+        Ok(true) => {
+            eprintln!("fence keeper: removed the floating address {}", a.cidr());
+            true
+        }
+        Ok(false) => true,
+        Err(e) => {
+            eprintln!("fence keeper: {:#}; retrying", anyhow::Error::new(e));
+            false
+        }
     }
 }
 

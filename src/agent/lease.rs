@@ -12,19 +12,30 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use super::failsafe::Failsafe;
 use super::fence::{Fence, FenceError};
+use crate::config::ApiConfig;
 use crate::dcs::{Dcs, LeaseRenewal};
 use crate::ha::Lease;
 use crate::ha::lease::{
     AGENT_LEAD_MS, KeeperProblem, RenewRefusal, keeper_health, keeper_needs_replacing, may_renew,
     usable_until,
 };
+use crate::model::MemberName;
 use crate::util::{boottime_ms, chain};
 
 #[derive(Debug, Default)]
 struct State {
     held: bool,
+    /// The later of what etcd granted and what the members confirmed.
     valid_until_ms: Option<u64>,
+    /// What etcd granted (`None` once it reported the lease gone).
+    etcd_until_ms: Option<u64>,
+    /// What the last successful failsafe round granted.
+    members_until_ms: Option<u64>,
+    /// The last renewal attempt failed: the next failsafe round runs
+    /// beside the renewal rather than after it.
+    renewal_failing: bool,
     loop_heartbeat_ms: u64,
     /// The loop announced a long step (a promotion, a shutdown) lasting
     /// until this instant; it is not hung before then.
@@ -34,12 +45,23 @@ struct State {
     last_refusal: Option<RenewRefusal>,
 }
 
+/// What the keeper needs to ask the members when etcd does not renew
+/// (failsafe mode, [`crate::ha::failsafe`]).
+#[derive(Clone)]
+pub struct FailsafeRounds {
+    pub failsafe: Failsafe,
+    pub http: reqwest::Client,
+    pub api: ApiConfig,
+    pub me: MemberName,
+}
+
 /// Handle shared by the HA loop and the executor.
 #[derive(Clone)]
 pub struct LeaseKeeper {
     state: Arc<Mutex<State>>,
     fence: Fence,
     fence_margin_ms: u64,
+    rounds: Option<FailsafeRounds>,
 }
 
 impl LeaseKeeper {
@@ -50,11 +72,13 @@ impl LeaseKeeper {
         ttl: Duration,
         interval: Duration,
         fence_margin: Duration,
+        rounds: Option<FailsafeRounds>,
     ) -> Self {
         let keeper = LeaseKeeper {
             state: Arc::default(),
             fence,
             fence_margin_ms: fence_margin.as_millis() as u64,
+            rounds,
         };
         let k = keeper.clone();
         tokio::spawn(async move {
@@ -106,8 +130,28 @@ impl LeaseKeeper {
         if refusal.is_some() {
             return;
         }
+        let targets = self
+            .rounds
+            .as_ref()
+            .and_then(|r| Some((r, r.failsafe.round_targets()?)));
+        let failing = self.state.lock().unwrap().renewal_failing;
         let started = boottime_ms();
-        match dcs.renew_leader().await {
+        // While etcd keeps failing, ask the members at once rather than
+        // after another renewal timed out, and use their answer as soon as
+        // it arrives: a round grants `ttl` from when it was sent, and
+        // waiting for the renewal to time out first would spend most of
+        // that before the loop could see it.
+        let (renewal, asked_early) = match &targets {
+            Some((rounds, targets)) if failing => {
+                let (renewal, ()) = tokio::join!(
+                    dcs.renew_leader(),
+                    self.failsafe_round(rounds, targets, ttl)
+                );
+                (renewal, true)
+            }
+            _ => (dcs.renew_leader().await, false),
+        };
+        let renewed = match renewal {
             Ok(Some(r)) => {
                 if let Err(e) = self.record(r, Some(boottime_ms() - started)) {
                     // The new deadline is never acknowledged, so the lease
@@ -115,16 +159,80 @@ impl LeaseKeeper {
                     // demotes then, unless a later arm succeeds.
                     tracing::error!(error = %chain(&e), "renewed the lease but cannot arm the fence keeper");
                 }
+                true
             }
             Ok(None) => {
                 tracing::warn!("leader lease is gone");
                 let mut s = self.state.lock().unwrap();
-                s.valid_until_ms = None;
+                s.etcd_until_ms = None;
+                s.valid_until_ms = s.members_until_ms;
+                false
             }
             Err(e) => {
-                tracing::warn!(error = %crate::util::chain(&e), "leader lease renewal failed")
+                tracing::warn!(error = %crate::util::chain(&e), "leader lease renewal failed");
+                false
             }
+        };
+        self.state.lock().unwrap().renewal_failing = !renewed;
+        if renewed || asked_early {
+            return;
         }
+        if let Some((rounds, targets)) = targets {
+            self.failsafe_round(rounds, &targets, ttl).await;
+        }
+    }
+
+    /// Runs one failsafe round and records what it granted.
+    async fn failsafe_round(
+        &self,
+        rounds: &FailsafeRounds,
+        targets: &std::collections::BTreeMap<MemberName, String>,
+        ttl: Duration,
+    ) {
+        let until = super::failsafe::run_round(
+            &rounds.failsafe,
+            &rounds.http,
+            &rounds.api,
+            &rounds.me,
+            targets,
+            ttl,
+        )
+        .await;
+        match until {
+            Some(until) => {
+                if let Err(e) = self.record_members(until) {
+                    tracing::error!(error = %chain(&e), "members confirmed the lease but the fence keeper cannot be armed");
+                }
+            }
+            None => tracing::warn!(
+                "failsafe: not every member confirmed this leader; the lease runs out unless etcd renews it"
+            ),
+        }
+    }
+
+    /// Records a failsafe round every member confirmed: the lease may be
+    /// used until `until_ms`, as if etcd had granted a renewal sent when
+    /// the round was.
+    fn record_members(&self, until_ms: u64) -> Result<(), FenceError> {
+        let until = {
+            let mut s = self.state.lock().unwrap();
+            if !s.held {
+                return Ok(());
+            }
+            let newly = s
+                .members_until_ms
+                .is_none_or(|m| m < s.etcd_until_ms.unwrap_or(0));
+            s.members_until_ms = Some(s.members_until_ms.map_or(until_ms, |m| m.max(until_ms)));
+            let until = s.valid_until_ms.map_or(until_ms, |v| v.max(until_ms));
+            s.valid_until_ms = Some(until);
+            if newly {
+                tracing::warn!(
+                    "failsafe: etcd cannot renew the lease; every member confirmed this leader, staying primary"
+                );
+            }
+            until
+        };
+        self.fence.arm(until.saturating_sub(self.fence_margin_ms))
     }
 
     /// Records a successful acquisition or renewal and moves the fence
@@ -142,6 +250,10 @@ impl LeaseKeeper {
                 .map_or(r.valid_until_ms, |u| u.max(r.valid_until_ms));
             s.held = true;
             s.valid_until_ms = Some(until);
+            s.etcd_until_ms = Some(
+                s.etcd_until_ms
+                    .map_or(r.valid_until_ms, |e| e.max(r.valid_until_ms)),
+            );
             if let Some(ms) = latency_ms {
                 s.last_renewal_latency_ms = Some(ms);
                 s.latency
@@ -183,6 +295,8 @@ impl LeaseKeeper {
         let mut s = self.state.lock().unwrap();
         s.held = false;
         s.valid_until_ms = None;
+        s.etcd_until_ms = None;
+        s.members_until_ms = None;
     }
 
     /// The loop is about to run a step that may legitimately take up to
@@ -199,12 +313,16 @@ impl LeaseKeeper {
     /// The lease as the decision sees it: usable only up to a deadline a
     /// fence keeper acknowledged (see [`usable_until`]).
     pub fn snapshot(&self) -> Lease {
-        let (held, valid_until_ms) = {
+        let (held, valid_until_ms, confirmed_by_members) = {
             let s = self.state.lock().unwrap();
-            (s.held, s.valid_until_ms)
+            let by_members = s
+                .members_until_ms
+                .is_some_and(|m| s.etcd_until_ms.is_none_or(|e| m > e));
+            (s.held, s.valid_until_ms, by_members)
         };
         Lease {
             held,
+            confirmed_by_members,
             valid_until_ms: usable_until(
                 valid_until_ms,
                 self.fence.ack().as_ref(),

@@ -41,6 +41,7 @@ fn setup() -> Setup {
         state: Arc::default(),
         fence: fence.clone(),
         fence_margin_ms: MARGIN_MS,
+        rounds: None,
     };
     Setup {
         _tmp: tmp,

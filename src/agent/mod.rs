@@ -11,11 +11,15 @@
 //! run as background jobs so that the loop keeps publishing state.
 
 mod executor;
+pub mod failsafe;
 pub mod fence;
 pub mod fence_keeper;
 pub mod lease;
 mod observe;
+mod parameters;
 pub mod status;
+pub mod vip;
+pub mod vip_net;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,11 +33,16 @@ use crate::dcs::etcd::EtcdDcs;
 use crate::dcs::keys::Keys;
 use crate::ha::{self, Action, Job};
 use crate::model::Lsn;
+use crate::postgres::adopt::Unmanaged;
 use crate::postgres::observe::Observer;
 use crate::postgres::{Instance, PgError, StopMode};
 use fence::{Fence, FenceState};
 use lease::LeaseKeeper;
 use status::AgentStatus;
+
+/// How soon the leader looks again while its synchronous record waits for
+/// a standby's confirmation.
+const SETTLING_RECHECK: Duration = Duration::from_millis(100);
 
 /// A background job and its eventual result.
 struct RunningJob {
@@ -48,6 +57,7 @@ pub struct Agent {
     observer: Observer,
     lease: LeaseKeeper,
     fence: Fence,
+    failsafe: failsafe::Failsafe,
     http: reqwest::Client,
     status: watch::Sender<AgentStatus>,
     // What the loop remembers between iterations; everything else is
@@ -69,6 +79,8 @@ pub struct Agent {
     loop_count: u64,
     commands: tokio::sync::mpsc::Receiver<status::AgentCommand>,
     loop_started_ms: u64,
+    /// When this agent started (`CLOCK_BOOTTIME`).
+    up_since_ms: u64,
     /// `synchronous_standby_names` as last observed, and the flush position
     /// when that value was first seen (see `ha::sync`).
     last_sync_setting: Option<String>,
@@ -77,12 +89,33 @@ pub struct Agent {
     /// A start was issued and its outcome not yet observed.
     start_pending: bool,
     failed_starts: u32,
+    /// Failed promotions under the current lease, and when the first was
+    /// requested (see `ha::promotion`); the error of the last one.
+    failed_promotions: u32,
+    promoting_since_ms: Option<u64>,
+    last_promotion_error: Option<String>,
+    /// When this member last resigned the leader key.
+    resigned_at_ms: Option<u64>,
     sync_switched_at: Option<Lsn>,
+    /// The leader's synchronous record waits for a standby's confirmation
+    /// ([`ha::sync::settling`]); the loop then runs every
+    /// [`SETTLING_RECHECK`].
+    sync_settling: bool,
+    /// What the data directory holds when pgha never managed it.
+    unmanaged: Option<Unmanaged>,
+    /// `[vip]`: the floating address, when configured.
+    vip: Option<vip::Vip>,
+    /// Cluster-wide server parameters (`postgresql.parameters`).
+    parameters: parameters::Parameters,
 }
 
 /// Runs the agent until SIGTERM/SIGINT, then shuts down cleanly.
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let instance = Instance::open(&cfg).context("prepare the state directory")?;
+    let vip = match &cfg.vip {
+        Some(v) => Some(vip::Vip::open(v, &cfg.path)?),
+        None => None,
+    };
     crate::postgres::ctl::become_subreaper();
     let keys = Keys::new(&cfg.namespace, &cfg.cluster);
     let dcs: Arc<dyn Dcs> = loop {
@@ -103,7 +136,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             }
         }
     };
-    let fence = Fence::new(instance.state.clone());
+    let fence = Fence::new(instance.state.clone())
+        .with_floating_address(vip.as_ref().map(|v| v.address().clone()));
     if !matches!(fence.current(), Some(FenceState::Armed { .. })) {
         fence.disarm();
     }
@@ -121,24 +155,25 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    let http = crate::api::tls::peer_client(&cfg.api, Duration::from_millis(800))
+        .context("build the HTTP client for the other members' APIs ([api.tls])")?;
+    let failsafe = failsafe::Failsafe::default();
     let lease = LeaseKeeper::start(
         dcs.clone(),
         fence.clone(),
         cfg.ha.ttl,
         cfg.ha.loop_wait,
         cfg.ha.fence_margin,
+        Some(lease::FailsafeRounds {
+            failsafe: failsafe.clone(),
+            http: http.clone(),
+            api: cfg.api.clone(),
+            me: cfg.name.clone(),
+        }),
     );
-    let (status_tx, status_rx) = watch::channel(AgentStatus::default());
-    let (command_tx, commands) = tokio::sync::mpsc::channel(8);
-    let api = crate::api::serve(crate::api::ApiContext {
-        status: status_rx,
-        dcs: dcs.clone(),
-        commands: command_tx,
-        config: cfg.clone(),
-    })
-    .await
-    .with_context(|| format!("start the REST API on {}", cfg.api.listen))?;
-    let _proxy = match &cfg.proxy {
+    // Before the API, which appends the proxy's counters to `/metrics`.
+    // Kept until the agent returns: dropping the handle stops the proxy.
+    let proxy = match &cfg.proxy {
         Some(p) => Some(
             crate::proxy::start(p.clone(), &cfg.etcd, keys.clone(), cfg.ha.ttl)
                 .await
@@ -146,18 +181,29 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         ),
         None => None,
     };
+    let (status_tx, status_rx) = watch::channel(AgentStatus::default());
+    let (command_tx, commands) = tokio::sync::mpsc::channel(8);
+    let api = crate::api::serve(crate::api::ApiContext {
+        status: status_rx,
+        dcs: dcs.clone(),
+        commands: command_tx,
+        config: cfg.clone(),
+        failsafe: failsafe.clone(),
+        proxy: proxy.as_ref().map(|p| p.shared.clone()),
+    })
+    .await
+    .with_context(|| format!("start the REST API on {}", cfg.api.listen))?;
 
     let members = observe::load_membership(&instance.state);
+    instance.set_cluster_parameters(parameters::load_accepted(&instance.state));
     let mut agent = Agent {
         observer: Observer::new(instance.clone()),
         instance,
         dcs,
         lease,
         fence,
-        http: reqwest::Client::builder()
-            .timeout(Duration::from_millis(800))
-            .build()
-            .context("build the HTTP client")?,
+        failsafe,
+        http,
         status: status_tx,
         down_since_ms: None,
         not_streaming_since: None,
@@ -171,12 +217,21 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         loop_count: 0,
         commands,
         loop_started_ms: 0,
+        up_since_ms: crate::util::boottime_ms(),
         last_sync_setting: None,
         dcs_failures: 0,
         last_reason: None,
         start_pending: false,
         failed_starts: 0,
+        failed_promotions: 0,
+        promoting_since_ms: None,
+        last_promotion_error: None,
+        resigned_at_ms: None,
         sync_switched_at: None,
+        sync_settling: false,
+        unmanaged: None,
+        vip,
+        parameters: Default::default(),
         cfg,
     };
     tracing::info!(member = %agent.cfg.name, cluster = %agent.cfg.cluster, "agent started");
@@ -187,6 +242,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         let hurry = agent.run_once().await;
         let wait = if hurry {
             Duration::from_millis(20)
+        } else if agent.sync_settling {
+            // A standby's reply settles the record: notice it within
+            // 100 ms rather than one loop_wait later.
+            agent.cfg.ha.loop_wait.min(SETTLING_RECHECK)
         } else {
             agent.cfg.ha.loop_wait
         };
@@ -246,6 +305,20 @@ impl Agent {
             decision.action,
             Action::AcquireLease | Action::AdoptLease { .. } | Action::Promote { .. }
         );
+        self.sync_settling = match &snapshot.local.pg {
+            crate::postgres::observe::PgStatus::Running(r)
+                if r.role == crate::model::PgRole::Primary =>
+            {
+                ha::sync::SyncSetting::parse(&r.synchronous_standby_names).is_some_and(|current| {
+                    ha::sync::settling(
+                        &snapshot.me,
+                        snapshot.dcs.as_ref().and_then(|v| v.sync.as_ref()),
+                        &current,
+                    )
+                })
+            }
+            _ => false,
+        };
         let reason = decision.reason.to_string();
         if decision.reason.is_alarm() {
             if self.last_reason.as_deref() != Some(reason.as_str())
@@ -267,6 +340,7 @@ impl Agent {
         let view = snapshot.dcs.clone();
         self.execute(&decision, &snapshot).await;
         self.keep_fence_consistent().await;
+        self.apply_cluster_parameters(view.as_ref()).await;
         self.publish(&decision, view, running).await;
         self.loop_count += 1;
         hurry
@@ -332,6 +406,9 @@ impl Agent {
             job.handle.abort();
         }
         let was_leader = self.lease.snapshot().held;
+        if let Some(vip) = self.vip.as_mut() {
+            vip.release();
+        }
         if let Err(e) = self
             .instance
             .stop(StopMode::Fast, Duration::from_secs(60))

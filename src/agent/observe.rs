@@ -8,6 +8,7 @@ use crate::dcs::ClusterView;
 use crate::ha::membership::{self, Membership};
 use crate::ha::{Decision, Job, Local, OnDisk, PeerStatus, Snapshot};
 use crate::model::{MemberRecord, PgRole, PgState};
+use crate::postgres::adopt::Unmanaged;
 use crate::postgres::observe::Running;
 use crate::postgres::{DataDirState, Observation, PgStatus};
 use crate::util::{boottime_ms, unix_ms};
@@ -105,6 +106,13 @@ impl Agent {
             PgStatus::Running(r) => Some(r.as_ref()),
             _ => None,
         };
+        // Failed promotions count within one tenure as key holder, until
+        // the server is seen writable.
+        if !self.lease.snapshot().held || running.is_some_and(|r| r.role == PgRole::Primary) {
+            self.failed_promotions = 0;
+            self.promoting_since_ms = None;
+            self.last_promotion_error = None;
+        }
         // "Not streaming since" counts only time in which streaming could
         // have worked: the leader is known to run, and the replica points
         // at the same upstream as when the count started. An etcd outage or
@@ -168,6 +176,10 @@ impl Agent {
             (PgStatus::Stopped, DataDirState::Initialized) => self.on_disk().await,
             _ => None,
         };
+        self.unmanaged = match &obs.data {
+            DataDirState::Initialized => self.instance.unmanaged(),
+            _ => None,
+        };
         let upstream = running
             .and_then(|r| r.configured_upstream.as_ref())
             .and_then(|(h, p)| membership::member_at(&self.members, h, *p));
@@ -177,13 +189,23 @@ impl Agent {
             }
             _ => Vec::new(),
         };
+        let lease = self.lease.snapshot();
+        let has_credentials = self.cfg.api.token.is_some() || self.cfg.api.basic_auth.is_some();
+        self.failsafe.observe(
+            &self.cfg.name,
+            view.as_ref(),
+            &self.members,
+            lease.held,
+            has_credentials,
+        );
         let snapshot = Snapshot {
             now_ms: now,
             now_unix_ms: unix_ms(),
+            up_since_ms: self.up_since_ms,
             me: self.cfg.name.clone(),
             ha: self.cfg.ha.clone(),
             dcs: view,
-            lease: self.lease.snapshot(),
+            lease,
             local: Local {
                 data: obs.data.clone(),
                 system_id,
@@ -196,6 +218,10 @@ impl Agent {
                 former_primary: self.former_primary(),
                 fence_ready: crate::ha::lease::keeper_health(now, &self.fence.view()).is_ok(),
                 failed_starts: self.failed_starts,
+                failed_promotions: self.failed_promotions,
+                promoting_since_ms: self.promoting_since_ms,
+                resigned_at_ms: self.resigned_at_ms,
+                unmanaged: self.unmanaged.clone(),
             },
             members: self.members.clone(),
             peers,
@@ -203,6 +229,7 @@ impl Agent {
             last_leader_lsn: self.last_leader_lsn,
             job: self.job.as_ref().map(|j| j.kind),
             sync_switched_at: self.sync_switched_at,
+            failsafe_promise: self.failsafe.promise(),
         };
         (snapshot, obs)
     }
@@ -357,6 +384,7 @@ impl Agent {
         };
         let status = AgentStatus {
             archive,
+            failsafe: Some(self.failsafe.status(now)),
             loop_duration,
             renewal_latency: self.lease.renewal_histogram(),
             leader_changes,
@@ -373,6 +401,7 @@ impl Agent {
             view,
             last_loop_ms: now,
             renewal_latency_ms: self.lease.last_renewal_latency_ms(),
+            vip: self.vip.as_ref().map(|v| v.status()),
         };
         self.status.send_replace(status);
     }
@@ -408,10 +437,16 @@ impl Agent {
                 .and_then(|r| r.sender.as_ref())
                 .and_then(|(h, p)| membership::member_at(&self.members, h, *p)),
             priority: self.cfg.ha.priority,
-            nofailover: self.cfg.ha.nofailover,
+            // A member out of the race after resigning says so, so that
+            // the others do not defer to it (agents of any version skip a
+            // `nofailover` member when ranking).
+            nofailover: self.cfg.ha.nofailover
+                || crate::ha::promotion::barred(self.resigned_at_ms, boottime_ms(), &self.cfg.ha),
             nosync: self.cfg.ha.nosync,
             last_decision: decision,
             updated_at_ms: unix_ms(),
+            parameters: self.parameters.status(),
+            adoptable: self.unmanaged == Some(Unmanaged::Primary),
         }
     }
 

@@ -34,6 +34,10 @@ pub struct AgentStatus {
     pub leader: Option<crate::model::MemberName>,
     /// `pg_stat_archiver` of the local server, while it runs.
     pub archive: Option<crate::postgres::observe::ArchiveStatus>,
+    /// Failsafe mode as this member sees it.
+    pub failsafe: Option<super::failsafe::FailsafeStatus>,
+    /// `[vip]`: the floating address on this node, when configured.
+    pub vip: Option<super::vip::VipStatus>,
 }
 
 /// Requests the REST API hands to the agent loop; each is carried out at

@@ -569,6 +569,40 @@ pub async fn reload(
     Ok(Json(json!({"message": "configuration reloaded"})).into_response())
 }
 
+/// `POST /failsafe`: a leader that cannot renew its lease in etcd asks
+/// this member to confirm it (docs/architecture.md, S2a). 200 with the
+/// promise when confirmed: this member then takes no leader key for one
+/// TTL. 409 when it refuses (it leads or races itself, or sees another
+/// leader); the leader then demotes before its lease runs out.
+pub async fn failsafe(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let request: crate::agent::failsafe::FailsafeRequest = parse_body(&headers, body)?;
+    let me = &app.config.name;
+    let ttl_ms = app.config.ha.ttl.as_millis() as u64;
+    let now = crate::util::boottime_ms();
+    match app.failsafe.confirm(me, &request.leader, now, ttl_ms) {
+        Ok(promise) => {
+            tracing::debug!(leader = %request.leader, "confirmed a failsafe leader");
+            Ok(Json(crate::agent::failsafe::FailsafeConfirmation {
+                member: me.clone(),
+                leader: promise.leader,
+                promise_ms: promise.until_ms.saturating_sub(now),
+            })
+            .into_response())
+        }
+        Err(refusal) => {
+            tracing::warn!(leader = %request.leader, refusal = %refusal, "refused to confirm a failsafe leader");
+            Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!("not confirming {}: {refusal}", request.leader),
+            ))
+        }
+    }
+}
+
 /// 400 for an invalid edit, 409 when other writers kept winning, 503 when
 /// etcd cannot be reached.
 fn config_write_error(e: UpdateConfigError) -> ApiError {
@@ -639,6 +673,8 @@ fn text_value(key: &str, value: &Value) -> Result<String, String> {
         Value::Bool(b) => Ok(b.to_string()),
         Value::Number(n) => Ok(n.to_string()),
         Value::String(s) => Ok(s.clone()),
+        // null removes a server parameter (`set` takes "" as removal).
+        Value::Null if key.starts_with(ClusterConfig::PARAMETER_PREFIX) => Ok(String::new()),
         Value::Null => {
             // null (RFC 7396: remove) restores the default.
             let defaults =

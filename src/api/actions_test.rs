@@ -305,3 +305,19 @@ fn restart_guards() {
     s.paused = true;
     assert!(restart_problem(&s).unwrap().message.contains("paused"));
 }
+
+#[test]
+fn config_patches_set_and_remove_server_parameters() {
+    let current = ClusterConfig::default();
+    let with = patch_config(
+        &current,
+        &json!({"postgresql.parameters.work_mem": "64MB", "postgresql.parameters.max_connections": 200}),
+    )
+    .unwrap();
+    assert_eq!(with.postgresql.parameters["work_mem"], "64MB");
+    assert_eq!(with.postgresql.parameters["max_connections"], "200");
+    let without = patch_config(&with, &json!({"postgresql.parameters.work_mem": null})).unwrap();
+    assert!(!without.postgresql.parameters.contains_key("work_mem"));
+    let e = patch_config(&current, &json!({"postgresql.parameters.port": "5433"})).unwrap_err();
+    assert!(e.contains("postgresql.parameters.port"), "{e}");
+}

@@ -5,6 +5,12 @@
 //! describe every member of the cluster as this agent's last DCS view shows
 //! them (so `member` names the member described). Durations are in
 //! seconds, positions and lag in bytes.
+//!
+//! An agent that runs a proxy (a `[proxy]` table) appends the proxy's
+//! `pgha_proxy_*` series exactly as a standalone proxy serves them (same
+//! names and labels, so one dashboard reads both): they carry no `cluster`
+//! label, and their `member` label, where present, names the server the
+//! proxy routed to.
 
 use std::fmt::Write;
 
@@ -355,15 +361,19 @@ pub fn render(cluster: &str, s: &AgentStatus) -> String {
     o.text
 }
 
-/// `GET /metrics`.
+/// `GET /metrics`: the agent's series, then its proxy's.
 pub async fn metrics(State(app): State<AppState>) -> Response {
     let s = app.status.borrow().clone();
+    let mut text = render(&app.config.cluster, &s);
+    if let Some(proxy) = &app.proxy {
+        text.push_str(&proxy.metrics());
+    }
     (
         [(
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        render(&app.config.cluster, &s),
+        text,
     )
         .into_response()
 }
@@ -550,6 +560,37 @@ mod tests {
                 assert!(typed.contains(&name) || typed.contains(&base), "{line}");
             }
         }
+    }
+
+    /// The agent appends its proxy's text: the whole must stay one valid
+    /// exposition, with no family declared twice.
+    #[test]
+    fn agent_and_proxy_series_form_one_exposition() {
+        let stats = crate::proxy::stats::Stats::default();
+        stats.count_route("m1", "read_only");
+        stats
+            .transaction_counter("m1", "rw")
+            .fetch_add(3, std::sync::atomic::Ordering::Relaxed);
+        let mut text = render("c", &replica_status());
+        text.push_str(&stats.render(&[]));
+        let scrape = parse(&text);
+        assert_eq!(
+            value(
+                &scrape,
+                "pgha_proxy_transactions_total",
+                Some(("member", "m1"))
+            ),
+            Some(3.0)
+        );
+        let mut families: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split(' ').next())
+            .collect();
+        let declared = families.len();
+        families.sort_unstable();
+        families.dedup();
+        assert_eq!(families.len(), declared, "a family is declared twice");
     }
 
     #[test]

@@ -21,7 +21,7 @@ mod health;
 mod metrics;
 mod server;
 mod status;
-mod tls;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -52,6 +52,9 @@ pub(crate) struct AppState {
     dcs: Arc<dyn crate::dcs::Dcs>,
     commands: tokio::sync::mpsc::Sender<AgentCommand>,
     config: Arc<Config>,
+    failsafe: crate::agent::failsafe::Failsafe,
+    /// The embedded proxy, whose counters `/metrics` appends.
+    proxy: Option<Arc<crate::proxy::Shared>>,
 }
 
 /// An error answer: a status code and a message, sent as
@@ -208,6 +211,7 @@ pub(crate) fn router(app: AppState) -> Router {
     .route("/reload", action(post(actions::reload)))
     .route("/pause", action(post(actions::pause)))
     .route("/resume", action(post(actions::resume)))
+    .route("/failsafe", action(post(actions::failsafe)))
     .fallback(not_found)
     .layer(axum::middleware::from_fn_with_state(
         app.config.api.limits.body_read_timeout,
@@ -224,6 +228,9 @@ pub struct ApiContext {
     pub dcs: Arc<dyn crate::dcs::Dcs>,
     pub commands: tokio::sync::mpsc::Sender<AgentCommand>,
     pub config: Config,
+    pub failsafe: crate::agent::failsafe::Failsafe,
+    /// The proxy this agent runs (a `[proxy]` table), if any.
+    pub proxy: Option<Arc<crate::proxy::Shared>>,
 }
 
 /// Binds the API (HTTPS when `[api.tls]` is set) and serves it on a
@@ -242,6 +249,8 @@ pub async fn serve(ctx: ApiContext) -> std::io::Result<tokio::task::JoinHandle<(
         dcs: ctx.dcs,
         commands: ctx.commands,
         config: Arc::new(ctx.config),
+        failsafe: ctx.failsafe,
+        proxy: ctx.proxy,
     };
     let limits = app.config.api.limits;
     warn_if_descriptors_are_short(limits.max_connections);

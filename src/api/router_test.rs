@@ -101,6 +101,8 @@ impl Fixture {
             dcs: Arc::new(store.handle("n2")),
             commands: tx,
             config: Arc::new(cfg),
+            failsafe: crate::agent::failsafe::Failsafe::default(),
+            proxy: None,
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());

@@ -38,6 +38,20 @@ pub struct StatusReport {
     /// `pg_stat_archiver` while the server runs (`pgha list` shows it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub archive: Option<crate::postgres::observe::ArchiveStatus>,
+    /// Failsafe mode: this member's promise, and the leader's last round.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failsafe: Option<crate::agent::failsafe::FailsafeStatus>,
+    /// `[vip]`: whether this node holds the floating address, and the
+    /// last failure to add or remove it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vip: Option<crate::agent::vip::VipStatus>,
+    /// Server parameters waiting for a restart, and cluster-wide ones
+    /// this member refused (`postgresql.parameters`).
+    #[serde(
+        default,
+        skip_serializing_if = "crate::model::ParameterStatus::is_clean"
+    )]
+    pub parameters: crate::model::ParameterStatus,
 }
 
 impl StatusReport {
@@ -86,6 +100,9 @@ impl StatusReport {
             last_decision: s.last_decision.clone(),
             upstream: m.upstream.clone(),
             archive: s.archive.clone(),
+            failsafe: s.failsafe.clone(),
+            vip: s.vip.clone(),
+            parameters: m.parameters.clone(),
         })
     }
 }

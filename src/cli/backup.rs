@@ -27,18 +27,22 @@ pub enum From {
 pub enum BackupAction {
     /// The complete backups in the repository, oldest first.
     List {
+        /// The node's configuration file (e.g. /etc/pgha/pgha.toml).
         #[arg(short, long)]
         config: PathBuf,
+        /// Print JSON (one document) instead of text.
         #[arg(long)]
         json: bool,
     },
     /// Check backups (checksums) and the WAL chain from each to the newest
     /// archived segment of every timeline.
     Verify {
+        /// The node's configuration file (e.g. /etc/pgha/pgha.toml).
         #[arg(short, long)]
         config: PathBuf,
         /// One backup; default: all.
         id: Option<String>,
+        /// Print JSON (one document) instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -48,6 +52,7 @@ pub enum BackupAction {
         /// The node configuration or the repository file.
         #[arg(short, long)]
         config: PathBuf,
+        /// Print JSON (one document) instead of text.
         #[arg(long)]
         json: bool,
     },

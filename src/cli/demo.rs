@@ -68,6 +68,7 @@ fn node_config(
     etcd_port: u16,
     su_password: &str,
     repl_password: &str,
+    api_token: &str,
 ) -> anyhow::Result<String> {
     let node_dir = dir.join(format!("node{n}"));
     Ok(format!(
@@ -85,8 +86,11 @@ port = {pg_port}
 superuser = {{ username = "postgres", password = "{su_password}" }}
 replication = {{ username = "replicator", password = "{repl_password}" }}
 
+# The same token on every node: actions need it, and with failsafe mode
+# (on by default) the members confirm each other through the API.
 [api]
 listen = "127.0.0.1:{api_port}"
+token = "{api_token}"
 
 # WAL archiving and `pgha backup` / `pgha restore` (docs/backup.md).
 [backup]
@@ -158,14 +162,18 @@ pub async fn run(nodes: usize, dir: &Path) -> anyhow::Result<()> {
     let (client_port, peer_port) = etcd_ports(&files)?;
     let first_config = dir.join("node1.toml");
     let resuming = first_config.exists();
-    let (su_password, repl_password) = if resuming {
+    let (su_password, repl_password, api_token) = if resuming {
         let cfg = Config::load(&first_config)?;
         (
             cfg.postgres.superuser.password.expose().to_string(),
             cfg.postgres.replication.password.expose().to_string(),
+            match &cfg.api.token {
+                Some(t) => t.expose().to_string(),
+                None => random_secret()?,
+            },
         )
     } else {
-        (random_secret()?, random_secret()?)
+        (random_secret()?, random_secret()?, random_secret()?)
     };
     let mut configs = Vec::new();
     for n in 1..=nodes {
@@ -179,7 +187,15 @@ pub async fn run(nodes: usize, dir: &Path) -> anyhow::Result<()> {
             )?;
             files.write(
                 &format!("node{n}.toml"),
-                node_config(&dir, n, client_port, &su_password, &repl_password)?.as_bytes(),
+                node_config(
+                    &dir,
+                    n,
+                    client_port,
+                    &su_password,
+                    &repl_password,
+                    &api_token,
+                )?
+                .as_bytes(),
                 0o600,
             )?;
         }
@@ -264,6 +280,9 @@ pub async fn run(nodes: usize, dir: &Path) -> anyhow::Result<()> {
         "pgha demo: {nodes} node(s) in {}{}",
         dir.display(),
         if resuming { " (resumed)" } else { "" }
+    );
+    println!(
+        "Synchronous replication is on (the default): a commit is acknowledged once another node has it.\nFailsafe mode is on (the default): the leader stays writable while etcd is down if every node confirms it."
     );
     println!("Connect (writes go to the leader):");
     println!(

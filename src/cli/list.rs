@@ -37,10 +37,21 @@ pub struct ListMember {
     pub api_url: String,
     /// `sync`, `quorum` or `async` for replicas; empty for the leader.
     pub sync_state: String,
+    /// The member a replica streams from (the leader, or another replica
+    /// when cascading); null when not streaming.
+    pub upstream: Option<String>,
     pub decision: Option<String>,
     /// The member's `pg_stat_archiver` from its agent's `/status`; null
     /// when the agent did not answer or its server is not running.
     pub archive: Option<ArchiveStatus>,
+    /// Server parameters whose new value waits for a restart of this
+    /// member (pgha never restarts for them by itself).
+    pub pending_restart: Vec<String>,
+    /// Cluster-wide parameters this member refused, with the reason.
+    pub rejected_parameters: std::collections::BTreeMap<String, String>,
+    /// `[vip]` on this member, from its agent's `/status`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vip: Option<crate::agent::vip::VipStatus>,
 }
 
 #[derive(Debug, Serialize, PartialEq, Eq)]
@@ -83,6 +94,14 @@ pub fn build(cluster: &str, view: &ClusterView) -> ListOutput {
                 ""
             }
         ));
+    }
+    for m in &members {
+        for (name, reason) in &m.parameters.rejected {
+            warnings.push(format!(
+                "{} refused postgresql.parameters.{name}: {reason}",
+                m.name
+            ));
+        }
     }
     ListOutput {
         cluster: cluster.to_string(),
@@ -137,8 +156,12 @@ pub fn build(cluster: &str, view: &ClusterView) -> ListOutput {
                     } else {
                         "async".into()
                     },
+                    upstream: m.upstream.as_ref().map(|u| u.to_string()),
                     decision: m.last_decision.clone(),
+                    pending_restart: m.parameters.pending_restart.clone(),
+                    rejected_parameters: m.parameters.rejected.clone(),
                     archive: None,
+                    vip: None,
                 }
             })
             .collect(),
@@ -156,6 +179,7 @@ pub fn render_table(out: &ListOutput) -> String {
             "TL",
             "Lag (bytes)",
             "Archived",
+            "Pending restart",
         ]
         .map(String::from)
         .to_vec(),
@@ -172,6 +196,7 @@ pub fn render_table(out: &ListOutput) -> String {
                 .map(|l| l.to_string())
                 .unwrap_or_else(|| "unknown".into()),
             m.archive.as_ref().map(archive_cell).unwrap_or_default(),
+            m.pending_restart.join(","),
         ]);
     }
     let widths: Vec<usize> = (0..rows[0].len())
@@ -216,6 +241,22 @@ pub fn render_table(out: &ListOutput) -> String {
         text.push('\n');
     }
     text.push_str(&proxies);
+    for m in &out.members {
+        if let Some(v) = &m.vip
+            && (v.held || v.error.is_some())
+        {
+            text.push_str(&format!(
+                "Floating address: {} on {} ({}){}\n",
+                v.address,
+                m.name,
+                v.interface,
+                v.error
+                    .as_deref()
+                    .map(|e| format!("  ERROR: {e}"))
+                    .unwrap_or_default()
+            ));
+        }
+    }
     text
 }
 
@@ -230,25 +271,28 @@ fn archive_cell(a: &ArchiveStatus) -> String {
     }
 }
 
-/// Each member's archive status from its agent's `/status`, all at once
+/// Each member's archive and floating-address status from its agent's `/status`, all at once
 /// with a short timeout: `pgha list` must stay quick when a node is down.
-async fn fill_archive(out: &mut ListOutput) {
-    let Ok(http) = reqwest::Client::builder()
-        .timeout(std::time::Duration::from_secs(2))
-        .build()
-    else {
+async fn fill_archive(out: &mut ListOutput, api: &crate::config::ApiConfig) {
+    let Ok(http) = crate::api::tls::peer_client(api, std::time::Duration::from_secs(2)) else {
         return;
     };
     let requests = out.members.iter().map(|m| {
-        let (http, url) = (http.clone(), format!("{}/status", m.api_url));
+        let mut request = http.get(format!("{}/status", m.api_url));
+        // Members share the API credentials; `public_read = false` needs them.
+        if let Some(token) = &api.token {
+            request = request.bearer_auth(token.expose());
+        } else if let Some((user, password)) = &api.basic_auth {
+            request = request.basic_auth(user, Some(password.expose()));
+        }
         async move {
-            let report: StatusReport = http.get(url).send().await.ok()?.json().await.ok()?;
-            report.archive
+            let report: StatusReport = request.send().await.ok()?.json().await.ok()?;
+            Some((report.archive, report.vip))
         }
     });
     let answers = futures_util::future::join_all(requests).await;
     for (m, a) in out.members.iter_mut().zip(answers) {
-        m.archive = a;
+        (m.archive, m.vip) = a.unwrap_or_default();
     }
 }
 
@@ -256,7 +300,7 @@ pub async fn run(cfg: &crate::config::Config, json: bool) -> anyhow::Result<()> 
     let dcs = super::connect_dcs(cfg).await?;
     let view = dcs.read_cluster().await?;
     let mut out = build(&cfg.cluster, &view);
-    fill_archive(&mut out).await;
+    fill_archive(&mut out, &cfg.api).await;
     if json {
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
@@ -289,6 +333,8 @@ mod tests {
             nosync: false,
             last_decision: None,
             updated_at_ms: 0,
+            parameters: Default::default(),
+            adoptable: false,
         }
     }
 
@@ -321,6 +367,30 @@ mod tests {
         // One writable server: no warning.
         view.members.remove(&crate::model::MemberName::from("a"));
         assert!(build("x", &view).warnings.is_empty());
+    }
+
+    #[test]
+    fn pending_restarts_and_refused_parameters_are_shown() {
+        let mut view = ClusterView::default();
+        let mut a = rec("a", PgRole::Primary, PgState::Running, 100);
+        a.parameters.pending_restart = vec!["max_connections".into(), "shared_buffers".into()];
+        a.parameters
+            .rejected
+            .insert("work_mem".into(), "invalid value".into());
+        view.members.insert(a.name.clone(), a);
+        let out = build("x", &view);
+        assert_eq!(
+            out.members[0].pending_restart,
+            vec!["max_connections", "shared_buffers"]
+        );
+        assert_eq!(
+            out.warnings,
+            vec!["a refused postgresql.parameters.work_mem: invalid value"]
+        );
+        let table = render_table(&out);
+        assert!(table.contains("max_connections,shared_buffers"), "{table}");
+        let json = serde_json::to_value(&out).unwrap();
+        assert_eq!(json["members"][0]["pending_restart"][1], "shared_buffers");
     }
 
     #[test]
@@ -362,6 +432,7 @@ mod tests {
             "lag_bytes",
             "api_url",
             "archive",
+            "pending_restart",
         ] {
             assert!(json["members"][0].get(key).is_some(), "{key} missing");
         }
@@ -374,7 +445,7 @@ mod tests {
             .split("  ")
             .filter(|c| !c.trim().is_empty())
             .collect();
-        assert_eq!(header.len(), 8, "{table}");
+        assert_eq!(header.len(), 9, "{table}");
         assert!(
             table.lines().nth(3).unwrap().trim_end().ends_with("10"),
             "replica lag shown last: {table}"

@@ -334,10 +334,9 @@ pub async fn config_show(cfg: &Config, json: bool) -> anyhow::Result<()> {
     if json {
         println!("{}", serde_json::to_string_pretty(&c)?);
     } else {
-        println!("paused = {}", c.paused);
-        println!("synchronous_mode = {}", c.synchronous_mode);
-        println!("synchronous_node_count = {}", c.synchronous_node_count);
-        println!("synchronous_quorum = {}", c.synchronous_quorum);
+        for (key, value) in super::edit_config::flatten(&c) {
+            println!("{key} = {value}");
+        }
     }
     Ok(())
 }
@@ -347,6 +346,16 @@ pub async fn config_show(cfg: &Config, json: bool) -> anyhow::Result<()> {
 /// else edits other keys at the same time.
 pub async fn config_set(cfg: &Config, assignments: &[String]) -> anyhow::Result<()> {
     let pairs = parse_assignments(assignments)?;
+    // The values PostgreSQL would refuse, before etcd is contacted: the
+    // parameters are checked as set on an empty configuration.
+    let mut wanted = ClusterConfig::default();
+    for (k, v) in pairs
+        .iter()
+        .filter(|(k, _)| k.starts_with(ClusterConfig::PARAMETER_PREFIX))
+    {
+        wanted.set(k, v).map_err(UsageError)?;
+    }
+    super::edit_config::check_parameter_values(cfg, &ClusterConfig::default(), &wanted).await?;
     let dcs = super::connect_dcs(cfg).await?;
     let update = update_config(&dcs, |current| {
         let mut c = current.clone();
@@ -403,6 +412,8 @@ mod tests {
             nosync: false,
             last_decision: None,
             updated_at_ms: 0,
+            parameters: Default::default(),
+            adoptable: false,
         }
     }
 

@@ -36,6 +36,7 @@ pub enum WalAction {
     },
     /// Restore one WAL file (restore_command = 'pgha wal get -c FILE %f %p').
     Get {
+        /// The node's configuration file (e.g. /etc/pgha/pgha.toml).
         #[arg(short, long)]
         config: PathBuf,
         /// The WAL file name (%f).

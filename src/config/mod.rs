@@ -11,6 +11,7 @@ mod error;
 pub mod proxy;
 pub mod raw;
 mod validate;
+pub mod vip;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -19,6 +20,7 @@ use std::time::Duration;
 
 pub use error::ConfigError;
 pub use proxy::{PoolMode, ProxyConfig, ProxyFileConfig};
+pub use vip::VipConfig;
 
 use crate::model::MemberName;
 use crate::secret::SecretString;
@@ -40,6 +42,8 @@ pub struct Config {
     pub proxy: Option<proxy::ProxyConfig>,
     /// `[backup]`: absent when the cluster has no backup repository.
     pub backup: Option<backup::BackupConfig>,
+    /// `[vip]`: a floating address that follows the writable leader.
+    pub vip: Option<vip::VipConfig>,
 }
 
 #[derive(Clone, Debug)]
@@ -159,6 +163,11 @@ pub struct TlsConfig {
     pub certificate: PathBuf,
     pub key: PathBuf,
     pub client_ca: Option<PathBuf>,
+    /// Trusted, beside the system's roots, for the other members' APIs.
+    pub ca: Option<PathBuf>,
+    /// Certificate and key presented to the other members' APIs (for
+    /// their `client_ca`).
+    pub client_identity: Option<(PathBuf, PathBuf)>,
 }
 
 impl Config {

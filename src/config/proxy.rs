@@ -36,6 +36,16 @@ pub struct RawProxy {
     #[serde(default)]
     pub listen_ro: Option<String>,
     #[serde(default)]
+    pub listen_auto: Option<String>,
+    #[serde(default = "default_true")]
+    pub read_your_writes: bool,
+    #[serde(default, with = "humantime_serde")]
+    pub causal_reads_timeout: Duration,
+    #[serde(default = "default_replica_lsn_interval", with = "humantime_serde")]
+    pub replica_lsn_interval: Duration,
+    #[serde(default)]
+    pub read_only_functions: Vec<String>,
+    #[serde(default)]
     pub pool_mode: PoolMode,
     #[serde(default = "default_pool_size")]
     pub default_pool_size: usize,
@@ -57,7 +67,16 @@ pub struct RawProxy {
     pub max_lag: u64,
     #[serde(default = "default_true")]
     pub ro_fallback_to_leader: bool,
-    pub auth_file: PathBuf,
+    #[serde(default)]
+    pub auth_file: Option<PathBuf>,
+    #[serde(default)]
+    pub auth_user: Option<String>,
+    #[serde(default = "default_auth_query")]
+    pub auth_query: String,
+    #[serde(default = "default_auth_dbname")]
+    pub auth_dbname: String,
+    #[serde(default = "default_auth_cache_ttl", with = "humantime_serde")]
+    pub auth_cache_ttl: Duration,
     #[serde(default)]
     pub server_passfile: Option<PathBuf>,
     #[serde(default = "default_max_message_size")]
@@ -66,6 +85,11 @@ pub struct RawProxy {
     pub tls_certificate: Option<PathBuf>,
     #[serde(default)]
     pub tls_key: Option<PathBuf>,
+    /// Kept as text so that a bad value is reported with its key.
+    #[serde(default)]
+    pub server_tls: Option<String>,
+    #[serde(default)]
+    pub server_tls_ca: Option<PathBuf>,
     /// Lease TTL of the proxy's registration; default: `ha.ttl` inside an
     /// agent, 3 s standalone.
     #[serde(default, with = "humantime_serde")]
@@ -99,6 +123,63 @@ impl std::fmt::Display for PoolMode {
     }
 }
 
+/// TLS towards the servers, with libpq's `sslmode` meanings. libpq's
+/// `allow` (plain first, TLS only if the server insists) is not offered:
+/// it protects nothing that `prefer` does not.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ServerTlsMode {
+    /// Never ask for TLS.
+    Disable,
+    /// Ask for TLS; go on in plain text if the server declines. The
+    /// certificate is not checked.
+    #[default]
+    Prefer,
+    /// TLS or no connection; the certificate is not checked.
+    Require,
+    /// TLS with a certificate signed by `server_tls_ca`, any host name.
+    VerifyCa,
+    /// TLS with a certificate signed by `server_tls_ca` and valid for the
+    /// host the member publishes.
+    VerifyFull,
+}
+
+impl ServerTlsMode {
+    pub const VALUES: [(&'static str, ServerTlsMode); 5] = [
+        ("disable", ServerTlsMode::Disable),
+        ("prefer", ServerTlsMode::Prefer),
+        ("require", ServerTlsMode::Require),
+        ("verify-ca", ServerTlsMode::VerifyCa),
+        ("verify-full", ServerTlsMode::VerifyFull),
+    ];
+
+    pub fn parse(s: &str) -> Option<ServerTlsMode> {
+        Self::VALUES
+            .iter()
+            .find(|(name, _)| *name == s)
+            .map(|(_, m)| *m)
+    }
+
+    /// A server that declines TLS is refused.
+    pub fn requires_tls(self) -> bool {
+        !matches!(self, ServerTlsMode::Disable | ServerTlsMode::Prefer)
+    }
+
+    /// The certificate chain is checked against `server_tls_ca`.
+    pub fn verifies(self) -> bool {
+        matches!(self, ServerTlsMode::VerifyCa | ServerTlsMode::VerifyFull)
+    }
+}
+
+impl std::fmt::Display for ServerTlsMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let name = Self::VALUES
+            .iter()
+            .find(|(_, m)| m == self)
+            .map_or("?", |(n, _)| n);
+        f.pad(name)
+    }
+}
+
 /// A validated `[proxy]` table.
 #[derive(Clone, Debug)]
 pub struct ProxyConfig {
@@ -107,6 +188,19 @@ pub struct ProxyConfig {
     pub name: String,
     pub listen_rw: Option<SocketAddr>,
     pub listen_ro: Option<SocketAddr>,
+    /// The listener that routes each statement (`docs/proxy.md`).
+    pub listen_auto: Option<SocketAddr>,
+    /// Auto listener: a client's reads never see a state older than its
+    /// own last commit.
+    pub read_your_writes: bool,
+    /// Auto listener: how long a read may wait for a replica to replay the
+    /// client's last write before it goes to the leader (0: at once).
+    pub causal_reads_timeout: Duration,
+    /// How often the proxy asks replicas for `pg_last_wal_replay_lsn()`.
+    pub replica_lsn_interval: Duration,
+    /// Functions the auto listener may send to a replica besides the
+    /// built-in immutable/stable ones.
+    pub read_only_functions: Vec<String>,
     pub pool_mode: PoolMode,
     pub default_pool_size: usize,
     pub max_client_conn: usize,
@@ -119,14 +213,34 @@ pub struct ProxyConfig {
     pub startup_timeout: Duration,
     pub max_lag: u64,
     pub ro_fallback_to_leader: bool,
-    pub auth_file: PathBuf,
+    /// None with `auth_query` only.
+    pub auth_file: Option<PathBuf>,
+    /// Verifiers of users missing from `auth_file`, fetched from the leader.
+    pub auth_query: Option<AuthQueryConfig>,
     pub server_passfile: Option<PathBuf>,
     pub max_message_size: usize,
     pub tls: Option<ProxyTls>,
+    /// TLS towards the servers.
+    pub server_tls: ServerTlsMode,
+    /// Trust anchors for `verify-ca` and `verify-full` (set exactly then).
+    pub server_tls_ca: Option<PathBuf>,
     pub ttl: Option<Duration>,
     pub api_listen: Option<SocketAddr>,
     /// Runs inside an agent (a `[proxy]` table in a node's file).
     pub auto: bool,
+}
+
+/// `auth_user`, `auth_query`, `auth_dbname`, `auth_cache_ttl`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuthQueryConfig {
+    /// Runs the query; its password comes from `server_passfile`.
+    pub user: String,
+    /// `$1` is the user name; the second column of the first row is the
+    /// secret.
+    pub query: String,
+    pub dbname: String,
+    /// How long an answer (a verifier or "no such user") is reused.
+    pub cache_ttl: Duration,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -223,14 +337,48 @@ pub(super) fn validate_proxy(
     };
     let listen_rw = addr("listen_rw", raw.listen_rw)?;
     let listen_ro = addr("listen_ro", raw.listen_ro)?;
-    if listen_rw.is_none() && listen_ro.is_none() {
+    let listen_auto = addr("listen_auto", raw.listen_auto)?;
+    if listen_rw.is_none() && listen_ro.is_none() && listen_auto.is_none() {
         return Err(bad(
             "listen_rw",
-            "at least one of proxy.listen_rw and proxy.listen_ro is required".into(),
+            "at least one of proxy.listen_rw, proxy.listen_ro and proxy.listen_auto is required"
+                .into(),
         ));
     }
     if listen_rw.is_some() && listen_rw == listen_ro {
         return Err(bad("listen_ro", "must differ from proxy.listen_rw".into()));
+    }
+    if listen_auto.is_some() && (listen_auto == listen_rw || listen_auto == listen_ro) {
+        return Err(bad(
+            "listen_auto",
+            "must differ from proxy.listen_rw and proxy.listen_ro".into(),
+        ));
+    }
+    // Routing per statement needs a server connection per transaction.
+    if listen_auto.is_some() && raw.pool_mode != PoolMode::Transaction {
+        return Err(bad(
+            "listen_auto",
+            "requires proxy.pool_mode = \"transaction\"".into(),
+        ));
+    }
+    // Below this the polling would load the replicas for little gain.
+    if raw.replica_lsn_interval < Duration::from_millis(10) {
+        return Err(bad("replica_lsn_interval", "must be at least 10ms".into()));
+    }
+    for f in &raw.read_only_functions {
+        let ok = !f.is_empty()
+            && f.split('.').count() <= 2
+            && f.split('.').all(|p| {
+                !p.is_empty()
+                    && p.chars()
+                        .all(|c| c.is_alphanumeric() || c == '_' || c == '$')
+            });
+        if !ok {
+            return Err(bad(
+                "read_only_functions",
+                format!("{f:?} must be a function name, optionally schema-qualified (schema.name)"),
+            ));
+        }
     }
     if raw.default_pool_size == 0 {
         return Err(bad("default_pool_size", "must be at least 1".into()));
@@ -264,15 +412,30 @@ pub(super) fn validate_proxy(
             format!("must be between 8192 and {MAX_MESSAGE_SIZE_LIMIT} bytes"),
         ));
     }
-    let auth_file = resolve(&raw.auth_file);
-    let text = std::fs::read_to_string(&auth_file).map_err(|e| {
-        bad(
-            "auth_file",
-            format!("cannot read {}: {e}", auth_file.display()),
-        )
-    })?;
-    crate::proxy::auth::AuthFile::parse(&text)
-        .map_err(|e| bad("auth_file", format!("{}: {e}", auth_file.display())))?;
+    let auth_file = match raw.auth_file {
+        Some(f) => {
+            let auth_file = resolve(&f);
+            let text = std::fs::read_to_string(&auth_file).map_err(|e| {
+                bad(
+                    "auth_file",
+                    format!("cannot read {}: {e}", auth_file.display()),
+                )
+            })?;
+            crate::proxy::auth::AuthFile::parse(&text)
+                .map_err(|e| bad("auth_file", format!("{}: {e}", auth_file.display())))?;
+            Some(auth_file)
+        }
+        None if raw.auth_user.is_some() => None,
+        None => {
+            return Err(bad(
+                "auth_file",
+                "required unless proxy.auth_user is set (auth_query)".into(),
+            ));
+        }
+    };
+    let passfile_users = |p: &Path| -> Option<crate::proxy::auth::Passfile> {
+        crate::proxy::auth::Passfile::parse(&std::fs::read_to_string(p).ok()?).ok()
+    };
     let server_passfile = match raw.server_passfile {
         Some(p) => {
             let p = resolve(&p);
@@ -320,6 +483,74 @@ pub(super) fn validate_proxy(
         }
         None => None,
     };
+    let auth_query = match raw.auth_user {
+        Some(user) => {
+            if user.is_empty() {
+                return Err(bad("auth_user", "must not be empty".into()));
+            }
+            if !raw.auth_query.contains("$1") {
+                return Err(bad("auth_query", "must take the user name as $1".into()));
+            }
+            if raw.auth_dbname.is_empty() {
+                return Err(bad("auth_dbname", "must not be empty".into()));
+            }
+            // The proxy cannot log in as auth_user without a password
+            // (there is no client proof to pass through).
+            let has_password = server_passfile
+                .as_deref()
+                .and_then(passfile_users)
+                .is_some_and(|p| p.has_user(&user));
+            if !has_password {
+                return Err(bad(
+                    "auth_user",
+                    format!("needs a password for {user:?} in proxy.server_passfile"),
+                ));
+            }
+            Some(AuthQueryConfig {
+                user,
+                query: raw.auth_query,
+                dbname: raw.auth_dbname,
+                cache_ttl: raw.auth_cache_ttl,
+            })
+        }
+        None => None,
+    };
+    let server_tls = match raw.server_tls.as_deref() {
+        None => ServerTlsMode::default(),
+        Some(v) => ServerTlsMode::parse(v).ok_or_else(|| {
+            let names: Vec<&str> = ServerTlsMode::VALUES.iter().map(|(n, _)| *n).collect();
+            bad(
+                "server_tls",
+                format!("{v:?} must be one of {}", names.join(", ")),
+            )
+        })?,
+    };
+    // Verification without trust anchors would either fail every
+    // connection or silently trust the system's roots; an anchor with a
+    // mode that does not verify would suggest a check that never happens.
+    let server_tls_ca = match (server_tls.verifies(), raw.server_tls_ca) {
+        (true, Some(ca)) => {
+            let ca = resolve(&ca);
+            crate::pem::read_ca(&ca)
+                .map_err(|e| bad("server_tls_ca", crate::util::chain(&e).to_string()))?;
+            Some(ca)
+        }
+        (true, None) => {
+            return Err(bad(
+                "server_tls_ca",
+                format!("required with proxy.server_tls = \"{server_tls}\""),
+            ));
+        }
+        (false, Some(_)) => {
+            return Err(bad(
+                "server_tls_ca",
+                format!(
+                    "only used with proxy.server_tls = \"verify-ca\" or \"verify-full\" (it is \"{server_tls}\")"
+                ),
+            ));
+        }
+        (false, None) => None,
+    };
     let api_listen = match raw.api {
         Some(api) => Some(api.listen.parse::<SocketAddr>().map_err(|_| {
             bad(
@@ -337,6 +568,11 @@ pub(super) fn validate_proxy(
         name,
         listen_rw,
         listen_ro,
+        listen_auto,
+        read_your_writes: raw.read_your_writes,
+        causal_reads_timeout: raw.causal_reads_timeout,
+        replica_lsn_interval: raw.replica_lsn_interval,
+        read_only_functions: raw.read_only_functions,
         pool_mode: raw.pool_mode,
         default_pool_size: raw.default_pool_size,
         max_client_conn: raw.max_client_conn,
@@ -350,9 +586,12 @@ pub(super) fn validate_proxy(
         max_lag: raw.max_lag,
         ro_fallback_to_leader: raw.ro_fallback_to_leader,
         auth_file,
+        auth_query,
         server_passfile,
         max_message_size: raw.max_message_size,
         tls,
+        server_tls,
+        server_tls_ca,
         ttl: raw.ttl,
         api_listen,
         auto,
@@ -385,6 +624,19 @@ fn default_startup_timeout() -> Duration {
 }
 fn default_max_lag() -> u64 {
     1024 * 1024
+}
+fn default_replica_lsn_interval() -> Duration {
+    Duration::from_millis(100)
+}
+/// pgbouncer's default.
+fn default_auth_query() -> String {
+    "SELECT usename, passwd FROM pg_shadow WHERE usename=$1".into()
+}
+fn default_auth_dbname() -> String {
+    "postgres".into()
+}
+fn default_auth_cache_ttl() -> Duration {
+    Duration::from_secs(10)
 }
 fn default_true() -> bool {
     true

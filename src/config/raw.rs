@@ -33,6 +33,9 @@ pub struct RawConfig {
     pub proxy: Option<super::proxy::RawProxy>,
     #[serde(default)]
     pub backup: Option<super::backup::RawBackup>,
+    /// A floating address held by the writable leader only.
+    #[serde(default)]
+    pub vip: Option<super::vip::RawVip>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -185,6 +188,14 @@ pub struct RawTls {
     /// When set, clients must present a certificate signed by this CA.
     #[serde(default)]
     pub client_ca: Option<PathBuf>,
+    /// CA certificates the agent trusts for the other members' APIs.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    /// The certificate this agent presents to the other members' APIs.
+    #[serde(default)]
+    pub client_certificate: Option<PathBuf>,
+    #[serde(default)]
+    pub client_key: Option<PathBuf>,
 }
 
 impl Default for RawApi {

@@ -1694,6 +1694,7 @@ fn managed_parameters_are_rejected() {
         "synchronous_standby_names",
         "wal_log_hints",
         "password_encryption",
+        "wal_receiver_status_interval",
         // Parameter names are case-insensitive in PostgreSQL.
         "Port",
         "HOT_STANDBY",
@@ -2120,4 +2121,190 @@ fn backup_table_is_validated_and_owns_the_archive_parameters() {
     doc()
         .set("postgres.parameters", "archive_command = \"/bin/true\"")
         .ok();
+}
+
+#[test]
+fn vip_table() {
+    let text = format!(
+        "{}\n[vip]\naddress = \"10.0.0.50/24\"\ninterface = \"eth0\"\narp_interval = \"100ms\"\n",
+        base_text()
+    );
+    let cfg = Config::from_toml(Path::new(PATH), &text).expect("valid [vip]");
+    let vip = cfg.vip.expect("[vip] present");
+    assert_eq!(vip.cidr(), "10.0.0.50/24");
+    assert_eq!((vip.arp_count, vip.arp_interval), (3, dur("100ms")));
+    assert!(
+        Config::from_toml(Path::new(PATH), &base_text())
+            .unwrap()
+            .vip
+            .is_none()
+    );
+    assert_invalid(
+        Config::from_toml(
+            Path::new(PATH),
+            &format!(
+                "{}\n[vip]\naddress = \"10.0.0.50\"\ninterface = \"eth0\"\n",
+                base_text()
+            ),
+        ),
+        "vip.address",
+        "prefix length",
+    );
+    let unknown = Config::from_toml(
+        Path::new(PATH),
+        &format!(
+            "{}\n[vip]\naddress = \"10.0.0.50/24\"\ninterface = \"eth0\"\nbroadcast = true\n",
+            base_text()
+        ),
+    );
+    assert!(
+        unknown.unwrap_err().to_string().contains("broadcast"),
+        "unknown keys in [vip] are rejected"
+    );
+}
+
+// ---------------------------------------------------------------- proxy TLS towards servers
+
+/// A proxy-only file in a temp dir (with an empty auth file) plus `extra`
+/// lines in `[proxy]`.
+fn proxy_file(extra: &str) -> Result<ProxyFileConfig, ConfigError> {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("userlist.txt"), "").unwrap();
+    let path = dir.path().join("proxy.toml");
+    let text = format!(
+        "cluster = \"c\"\n[etcd]\nendpoints = [\"http://e1:2379\"]\n[proxy]\nlisten_rw = \"127.0.0.1:6432\"\nauth_file = \"userlist.txt\"\n{extra}"
+    );
+    ProxyFileConfig::from_toml(&path, &text)
+}
+
+#[test]
+fn proxy_server_tls_modes_and_their_ca() {
+    use super::proxy::ServerTlsMode;
+    let p = pems();
+    // libpq's default.
+    assert_eq!(
+        proxy_file("").unwrap().proxy.server_tls,
+        ServerTlsMode::Prefer
+    );
+    for (text, mode) in ServerTlsMode::VALUES {
+        let ca = if mode.verifies() {
+            path_line("server_tls_ca", &p.ca)
+        } else {
+            String::new()
+        };
+        let c = proxy_file(&format!("server_tls = \"{text}\"\n{ca}")).unwrap();
+        assert_eq!(c.proxy.server_tls, mode, "{text}");
+        assert_eq!(c.proxy.server_tls_ca.is_some(), mode.verifies(), "{text}");
+        assert_eq!(mode.to_string(), text);
+    }
+    let cases: &[(&str, &str, &str)] = &[
+        (
+            "server_tls = \"allow\"\n",
+            "proxy.server_tls",
+            "must be one of disable, prefer, require, verify-ca, verify-full",
+        ),
+        (
+            "server_tls = \"VERIFY-FULL\"\n",
+            "proxy.server_tls",
+            "must be one of",
+        ),
+        (
+            "server_tls = \"verify-full\"\n",
+            "proxy.server_tls_ca",
+            "required with proxy.server_tls = \"verify-full\"",
+        ),
+        (
+            "server_tls = \"verify-ca\"\n",
+            "proxy.server_tls_ca",
+            "required with",
+        ),
+        (
+            "server_tls_ca = \"/nonexistent/ca.pem\"\n",
+            "proxy.server_tls_ca",
+            "only used with",
+        ),
+        (
+            "server_tls = \"verify-full\"\nserver_tls_ca = \"/nonexistent/ca.pem\"\n",
+            "proxy.server_tls_ca",
+            "cannot read /nonexistent/ca.pem",
+        ),
+    ];
+    for (extra, key, fragment) in cases {
+        let err = proxy_file(extra).unwrap_err().to_string();
+        assert!(
+            err.contains("proxy.toml") && err.contains(key) && err.contains(fragment),
+            "{extra:?}: {err}"
+        );
+    }
+    let not_pem = format!(
+        "server_tls = \"verify-ca\"\n{}",
+        path_line("server_tls_ca", &p.not_pem)
+    );
+    let err = proxy_file(&not_pem).unwrap_err().to_string();
+    assert!(err.contains("proxy.server_tls_ca"), "{err}");
+}
+
+#[test]
+fn proxy_auth_query_needs_a_password_for_auth_user() {
+    let dir = tempfile::tempdir().unwrap();
+    let pass = dir.path().join("pgpass");
+    std::fs::write(&pass, "*:*:*:pgha_auth:secret\n").unwrap();
+    std::fs::set_permissions(&pass, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let with_pass = path_line("server_passfile", &pass);
+    let c = proxy_file(&format!("auth_user = \"pgha_auth\"\n{with_pass}")).unwrap();
+    let q = c.proxy.auth_query.unwrap();
+    assert_eq!(
+        q.query,
+        "SELECT usename, passwd FROM pg_shadow WHERE usename=$1"
+    );
+    assert_eq!((q.dbname.as_str(), q.cache_ttl), ("postgres", dur("10s")));
+    assert!(proxy_file("").unwrap().proxy.auth_query.is_none());
+
+    // Without auth_file, auth_user is what lets anyone in.
+    let dir2 = tempfile::tempdir().unwrap();
+    let path = dir2.path().join("proxy.toml");
+    let no_file = |extra: &str| {
+        ProxyFileConfig::from_toml(
+            &path,
+            &format!(
+                "cluster = \"c\"\n[etcd]\nendpoints = [\"http://e1:2379\"]\n[proxy]\nlisten_rw = \"127.0.0.1:6432\"\n{extra}"
+            ),
+        )
+    };
+    assert!(
+        no_file(&format!("auth_user = \"pgha_auth\"\n{with_pass}"))
+            .unwrap()
+            .proxy
+            .auth_file
+            .is_none()
+    );
+    let cases = [
+        (
+            no_file("").unwrap_err(),
+            "proxy.auth_file",
+            "required unless proxy.auth_user",
+        ),
+        (
+            proxy_file("auth_user = \"pgha_auth\"\n").unwrap_err(),
+            "proxy.auth_user",
+            "needs a password for \"pgha_auth\" in proxy.server_passfile",
+        ),
+        (
+            proxy_file(&format!("auth_user = \"other\"\n{with_pass}")).unwrap_err(),
+            "proxy.auth_user",
+            "needs a password",
+        ),
+        (
+            proxy_file(&format!(
+                "auth_user = \"pgha_auth\"\nauth_query = \"SELECT 1, 'x'\"\n{with_pass}"
+            ))
+            .unwrap_err(),
+            "proxy.auth_query",
+            "$1",
+        ),
+    ];
+    for (err, key, fragment) in cases {
+        let err = err.to_string();
+        assert!(err.contains(key) && err.contains(fragment), "{err}");
+    }
 }

@@ -12,26 +12,6 @@ use super::{
 use crate::model::MemberName;
 use crate::pem;
 
-/// Server parameters pgha sets itself. Letting the operator override them
-/// would break replication, fencing or the agent's own connection.
-const MANAGED_PARAMETERS: &[&str] = &[
-    "port",
-    "listen_addresses",
-    "unix_socket_directories",
-    "hba_file",
-    "ident_file",
-    "data_directory",
-    "config_file",
-    "primary_conninfo",
-    "primary_slot_name",
-    "recovery_target_timeline",
-    "hot_standby",
-    "synchronous_standby_names",
-    "wal_log_hints",
-    "password_encryption",
-    "cluster_name",
-];
-
 /// Binaries the agent runs; checked up front so that a wrong `bin_dir`
 /// fails at start rather than at the first failover.
 const REQUIRED_BINARIES: &[&str] = &[
@@ -254,10 +234,14 @@ pub(super) fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigErro
     let mut parameters = BTreeMap::new();
     for (name, value) in pg.parameters {
         let key = format!("postgres.parameters.{name}");
-        if MANAGED_PARAMETERS.contains(&name.to_ascii_lowercase().as_str()) {
+        let lower = name.to_ascii_lowercase();
+        if let Some((_, reason)) = crate::postgres::params::OWNED
+            .iter()
+            .find(|(n, _)| *n == lower)
+        {
             return Err(bad(
                 &key,
-                "is managed by pgha and cannot be set here".into(),
+                format!("is managed by pgha and cannot be set here ({reason})"),
             ));
         }
         if name.is_empty()
@@ -379,10 +363,28 @@ pub(super) fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigErro
             let certificate = resolve(&t.certificate);
             let key = resolve(&t.key);
             let client_ca = t.client_ca.as_deref().map(resolve);
+            let ca = t.ca.as_deref().map(resolve);
+            let client_identity = paired(
+                path,
+                (
+                    "api.tls.client_certificate",
+                    t.client_certificate.as_deref().map(resolve),
+                ),
+                ("api.tls.client_key", t.client_key.as_deref().map(resolve)),
+            )?;
             for (k, p) in [
                 ("api.tls.certificate", Some(&certificate)),
                 ("api.tls.key", Some(&key)),
                 ("api.tls.client_ca", client_ca.as_ref()),
+                ("api.tls.ca", ca.as_ref()),
+                (
+                    "api.tls.client_certificate",
+                    client_identity.as_ref().map(|(c, _)| c),
+                ),
+                (
+                    "api.tls.client_key",
+                    client_identity.as_ref().map(|(_, k)| k),
+                ),
             ] {
                 if let Some(p) = p
                     && !p.is_file()
@@ -394,6 +396,8 @@ pub(super) fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigErro
                 certificate,
                 key,
                 client_ca,
+                ca,
+                client_identity,
             })
         }
         None => None,
@@ -427,6 +431,10 @@ pub(super) fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigErro
         }
         None => None,
     };
+    let vip = raw
+        .vip
+        .map(|v| super::vip::VipConfig::validate(path, v))
+        .transpose()?;
 
     Ok(Config {
         path: path.to_path_buf(),
@@ -461,6 +469,7 @@ pub(super) fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigErro
         },
         proxy,
         backup,
+        vip,
     })
 }
 

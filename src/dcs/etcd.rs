@@ -24,12 +24,12 @@ use etcd_client::{
 };
 use tokio::sync::{Mutex, Notify};
 
-use super::SyncRecord;
 use super::keys::{KeyKind, Keys};
 use super::{
     ClusterConfig, ClusterView, Dcs, DcsError, FailoverRequest, Initialize, LeaderKey,
     LeaseRenewal, Revision,
 };
+use super::{FailsafeRecord, SyncRecord};
 use crate::config::{EtcdConfig, EtcdTls};
 use crate::model::{HistoryEntry, MemberName, MemberRecord};
 use crate::util::boottime_ms;
@@ -367,6 +367,7 @@ pub fn decode_view(keys: &Keys, revision: i64, kvs: &[RawKv]) -> Result<ClusterV
                 }
             }
             KeyKind::Sync => view.sync = Some(decode_json(key, value)?),
+            KeyKind::Failsafe => view.failsafe = Some(decode_json(key, value)?),
             KeyKind::Proxy(name) => match decode_json::<super::ProxyRecord>(key, value) {
                 Ok(rec) => {
                     view.proxies.insert(name, rec);
@@ -640,6 +641,21 @@ impl Dcs for EtcdDcs {
             )])
             .and_then([TxnOp::put(key, value, None)]);
         self.leader_txn("write the synchronous set", txn).await
+    }
+
+    async fn put_failsafe(&self, record: &FailsafeRecord) -> Result<(), DcsError> {
+        let Some(lease_id) = *self.leader_lease.lock().await else {
+            return Err(DcsError::NotLeader);
+        };
+        let value = serde_json::to_vec(record).expect("failsafe record serializes");
+        let txn = Txn::new()
+            .when([Compare::lease(
+                self.keys.leader(),
+                CompareOp::Equal,
+                lease_id,
+            )])
+            .and_then([TxnOp::put(self.keys.failsafe(), value, None)]);
+        self.leader_txn("write the failsafe membership", txn).await
     }
 
     async fn put_config(

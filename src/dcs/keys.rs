@@ -11,6 +11,7 @@
 //! | `history`         | JSON array of timeline switches            | no             |
 //! | `failover`        | a pending switchover/failover request (JSON) | no           |
 //! | `sync`            | the synchronous standby set (JSON)         | no             |
+//! | `failsafe`        | the members a failsafe leader must hear from (JSON) | no    |
 //! | `proxies/<name>`  | a live proxy's [`ProxyRecord`](super::ProxyRecord) (JSON) | the proxy's lease |
 
 use crate::model::MemberName;
@@ -31,6 +32,7 @@ pub enum KeyKind {
     History,
     Failover,
     Sync,
+    Failsafe,
     Proxy(String),
     Unknown,
 }
@@ -69,6 +71,9 @@ impl Keys {
     pub fn sync(&self) -> String {
         format!("{}sync", self.prefix)
     }
+    pub fn failsafe(&self) -> String {
+        format!("{}failsafe", self.prefix)
+    }
     pub fn proxy(&self, name: &str) -> String {
         format!("{}proxies/{}", self.prefix, name)
     }
@@ -85,6 +90,7 @@ impl Keys {
             "history" => KeyKind::History,
             "failover" => KeyKind::Failover,
             "sync" => KeyKind::Sync,
+            "failsafe" => KeyKind::Failsafe,
             _ => match (rest.strip_prefix("members/"), rest.strip_prefix("proxies/")) {
                 (Some(name), _) if MemberName::is_valid(name) => {
                     KeyKind::Member(MemberName::new(name))
@@ -112,6 +118,7 @@ mod tests {
         assert_eq!(k.history(), "/pgha/main/history");
         assert_eq!(k.failover(), "/pgha/main/failover");
         assert_eq!(k.sync(), "/pgha/main/sync");
+        assert_eq!(k.failsafe(), "/pgha/main/failsafe");
     }
 
     #[test]
@@ -125,6 +132,7 @@ mod tests {
             (k.history(), KeyKind::History),
             (k.failover(), KeyKind::Failover),
             (k.sync(), KeyKind::Sync),
+            (k.failsafe(), KeyKind::Failsafe),
             (k.proxy("px-1"), KeyKind::Proxy("px-1".into())),
             ("/ns/c/proxies/".to_string(), KeyKind::Unknown),
             ("/ns/c/members/".to_string(), KeyKind::Unknown),

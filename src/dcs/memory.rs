@@ -9,11 +9,11 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use super::SyncRecord;
 use super::{
     ClusterConfig, ClusterView, Dcs, DcsError, FailoverRequest, Initialize, LeaderKey,
     LeaseRenewal, Revision,
 };
+use super::{FailsafeRecord, SyncRecord};
 use crate::model::{HistoryEntry, MemberName, MemberRecord};
 
 /// The shared "etcd": several [`MemoryDcs`] handles (one per simulated
@@ -208,6 +208,15 @@ impl Dcs for MemoryDcs {
                 return Err(DcsError::NotLeader);
             }
             s.view.sync = Some(record.clone());
+            Ok(())
+        })?
+    }
+    async fn put_failsafe(&self, record: &FailsafeRecord) -> Result<(), DcsError> {
+        self.with("write the failsafe membership", |s| {
+            if !self.holds(s) {
+                return Err(DcsError::NotLeader);
+            }
+            s.view.failsafe = Some(record.clone());
             Ok(())
         })?
     }

@@ -54,19 +54,56 @@ pub struct ClusterConfig {
     pub synchronous_node_count: u32,
     /// `ANY k (...)` quorum commit instead of `FIRST k (...)`.
     pub synchronous_quorum: bool,
+    /// Keep the primary writable through an etcd outage while every known
+    /// member confirms it over the REST API (docs/architecture.md, S2a).
+    pub failsafe_mode: bool,
+    /// Server parameters for every member (`postgresql.parameters.NAME`).
+    #[serde(skip_serializing_if = "PostgresqlSettings::is_empty")]
+    pub postgresql: PostgresqlSettings,
+}
+
+/// The `postgresql` table of the cluster configuration.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PostgresqlSettings {
+    /// Name to value, as text (what postgresql.conf would hold).
+    pub parameters: BTreeMap<String, String>,
+}
+
+impl PostgresqlSettings {
+    pub fn is_empty(&self) -> bool {
+        self.parameters.is_empty()
+    }
 }
 
 impl ClusterConfig {
+    /// Prefix of the keys that set one server parameter each.
+    pub const PARAMETER_PREFIX: &'static str = "postgresql.parameters.";
+
     /// The keys operators may set; [`ClusterConfig::set`] rejects others.
     pub const KEYS: &'static [&'static str] = &[
         "paused",
         "synchronous_mode",
         "synchronous_node_count",
         "synchronous_quorum",
+        "failsafe_mode",
+        "postgresql.parameters.NAME",
     ];
 
     /// Sets one key from its text form (`pgha config set key=value`).
+    /// `postgresql.parameters.NAME=` (empty) removes that parameter.
     pub fn set(&mut self, key: &str, value: &str) -> Result<(), String> {
+        if let Some(name) = key.strip_prefix(Self::PARAMETER_PREFIX) {
+            let parameters = &mut self.postgresql.parameters;
+            if value.is_empty() {
+                parameters.remove(name);
+                return Ok(());
+            }
+            crate::postgres::params::check_cluster_parameter(name, value)
+                .map_err(|reason| format!("{key} {reason}"))?;
+            parameters.insert(name.to_string(), value.to_string());
+            return Ok(());
+        }
         let bad = |what: &str| Err(format!("{key}: {value:?} is not {what}"));
         let boolean = |v: &str| match v {
             "true" | "on" | "yes" => Some(true),
@@ -80,6 +117,10 @@ impl ClusterConfig {
             },
             "synchronous_quorum" => match boolean(value) {
                 Some(b) => self.synchronous_quorum = b,
+                None => return bad("true or false"),
+            },
+            "failsafe_mode" => match boolean(value) {
+                Some(b) => self.failsafe_mode = b,
                 None => return bad("true or false"),
             },
             "synchronous_mode" => {
@@ -109,9 +150,11 @@ impl Default for ClusterConfig {
     fn default() -> Self {
         ClusterConfig {
             paused: false,
-            synchronous_mode: SyncMode::Off,
+            synchronous_mode: SyncMode::On,
             synchronous_node_count: 1,
             synchronous_quorum: false,
+            failsafe_mode: true,
+            postgresql: PostgresqlSettings::default(),
         }
     }
 }
@@ -156,6 +199,19 @@ pub struct SyncRecord {
     /// the leader alone and nobody may be promoted automatically.
     #[serde(default)]
     pub degraded: bool,
+}
+
+/// The members a leader in failsafe mode must hear from (`failsafe` key),
+/// written by the leader whenever its membership changes. With
+/// `failsafe_mode` on, a member that is not listed never races for the
+/// leader key: the leader would not ask it before staying writable
+/// through an etcd outage.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailsafeRecord {
+    /// The leader that wrote it.
+    pub leader: MemberName,
+    /// Every known member (the leader included) and its API address.
+    pub members: BTreeMap<MemberName, String>,
 }
 
 /// A pending switchover (planned, a healthy leader hands over) or failover
@@ -289,6 +345,7 @@ pub struct ClusterView {
     /// pending); [`Dcs::put_failover`] and [`Dcs::clear_failover`] take it.
     pub failover_revision: Revision,
     pub sync: Option<SyncRecord>,
+    pub failsafe: Option<FailsafeRecord>,
     /// Live proxies (`proxies/<name>`, each bound to its proxy's lease).
     pub proxies: BTreeMap<String, ProxyRecord>,
     /// etcd revision of the read, to tell fresh views from stale ones.
@@ -392,6 +449,8 @@ pub trait Dcs: Send + Sync {
     /// Writes the synchronous set; only succeeds while this member holds
     /// the leader key.
     async fn put_sync(&self, record: &SyncRecord) -> Result<(), DcsError>;
+    /// Writes the failsafe membership; only while holding the leader key.
+    async fn put_failsafe(&self, record: &FailsafeRecord) -> Result<(), DcsError>;
 
     /// Writes the cluster-wide configuration if the `config` key is still
     /// at `expected` (the revision the caller read it at; ABSENT: only if

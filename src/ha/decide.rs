@@ -4,10 +4,12 @@
 
 use super::election::may_race;
 use super::lease::lease_usable;
+use super::promotion;
 use super::snapshot::{Action, Decision, DemoteReason, OnDisk, Reason, Snapshot};
 use super::sync::{self, SyncSetting, SyncStep};
 use crate::dcs::{ClusterView, Initialize, SyncMode, SyncRecord};
 use crate::model::{MemberName, PgRole, PgState};
+use crate::postgres::adopt::Unmanaged;
 use crate::postgres::{DataDirState, PgStatus};
 
 /// How long a switchover/failover request steers the leader race. After
@@ -26,12 +28,13 @@ pub fn decide(s: &Snapshot) -> Decision {
     // keeper would stay writable after its lease ran out.
     let takes_lease = matches!(
         d.action,
-        Action::AcquireLease | Action::AdoptLease { .. } | Action::Bootstrap
+        Action::AcquireLease | Action::AdoptLease { .. } | Action::Bootstrap | Action::Adopt
     );
     if takes_lease && !s.local.fence_ready {
         // A primary that would adopt its lease is writable with nothing
-        // guarding it: stop writes rather than wait.
-        return if is_primary(s) {
+        // guarding it: stop writes rather than wait. A database to adopt
+        // is not pgha's yet: it waits, untouched.
+        return if is_primary(s) && d.action != Action::Adopt {
             Decision::new(
                 Action::Demote {
                     reason: DemoteReason::LeaseLost,
@@ -45,6 +48,23 @@ pub fn decide(s: &Snapshot) -> Decision {
     d
 }
 
+/// How many `loop_wait`s a member with an empty data directory waits after
+/// starting before it races to create a new cluster (see
+/// [`Reason::BootstrapGrace`]).
+pub const BOOTSTRAP_GRACE_LOOPS: u64 = 3;
+
+/// Another member that will adopt its existing database (it says so in its
+/// record), the first by name: an empty member waits for it rather than
+/// racing to create an empty cluster, which would leave the operator's
+/// database outside.
+fn adopting_member(s: &Snapshot, view: &ClusterView) -> Option<MemberName> {
+    view.members
+        .values()
+        .filter(|m| m.name != s.me && m.adoptable)
+        .map(|m| m.name.clone())
+        .min()
+}
+
 fn decide_unguarded(s: &Snapshot) -> Decision {
     if let Some(job) = s.job {
         return Decision::wait(Reason::JobRunning(job));
@@ -53,10 +73,35 @@ fn decide_unguarded(s: &Snapshot) -> Decision {
         return without_dcs(s);
     };
 
+    // A database pgha never managed is not part of any cluster: pgha
+    // adopts it when the cluster is new and otherwise never touches it
+    // (no demotion either: its clients use it on purpose).
+    let unmanaged = s.local.data == DataDirState::Initialized && s.local.unmanaged.is_some();
     match &view.initialize {
         None => {
-            return match s.local.data {
-                DataDirState::Empty => Decision::new(Action::Bootstrap, Reason::NotInitialized),
+            return match (&s.local.data, &s.local.unmanaged) {
+                (DataDirState::Empty, _) => match adopting_member(s, view) {
+                    Some(by) => Decision::wait(Reason::WaitingForAdoption { by }),
+                    // Race only once this member's own record is visible
+                    // and it has been up for a few loops: the records of
+                    // members started at the same time are then visible
+                    // too (an adopting member publishes after its first
+                    // loop, which may be slow), and one with a database to
+                    // adopt is waited for.
+                    None if !view.members.contains_key(&s.me)
+                        || s.now_ms.saturating_sub(s.up_since_ms)
+                            < BOOTSTRAP_GRACE_LOOPS * s.ha.loop_wait.as_millis() as u64 =>
+                    {
+                        Decision::wait(Reason::BootstrapGrace)
+                    }
+                    None => Decision::new(Action::Bootstrap, Reason::NotInitialized),
+                },
+                (DataDirState::Initialized, Some(Unmanaged::Primary)) => {
+                    Decision::new(Action::Adopt, Reason::AdoptingDatabase)
+                }
+                (DataDirState::Initialized, Some(Unmanaged::Standby)) => {
+                    Decision::wait(Reason::CannotAdoptStandby)
+                }
                 // Local data but no cluster in the DCS: the DCS was wiped or
                 // this node points at the wrong one. Guessing could fork
                 // the cluster, so wait for an operator (writes stopped).
@@ -64,15 +109,32 @@ fn decide_unguarded(s: &Snapshot) -> Decision {
             };
         }
         Some(Initialize::Pending { by }) => {
-            if by == &s.me && s.local.data == DataDirState::Empty {
-                // This member claimed the bootstrap and died before finishing.
-                return Decision::new(Action::Bootstrap, Reason::NotInitialized);
+            if by == &s.me {
+                // This member claimed the initialization and stopped before
+                // finishing it: start over on an empty directory, finish on
+                // the data it has (initdb's, or the database it adopts).
+                return match (&s.local.data, &s.local.unmanaged) {
+                    (DataDirState::Empty, _) => {
+                        Decision::new(Action::Bootstrap, Reason::NotInitialized)
+                    }
+                    (DataDirState::Initialized, Some(Unmanaged::Standby)) => {
+                        Decision::wait(Reason::CannotAdoptStandby)
+                    }
+                    (DataDirState::Initialized, _) => {
+                        Decision::new(Action::Adopt, Reason::ResumingInitialization)
+                    }
+                    _ => demote_or_wait(s, Reason::UnusableDataDirectory),
+                };
             }
-            if by != &s.me {
-                return demote_or_wait(s, Reason::BootstrapInProgress { by: by.clone() });
+            if unmanaged {
+                return Decision::wait(Reason::UnmanagedDatabaseBesideCluster);
             }
+            return demote_or_wait(s, Reason::BootstrapInProgress { by: by.clone() });
         }
         Some(Initialize::Done { system_id }) => {
+            if unmanaged {
+                return Decision::wait(Reason::UnmanagedDatabaseBesideCluster);
+            }
             if let (DataDirState::Initialized, Some(mine)) = (&s.local.data, &s.local.system_id)
                 && mine != system_id
             {
@@ -120,7 +182,9 @@ fn without_dcs(s: &Snapshot) -> Decision {
         // The lease may still be valid: etcd being slow for one loop is no
         // reason to fail over. Once it is about to run out, stop writes,
         // because the others may already be promoting.
-        return if lease_valid(s) {
+        return if lease_valid(s) && s.lease.confirmed_by_members {
+            Decision::wait(Reason::LeadingOnMembersConfirmation)
+        } else if lease_valid(s) {
             Decision::wait(Reason::DcsUnreachableLeaseValid)
         } else {
             Decision::new(
@@ -194,6 +258,9 @@ fn as_leader(s: &Snapshot, view: &ClusterView, lease_id: i64) -> Decision {
             leading(s, view, Reason::SwitchoverScheduled)
         };
     }
+    if let Some(d) = resign_if_promotion_keeps_failing(s, view) {
+        return d;
+    }
     match &s.local.pg {
         PgStatus::Running(r) if r.role == PgRole::Primary => leading(s, view, Reason::Leading),
         PgStatus::Running(_) => Decision::new(
@@ -252,6 +319,39 @@ fn as_leader(s: &Snapshot, view: &ClusterView, lease_id: i64) -> Decision {
             _ => Decision::new(Action::ReleaseLease, Reason::DataDirectoryLost),
         },
     }
+}
+
+/// A key holder that cannot become writable hands the key on (see
+/// `ha::promotion`). Its server is first brought up read-only, so that its
+/// position is known when it records who else holds every commit; one that
+/// does not come back within `primary_start_timeout` resigns anyway.
+/// Paused: the operator is in charge.
+fn resign_if_promotion_keeps_failing(s: &Snapshot, view: &ClusterView) -> Option<Decision> {
+    if view.config.paused || !promotion::keeps_failing(&s.local, s.now_ms, &s.ha) {
+        return None;
+    }
+    let mine = match &s.local.pg {
+        PgStatus::Running(r) if r.role == PgRole::Primary => return None,
+        PgStatus::Running(r) => r
+            .wal_position()
+            .map(|position| (r.timeline.unwrap_or_default(), position)),
+        _ if !down_too_long(s) => return None,
+        _ => None,
+    };
+    let failures = s.local.failed_promotions;
+    let reason = Reason::PromotionKeepsFailing { failures };
+    if view.config.synchronous_mode != SyncMode::Off {
+        let record = promotion::resignation_record(&s.me, view, mine);
+        if view.sync.as_ref() != Some(&record) {
+            return Some(Decision::new(Action::WriteSyncRecord(record), reason));
+        }
+    }
+    Some(Decision::new(
+        Action::Resign {
+            failed_promotions: failures,
+        },
+        reason,
+    ))
 }
 
 fn down_too_long(s: &Snapshot) -> bool {
@@ -320,8 +420,8 @@ fn sync_protected(view: &ClusterView) -> bool {
 /// the leader it replaces. With `FIRST k` all of them are listed, not only
 /// the first `k`: whichever connects first acknowledges, and a replica that
 /// is slow to re-point (or gone) does not hold every commit back. The
-/// record then says "k of all of them", which is what that setting
-/// guarantees; the leader narrows both once standbys stream.
+/// record names the new leader as well (see below); the leader narrows
+/// both once standbys stream and have caught up.
 fn promotion_sync_plan(s: &Snapshot, view: &ClusterView) -> Option<(SyncRecord, SyncSetting)> {
     let cfg = &view.config;
     if cfg.synchronous_mode == SyncMode::Off {
@@ -358,7 +458,17 @@ fn promotion_sync_plan(s: &Snapshot, view: &ClusterView) -> Option<(SyncRecord, 
             k,
             quorum: cfg.synchronous_quorum,
         };
-        (record(names, k, false), setting)
+        // The named standbys do not hold the commits acknowledged under the
+        // previous leader yet (they may have been asynchronous then, and
+        // catch up only by streaming from this one); only this member
+        // surely does. So the record names it too, with k = 1: were it to
+        // die before they caught up, no member could prove it holds every
+        // commit and nobody would promote by itself. The leader narrows the
+        // record to the standbys once they are synchronous past the point
+        // its setting took effect ([`sync::next_step`], step 3).
+        let mut members = vec![s.me.clone()];
+        members.extend(names);
+        (record(members, 1, false), setting)
     } else if cfg.synchronous_mode == SyncMode::Strict {
         (
             record(Vec::new(), 0, false),
@@ -411,16 +521,27 @@ fn leading(s: &Snapshot, view: &ClusterView, reason: Reason) -> Decision {
             return Decision::new(action, Reason::ManagingSynchronousStandbys);
         }
     }
-    match slot_changes(s, view, r) {
-        None => Decision::wait(reason),
-        Some((create_slots, drop_slots)) => Decision::new(
+    if let Some((create_slots, drop_slots)) = slot_changes(s, view, r) {
+        return Decision::new(
             Action::Lead {
                 create_slots,
                 drop_slots,
             },
             reason,
-        ),
+        );
     }
+    // After the slots: replicas must be able to stream first; the record
+    // only matters once etcd fails.
+    if view.config.failsafe_mode {
+        let wanted = super::failsafe::desired_record(&s.me, &s.members);
+        if view.failsafe.as_ref() != Some(&wanted) {
+            return Decision::new(
+                Action::WriteFailsafeRecord(wanted),
+                Reason::PublishingFailsafeMembers,
+            );
+        }
+    }
+    Decision::wait(reason)
 }
 
 /// One slot per other member (the known ones: a record expired by an etcd
@@ -440,7 +561,7 @@ fn slot_changes(
         .collect();
     let create: Vec<String> = wanted
         .iter()
-        .filter(|w| !r.slots.contains(w))
+        .filter(|w| !r.slots.iter().any(|have| have.name == **w))
         .cloned()
         .collect::<std::collections::BTreeSet<_>>()
         .into_iter()
@@ -448,6 +569,7 @@ fn slot_changes(
     let drop: Vec<String> = r
         .slots
         .iter()
+        .map(|have| &have.name)
         .filter(|have| have.starts_with(crate::model::SLOT_PREFIX) && !wanted.contains(have))
         .cloned()
         .collect();
@@ -522,6 +644,24 @@ fn as_follower(s: &Snapshot, view: &ClusterView, leader: &MemberName) -> Decisio
                     Reason::RewindingFormerPrimary,
                 );
             }
+            // Evidence rather than elapsed time: a replica that received
+            // the old leader's WAL past the point the new timeline branched
+            // off can never stream from the leader, and its WAL receiver may
+            // reconnect and give up over and over, so that it looks
+            // streaming half of the time and the stall timer never fires.
+            if leader_running
+                && let Some((timeline, switch_lsn)) = history_diverged(view, leader, r)
+            {
+                return rewind_or_reclone(
+                    s,
+                    leader,
+                    Reason::DivergedFromLeader {
+                        leader: leader.clone(),
+                        timeline,
+                        switch_lsn,
+                    },
+                );
+            }
             let stalled = !r.streaming
                 && leader_running
                 && s.local.not_streaming_since_ms.is_some_and(|t| {
@@ -541,19 +681,23 @@ fn as_follower(s: &Snapshot, view: &ClusterView, leader: &MemberName) -> Decisio
             // A replica keeps (unreserved) slots for the other members, so
             // that the moment it is promoted they can stream from it with
             // their slots: creating them after promotion made every replica
-            // that re-pointed at once retry its connection.
-            if r.streaming
-                && let Some((create_slots, drop_slots)) = slot_changes(s, view, r)
-            {
-                return Decision::new(
-                    Action::PrepareSlots {
-                        create_slots,
-                        drop_slots,
-                    },
-                    Reason::Following {
-                        leader: leader.clone(),
-                    },
-                );
+            // that re-pointed at once retry its connection. Slots reserved
+            // while this member led are reset, or they pin its WAL forever.
+            if r.streaming {
+                let (create_slots, drop_slots) = slot_changes(s, view, r).unwrap_or_default();
+                let reset_slots = super::slots::to_reset(&r.slots, &drop_slots);
+                if !(create_slots.is_empty() && drop_slots.is_empty() && reset_slots.is_empty()) {
+                    return Decision::new(
+                        Action::PrepareSlots {
+                            create_slots,
+                            drop_slots,
+                            reset_slots,
+                        },
+                        Reason::Following {
+                            leader: leader.clone(),
+                        },
+                    );
+                }
             }
             Decision::wait(Reason::Following {
                 leader: leader.clone(),
@@ -635,6 +779,27 @@ fn history_shared(
             .is_some_and(|h| position <= h.switch_lsn)
 }
 
+/// The branch point this replica has passed, when its WAL receiver reports
+/// receiving an older timeline than the leader's at a position beyond the
+/// point where the leader's history left that timeline (the recorded
+/// timeline history). Only while a receiver runs: without one, the
+/// reported timeline can be the last restartpoint's, older than the WAL
+/// the replica has already received from the leader.
+fn history_diverged(
+    view: &ClusterView,
+    leader: &MemberName,
+    r: &crate::postgres::observe::Running,
+) -> Option<(crate::model::Timeline, crate::model::Lsn)> {
+    r.sender.as_ref()?;
+    let (mine, position) = (r.timeline?, r.wal_position()?);
+    let theirs = view.members.get(leader)?.timeline?;
+    if mine >= theirs {
+        return None;
+    }
+    let branch = view.history.iter().find(|h| h.old_timeline == mine)?;
+    (position > branch.switch_lsn).then_some((mine, branch.switch_lsn))
+}
+
 fn rewind_or_reclone(s: &Snapshot, leader: &MemberName, reason: Reason) -> Decision {
     if !s.local.rewind_failed {
         return Decision::new(
@@ -657,6 +822,19 @@ fn rewind_or_reclone(s: &Snapshot, leader: &MemberName, reason: Reason) -> Decis
 }
 
 fn without_leader(s: &Snapshot, view: &ClusterView) -> Decision {
+    let may_take_key = super::failsafe::may_take_key(s.failsafe_promise.as_ref(), s.now_ms).is_ok()
+        && !super::failsafe::barred_from_race(
+            view.config.failsafe_mode,
+            view.failsafe.as_ref(),
+            &s.me,
+        );
+    if is_primary(s) && lease_valid(s) && s.lease.confirmed_by_members && may_take_key {
+        // The key expired in etcd while every member promised this leader
+        // not to take it (failsafe mode): nobody else can have taken it,
+        // and nobody may before the promises end. Take it back rather than
+        // demote a primary nothing is wrong with.
+        return Decision::new(Action::AcquireLease, Reason::RetakingLeaderKeyAfterFailsafe);
+    }
     if is_primary(s) {
         // Writable with no leader key at all: the lease ran out (the fence
         // keeper should already have stopped it) or was deleted by hand.
@@ -684,6 +862,14 @@ fn without_leader(s: &Snapshot, view: &ClusterView) -> Decision {
             };
         }
     };
+    // A promise to a failsafe leader binds every way of taking the key,
+    // an operator's request included: that leader may still be writable.
+    if let Err(p) = super::failsafe::may_take_key(s.failsafe_promise.as_ref(), s.now_ms) {
+        return Decision::wait(Reason::PromisedFailsafeLeader { leader: p.leader });
+    }
+    if super::failsafe::barred_from_race(view.config.failsafe_mode, view.failsafe.as_ref(), &s.me) {
+        return Decision::wait(Reason::NotInFailsafeMembers);
+    }
     // An operator-requested target races alone, even when paused, as long
     // as the request is fresh: a target that died must not block failover.
     if let Some(f) = &view.failover
@@ -724,6 +910,11 @@ fn without_leader(s: &Snapshot, view: &ClusterView) -> Decision {
     if view.config.paused {
         return Decision::wait(Reason::Paused);
     }
+    if promotion::barred(s.local.resigned_at_ms, s.now_ms, &s.ha) {
+        return Decision::wait(Reason::NotHealthiest(
+            super::Disqualified::PromotionKeptFailing,
+        ));
+    }
     let verdict = match sync_candidacy(s, view, running) {
         Some(v) => v,
         None => may_race(s, running.timeline, running.wal_position()),
@@ -751,15 +942,16 @@ fn sync_candidacy(
     let Some(position) = running.wal_position() else {
         return Some(Err(super::Disqualified::UnknownPosition));
     };
-    let answered: Vec<(MemberName, (crate::model::Timeline, crate::model::Lsn))> = s
+    let answered: Vec<sync::Answer> = s
         .peers
         .iter()
         .filter_map(|p| {
             let r = p.report.as_ref().filter(|r| r.running)?;
-            Some((
-                p.name.clone(),
-                (r.timeline.unwrap_or_default(), r.wal_position?),
-            ))
+            Some(sync::Answer {
+                name: p.name.clone(),
+                position: (r.timeline.unwrap_or_default(), r.wal_position?),
+                candidate: !r.nofailover && r.priority > 0,
+            })
         })
         .collect();
     Some(sync::promotable(

@@ -24,7 +24,8 @@ use super::{
 use crate::config::HaConfig;
 use crate::dcs::{ClusterView, FailoverRequest, Initialize, LeaderKey, SyncMode, SyncRecord};
 use crate::model::{Lsn, MemberName, MemberRecord, PgRole, PgState, Timeline};
-use crate::postgres::observe::{Running, StandbyInfo};
+use crate::postgres::adopt::Unmanaged;
+use crate::postgres::observe::{Running, SlotInfo, StandbyInfo};
 use crate::postgres::{DataDirState, PgStatus};
 
 // ---------------------------------------------------------------------------
@@ -66,6 +67,7 @@ fn ha_config() -> HaConfig {
         primary_start_timeout: Duration::from_millis(PRIMARY_START_TIMEOUT_MS),
         stream_stall_timeout: Duration::from_millis(STREAM_STALL_MS),
         reclone_on_rewind_failure: true,
+        loop_wait: Duration::from_millis(500),
         ..HaConfig::default()
     }
 }
@@ -163,7 +165,7 @@ impl Fixture {
     fn new(me: &str) -> Self {
         let mut members = BTreeMap::new();
         members.insert(m(me), record(me, PgRole::Unknown, PgState::Stopped));
-        let view = ClusterView {
+        let mut view = ClusterView {
             initialize: Some(Initialize::Done {
                 system_id: SYSID.into(),
             }),
@@ -171,10 +173,15 @@ impl Fixture {
             revision: 1,
             ..ClusterView::default()
         };
+        // The rows are written for asynchronous replication; `sync_mode`
+        // turns it on (new clusters default to `on`).
+        view.config.synchronous_mode = SyncMode::Off;
+        view.config.failsafe_mode = false;
         Fixture {
             snap: Snapshot {
                 now_ms: NOW,
                 now_unix_ms: NOW_UNIX,
+                up_since_ms: NOW - 60_000,
                 me: m(me),
                 ha: ha_config(),
                 dcs: Some(view),
@@ -191,6 +198,10 @@ impl Fixture {
                     former_primary: false,
                     failed_starts: 0,
                     fence_ready: true,
+                    failed_promotions: 0,
+                    promoting_since_ms: None,
+                    resigned_at_ms: None,
+                    unmanaged: None,
                 },
                 members: Membership::new(),
                 peers: Vec::new(),
@@ -198,6 +209,7 @@ impl Fixture {
                 last_leader_lsn: None,
                 job: None,
                 sync_switched_at: None,
+                failsafe_promise: None,
             },
             reachable: true,
             remembered: Membership::new(),
@@ -294,6 +306,19 @@ impl Fixture {
         let rec = self.record_mut(&name);
         rec.role = PgRole::Unknown;
         rec.state = PgState::Crashed;
+        self
+    }
+
+    /// The agent started `ms` ago.
+    fn up_for_ms(mut self, ms: u64) -> Self {
+        self.snap.up_since_ms = NOW - ms;
+        self
+    }
+
+    /// This member's own record is not (yet) in etcd.
+    fn without_own_record(mut self) -> Self {
+        let me = self.snap.me.clone();
+        self.view().members.remove(&me);
         self
     }
 
@@ -413,7 +438,44 @@ impl Fixture {
         self.snap.lease = Lease {
             held: true,
             valid_until_ms: Some(NOW + valid_for_ms),
+            confirmed_by_members: false,
         };
+        self
+    }
+
+    /// Held on every member's failsafe confirmation (etcd did not renew
+    /// it), usable for `valid_for_ms`.
+    fn lease_confirmed_by_members(mut self, valid_for_ms: u64) -> Self {
+        self.snap.lease = Lease {
+            held: true,
+            valid_until_ms: Some(NOW + valid_for_ms),
+            confirmed_by_members: true,
+        };
+        self
+    }
+
+    /// This member promised failsafe leader `leader` not to take the key
+    /// for `for_ms` more.
+    fn promised(mut self, leader: &str, for_ms: u64) -> Self {
+        self.snap.failsafe_promise = Some(crate::ha::failsafe::Promise {
+            leader: m(leader),
+            until_ms: NOW + for_ms,
+        });
+        self
+    }
+
+    /// Failsafe mode on, with a `failsafe` record written by `leader`
+    /// listing `members`.
+    fn failsafe(mut self, leader: &str, members: &[&str]) -> Self {
+        let view = self.view();
+        view.config.failsafe_mode = true;
+        view.failsafe = Some(crate::dcs::FailsafeRecord {
+            leader: m(leader),
+            members: members
+                .iter()
+                .map(|n| (m(n), format!("http://{n}:8008")))
+                .collect(),
+        });
         self
     }
 
@@ -422,6 +484,7 @@ impl Fixture {
         self.snap.lease = Lease {
             held: true,
             valid_until_ms: None,
+            confirmed_by_members: false,
         };
         self
     }
@@ -484,6 +547,17 @@ impl Fixture {
         self
     }
 
+    /// A WAL receiver runs and reports its sender (it may be retrying).
+    fn receiver_running(mut self, streaming: bool) -> Self {
+        let r = self.running_mut();
+        r.sender = Some(("10.0.0.2".into(), 5432));
+        r.streaming = streaming;
+        if streaming {
+            self.snap.local.not_streaming_since_ms = None;
+        }
+        self
+    }
+
     /// The agent has not recorded when streaming stopped.
     fn stall_start_unknown(mut self) -> Self {
         self.snap.local.not_streaming_since_ms = None;
@@ -513,15 +587,41 @@ impl Fixture {
         self
     }
 
-    /// pgha-managed slots, named as pgha names them (`pgha_<member>`).
+    /// pgha-managed slots, named as pgha names them (`pgha_<member>`),
+    /// unreserved and idle.
     fn slots(mut self, slots: &[&str]) -> Self {
-        self.running_mut().slots = slots.iter().map(|s| format!("pgha_{s}")).collect();
+        self.running_mut().slots = slots
+            .iter()
+            .map(|s| SlotInfo::unreserved(format!("pgha_{s}")))
+            .collect();
         self
     }
 
     /// A slot someone else created (a backup tool, say).
     fn foreign_slot(mut self, slot: &str) -> Self {
-        self.running_mut().slots.push(slot.to_string());
+        self.running_mut().slots.push(SlotInfo::unreserved(slot));
+        self
+    }
+
+    /// pgha's slot for `member` as a leader leaves it behind: reserved at
+    /// `restart_lsn` and, with the member's hot_standby_feedback, an xmin.
+    fn held_slot(mut self, member: &str, restart_lsn: Option<u64>, holds_xmin: bool) -> Self {
+        self.running_mut().slots.push(SlotInfo {
+            name: format!("pgha_{member}"),
+            restart_lsn: restart_lsn.map(Lsn),
+            active: false,
+            holds_xmin,
+        });
+        self
+    }
+
+    /// The last slot added has a walsender streaming from it.
+    fn active(mut self) -> Self {
+        self.running_mut()
+            .slots
+            .last_mut()
+            .expect("a slot to mark active")
+            .active = true;
         self
     }
 
@@ -533,6 +633,7 @@ impl Fixture {
             flush_lsn: Some(Lsn(flush)),
             replay_lsn: Some(Lsn(flush)),
             sync_state: sync_state.into(),
+            reply_age_ms: Some(100),
         });
         self
     }
@@ -571,6 +672,12 @@ impl Fixture {
         self
     }
 
+    /// The data directory holds a database pgha never managed.
+    fn unmanaged(mut self, what: Unmanaged) -> Self {
+        self.snap.local.unmanaged = Some(what);
+        self
+    }
+
     fn empty_data(mut self) -> Self {
         let l = &mut self.snap.local;
         l.data = DataDirState::Empty;
@@ -603,6 +710,20 @@ impl Fixture {
     /// The fence keeper is dead, stopped or silent.
     fn fence_not_ready(mut self) -> Self {
         self.snap.local.fence_ready = false;
+        self
+    }
+
+    /// Holding the key, `n` promotions failed in a row; the first was
+    /// requested `trying_for_ms` ago.
+    fn failed_promotions(mut self, n: u32, trying_for_ms: u64) -> Self {
+        self.snap.local.failed_promotions = n;
+        self.snap.local.promoting_since_ms = Some(NOW - trying_for_ms);
+        self
+    }
+
+    /// Gave the key up after failed promotions, `ago_ms` ago.
+    fn resigned(mut self, ago_ms: u64) -> Self {
+        self.snap.local.resigned_at_ms = Some(NOW - ago_ms);
         self
     }
 
@@ -865,6 +986,24 @@ fn initialize_key() {
             act(Action::Bootstrap, Reason::NotInitialized),
         ),
         (
+            "not initialized, empty data, own record not yet visible: publish first",
+            F::new("n1")
+                .initialize(None)
+                .empty_data()
+                .without_own_record(),
+            wait(Reason::BootstrapGrace),
+        ),
+        (
+            "not initialized, empty data, agent just started: give the others a moment",
+            F::new("n1").initialize(None).empty_data().up_for_ms(1_499),
+            wait(Reason::BootstrapGrace),
+        ),
+        (
+            "not initialized, empty data, up for three loops: race",
+            F::new("n1").initialize(None).empty_data().up_for_ms(1_500),
+            act(Action::Bootstrap, Reason::NotInitialized),
+        ),
+        (
             "not initialized, local data: never guess",
             F::new("n1").initialize(None).stopped(OnDisk::FormerPrimary),
             wait(Reason::ForeignDataDirectory),
@@ -880,13 +1019,85 @@ fn initialize_key() {
             act(Action::Bootstrap, Reason::NotInitialized),
         ),
         (
-            "pending by me, data present: carry on as usual (here: leading)",
+            // The initialization stopped half-way (a role may be missing):
+            // finish it on the data present, which marks the cluster
+            // initialized; carrying on as a leader would leave it pending
+            // and the other members waiting for ever.
+            "pending by me, data present: finish the initialization",
             F::new("n1")
                 .initialize(pending("n1"))
                 .leader("n1")
                 .lease_held(VALID)
                 .primary(),
-            wait(Reason::Leading),
+            act(Action::Adopt, Reason::ResumingInitialization),
+        ),
+        (
+            "pending by me, a standby pgha never managed: refuse",
+            F::new("n1")
+                .initialize(pending("n1"))
+                .stopped(OnDisk::Standby)
+                .unmanaged(Unmanaged::Standby),
+            wait(Reason::CannotAdoptStandby),
+        ),
+        (
+            "not initialized, a primary pgha never managed: adopt it",
+            F::new("n1")
+                .initialize(None)
+                .stopped(OnDisk::FormerPrimary)
+                .unmanaged(Unmanaged::Primary),
+            act(Action::Adopt, Reason::AdoptingDatabase),
+        ),
+        (
+            "not initialized, a running primary pgha never managed: adopt it",
+            F::new("n1")
+                .initialize(None)
+                .primary()
+                .unmanaged(Unmanaged::Primary),
+            act(Action::Adopt, Reason::AdoptingDatabase),
+        ),
+        (
+            "not initialized, a running primary pgha never managed, no fence keeper: wait, untouched",
+            F::new("n1")
+                .initialize(None)
+                .primary()
+                .unmanaged(Unmanaged::Primary)
+                .fence_not_ready(),
+            wait(Reason::FenceKeeperNotReady),
+        ),
+        (
+            "not initialized, a standby pgha never managed: refuse, touch nothing",
+            F::new("n1")
+                .initialize(None)
+                .stopped(OnDisk::Standby)
+                .unmanaged(Unmanaged::Standby),
+            wait(Reason::CannotAdoptStandby),
+        ),
+        (
+            "not initialized, empty data, another member adopts: wait for it",
+            F::new("n1")
+                .initialize(None)
+                .empty_data()
+                .member_with("n3", |r| r.adoptable = true)
+                .member_with("n2", |r| r.adoptable = true)
+                .member("n4"),
+            wait(Reason::WaitingForAdoption { by: m("n2") }),
+        ),
+        (
+            "pending by another member, a running primary pgha never managed: left running",
+            F::new("n1")
+                .initialize(pending("n2"))
+                .primary()
+                .unmanaged(Unmanaged::Primary),
+            wait(Reason::UnmanagedDatabaseBesideCluster),
+        ),
+        (
+            "done, a running primary pgha never managed: left running, never demoted",
+            F::new("n1")
+                .initialize(done_other.clone())
+                .leader("n2")
+                .primary()
+                .unmanaged(Unmanaged::Primary),
+            wait(Reason::UnmanagedDatabaseBesideCluster),
         ),
         (
             "pending by another member, empty data",
@@ -1407,6 +1618,7 @@ fn follower() {
                 Action::PrepareSlots {
                     create_slots: vec!["pgha_n2".into(), "pgha_n3".into()],
                     drop_slots: vec![],
+                    reset_slots: vec![],
                 },
                 Reason::Following { leader: m("n2") },
             ),
@@ -1422,9 +1634,77 @@ fn follower() {
                 Action::PrepareSlots {
                     create_slots: vec![],
                     drop_slots: vec!["pgha_old".into()],
+                    reset_slots: vec![],
                 },
                 Reason::Following { leader: m("n2") },
             ),
+        ),
+        (
+            "streaming, former leader: slots it reserved are reset, or they pin its WAL",
+            other()
+                .member("n3")
+                .replica_streaming_from("n2")
+                .held_slot("n2", Some(L - 0x5000000), true)
+                .held_slot("n3", Some(L - 0x5000000), false),
+            act(
+                Action::PrepareSlots {
+                    create_slots: vec![],
+                    drop_slots: vec![],
+                    reset_slots: vec!["pgha_n2".into(), "pgha_n3".into()],
+                },
+                Reason::Following { leader: m("n2") },
+            ),
+        ),
+        (
+            "streaming: an xmin alone (feedback forwarded to the leader) is reset too",
+            other()
+                .member("n3")
+                .replica_streaming_from("n2")
+                .slots(&["n3"])
+                .held_slot("n2", None, true),
+            act(
+                Action::PrepareSlots {
+                    create_slots: vec![],
+                    drop_slots: vec![],
+                    reset_slots: vec!["pgha_n2".into()],
+                },
+                Reason::Following { leader: m("n2") },
+            ),
+        ),
+        (
+            "streaming: one slot missing, one held, one departed, in one step",
+            other()
+                .member("n3")
+                .replica_streaming_from("n2")
+                .held_slot("n2", Some(L), true)
+                .held_slot("old", Some(L), true),
+            act(
+                Action::PrepareSlots {
+                    create_slots: vec!["pgha_n3".into()],
+                    drop_slots: vec!["pgha_old".into()],
+                    reset_slots: vec!["pgha_n2".into()],
+                },
+                Reason::Following { leader: m("n2") },
+            ),
+        ),
+        (
+            "streaming: a slot a member streams from (cascading) is kept as it is",
+            other()
+                .member("n3")
+                .replica_streaming_from("n2")
+                .slots(&["n2"])
+                .held_slot("n3", Some(L), true)
+                .active(),
+            following(),
+        ),
+        (
+            "not streaming yet (a former leader waits for its rewind): held slots wait",
+            other()
+                .member("n3")
+                .replica_stalled("n2", 1_000)
+                .slots(&["n3"])
+                .held_slot("n2", Some(L), true),
+            following(),
         ),
         (
             "not streaming yet: slots wait",
@@ -1437,6 +1717,55 @@ fn follower() {
                 .replica_stalled("n2", STREAM_STALL_MS)
                 .leader_branched_at("n2", Some(L - 1)),
             rewind(Reason::StreamingStalled),
+        ),
+        (
+            "receiving an older timeline past the leader's branch point: diverged, rewind at once",
+            other()
+                .replica_stalled("n2", 0)
+                .leader_branched_at("n2", Some(L - 1))
+                .receiver_running(false),
+            rewind(Reason::DivergedFromLeader {
+                leader: m("n2"),
+                timeline: Timeline(1),
+                switch_lsn: Lsn(L - 1),
+            }),
+        ),
+        (
+            "the same while the receiver looks streaming between retries: rewind at once",
+            other()
+                .replica_streaming_from("n2")
+                .leader_branched_at("n2", Some(L - 1))
+                .receiver_running(true),
+            rewind(Reason::DivergedFromLeader {
+                leader: m("n2"),
+                timeline: Timeline(1),
+                switch_lsn: Lsn(L - 1),
+            }),
+        ),
+        (
+            "receiving an older timeline exactly up to the branch point: shared, no rewind",
+            other()
+                .replica_streaming_from("n2")
+                .slots(&["n2"])
+                .leader_branched_at("n2", Some(L))
+                .receiver_running(true),
+            following(),
+        ),
+        (
+            "past the branch point but no receiver runs (timeline may be a stale restartpoint's): wait for the stall timer",
+            other()
+                .replica_stalled("n2", 0)
+                .leader_branched_at("n2", Some(L - 1)),
+            following(),
+        ),
+        (
+            "receiving an older timeline past the branch point, but the leader is down: wait",
+            other()
+                .leader_not_running()
+                .replica_stalled("n2", 0)
+                .leader_branched_at("n2", Some(L - 1))
+                .receiver_running(false),
+            following(),
         ),
         (
             "stalled on an older timeline, no history recorded: not proven, rewind",
@@ -2316,7 +2645,7 @@ fn sync_promotion_plan() {
                 .member_with("n2", at(L - 10))
                 .member_with("n3", at(L)),
             promote(Some((
-                sync_rec("n1", &["n3", "n2"], 1, false),
+                sync_rec("n1", &["n1", "n3", "n2"], 1, false),
                 setting(&["n3", "n2"], 1, false),
             ))),
         ),
@@ -2327,7 +2656,7 @@ fn sync_promotion_plan() {
                 .remembered_after_outage("n2")
                 .remembered_after_outage("n3"),
             promote(Some((
-                sync_rec("n1", &["n2", "n3"], 1, false),
+                sync_rec("n1", &["n1", "n2", "n3"], 1, false),
                 setting(&["n2", "n3"], 1, false),
             ))),
         ),
@@ -2338,7 +2667,7 @@ fn sync_promotion_plan() {
                 .remembered_gone("n2")
                 .member_with("n3", at(L)),
             promote(Some((
-                sync_rec("n1", &["n3"], 1, false),
+                sync_rec("n1", &["n1", "n3"], 1, false),
                 setting(&["n3"], 1, false),
             ))),
         ),
@@ -2350,7 +2679,7 @@ fn sync_promotion_plan() {
                 .last_leader("n2")
                 .member_with("n3", at(L)),
             promote(Some((
-                sync_rec("n1", &["n3"], 1, false),
+                sync_rec("n1", &["n1", "n3"], 1, false),
                 setting(&["n3"], 1, false),
             ))),
         ),
@@ -2370,7 +2699,7 @@ fn sync_promotion_plan() {
                 .member_with("n2", at(L - 10))
                 .member_with("n3", at(L)),
             promote(Some((
-                sync_rec("n1", &["n3", "n2"], 1, false),
+                sync_rec("n1", &["n1", "n3", "n2"], 1, false),
                 setting(&["n3", "n2"], 1, true),
             ))),
         ),
@@ -2382,7 +2711,7 @@ fn sync_promotion_plan() {
                 .member_with("n2", at(L - 10))
                 .member_with("n3", at(L)),
             promote(Some((
-                sync_rec("n1", &["n3", "n2"], 2, false),
+                sync_rec("n1", &["n1", "n3", "n2"], 1, false),
                 setting(&["n3", "n2"], 2, false),
             ))),
         ),
@@ -2397,7 +2726,7 @@ fn sync_promotion_plan() {
                 })
                 .member_with("n4", at(L - 10)),
             promote(Some((
-                sync_rec("n1", &["n4"], 1, false),
+                sync_rec("n1", &["n1", "n4"], 1, false),
                 setting(&["n4"], 1, false),
             ))),
         ),
@@ -2410,7 +2739,7 @@ fn sync_promotion_plan() {
                 })
                 .member_with("n2", at(L)),
             promote(Some((
-                sync_rec("n1", &["n2"], 1, false),
+                sync_rec("n1", &["n1", "n2"], 1, false),
                 setting(&["n2"], 1, false),
             ))),
         ),
@@ -2643,6 +2972,255 @@ fn sync_failover_target() {
     ]);
 }
 
+/// The key holder whose promotion keeps failing (its server starts
+/// read-only but dies at every promotion) gives the key up, then stays out
+/// of the race while the others elect one of them (`ha::promotion`).
+#[test]
+fn promotion_keeps_failing() {
+    let holder = || {
+        F::new("n1")
+            .member("n2")
+            .member("n3")
+            .leader("n1")
+            .lease_held(VALID)
+            .replica()
+    };
+    let resign = |n: u32| {
+        act(
+            Action::Resign {
+                failed_promotions: n,
+            },
+            Reason::PromotionKeepsFailing { failures: n },
+        )
+    };
+    let promote = || act(Action::Promote { sync: None }, Reason::PromotingWithLease);
+    check(vec![
+        (
+            "two failures: try again",
+            holder().failed_promotions(2, 2_000),
+            promote(),
+        ),
+        (
+            "three failures: resign",
+            holder().failed_promotions(3, 2_000),
+            resign(3),
+        ),
+        (
+            "one failure, trying for primary_start_timeout: resign",
+            holder().failed_promotions(1, PRIMARY_START_TIMEOUT_MS),
+            resign(1),
+        ),
+        (
+            "one failure, trying for less: try again",
+            holder().failed_promotions(1, PRIMARY_START_TIMEOUT_MS - 1),
+            promote(),
+        ),
+        (
+            // Its position must be known to say who else holds the commits.
+            "server down after the third failure: start it read-only first",
+            holder()
+                .stopped(OnDisk::Standby)
+                .failed_promotions(3, 2_000),
+            act(
+                Action::StartReplica { leader: None },
+                Reason::StartingBeforePromotion,
+            ),
+        ),
+        (
+            "server does not come back: resign anyway",
+            holder()
+                .stopped(OnDisk::Standby)
+                .down_for(PRIMARY_START_TIMEOUT_MS)
+                .failed_promotions(3, 2_000),
+            resign(3),
+        ),
+        (
+            "still coming up, not for long: wait",
+            holder().starting(1_000).failed_promotions(3, 2_000),
+            wait(Reason::PostgresStarting),
+        ),
+        (
+            "writable after all: keep leading",
+            holder()
+                .primary()
+                .slots(&["n2", "n3"])
+                .failed_promotions(3, 2_000),
+            wait(Reason::Leading),
+        ),
+        (
+            "paused: the operator is in charge",
+            holder().paused().failed_promotions(3, 2_000),
+            promote(),
+        ),
+        (
+            "lease running out: release as before",
+            F::new("n1")
+                .leader("n1")
+                .lease_held(EXPIRING)
+                .replica()
+                .failed_promotions(3, 2_000),
+            act(Action::ReleaseLease, Reason::LeaseRunningOut),
+        ),
+        // The member that resigned, once the key is gone.
+        (
+            "resigned a moment ago: not racing",
+            F::new("n1").replica().resigned(1_000),
+            not_healthiest(Disqualified::PromotionKeptFailing),
+        ),
+        (
+            "resigned just under the cooldown ago: not racing",
+            F::new("n1")
+                .replica()
+                .resigned(PRIMARY_START_TIMEOUT_MS - 1),
+            not_healthiest(Disqualified::PromotionKeptFailing),
+        ),
+        (
+            "cooldown over: races again",
+            F::new("n1").replica().resigned(PRIMARY_START_TIMEOUT_MS),
+            act(Action::AcquireLease, Reason::RacingAsHealthiest),
+        ),
+        (
+            "resigned, but the operator names it: the operator decides",
+            F::new("n1")
+                .replica()
+                .resigned(1_000)
+                .failover_request(None, Some("n1")),
+            act(Action::AcquireLease, Reason::ManualFailoverTarget),
+        ),
+        (
+            "resigned, then another member leads: follow it",
+            F::new("n1").leader("n2").replica().resigned(1_000),
+            act(
+                Action::Follow { leader: m("n2") },
+                Reason::RepointingToLeader { leader: m("n2") },
+            ),
+        ),
+        // The others: a member out of the race publishes `nofailover`.
+        (
+            "a peer that resigned is skipped, even ahead",
+            F::new("n2")
+                .member("n1")
+                .member("n3")
+                .replica()
+                .last_leader("n1")
+                .last_leader_lsn(L)
+                .peer(
+                    "n1",
+                    PeerReport {
+                        nofailover: true,
+                        ..report(1, L + 10)
+                    },
+                )
+                .peer("n3", report(1, L)),
+            act(Action::AcquireLease, Reason::RacingAsHealthiest),
+        ),
+    ]);
+}
+
+/// Synchronous mode: the resigning holder first records who holds every
+/// acknowledged commit — itself and the members with at least its WAL — so
+/// that a member lacking commits never takes over; if nobody else has
+/// them, nobody promotes until the holder tries again.
+#[test]
+fn sync_promotion_keeps_failing() {
+    let holder = || {
+        F::new("n1")
+            .sync_mode(SyncMode::On)
+            .member_with("n2", |r| {
+                r.role = PgRole::Replica;
+                r.state = PgState::InRecovery;
+                r.received_lsn = Some(Lsn(L));
+            })
+            .member_with("n3", |r| {
+                r.role = PgRole::Replica;
+                r.state = PgState::InRecovery;
+                r.received_lsn = Some(Lsn(L - 4096));
+            })
+            .leader("n1")
+            .lease_held(VALID)
+            .replica()
+            .failed_promotions(3, 2_000)
+    };
+    let reason = Reason::PromotionKeepsFailing { failures: 3 };
+    let resign = act(
+        Action::Resign {
+            failed_promotions: 3,
+        },
+        reason.clone(),
+    );
+    // A peer's view once the key is gone: the resigned n1 answers at L.
+    let resigned_n1 = PeerReport {
+        nofailover: true,
+        ..report(1, L)
+    };
+    let seeing_n1 = |me: &str, n1: PeerReport| {
+        F::new(me)
+            .sync_mode(SyncMode::On)
+            .member("n1")
+            .replica()
+            .last_leader("n1")
+            .peer("n1", n1)
+    };
+    let peer = |me: &str| seeing_n1(me, resigned_n1.clone());
+    check(vec![
+        (
+            // Written before the failed promotion: it names n3, which
+            // lacks commits only n1 has.
+            "record first, naming those with all of n1's WAL",
+            holder().sync_record("n1", &["n3"], 1, false),
+            act(
+                Action::WriteSyncRecord(sync_rec("n1", &["n1", "n2"], 2, false)),
+                reason.clone(),
+            ),
+        ),
+        (
+            "then resign",
+            holder().sync_record("n1", &["n1", "n2"], 2, false),
+            resign.clone(),
+        ),
+        (
+            "server down for good: only itself is proven",
+            holder()
+                .stopped(OnDisk::Standby)
+                .down_for(PRIMARY_START_TIMEOUT_MS)
+                .sync_record("n1", &["n3"], 1, false),
+            act(
+                Action::WriteSyncRecord(sync_rec("n1", &["n1"], 1, false)),
+                reason.clone(),
+            ),
+        ),
+        (
+            "a caught-up member of that record races, tied with n1",
+            peer("n2").sync_record("n1", &["n1", "n2"], 2, false),
+            act(Action::AcquireLease, Reason::RacingAsHealthiest),
+        ),
+        (
+            "a member left out of it does not",
+            peer("n3")
+                .wal(L - 4096)
+                .sync_record("n1", &["n1", "n2"], 2, false),
+            not_healthiest(Disqualified::NotSynchronous),
+        ),
+        (
+            "nobody else holds every commit: nobody promotes",
+            peer("n2").wal(L - 1).sync_record("n1", &["n1"], 1, false),
+            not_healthiest(Disqualified::NotSynchronous),
+        ),
+        (
+            "n1 ahead, even out of the race, still blocks",
+            peer("n2")
+                .wal(L - 1)
+                .sync_record("n1", &["n1", "n2"], 1, false),
+            not_healthiest(Disqualified::PeerAhead { peer: m("n1") }),
+        ),
+        (
+            "a tie with a candidate still goes to the lower name",
+            seeing_n1("n2", report(1, L)).sync_record("n1", &["n1", "n2"], 2, false),
+            not_healthiest(Disqualified::PeerAhead { peer: m("n1") }),
+        ),
+    ]);
+}
+
 // ---------------------------------------------------------------------------
 // Known bugs: each test states the behaviour decide should have. They are
 // ignored until decide.rs is fixed; run them with `--ignored`.
@@ -2744,6 +3322,18 @@ enum LeaseCase {
     Valid,
     /// Held and not expired, but inside the fence margin.
     Expiring,
+    /// Valid on the members' failsafe confirmation, not on etcd's.
+    ConfirmedByMembers,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum FailsafeCase {
+    #[default]
+    Off,
+    /// Failsafe mode on, listed, and promised n2 not to race.
+    Promised,
+    /// Failsafe mode on and not listed in the record.
+    Barred,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -2815,6 +3405,11 @@ struct Case {
     troubled: bool,
     /// No fence keeper acknowledges (dead, stopped or hung).
     no_fence: bool,
+    failsafe: FailsafeCase,
+    /// Promotions failed here: three in a row under the current lease, and
+    /// the key was resigned a moment ago (with the key held again, an
+    /// operator named this member).
+    promotions_fail: bool,
 }
 
 /// Every combination of the domains; the cartesian product is built axis by
@@ -2837,7 +3432,13 @@ fn all_cases() -> Vec<Case> {
     let mut cases = vec![Case::default()];
     cases = expand(
         cases,
-        &[Le::NotHeld, Le::Lost, Le::Valid, Le::Expiring],
+        &[
+            Le::NotHeld,
+            Le::Lost,
+            Le::Valid,
+            Le::Expiring,
+            Le::ConfirmedByMembers,
+        ],
         |c, v| c.lease = v,
     );
     cases = expand(
@@ -2889,6 +3490,16 @@ fn all_cases() -> Vec<Case> {
     );
     cases = expand(cases, &[false, true], |c, v| c.troubled = v);
     cases = expand(cases, &[false, true], |c, v| c.no_fence = v);
+    cases = expand(
+        cases,
+        &[
+            FailsafeCase::Off,
+            FailsafeCase::Promised,
+            FailsafeCase::Barred,
+        ],
+        |c, v| c.failsafe = v,
+    );
+    cases = expand(cases, &[false, true], |c, v| c.promotions_fail = v);
     cases
 }
 
@@ -2912,6 +3523,12 @@ fn sweep_fixture(c: Case) -> Fixture {
         LeaseCase::Lost => f.lease_lost(),
         LeaseCase::Valid => f.lease_held(VALID),
         LeaseCase::Expiring => f.lease_held(EXPIRING),
+        LeaseCase::ConfirmedByMembers => f.lease_confirmed_by_members(VALID),
+    };
+    f = match c.failsafe {
+        FailsafeCase::Off => f,
+        FailsafeCase::Promised => f.failsafe("n2", &["n1", "n2", "n3"]).promised("n2", 2_000),
+        FailsafeCase::Barred => f.failsafe("n2", &["n2", "n3"]),
     };
     f = match c.data {
         DataCase::Empty => f.empty_data(),
@@ -2927,17 +3544,29 @@ fn sweep_fixture(c: Case) -> Fixture {
     };
     f = match c.pg {
         // n2 and n3 stream from it, so a synchronous set can be formed.
-        PgCase::Primary => f
-            .primary()
-            .standby("n2", L, "async")
-            .standby("n3", L, "async"),
+        PgCase::Primary => {
+            let f = f
+                .primary()
+                .standby("n2", L, "async")
+                .standby("n3", L, "async");
+            // With the slots in place a leader gets as far as publishing
+            // the failsafe record (slots come first).
+            if c.failsafe == FailsafeCase::Promised {
+                f.slots(&["n2", "n3"])
+            } else {
+                f
+            }
+        }
         PgCase::Replica => {
             let r = match (upstream, c.troubled) {
                 (None, _) => f.replica(),
                 (Some(up), false) => f.replica_streaming_from(up),
                 (Some(up), true) => f.replica_stalled(up, long),
             };
+            // As a demoted leader leaves it: n2's slot reserved, with
+            // an xmin (n2 streamed from it).
             r.wal(if c.troubled { L - 4096 } else { L })
+                .held_slot("n2", Some(L - 0x100_0000), true)
         }
         PgCase::Stopped => f.stopped(c.on_disk).down_for(down_for),
         PgCase::Starting => f.starting(down_for),
@@ -2968,6 +3597,9 @@ fn sweep_fixture(c: Case) -> Fixture {
     }
     if c.no_fence {
         f = f.fence_not_ready();
+    }
+    if c.promotions_fail {
+        f = f.failed_promotions(3, 2_000).resigned(1_000);
     }
     f
 }
@@ -3003,7 +3635,13 @@ fn invariants(s: &Snapshot, d: &Decision) -> Result<(), String> {
     // (a short etcd hiccup must not stop a healthy primary). Without that
     // entitlement the only acceptable answers stop writes; adopting the
     // own key is allowed because a key naming us proves nobody else leads.
-    let entitled = lease_valid(s) && (s.dcs.is_none() || key_is_mine);
+    // Failsafe: with the key gone from etcd while every member confirmed
+    // this leader, it may take the key back (and nothing else).
+    let retakes = key.is_none()
+        && s.lease.confirmed_by_members
+        && lease_valid(s)
+        && matches!(a, Action::AcquireLease);
+    let entitled = lease_valid(s) && (s.dcs.is_none() || key_is_mine) || retakes;
     let hands_off = s.dcs.as_ref().is_some_and(|v| v.config.paused)
         && key_is_other
         && d.reason.is_alarm()
@@ -3017,8 +3655,22 @@ fn invariants(s: &Snapshot, d: &Decision) -> Result<(), String> {
     }
     // 3. Giving the key away while still writable lets another member
     // promote next to us.
-    if primary && matches!(a, Action::ReleaseLease) {
+    if primary && matches!(a, Action::ReleaseLease | Action::Resign { .. }) {
         return Err("releases the lease while writable".into());
+    }
+    // 18. Only the key holder resigns, and a member that resigned does not
+    // race again before its cooldown ends (an operator may still name it).
+    if matches!(a, Action::Resign { .. }) && !key_is_mine {
+        return Err("resigns a key that is not its own".into());
+    }
+    if crate::ha::promotion::barred(s.local.resigned_at_ms, s.now_ms, &s.ha)
+        && matches!(a, Action::AcquireLease)
+        && !matches!(
+            d.reason,
+            Reason::ManualFailoverTarget | Reason::RetakingLeaderKeyAfterFailsafe
+        )
+    {
+        return Err("races again right after resigning".into());
     }
     // 4. The race is only for a key nobody holds.
     if matches!(a, Action::AcquireLease) && (s.dcs.is_none() || key.is_some()) {
@@ -3083,11 +3735,45 @@ fn invariants(s: &Snapshot, d: &Decision) -> Result<(), String> {
     {
         return Err("takes the lease with no fence keeper".into());
     }
+    // 16. A member that promised a failsafe leader never takes the key,
+    // and with failsafe mode on an unlisted member never races.
+    let promised = s
+        .failsafe_promise
+        .as_ref()
+        .is_some_and(|p| p.active(s.now_ms));
+    let barred = s.dcs.as_ref().is_some_and(|v| {
+        crate::ha::failsafe::barred_from_race(v.config.failsafe_mode, v.failsafe.as_ref(), &s.me)
+    });
+    if (promised || barred) && matches!(a, Action::AcquireLease) {
+        return Err("takes the key despite a failsafe promise or unlisted".into());
+    }
+    // 17. Only the key holder publishes the failsafe membership, in its
+    // own name.
+    if let Action::WriteFailsafeRecord(rec) = a
+        && (!key_is_mine || rec.leader != s.me)
+    {
+        return Err("writes a failsafe record without holding the key".into());
+    }
     // 10. The leader never keeps a slot for itself.
     if let Action::Lead { create_slots, .. } = a
         && create_slots.contains(&s.me.slot_name())
     {
         return Err("creates a slot for itself".into());
+    }
+    // 18. Slots are reset only on a replica, and only pgha's idle ones: a
+    // slot a member streams from keeps what it holds.
+    if let Action::PrepareSlots { reset_slots, .. } = a {
+        let PgStatus::Running(r) = &s.local.pg else {
+            return Err("resets slots without a running server".into());
+        };
+        let idle_and_ours = |name: &String| {
+            r.slots.iter().any(|have| {
+                &have.name == name && !have.active && name.starts_with(crate::model::SLOT_PREFIX)
+            })
+        };
+        if primary || !reset_slots.iter().all(idle_and_ours) {
+            return Err("resets a slot it must keep".into());
+        }
     }
     sync_invariants(s, d)
 }
@@ -3102,7 +3788,12 @@ fn sync_invariants(s: &Snapshot, d: &Decision) -> Result<(), String> {
     // 11. Racing in synchronous mode: only a member of a live set. The
     // operator's target may skip this with accept_data_loss, or once it
     // reached a final position the old leader published.
-    if mode_on && matches!(a, Action::AcquireLease) {
+    // A failsafe leader taking its own key back is not a race: it never
+    // stopped being the primary, so it has every acknowledged commit.
+    let retakes = s.local.role() == Some(PgRole::Primary)
+        && s.lease.confirmed_by_members
+        && d.reason == Reason::RetakingLeaderKeyAfterFailsafe;
+    if mode_on && matches!(a, Action::AcquireLease) && !retakes {
         let operator_vouches = d.reason == Reason::ManualFailoverTarget
             && view.failover.as_ref().is_some_and(|f| {
                 f.accept_data_loss
@@ -3130,7 +3821,15 @@ fn sync_invariants(s: &Snapshot, d: &Decision) -> Result<(), String> {
             (true, Some((rec, set))) => {
                 let covered = set.real_names().iter().all(|n| rec.members.contains(n));
                 let strong = set.real_names().is_empty() || set.k >= rec.quorum.max(1);
-                if rec.leader != s.me || rec.members.contains(&s.me) || !covered || !strong {
+                // Only the new leader surely holds what the previous one
+                // acknowledged: the record must name it, with k = 1, until
+                // its standbys catch up.
+                let holds_past = if set.real_names().is_empty() {
+                    !rec.members.contains(&s.me)
+                } else {
+                    rec.members.contains(&s.me) && rec.quorum == 1
+                };
+                if rec.leader != s.me || !holds_past || !covered || !strong {
                     return Err(format!(
                         "promotion plan breaks the promise: {rec:?} {set:?}"
                     ));
@@ -3163,6 +3862,17 @@ fn sync_invariants(s: &Snapshot, d: &Decision) -> Result<(), String> {
     {
         return Err("writes a sync record in another member's name".into());
     }
+    // 19. A key holder that never became writable records a set that
+    // includes itself: it is the one member known to hold every
+    // acknowledged commit.
+    if let Action::WriteSyncRecord(rec) = a
+        && s.local.role() != Some(PgRole::Primary)
+        && (!rec.members.contains(&s.me) || rec.degraded)
+    {
+        return Err(format!(
+            "non-writable holder records a set without itself: {rec:?}"
+        ));
+    }
     Ok(())
 }
 
@@ -3170,6 +3880,7 @@ fn action_kind(a: &Action) -> &'static str {
     match a {
         Action::Wait => "Wait",
         Action::Bootstrap => "Bootstrap",
+        Action::Adopt => "Adopt",
         Action::Clone { .. } => "Clone",
         Action::Reclone { .. } => "Reclone",
         Action::Rewind { .. } => "Rewind",
@@ -3180,11 +3891,13 @@ fn action_kind(a: &Action) -> &'static str {
         Action::AdoptLease { .. } => "AdoptLease",
         Action::Promote { .. } => "Promote",
         Action::WriteSyncRecord(_) => "WriteSyncRecord",
+        Action::WriteFailsafeRecord(_) => "WriteFailsafeRecord",
         Action::SetSyncSetting(_) => "SetSyncSetting",
         Action::PrepareSlots { .. } => "PrepareSlots",
         Action::Lead { .. } => "Lead",
         Action::Demote { .. } => "Demote",
         Action::ReleaseLease => "ReleaseLease",
+        Action::Resign { .. } => "Resign",
         Action::StopAndRelease => "StopAndRelease",
     }
 }
@@ -3192,28 +3905,69 @@ fn action_kind(a: &Action) -> &'static str {
 #[test]
 fn sweep_safety_invariants() {
     let cases = all_cases();
-    // 4 leases × 4 PG states × 3 keys × 2 paused × 2 DCS × 3 data dirs
+    // 5 leases × 4 PG states × 3 keys × 2 paused × 2 DCS × 3 data dirs
     // × 3 pg_control states × 3 failover requests × 5 sync states
-    // × 2 histories × 2 fence keeper states.
-    assert_eq!(cases.len(), 4 * 4 * 3 * 2 * 2 * 3 * 3 * 3 * 5 * 2 * 2);
-    assert_eq!(cases.len(), 103_680);
+    // × 2 histories × 2 fence keeper states × 3 failsafe states
+    // × 2 promotion histories.
+    assert_eq!(
+        cases.len(),
+        5 * 4 * 3 * 2 * 2 * 3 * 3 * 3 * 5 * 2 * 2 * 3 * 2
+    );
+    assert_eq!(cases.len(), 777_600);
 
+    // Split over the cores: the cases are independent, and one thread takes
+    // most of the unit tests' time on a small CI host.
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let chunk = cases.len().div_ceil(threads);
+    let results: Vec<(BTreeSet<&'static str>, Vec<String>, usize, usize)> = std::thread::scope(
+        |scope| {
+            let workers: Vec<_> = cases
+            .chunks(chunk)
+            .map(|part| {
+                scope.spawn(move || {
+                    let mut seen = BTreeSet::new();
+                    let mut violations = Vec::new();
+                    let mut resets = 0usize;
+                    for c in part {
+                        let s = sweep_fixture(*c).snapshot();
+                        let d = decide(&s);
+                        if decide(&s) != d || decide(&s.clone()) != d {
+                            violations.push(format!("not deterministic: {c:?}"));
+                        }
+                        if let Err(why) = invariants(&s, &d) {
+                            violations.push(format!("{why}: {c:?} -> {d:?}"));
+                        }
+                        seen.insert(action_kind(&d.action));
+                        if matches!(&d.action, Action::PrepareSlots { reset_slots, .. } if !reset_slots.is_empty())
+                        {
+                            resets += 1;
+                        }
+                    }
+                    (seen, violations, part.len(), resets)
+                })
+            })
+            .collect();
+            workers
+                .into_iter()
+                .map(|w| w.join().expect("a sweep worker panicked"))
+                .collect()
+        },
+    );
     let mut seen = BTreeSet::new();
     let mut violations = Vec::new();
     let mut checked = 0usize;
-    for c in &cases {
-        let s = sweep_fixture(*c).snapshot();
-        let d = decide(&s);
-        checked += 1;
-        if decide(&s) != d || decide(&s.clone()) != d {
-            violations.push(format!("not deterministic: {c:?}"));
-        }
-        if let Err(why) = invariants(&s, &d) {
-            violations.push(format!("{why}: {c:?} -> {d:?}"));
-        }
-        seen.insert(action_kind(&d.action));
+    let mut resets = 0usize;
+    for (part_seen, part_violations, n, part_resets) in results {
+        seen.extend(part_seen);
+        violations.extend(part_violations);
+        checked += n;
+        resets += part_resets;
     }
-    assert_eq!(checked, 103_680);
+    assert_eq!(checked, cases.len());
+    assert!(
+        resets > 0,
+        "the sweep never resets a slot (invariant 18 untested)"
+    );
     assert!(
         violations.is_empty(),
         "{} violation(s), first ones:\n{}",
@@ -3238,8 +3992,10 @@ fn sweep_safety_invariants() {
         "PrepareSlots",
         "Demote",
         "ReleaseLease",
+        "Resign",
         "StopAndRelease",
         "WriteSyncRecord",
+        "WriteFailsafeRecord",
         "SetSyncSetting",
     ]
     .into_iter()
@@ -3283,9 +4039,56 @@ fn invariant_checker_rejects_unsafe_decisions() {
             Action::ReleaseLease,
         ),
         (
+            "resign while writable",
+            F::new("n1").leader("n1").lease_held(VALID).primary(),
+            Action::Resign {
+                failed_promotions: 3,
+            },
+        ),
+        (
+            "race right after resigning",
+            F::new("n1").replica().resigned(1_000),
+            Action::AcquireLease,
+        ),
+        (
+            "non-writable holder records a set without itself",
+            F::new("n1")
+                .sync_mode(SyncMode::On)
+                .leader("n1")
+                .lease_held(VALID)
+                .replica(),
+            Action::WriteSyncRecord(sync_rec("n1", &["n2"], 1, false)),
+        ),
+        (
             "clone from a non-leader",
             F::new("n1").leader("n2").empty_data().stopped(None),
             Action::Clone { leader: m("n3") },
+        ),
+        (
+            "reset a slot a member streams from",
+            F::new("n1")
+                .leader("n2")
+                .replica_streaming_from("n2")
+                .held_slot("n3", Some(L), true)
+                .active(),
+            Action::PrepareSlots {
+                create_slots: vec![],
+                drop_slots: vec![],
+                reset_slots: vec!["pgha_n3".into()],
+            },
+        ),
+        (
+            "reset the leader's slots",
+            F::new("n1")
+                .leader("n1")
+                .lease_held(VALID)
+                .primary()
+                .held_slot("n2", Some(L), true),
+            Action::PrepareSlots {
+                create_slots: vec![],
+                drop_slots: vec![],
+                reset_slots: vec!["pgha_n2".into()],
+            },
         ),
     ];
     for (name, f, action) in cases {
@@ -3293,4 +4096,118 @@ fn invariant_checker_rejects_unsafe_decisions() {
         let wrong = Decision::new(action, Reason::Leading);
         assert!(invariants(&s, &wrong).is_err(), "{name}: not caught");
     }
+}
+
+#[test]
+fn failsafe_mode() {
+    let three = || F::new("n1").member("n2").member("n3");
+    let desired = {
+        let f = three().leader("n1").failsafe("n1", &[]);
+        let s = f.snapshot();
+        crate::ha::failsafe::desired_record(&m("n1"), &s.members)
+    };
+    check(vec![
+        (
+            "etcd down, members confirmed: stay primary",
+            three()
+                .leader("n1")
+                .lease_confirmed_by_members(VALID)
+                .primary()
+                .dcs_down(),
+            wait(Reason::LeadingOnMembersConfirmation),
+        ),
+        (
+            "etcd down, confirmation running out: demote",
+            three()
+                .leader("n1")
+                .lease_confirmed_by_members(EXPIRING)
+                .primary()
+                .dcs_down(),
+            demote(DemoteReason::LeaseLost, Reason::LeaseRunningOut),
+        ),
+        (
+            "etcd back, key expired, members confirmed: take it back",
+            three().lease_confirmed_by_members(VALID).primary(),
+            act(Action::AcquireLease, Reason::RetakingLeaderKeyAfterFailsafe),
+        ),
+        (
+            "etcd back, key expired, lease from etcd only: demote",
+            three().lease_held(VALID).primary(),
+            demote(DemoteReason::NoLeaderKey, Reason::WritableWithoutLease),
+        ),
+        (
+            "etcd back, key expired, confirmation running out: demote",
+            three().lease_confirmed_by_members(EXPIRING).primary(),
+            demote(DemoteReason::NoLeaderKey, Reason::WritableWithoutLease),
+        ),
+        (
+            "etcd back, another member took the key: demote",
+            three()
+                .leader("n2")
+                .lease_confirmed_by_members(VALID)
+                .primary(),
+            demote(
+                DemoteReason::OtherLeader {},
+                Reason::OtherLeaderHoldsKey { leader: m("n2") },
+            ),
+        ),
+        (
+            "replica that promised: no race",
+            three()
+                .replica()
+                .failsafe("n2", &["n1", "n2", "n3"])
+                .promised("n2", 100),
+            wait(Reason::PromisedFailsafeLeader { leader: m("n2") }),
+        ),
+        (
+            "replica that promised: not even as the operator's target",
+            three()
+                .replica()
+                .failsafe("n2", &["n1", "n2", "n3"])
+                .promised("n2", 100)
+                .failover_request(None, Some("n1")),
+            wait(Reason::PromisedFailsafeLeader { leader: m("n2") }),
+        ),
+        (
+            "replica not listed while failsafe mode is on: no race",
+            three().replica().failsafe("n2", &["n2", "n3"]),
+            wait(Reason::NotInFailsafeMembers),
+        ),
+        (
+            "leader publishes the membership when failsafe mode is on",
+            three()
+                .leader("n1")
+                .lease_held(VALID)
+                .primary()
+                .slots(&["n2", "n3"])
+                .failsafe("n1", &[]),
+            act(
+                Action::WriteFailsafeRecord(desired.clone()),
+                Reason::PublishingFailsafeMembers,
+            ),
+        ),
+    ]);
+    // Up to date, or failsafe mode off: nothing to publish.
+    let mut current = three()
+        .leader("n1")
+        .lease_held(VALID)
+        .primary()
+        .slots(&["n2", "n3"]);
+    current.view().config.failsafe_mode = true;
+    current.view().failsafe = Some(desired);
+    let off = three().leader("n1").lease_held(VALID).primary();
+    for f in [current, off] {
+        let d = decide(&f.snapshot());
+        assert!(!matches!(d.action, Action::WriteFailsafeRecord(_)), "{d:?}");
+    }
+    // An expired promise binds nothing.
+    let expired = three()
+        .replica()
+        .failsafe("n2", &["n1", "n2", "n3"])
+        .promised("n2", 0);
+    let d = decide(&expired.snapshot());
+    assert!(
+        !matches!(d.reason, Reason::PromisedFailsafeLeader { .. }),
+        "{d:?}"
+    );
 }

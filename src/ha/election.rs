@@ -37,6 +37,9 @@ pub enum Disqualified {
     /// answered to be sure nobody unseen has more WAL (a replica that hears
     /// from nobody must not conclude it is the most advanced).
     TooFewAnswered { seen: u32, needed: u32 },
+    /// This member gave the leader key up because its promotions kept
+    /// failing, and is out of the race until its cooldown ends.
+    PromotionKeptFailing,
     /// Quorum commit: too few members of the synchronous set answered to
     /// be sure which one holds every acknowledged commit.
     CannotProveCommits { seen: u32, needed: u32 },
@@ -67,6 +70,10 @@ impl fmt::Display for Disqualified {
                     "no synchronous standby was recorded (degraded to asynchronous); only `pgha failover --accept-data-loss` can promote"
                 )
             }
+            Disqualified::PromotionKeptFailing => write!(
+                f,
+                "gave the leader key up because promoting this member kept failing (ha.primary_start_timeout)"
+            ),
             Disqualified::TooFewAnswered { seen, needed } => write!(
                 f,
                 "heard from {seen} of the {needed} members needed (a majority of the known members other than the lost leader) to be sure none has more WAL"

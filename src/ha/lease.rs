@@ -295,6 +295,7 @@ mod tests {
         let held = |until: Option<u64>| Lease {
             held: true,
             valid_until_ms: until,
+            confirmed_by_members: false,
         };
         let margin = 500;
         assert_eq!(time_to_act(&Lease::default(), NOW, margin), None);

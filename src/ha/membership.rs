@@ -168,6 +168,8 @@ mod tests {
             nosync: false,
             last_decision: None,
             updated_at_ms: 0,
+            parameters: Default::default(),
+            adoptable: false,
         }
     }
 

@@ -13,10 +13,14 @@
 
 mod decide;
 mod election;
+pub mod failsafe;
 pub mod lease;
 pub mod membership;
+pub mod promotion;
+mod slots;
 mod snapshot;
 pub mod sync;
+pub mod vip;
 
 pub use decide::decide;
 pub use election::{Disqualified, rank_candidates};

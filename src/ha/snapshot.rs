@@ -5,6 +5,7 @@ use std::fmt;
 use crate::config::HaConfig;
 use crate::dcs::{ClusterView, SyncRecord};
 use crate::model::{Lsn, MemberName, PgRole, Timeline};
+use crate::postgres::adopt::Unmanaged;
 use crate::postgres::{DataDirState, PgStatus};
 
 /// Everything the decision may look at, captured at one instant.
@@ -14,6 +15,8 @@ pub struct Snapshot {
     pub now_ms: u64,
     /// Unix milliseconds: only for comparing with operator-given times
     /// (scheduled switchovers).
+    /// When this agent started (`CLOCK_BOOTTIME`, ms).
+    pub up_since_ms: u64,
     pub now_unix_ms: u64,
     pub me: MemberName,
     pub ha: HaConfig,
@@ -37,6 +40,9 @@ pub struct Snapshot {
     /// The leader's flush position when the current
     /// `synchronous_standby_names` was first seen in effect.
     pub sync_switched_at: Option<Lsn>,
+    /// This member's promise to a failsafe leader not to take the leader
+    /// key (see [`super::failsafe`]).
+    pub failsafe_promise: Option<super::failsafe::Promise>,
 }
 
 /// What this agent knows about its own leader lease.
@@ -46,6 +52,9 @@ pub struct Lease {
     pub held: bool,
     /// The lease cannot expire before this instant (`CLOCK_BOOTTIME` ms).
     pub valid_until_ms: Option<u64>,
+    /// That instant comes from every member's failsafe confirmation, not
+    /// from etcd: etcd could not renew the lease for that long.
+    pub confirmed_by_members: bool,
 }
 
 /// The local PostgreSQL and its data directory.
@@ -73,9 +82,19 @@ pub struct Local {
     pub former_primary: bool,
     /// Consecutive starts after which the postmaster exited again.
     pub failed_starts: u32,
+    /// Promotions in a row, under the current lease, that did not leave a
+    /// writable server (see [`super::promotion`]).
+    pub failed_promotions: u32,
+    /// When the first of those promotions was requested.
+    pub promoting_since_ms: Option<u64>,
+    /// When this member last gave the leader key up because its promotions
+    /// kept failing.
+    pub resigned_at_ms: Option<u64>,
     /// A fence keeper is running, not stopped, and acknowledging (see
     /// [`super::lease::keeper_health`]). Required before taking the lease.
     pub fence_ready: bool,
+    /// The data directory holds a database pgha never managed.
+    pub unmanaged: Option<Unmanaged>,
 }
 
 /// The state recorded in pg_control of a stopped server.
@@ -135,6 +154,11 @@ pub enum Action {
     /// Create the cluster: claim `initialize`, initdb, take the lease,
     /// start writable.
     Bootstrap,
+    /// Create the cluster from the database already in the data directory:
+    /// claim `initialize` (or resume this member's claim), give it pgha's
+    /// configuration and roles, take the lease, start writable. Never
+    /// removes data.
+    Adopt,
     /// Clone the leader into the (empty) data directory.
     Clone {
         leader: MemberName,
@@ -174,6 +198,8 @@ pub enum Action {
     Promote {
         sync: Option<(SyncRecord, super::sync::SyncSetting)>,
     },
+    /// Publish the members a failsafe leader asks (`failsafe` key).
+    WriteFailsafeRecord(crate::dcs::FailsafeRecord),
     /// Synchronous replication bookkeeping (see `ha::sync` for the order).
     WriteSyncRecord(SyncRecord),
     SetSyncSetting(super::sync::SyncSetting),
@@ -187,6 +213,9 @@ pub enum Action {
     PrepareSlots {
         create_slots: Vec<String>,
         drop_slots: Vec<String>,
+        /// Idle slots still holding WAL or an xmin from when this member
+        /// led: dropped and created again unreserved (see `ha::slots`).
+        reset_slots: Vec<String>,
     },
     /// Stop writes: shut the primary down and restart it read-only. For a
     /// switchover the lease is released once PostgreSQL is down.
@@ -195,6 +224,11 @@ pub enum Action {
     },
     /// Give the leader key up (PostgreSQL cannot serve as primary).
     ReleaseLease,
+    /// Give the leader key up because promoting the local server keeps
+    /// failing, and stay out of the race for a while (`ha::promotion`).
+    Resign {
+        failed_promotions: u32,
+    },
     /// Stop PostgreSQL immediately, then give the lease up.
     StopAndRelease,
 }
@@ -222,6 +256,30 @@ pub enum Reason {
     },
     ForeignDataDirectory,
     UnusableDataDirectory,
+    /// The data directory holds a database pgha never managed and the
+    /// cluster is new: it becomes the first leader.
+    AdoptingDatabase,
+    /// This member's own claim on the initialization was not completed
+    /// (the agent stopped half-way): it finishes it on the data it has.
+    ResumingInitialization,
+    /// A new cluster: this member publishes its record and gives members
+    /// started at the same moment [`BOOTSTRAP_GRACE_LOOPS`] loops to
+    /// publish theirs before racing to create it, so that it sees whether
+    /// one of them adopts a database.
+    ///
+    /// [`BOOTSTRAP_GRACE_LOOPS`]: super::decide::BOOTSTRAP_GRACE_LOOPS
+    BootstrapGrace,
+    /// Another member adopts its existing database; this empty member
+    /// clones it afterwards instead of racing to create an empty cluster.
+    WaitingForAdoption {
+        by: MemberName,
+    },
+    /// A database pgha never managed, set up as a standby (or to recover):
+    /// pgha does not guess which history to keep.
+    CannotAdoptStandby,
+    /// A database pgha never managed in a cluster that already exists (or
+    /// is being created by another member): left untouched.
+    UnmanagedDatabaseBesideCluster,
     Paused,
     JobRunning(Job),
     /// Would take the lease, but no fence keeper stands guard yet.
@@ -238,6 +296,10 @@ pub enum Reason {
     RestartingPrimary,
     StartingBeforePromotion,
     PrimaryDownTooLong,
+    /// Promotions keep failing here; the key goes to someone who can lead.
+    PromotionKeepsFailing {
+        failures: u32,
+    },
     PrimaryCrashedInSyncMode,
     ManagingSynchronousStandbys,
     DataDirectoryLost,
@@ -274,6 +336,13 @@ pub enum Reason {
     RecloningAfterRewindFailure,
     RewindFailedNoReclone,
     StreamingStalled,
+    /// The leader's timeline branched off this replica's at a point the
+    /// replica has already passed: it holds WAL the leader never had.
+    DivergedFromLeader {
+        leader: MemberName,
+        timeline: Timeline,
+        switch_lsn: Lsn,
+    },
     /// Not streaming, but the replica's history is the leader's: a rewind
     /// would change nothing.
     NotStreamingSameHistory {
@@ -287,6 +356,19 @@ pub enum Reason {
         leader: MemberName,
     },
     WritableWithoutLease,
+    // failsafe mode
+    /// etcd unreachable; every member confirmed this leader.
+    LeadingOnMembersConfirmation,
+    /// The lease expired in etcd while every member confirmed this leader:
+    /// take the key again.
+    RetakingLeaderKeyAfterFailsafe,
+    PublishingFailsafeMembers,
+    /// This member promised a failsafe leader not to race.
+    PromisedFailsafeLeader {
+        leader: MemberName,
+    },
+    /// Failsafe mode: not listed in the `failsafe` record.
+    NotInFailsafeMembers,
     // race
     RacingAsHealthiest,
     ManualFailoverTarget,
@@ -324,6 +406,32 @@ impl fmt::Display for Reason {
             LeaseRunningOut => write!(f, "leader lease could not be renewed and is running out"),
             NotInitialized => write!(f, "cluster not initialized; racing to bootstrap"),
             BootstrapInProgress { by } => write!(f, "waiting for {by} to bootstrap the cluster"),
+            AdoptingDatabase => write!(
+                f,
+                "cluster not initialized and the data directory holds a database pgha never managed; racing to adopt it as the first leader"
+            ),
+            ResumingInitialization => write!(
+                f,
+                "this member claimed the initialization and did not finish it; finishing it on the existing data"
+            ),
+            BootstrapGrace => write!(
+                f,
+                "cluster not initialized; giving members started at the same time a moment to publish (one may adopt its database) before racing to bootstrap"
+            ),
+            WaitingForAdoption { by } => write!(
+                f,
+                "waiting for {by} to adopt its existing database, then cloning it"
+            ),
+            CannotAdoptStandby => write!(
+                f,
+                "the data directory holds a standby pgha never managed (standby.signal or recovery.signal); \
+                 refusing to adopt it: promote it or start the agent on the primary's node first"
+            ),
+            UnmanagedDatabaseBesideCluster => write!(
+                f,
+                "the data directory holds a database pgha never managed, but the cluster already has (or is getting) \
+                 another one; leaving it untouched: move it away to let this member clone the leader"
+            ),
             ForeignDataDirectory => write!(
                 f,
                 "data directory belongs to another cluster (system identifier differs); refusing to touch it"
@@ -350,6 +458,11 @@ impl fmt::Display for Reason {
             PrimaryDownTooLong => write!(
                 f,
                 "primary did not come back within primary_start_timeout; handing leadership over"
+            ),
+            PromotionKeepsFailing { failures } => write!(
+                f,
+                "promotion failed {failures} time(s) in a row (see the PostgreSQL log); \
+                 giving the leader key up and staying out of the race for a while"
             ),
             DataDirectoryLost => write!(
                 f,
@@ -405,11 +518,36 @@ impl fmt::Display for Reason {
                 f,
                 "replica cannot stream from the leader (diverged timeline?); rewinding"
             ),
+            DivergedFromLeader {
+                leader,
+                timeline,
+                switch_lsn,
+            } => write!(
+                f,
+                "this replica received WAL of timeline {timeline} past {switch_lsn}, where {leader}'s history branched off; rewinding"
+            ),
             OtherLeaderHoldsKey { leader } => write!(
                 f,
                 "{leader} holds the leader key; demoting to stay the only primary"
             ),
             WritableWithoutLease => write!(f, "writable without a leader lease; demoting"),
+            LeadingOnMembersConfirmation => write!(
+                f,
+                "etcd unreachable; failsafe mode: every member confirmed this leader"
+            ),
+            RetakingLeaderKeyAfterFailsafe => write!(
+                f,
+                "failsafe mode: the lease expired in etcd while every member confirmed this leader; taking the key again"
+            ),
+            PublishingFailsafeMembers => write!(f, "publishing the failsafe membership"),
+            PromisedFailsafeLeader { leader } => write!(
+                f,
+                "no leader key; not racing: promised failsafe leader {leader} not to"
+            ),
+            NotInFailsafeMembers => write!(
+                f,
+                "no leader key; not racing: failsafe mode is on and this member is not in the failsafe record (the leader would not have asked it)"
+            ),
             RacingAsHealthiest => write!(f, "no leader; this member is the healthiest candidate"),
             ManualFailoverTarget => write!(
                 f,

@@ -17,6 +17,11 @@
 //!
 //! Failover then needs to see `|R| - k + 1` members of `R` (at least one of
 //! them holds every acknowledged commit) and promotes the most advanced.
+//!
+//! A standby that stopped replying (network cut, frozen process) stays in
+//! `pg_stat_replication` as `streaming` until `wal_sender_timeout`, and a
+//! commit waiting for it waits as long. Its reply age says so sooner: see
+//! [`replies_stale_after_ms`].
 
 use super::membership::Membership;
 use crate::dcs::{ClusterConfig, ClusterView, SyncMode, SyncRecord};
@@ -99,12 +104,37 @@ pub struct Desired {
     pub degraded: bool,
 }
 
+/// How long a streaming standby may go without replying before the leader
+/// treats it as cut off. Standbys reply after every WAL write and at least
+/// every `wal_receiver_status_interval`, which pgha sets to
+/// [`STATUS_INTERVAL_MS`](crate::postgres::conf::STATUS_INTERVAL_MS): three
+/// missed intervals are not scheduling jitter. The TTL is the floor because
+/// it is the silence pgha already tolerates from a leader before replacing
+/// it; a cut synchronous standby then stalls commits about as long as a lost
+/// leader stalls them, and clock skew between the hosts (`reply_time` is
+/// the standby's clock) has that much room before it matters.
+pub fn replies_stale_after_ms(ttl_ms: u64) -> u64 {
+    ttl_ms.max(3 * crate::postgres::conf::STATUS_INTERVAL_MS)
+}
+
 /// Standbys eligible to be synchronous: streaming from this leader (its
 /// own `pg_stat_replication` lists only direct streamers), known members,
 /// not `nosync`; most advanced first so `FIRST k` picks the best. Known
 /// means in the membership, which outlives the records: right after an etcd
 /// outage the records are gone while the standbys already stream.
-fn eligible(members: &Membership, me: &MemberName, standbys: &[StandbyInfo]) -> Vec<MemberName> {
+///
+/// Standbys whose last reply is older than `stale_after_ms` count as not
+/// streaming, so that a healthy one replaces them — but only when one
+/// replies in time: with none, they stay eligible, as before the reply age
+/// was known. Dropping them then would change nothing for `strict` (commits
+/// wait either way) and, in `on`, would turn skewed clocks or a hiccup into
+/// a degradation, which the `on` rules reserve for standbys that are gone.
+fn eligible(
+    members: &Membership,
+    me: &MemberName,
+    standbys: &[StandbyInfo],
+    stale_after_ms: u64,
+) -> Vec<MemberName> {
     let mut ok: Vec<(&StandbyInfo, MemberName)> = standbys
         .iter()
         .filter(|s| s.state == "streaming")
@@ -114,6 +144,10 @@ fn eligible(members: &Membership, me: &MemberName, standbys: &[StandbyInfo]) -> 
             (name != *me && !known.nosync).then_some((s, name))
         })
         .collect();
+    let replying = |s: &StandbyInfo| s.reply_age_ms.is_none_or(|age| age <= stale_after_ms);
+    if ok.iter().any(|(s, _)| replying(s)) {
+        ok.retain(|(s, _)| replying(s));
+    }
     ok.sort_by(|a, b| {
         b.0.flush_lsn
             .cmp(&a.0.flush_lsn)
@@ -160,7 +194,12 @@ pub fn desired(
 ) -> Desired {
     let k = cfg.synchronous_node_count.max(1);
     let quorum = cfg.synchronous_quorum;
-    let candidates = eligible(known.members, me, standbys);
+    let candidates = eligible(
+        known.members,
+        me,
+        standbys,
+        replies_stale_after_ms(known.ttl_ms),
+    );
     match cfg.synchronous_mode {
         SyncMode::Off => Desired {
             setting: SyncSetting::empty(),
@@ -225,6 +264,23 @@ pub fn desired(
                 degraded: false,
             }
         }
+    }
+}
+
+/// The leader's record waits for its standbys to confirm the switch point
+/// (step 3 of [`next_step`]): the record is still degraded, or names other
+/// members than the setting in effect, while the setting names standbys.
+/// Until it settles, automatic failover is blocked or rests on a wider set
+/// than needed, and what settles it is a standby's reply — which comes at
+/// any moment, not at the next `loop_wait` — so the agent looks again soon.
+pub fn settling(me: &MemberName, record: Option<&SyncRecord>, current: &SyncSetting) -> bool {
+    let names = current.real_names();
+    if names.is_empty() {
+        return false;
+    }
+    match record.filter(|r| &r.leader == me) {
+        Some(r) => r.degraded || r.members != names || r.quorum != current.k,
+        None => true,
     }
 }
 
@@ -317,12 +373,24 @@ pub fn next_step(
     None
 }
 
+/// A member's answer during a leader race.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Answer {
+    pub name: MemberName,
+    pub position: (crate::model::Timeline, Lsn),
+    /// It races itself (not `nofailover`, nor out of the race after failed
+    /// promotions). Only a candidate wins a tie: at the same position the
+    /// WAL is the same, and deferring to a member that never races would
+    /// leave the cluster without a leader.
+    pub candidate: bool,
+}
+
 /// Whether `me` may race for leadership under synchronous replication,
 /// given the record and which of its members answered. `Err` says why not.
 pub fn promotable(
     record: Option<&SyncRecord>,
     me: &MemberName,
-    answered: &[(MemberName, (crate::model::Timeline, Lsn))],
+    answered: &[Answer],
     my_position: (crate::model::Timeline, Lsn),
 ) -> Result<(), super::Disqualified> {
     use super::Disqualified;
@@ -335,9 +403,9 @@ pub fn promotable(
     if !r.members.contains(me) {
         return Err(Disqualified::NotSynchronous);
     }
-    let seen: Vec<&(MemberName, (crate::model::Timeline, Lsn))> = answered
+    let seen: Vec<&Answer> = answered
         .iter()
-        .filter(|(n, _)| r.members.contains(n) && n != me)
+        .filter(|a| r.members.contains(&a.name) && &a.name != me)
         .collect();
     let needed = (r.members.len() as u32).saturating_sub(r.quorum.max(1)) + 1;
     let seen_count = seen.len() as u32 + 1;
@@ -347,11 +415,16 @@ pub fn promotable(
             needed,
         });
     }
-    if let Some((peer, _)) = seen
-        .iter()
-        .find(|(n, pos)| *pos > my_position || (*pos == my_position && n < me))
-    {
-        return Err(Disqualified::PeerAhead { peer: peer.clone() });
+    if let Some(peer) = seen.iter().find(|a| {
+        a.position > my_position || (a.position == my_position && a.candidate && &a.name < me)
+    }) {
+        return Err(Disqualified::PeerAhead {
+            peer: peer.name.clone(),
+        });
     }
     Ok(())
 }
+
+#[cfg(test)]
+#[path = "sync_test.rs"]
+mod tests;

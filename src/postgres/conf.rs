@@ -8,6 +8,12 @@ use std::collections::BTreeMap;
 /// locale and other initdb choices survive.
 pub const BASE_CONF: &str = "postgresql.base.conf";
 
+/// `wal_receiver_status_interval`, in milliseconds: standbys reply to the
+/// leader at least this often even when idle, so the leader can tell a
+/// standby that stopped replying (`ha::sync::replies_stale_after_ms`) from
+/// an idle one. PostgreSQL's default, 10 s, would hide a cut for as long.
+pub const STATUS_INTERVAL_MS: u64 = 1000;
+
 /// Where replication should come from, for a replica.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Upstream {
@@ -30,8 +36,9 @@ pub struct ServerSettings {
     pub upstream: Option<Upstream>,
     /// Synchronous standby names, when the leader manages them.
     pub synchronous_standby_names: Option<String>,
-    /// Operator's extra parameters; pgha's own settings win on conflict
-    /// (the config validation already rejects overriding them).
+    /// Operator's extra parameters (the member's file over the cluster-wide
+    /// ones, see `params::effective`); pgha's own settings win on conflict
+    /// (validation already rejects overriding them).
     pub extra: BTreeMap<String, String>,
     /// WAL archiving into the backup repository (`[backup]`).
     pub archive: Option<Archiving>,
@@ -80,7 +87,10 @@ pub fn primary_conninfo(up: &Upstream, application_name: &str, passfile: &str) -
 pub fn render_postgresql_conf(s: &ServerSettings) -> String {
     let mut out = String::new();
     out.push_str("# Managed by pgha: rewritten on every start and role change. Put your\n");
-    out.push_str("# settings in the pgha configuration file ([postgres.parameters]).\n");
+    out.push_str("# settings in the pgha configuration file ([postgres.parameters]) or,\n");
+    out.push_str(
+        "# for every member, in etcd (pgha config set postgresql.parameters.NAME=VALUE).\n",
+    );
     out.push_str(&format!("include_if_exists {}\n\n", quote_conf(BASE_CONF)));
     for (k, v) in &s.extra {
         out.push_str(&format!("{k} = {}\n", quote_conf(v)));
@@ -96,6 +106,10 @@ pub fn render_postgresql_conf(s: &ServerSettings) -> String {
         ("wal_log_hints", "on".into()),
         ("hot_standby", "on".into()),
         ("recovery_target_timeline", "latest".into()),
+        (
+            "wal_receiver_status_interval",
+            format!("{STATUS_INTERVAL_MS}ms"),
+        ),
     ];
     // Operator may choose these (e.g. wal_level = logical); pgha only
     // supplies a replication-capable default.
@@ -109,6 +123,14 @@ pub fn render_postgresql_conf(s: &ServerSettings) -> String {
     // default 5s between attempts would dominate the rejoin time.
     if !s.extra.contains_key("wal_retrieve_retry_interval") {
         own.push(("wal_retrieve_retry_interval", "500ms".into()));
+    }
+    // A walsender whose standby stopped replying holds its slot (the
+    // standby cannot reconnect) until this expires; PostgreSQL's 60 s is
+    // long next to pgha's failover times. Standbys reply every second
+    // (above), so 10 s is ten missed replies, and the walsender asks for a
+    // reply at half of it, which also covers pg_basebackup's WAL stream.
+    if !s.extra.contains_key("wal_sender_timeout") {
+        own.push(("wal_sender_timeout", "10s".into()));
     }
     if !s.extra.contains_key("max_wal_senders") {
         own.push(("max_wal_senders", "10".into()));
@@ -264,6 +286,21 @@ mod tests {
         assert!(text.contains("primary_conninfo = ''\n"));
         assert!(text.contains("work_mem = '8MB'\n"));
         assert!(text.contains("wal_level = 'replica'\n"));
+    }
+
+    #[test]
+    fn standbys_reply_every_second_and_silent_ones_time_out_in_10s() {
+        let text = render_postgresql_conf(&settings());
+        assert!(text.contains("wal_receiver_status_interval = '1000ms'\n"));
+        assert!(text.contains("wal_sender_timeout = '10s'\n"));
+        let mut s = settings();
+        s.extra.insert("wal_sender_timeout".into(), "60s".into());
+        let text = render_postgresql_conf(&s);
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("wal_sender_timeout"))
+            .collect();
+        assert_eq!(lines, ["wal_sender_timeout = '60s'"]);
     }
 
     #[test]

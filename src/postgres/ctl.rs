@@ -61,7 +61,7 @@ pub enum PgError {
     Unexpected(String),
 }
 
-fn io(action: impl Into<String>) -> impl FnOnce(std::io::Error) -> PgError {
+pub(super) fn io(action: impl Into<String>) -> impl FnOnce(std::io::Error) -> PgError {
     let action = action.into();
     move |source| PgError::Io { action, source }
 }
@@ -102,6 +102,9 @@ pub struct Instance {
     pub replication: RoleCredentials,
     pub hba: HbaPolicy,
     pub parameters: std::collections::BTreeMap<String, String>,
+    /// The cluster-wide parameters from etcd this member accepted, shared
+    /// by every clone of the instance so each rendering uses the latest.
+    cluster_parameters: Arc<std::sync::Mutex<std::collections::BTreeMap<String, String>>>,
     /// Set when the agent is root.
     pub os_user: Option<OsUser>,
     /// Who owns the data directory and the files PostgreSQL reads.
@@ -178,6 +181,7 @@ impl Instance {
                 extra_lines: cfg.postgres.pg_hba.clone(),
             },
             parameters: cfg.postgres.parameters.clone(),
+            cluster_parameters: Arc::default(),
             os_user,
             pg_owner,
             archiving,
@@ -188,7 +192,7 @@ impl Instance {
 
     /// A command for one of PostgreSQL's binaries, as the right OS user,
     /// with the passfile in the environment (never a password in argv).
-    fn command(&self, tool: &str) -> Command {
+    pub(super) fn command(&self, tool: &str) -> Command {
         let mut cmd = Command::new(self.bin_dir.join(tool));
         cmd.env("PGPASSFILE", &self.passfile)
             .env("LC_ALL", "C.UTF-8")
@@ -235,7 +239,7 @@ impl Instance {
 
     /// The data directory, opened without following a symlink and checked
     /// to belong to the PostgreSQL account.
-    fn data_dir_handle(&self) -> Result<TrustedDir, PgError> {
+    pub(super) fn data_dir_handle(&self) -> Result<TrustedDir, PgError> {
         Ok(TrustedDir::open(
             &self.data_dir,
             self.pg_owner,
@@ -318,6 +322,31 @@ impl Instance {
         Ok(())
     }
 
+    /// The cluster-wide parameters the next rendering uses.
+    pub fn cluster_parameters(&self) -> std::collections::BTreeMap<String, String> {
+        self.cluster_parameters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Replaces the cluster-wide parameters (already validated); takes
+    /// effect at the next [`Instance::write_config`].
+    pub fn set_cluster_parameters(&self, parameters: std::collections::BTreeMap<String, String>) {
+        *self
+            .cluster_parameters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = parameters;
+    }
+
+    /// How to ask this server's `postgres` binary about parameter values.
+    pub fn parameter_checker(&self) -> super::params::Checker<'_> {
+        super::params::Checker {
+            bin_dir: &self.bin_dir,
+            run_as: self.os_user.as_ref().map(|u| (u.uid, u.gid)),
+        }
+    }
+
     /// Renders and writes postgresql.conf, pg_hba.conf and (for replicas)
     /// standby.signal. `upstream: None` with `standby: true` starts a
     /// standby that streams from nobody: read-only, safe without a lease.
@@ -335,7 +364,7 @@ impl Instance {
             passfile: self.passfile.display().to_string(),
             upstream,
             synchronous_standby_names: sync_names,
-            extra: self.parameters.clone(),
+            extra: super::params::effective(&self.parameters, &self.cluster_parameters()).0,
             archive: self.archiving.clone(),
         };
         let data = self.data_dir_handle()?;
@@ -436,24 +465,34 @@ impl Instance {
             StopMode::Immediate => "immediate",
         };
         let secs = timeout.as_secs().max(1).to_string();
-        let r = self
-            .run(
-                "pg_ctl",
-                &[
-                    "stop".as_ref(),
-                    "-s".as_ref(),
-                    "-D".as_ref(),
-                    self.data_dir.as_os_str(),
-                    "-m".as_ref(),
-                    m.as_ref(),
-                    "-w".as_ref(),
-                    "-t".as_ref(),
-                    secs.as_ref(),
-                ],
-                "stop PostgreSQL",
-                timeout + Duration::from_secs(2),
-            )
-            .await;
+        let args: [&std::ffi::OsStr; 9] = [
+            "stop".as_ref(),
+            "-s".as_ref(),
+            "-D".as_ref(),
+            self.data_dir.as_os_str(),
+            "-m".as_ref(),
+            m.as_ref(),
+            "-w".as_ref(),
+            "-t".as_ref(),
+            secs.as_ref(),
+        ];
+        let stopping = self.run(
+            "pg_ctl",
+            &args,
+            "stop PostgreSQL",
+            timeout + Duration::from_secs(2),
+        );
+        // pg_ctl waits until the postmaster's pid is gone, and a postmaster
+        // that dies meanwhile (the fence keeper killed it, say) stays a
+        // zombie of ours until we reap it: reap while waiting, or pg_ctl
+        // waits for its whole timeout.
+        tokio::pin!(stopping);
+        let r = loop {
+            tokio::select! {
+                r = &mut stopping => break r,
+                _ = tokio::time::sleep(Duration::from_millis(50)) => reap_postgres_orphans(),
+            }
+        };
         // The stopped postmaster was our adopted child: reap it.
         reap_postgres_orphans();
         match r {

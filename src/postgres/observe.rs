@@ -53,6 +53,37 @@ pub struct StandbyInfo {
     pub flush_lsn: Option<Lsn>,
     pub replay_lsn: Option<Lsn>,
     pub sync_state: String,
+    /// Milliseconds since the standby's last reply (`now() - reply_time`,
+    /// never negative); `None` before its first reply. A standby cut off
+    /// stays `streaming` until `wal_sender_timeout`, but stops replying.
+    pub reply_age_ms: Option<u64>,
+}
+
+/// A physical slot on this server (`pg_replication_slots`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SlotInfo {
+    pub name: String,
+    /// Where the slot holds WAL from; `None` while it reserves nothing
+    /// (created without reserving, and never streamed from).
+    pub restart_lsn: Option<Lsn>,
+    /// A walsender streams from it right now.
+    pub active: bool,
+    /// `xmin` or `catalog_xmin` is set: the slot holds back the removal of
+    /// old row versions (hot_standby_feedback of the member that streamed
+    /// from it).
+    pub holds_xmin: bool,
+}
+
+impl SlotInfo {
+    /// A slot that holds neither WAL nor an xmin, as a replica creates it.
+    pub fn unreserved(name: impl Into<String>) -> Self {
+        SlotInfo {
+            name: name.into(),
+            restart_lsn: None,
+            active: false,
+            holds_xmin: false,
+        }
+    }
 }
 
 /// A running server's answers.
@@ -75,7 +106,7 @@ pub struct Running {
     pub system_id: String,
     /// Primary only.
     pub standbys: Vec<StandbyInfo>,
-    pub slots: Vec<String>,
+    pub slots: Vec<SlotInfo>,
 }
 
 impl Running {
@@ -257,6 +288,7 @@ impl Observer {
                     flush_lsn: r.get::<_, String>(2).parse().ok(),
                     replay_lsn: r.get::<_, String>(3).parse().ok(),
                     sync_state: r.get::<_, Option<String>>(4).unwrap_or_default(),
+                    reply_age_ms: r.get::<_, Option<i64>>(5).map(|ms| ms.max(0) as u64),
                 });
             }
         }
@@ -265,7 +297,12 @@ impl Observer {
             .await
             .map_err(sql("list slots"))?
         {
-            running.slots.push(r.get(0));
+            running.slots.push(SlotInfo {
+                name: r.get(0),
+                restart_lsn: r.get::<_, Option<String>>(1).and_then(|l| l.parse().ok()),
+                active: r.get(2),
+                holds_xmin: r.get(3),
+            });
         }
         Ok(running)
     }

@@ -170,6 +170,51 @@ pub fn parse_switch_point(history: &str, parent: Timeline) -> Option<Lsn> {
         .map(|(_, lsn)| lsn)
 }
 
+/// How much of the end of the server log [`read_log_tail`] reads: far more
+/// than the lines one promotion writes.
+const LOG_TAIL_BYTES: u64 = 64 * 1024;
+
+/// The end of the server log (lossy UTF-8; empty when unreadable: the log
+/// only adds detail to an error report).
+pub fn read_log_tail(path: &std::path::Path) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut file) = std::fs::File::open(path) else {
+        return String::new();
+    };
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut bytes = Vec::new();
+    if file
+        .seek(SeekFrom::Start(len.saturating_sub(LOG_TAIL_BYTES)))
+        .and_then(|_| file.take(LOG_TAIL_BYTES).read_to_end(&mut bytes))
+        .is_err()
+    {
+        return String::new();
+    }
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// Why the last promotion failed, from the server log: the last `FATAL`
+/// or `PANIC` line after the last promotion request and before the
+/// postmaster reports the startup process's death. The agent only sees its
+/// connection close when the startup process dies at the timeline switch;
+/// the cause ("could not write to file \"pg_wal/xlogtemp.…\": No space
+/// left on device") is in the log. The walreceiver's own FATAL at the
+/// request comes first, and the restart that follows refuses connections
+/// with FATALs of its own, hence the bounds.
+pub fn failed_promotion_cause(log: &str) -> Option<&str> {
+    let since_request = log
+        .rfind("received promote request")
+        .map_or("", |at| &log[at..]);
+    let until_death = since_request
+        .find("startup process (")
+        .map_or(since_request, |end| &since_request[..end]);
+    until_death
+        .lines()
+        .rev()
+        .find(|line| line.contains("FATAL:") || line.contains("PANIC:"))
+        .map(str::trim)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -208,5 +253,31 @@ mod tests {
                 "{event:?}, seen before: {seen_before}"
             );
         }
+    }
+
+    #[test]
+    fn the_cause_of_a_failed_promotion_is_the_last_fatal_line_after_the_request() {
+        // Shortened from a server whose WAL disk was full.
+        let log = "\
+2026-12-01 02:50:01.000 UTC [100] FATAL:  could not connect to the primary server: refused
+2026-12-01 02:52:59.261 UTC [11732] LOG:  received promote request
+2026-12-01 02:52:59.261 UTC [11939] FATAL:  terminating walreceiver process due to administrator command
+2026-12-01 02:52:59.262 UTC [11732] LOG:  selected new timeline ID: 25
+2026-12-01 02:52:59.329 UTC [11732] FATAL:  could not write to file \"pg_wal/xlogtemp.11732\": No space left on device
+2026-12-01 02:52:59.335 UTC [11729] LOG:  startup process (PID 11732) exited with exit code 1
+2026-12-01 02:52:59.351 UTC [11729] LOG:  shutting down due to startup process failure
+2026-12-01 02:53:00.119 UTC [12065] LOG:  starting PostgreSQL 15.18
+2026-12-01 02:53:00.201 UTC [12070] FATAL:  the database system is starting up
+";
+        assert_eq!(
+            failed_promotion_cause(log),
+            Some(
+                "2026-12-01 02:52:59.329 UTC [11732] FATAL:  could not write to file \"pg_wal/xlogtemp.11732\": No space left on device"
+            )
+        );
+        // Nothing since the request, or no request at all: no cause.
+        let quiet = "x LOG:  received promote request\ny LOG:  database system is ready\n";
+        assert_eq!(failed_promotion_cause(quiet), None);
+        assert_eq!(failed_promotion_cause("z FATAL:  old news\n"), None);
     }
 }

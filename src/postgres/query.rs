@@ -22,19 +22,25 @@ SELECT pg_is_in_recovery() AS in_recovery,
        current_setting('primary_conninfo') AS primary_conninfo,
        current_setting('synchronous_standby_names') AS synchronous_standby_names";
 
-/// Standbys connected to this server (primary side).
+/// Standbys connected to this server (primary side), with the age of each
+/// one's last reply in milliseconds. `reply_time` is stamped by the standby;
+/// comparing it with the server's `now()` here keeps the agent's own clock
+/// out of it (the two hosts' clocks still have to agree, within seconds).
 pub const REPLICATION: &str = "
-SELECT application_name, state, coalesce(flush_lsn::text, ''), coalesce(replay_lsn::text, ''), sync_state
+SELECT application_name, state, coalesce(flush_lsn::text, ''), coalesce(replay_lsn::text, ''), sync_state,
+       (extract(epoch FROM clock_timestamp() - reply_time) * 1000)::bigint
   FROM pg_stat_replication";
 
 /// The history file of timeline `$1` (written at promotion).
 pub const TIMELINE_HISTORY: &str =
     "SELECT pg_read_file('pg_wal/' || lpad(upper(to_hex($1::int)), 8, '0') || '.history')";
 
-/// Physical slots on this server.
+/// Physical slots on this server, with what they hold back (WAL from
+/// `restart_lsn`, old row versions through `xmin`).
 /// Temporary slots (pg_basebackup's) are excluded: they vanish on their own.
-pub const SLOTS: &str =
-    "SELECT slot_name FROM pg_replication_slots WHERE slot_type = 'physical' AND NOT temporary";
+pub const SLOTS: &str = "
+SELECT slot_name, restart_lsn::text, active, xmin IS NOT NULL OR catalog_xmin IS NOT NULL
+  FROM pg_replication_slots WHERE slot_type = 'physical' AND NOT temporary";
 
 pub const CREATE_SLOT: &str = "SELECT pg_create_physical_replication_slot($1, $2)";
 pub const DROP_SLOT: &str = "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1 AND NOT active";
@@ -52,6 +58,11 @@ SELECT pg_is_in_recovery() AS in_recovery,
             ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int
        END AS timeline";
 pub const RELOAD: &str = "SELECT pg_reload_conf()";
+/// Parameters whose value in the configuration file differs from the
+/// running one and only a restart applies (as seen by this session, which
+/// takes in a reload when idle).
+pub const PENDING_RESTART: &str =
+    "SELECT name FROM pg_settings WHERE pending_restart ORDER BY name";
 pub const CHECKPOINT: &str = "CHECKPOINT";
 
 /// The archiver's counters (`[backup]`): a query of its own, so that the

@@ -124,6 +124,11 @@ impl Passfile {
         Ok(Passfile { entries })
     }
 
+    /// Some entry may match `user` (by name or `*`).
+    pub fn has_user(&self, user: &str) -> bool {
+        self.entries.iter().any(|e| e[3] == "*" || e[3] == user)
+    }
+
     /// The first matching entry's password, as libpq picks it.
     pub fn lookup(
         &self,

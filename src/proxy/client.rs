@@ -12,7 +12,7 @@ use tokio::net::TcpStream;
 
 use super::codec::{self, Severity, Startup};
 use super::conn::{Conn, ConnError, Stream};
-use super::scram::{self, ScramError, ScramServer};
+use super::scram::{self, ScramError, ScramServer, ScramVerifier};
 use super::session::{Session, Side};
 use super::{Shared, server};
 
@@ -178,7 +178,26 @@ async fn login(shared: &Arc<Shared>, mut tcp: TcpStream) -> Result<Option<Logged
     let mut client = Conn::new(stream, shared.cfg.max_message_size);
     client.buf = buf;
 
-    let keys = match authenticate(shared, &mut client, &user).await? {
+    let verifier = match find_verifier(shared, &user).await {
+        Ok(v) => v,
+        Err(e) => {
+            // The same for every user name, so it reveals nothing about
+            // which users exist.
+            tracing::warn!(user, error = %crate::util::chain(&e), "cannot look up a user's verifier with auth_query");
+            shared
+                .stats
+                .auth_failures_total
+                .fetch_add(1, Ordering::Relaxed);
+            fatal(
+                &mut client.io,
+                "08006",
+                "pgha proxy: cannot check the password now (auth_query failed)",
+            )
+            .await;
+            return Ok(None);
+        }
+    };
+    let keys = match authenticate(shared, &mut client, verifier).await? {
         Ok(keys) => keys,
         Err(e) => {
             shared
@@ -203,6 +222,21 @@ async fn login(shared: &Arc<Shared>, mut tcp: TcpStream) -> Result<Option<Logged
     Ok(Some((client, user, database, keys)))
 }
 
+/// `user`'s verifier: from the auth file, else (with `auth_user`) from the
+/// leader. `None`: nobody by that name (or no usable verifier).
+async fn find_verifier(
+    shared: &Shared,
+    user: &str,
+) -> Result<Option<ScramVerifier>, super::auth_query::AuthQueryError> {
+    if let Some(v) = shared.auth.read().expect("auth file").get(user).cloned() {
+        return Ok(Some(v));
+    }
+    match &shared.auth_query {
+        Some(q) => q.lookup(shared, user).await,
+        None => Ok(None),
+    }
+}
+
 /// The SCRAM exchange. The outer error is I/O; the inner one what the
 /// client gets told. A user without a verifier goes through the same
 /// exchange against a verifier nobody knows the password of, so that
@@ -211,9 +245,8 @@ async fn login(shared: &Arc<Shared>, mut tcp: TcpStream) -> Result<Option<Logged
 async fn authenticate(
     shared: &Shared,
     client: &mut Conn<Box<dyn Stream>>,
-    user: &str,
+    verifier: Option<ScramVerifier>,
 ) -> Result<Result<scram::ScramKeys, ScramError>, ConnError> {
-    let verifier = shared.auth.read().expect("auth file").get(user).cloned();
     let known = verifier.is_some();
     let verifier = verifier.unwrap_or_else(|| shared.unknown_user_verifier.clone());
     let mut out = BytesMut::new();
@@ -260,6 +293,13 @@ async fn authenticate(
 
 async fn cancel(shared: &Shared, process_id: i32, secret_key: i32) {
     if let Some(t) = shared.cancels.lookup(process_id, secret_key) {
-        server::send_cancel(&t.host, t.port, t.process_id, t.secret_key).await;
+        server::send_cancel(
+            &shared.server_tls,
+            &t.host,
+            t.port,
+            t.process_id,
+            t.secret_key,
+        )
+        .await;
     }
 }

@@ -13,16 +13,20 @@
 //! agent (a `[proxy]` table in the node's file).
 
 pub mod auth;
+pub mod auth_query;
 pub mod cancel;
+pub mod classify;
 pub mod client;
 pub mod codec;
 pub mod conn;
 pub mod pool;
 pub mod prepared;
 pub mod register;
+pub mod replay;
 pub mod route;
 pub mod scram;
 pub mod server;
+pub mod server_tls;
 pub mod session;
 pub mod stats;
 pub mod watch;
@@ -37,7 +41,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls;
 
 use crate::config::EtcdConfig;
-pub use crate::config::proxy::{PoolMode, ProxyConfig, ProxyFileConfig, ProxyTls};
+pub use crate::config::proxy::{PoolMode, ProxyConfig, ProxyFileConfig, ProxyTls, ServerTlsMode};
 use crate::dcs::ClusterView;
 use crate::dcs::etcd::EtcdDcs;
 use crate::dcs::keys::Keys;
@@ -73,6 +77,8 @@ pub enum ProxyError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot set up TLS towards the servers")]
+    ServerTls(#[source] server_tls::ServerTlsError),
     #[error("cannot connect to etcd")]
     Etcd(#[source] crate::dcs::DcsError),
 }
@@ -81,7 +87,11 @@ pub enum ProxyError {
 pub struct Shared {
     pub cfg: ProxyConfig,
     pub auth: RwLock<AuthFile>,
+    /// Verifiers of users the auth file does not list, from the leader.
+    pub auth_query: Option<auth_query::AuthQuery>,
     pub passfile: Option<Passfile>,
+    /// TLS towards the servers (also used by cancel requests).
+    pub server_tls: Arc<server_tls::ServerTls>,
     pub pools: pool::Pools,
     pub cancels: Arc<cancel::Cancels>,
     pub routes: tokio::sync::watch::Receiver<Arc<Routes>>,
@@ -91,6 +101,10 @@ pub struct Shared {
     pub client_slots: Arc<Semaphore>,
     /// Stands in for users missing from the auth file (see `client.rs`).
     pub unknown_user_verifier: ScramVerifier,
+    /// Built-in and configured read-only functions (auto listener).
+    pub functions: classify::ReadOnlyFunctions,
+    /// Replay positions and failed replicas (auto listener).
+    pub positions: replay::Positions,
 }
 
 impl Shared {
@@ -105,6 +119,7 @@ pub struct ProxyHandle {
     pub shared: Arc<Shared>,
     pub rw_addr: Option<SocketAddr>,
     pub ro_addr: Option<SocketAddr>,
+    pub auto_addr: Option<SocketAddr>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -116,7 +131,11 @@ impl Drop for ProxyHandle {
     }
 }
 
-fn load_auth(path: &std::path::Path) -> Result<AuthFile, ProxyError> {
+/// The auth file; none (with `auth_query` only) lists nobody.
+fn load_auth(path: Option<&std::path::Path>) -> Result<AuthFile, ProxyError> {
+    let Some(path) = path else {
+        return Ok(AuthFile::default());
+    };
     let text = std::fs::read_to_string(path).map_err(|source| ProxyError::Read {
         path: path.to_path_buf(),
         source,
@@ -161,13 +180,17 @@ pub async fn start(
     keys: Keys,
     ttl: Duration,
 ) -> Result<ProxyHandle, ProxyError> {
-    let auth = load_auth(&cfg.auth_file)?;
+    let auth = load_auth(cfg.auth_file.as_deref())?;
     let passfile = cfg
         .server_passfile
         .as_deref()
         .map(load_passfile)
         .transpose()?;
     let tls = cfg.tls.as_ref().map(tls_acceptor).transpose()?;
+    let server_tls = Arc::new(
+        server_tls::ServerTls::new(cfg.server_tls, cfg.server_tls_ca.as_deref())
+            .map_err(ProxyError::ServerTls)?,
+    );
     let dcs = EtcdDcs::connect(
         etcd,
         keys.clone(),
@@ -189,6 +212,7 @@ pub async fn start(
     };
     let rw = bind(cfg.listen_rw).await?;
     let ro = bind(cfg.listen_ro).await?;
+    let auto = bind(cfg.listen_auto).await?;
     let api = bind(cfg.api_listen).await?;
 
     let (routes_tx, routes_rx) = tokio::sync::watch::channel(Arc::new(Routes::unknown()));
@@ -200,9 +224,12 @@ pub async fn start(
             cfg.default_pool_size,
             cfg.server_lifetime,
             cfg.server_idle_timeout,
+            server_tls.clone(),
         ),
+        server_tls,
         client_slots: Arc::new(Semaphore::new(cfg.max_client_conn)),
         auth: RwLock::new(auth),
+        auth_query: cfg.auth_query.clone().map(auth_query::AuthQuery::new),
         passfile,
         cancels: Arc::new(cancel::Cancels::default()),
         routes: routes_rx,
@@ -210,6 +237,8 @@ pub async fn start(
         tls: RwLock::new(tls),
         stats: stats::Stats::default(),
         unknown_user_verifier: ScramVerifier::from_password(&scram::random_nonce(), &salt, 4096),
+        functions: classify::ReadOnlyFunctions::new(&cfg.read_only_functions),
+        positions: replay::Positions::default(),
         cfg,
     });
     let keys_for_record = keys.clone();
@@ -222,6 +251,7 @@ pub async fn start(
     ))];
     let rw_addr = rw.as_ref().and_then(|l| l.local_addr().ok());
     let ro_addr = ro.as_ref().and_then(|l| l.local_addr().ok());
+    let auto_addr = auto.as_ref().and_then(|l| l.local_addr().ok());
     let base = crate::dcs::ProxyRecord {
         name: shared.cfg.name.clone(),
         rw: rw_addr.map(|a| a.to_string()),
@@ -238,7 +268,10 @@ pub async fn start(
         ttl,
         shared.clone(),
     )));
-    for (listener, side) in [(rw, Side::Rw), (ro, Side::Ro)] {
+    if auto.is_some() {
+        tasks.push(tokio::spawn(replay::monitor(shared.clone())));
+    }
+    for (listener, side) in [(rw, Side::Rw), (ro, Side::Ro), (auto, Side::Auto)] {
         if let Some(listener) = listener {
             tracing::info!(addr = ?listener.local_addr().ok(), side = side.label(), "proxy listening");
             tasks.push(tokio::spawn(accept_loop(shared.clone(), listener, side)));
@@ -258,6 +291,7 @@ pub async fn start(
         shared,
         rw_addr,
         ro_addr,
+        auto_addr,
         tasks,
     })
 }
@@ -290,7 +324,9 @@ async fn maintenance(shared: Arc<Shared>) {
         let r = routes.borrow_and_update().clone();
         let fallback = shared.cfg.ro_fallback_to_leader;
         shared.pools.sweep(|t| {
-            r.rw_target().is_some_and(|rw| rw == t) || r.ro_member_allowed(&t.member, fallback)
+            r.rw_target().is_some_and(|rw| rw == t)
+                || r.ro_member_allowed(&t.member, fallback)
+                || r.replicas.contains(t)
         });
     }
 }
@@ -302,7 +338,7 @@ async fn reload_on_sighup(shared: Arc<Shared>) {
         return;
     };
     while hup.recv().await.is_some() {
-        match load_auth(&shared.cfg.auth_file) {
+        match load_auth(shared.cfg.auth_file.as_deref()) {
             Ok(a) => *shared.auth.write().expect("auth") = a,
             Err(e) => {
                 tracing::warn!(error = %crate::util::chain(&e), "keeping the previous auth file")

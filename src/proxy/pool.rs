@@ -12,6 +12,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::route::Target;
 use super::server::{Credentials, Server, ServerError};
+use super::server_tls::ServerTls;
 use crate::model::MemberName;
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -35,6 +36,7 @@ pub struct Pools {
     lifetime: Duration,
     idle_timeout: Duration,
     connect_timeout: Duration,
+    tls: Arc<ServerTls>,
 }
 
 pub struct Pool {
@@ -89,13 +91,19 @@ pub struct PoolStats {
 }
 
 impl Pools {
-    pub fn new(size: usize, lifetime: Duration, idle_timeout: Duration) -> Pools {
+    pub fn new(
+        size: usize,
+        lifetime: Duration,
+        idle_timeout: Duration,
+        tls: Arc<ServerTls>,
+    ) -> Pools {
         Pools {
             pools: Mutex::new(HashMap::new()),
             size,
             lifetime,
             idle_timeout,
             connect_timeout: Duration::from_secs(5),
+            tls,
         }
     }
 
@@ -146,6 +154,7 @@ impl Pools {
             None => {
                 let s = Server::connect(
                     &key.target,
+                    &self.tls,
                     &key.user,
                     &key.database,
                     &credentials(),
@@ -163,6 +172,42 @@ impl Pools {
             pool,
             _permit: permit,
         })
+    }
+
+    /// An idle connection to `member` from any of its pools, without
+    /// waiting (for the proxy's own short queries); `None` when every
+    /// connection is busy or there is none.
+    pub fn borrow_idle(&self, member: &MemberName) -> Option<Lease> {
+        let candidates: Vec<Arc<Pool>> = self
+            .pools
+            .lock()
+            .expect("pool map")
+            .iter()
+            .filter(|(k, _)| &k.target.member == member)
+            .map(|(_, p)| p.clone())
+            .collect();
+        let now = Instant::now();
+        for pool in candidates {
+            let Ok(permit) = pool.permits.clone().try_acquire_owned() else {
+                continue;
+            };
+            let server = loop {
+                let candidate = pool.idle.lock().expect("idle list").pop();
+                match candidate {
+                    Some(s) if self.expired(&s, now) || !s.looks_alive() => continue,
+                    other => break other,
+                }
+            };
+            if let Some(server) = server {
+                pool.in_use.fetch_add(1, Ordering::Relaxed);
+                return Some(Lease {
+                    server: Some(server),
+                    pool,
+                    _permit: permit,
+                });
+            }
+        }
+        None
     }
 
     fn expired(&self, s: &Server, now: Instant) -> bool {
@@ -203,6 +248,18 @@ impl Pools {
             .filter(|(k, _)| &k.target.member == member)
             .map(|(_, p)| p.in_use.load(Ordering::Relaxed))
             .sum()
+    }
+
+    /// Connections in use on each of `members`, under one lock.
+    pub fn loads(&self, members: &[&MemberName]) -> Vec<usize> {
+        let pools = self.pools.lock().expect("pool map");
+        let mut loads = vec![0; members.len()];
+        for (k, p) in pools.iter() {
+            if let Some(i) = members.iter().position(|m| **m == k.target.member) {
+                loads[i] += p.in_use.load(Ordering::Relaxed);
+            }
+        }
+        loads
     }
 
     /// Closes idle connections past their idle timeout or lifetime, and

@@ -153,12 +153,16 @@ pub fn routes(view: &ClusterView, max_lag: u64, now_unix_ms: u64) -> Routes {
         },
     };
     let leader_name = view.leader.as_ref().map(|l| &l.name);
+    // A replica on another timeline than the leader's follows a history
+    // that is not the leader's: it gets no reads.
+    let leader_timeline = view.leader_record().and_then(|l| l.timeline);
     let replicas = view
         .members
         .values()
         .filter(|m| Some(&m.name) != leader_name)
         .filter(|m| m.role == PgRole::Replica && m.state == PgState::Streaming)
         .filter(|m| m.upstream.is_some())
+        .filter(|m| leader_timeline.is_none() || m.timeline == leader_timeline)
         .filter(|m| view.lag_of(m).is_some_and(|lag| lag <= max_lag))
         .filter_map(|m| target(view, &m.name))
         .collect();
@@ -222,6 +226,68 @@ pub fn pick_ro(
                 None
             }
         })
+}
+
+/// Where the auto listener sends a read-only statement.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AutoRead {
+    Replica(Target),
+    /// The leader (held for like a write while there is none), because
+    /// no replica qualifies.
+    Leader(LeaderFallback),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LeaderFallback {
+    /// Some replica is in rotation, but none is known to have replayed
+    /// the client's last commit.
+    ReadYourWrites,
+    /// No replica is in rotation (none streaming within `max_lag`, or all
+    /// excluded).
+    NoReplica,
+}
+
+impl LeaderFallback {
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            LeaderFallback::ReadYourWrites => "read_your_writes_fallback",
+            LeaderFallback::NoReplica => "no_replica",
+        }
+    }
+}
+
+/// The auto listener's choice for a read: among the replicas in rotation
+/// that `excluded` does not rule out (failed a moment ago, or measured
+/// past `max_lag` by the proxy's own polling), those whose replay position
+/// has reached `need` (the client's last commit; `None`: no requirement),
+/// the least loaded (ties by name). Otherwise the leader.
+pub fn pick_auto_read(
+    routes: &Routes,
+    need: Option<u64>,
+    replayed: impl Fn(&MemberName) -> Option<u64>,
+    load: impl Fn(&MemberName) -> usize,
+    excluded: impl Fn(&MemberName) -> bool,
+) -> AutoRead {
+    let mut in_rotation = routes
+        .replicas
+        .iter()
+        .filter(|t| !excluded(&t.member))
+        .peekable();
+    if in_rotation.peek().is_none() {
+        return AutoRead::Leader(LeaderFallback::NoReplica);
+    }
+    let caught_up = in_rotation
+        .filter(|t| need.is_none_or(|need| replayed(&t.member).is_some_and(|r| r >= need)))
+        .min_by(|a, b| {
+            load(&a.member)
+                .cmp(&load(&b.member))
+                .then(a.member.cmp(&b.member))
+        });
+    match caught_up {
+        Some(t) => AutoRead::Replica(t.clone()),
+        None => AutoRead::Leader(LeaderFallback::ReadYourWrites),
+    }
 }
 
 #[cfg(test)]

@@ -5,15 +5,14 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
-use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
-use postgres_protocol::message::{backend, frontend};
-use tokio::net::TcpStream;
-
 use super::conn::{Conn, ConnError};
 use super::route::Target;
 use super::scram::{self, ScramKeys, ScramKeysClient};
+use super::server_tls::{NegotiationError, ServerStream, ServerTls};
 use crate::secret::SecretString;
+use bytes::BytesMut;
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+use postgres_protocol::message::{backend, frontend};
 
 /// Servers are trusted to frame correctly; this only bounds a corrupt length.
 const MAX_SERVER_MESSAGE: usize = 1 << 30;
@@ -33,7 +32,7 @@ pub enum ServerError {
     Connect {
         target: String,
         #[source]
-        source: std::io::Error,
+        source: NegotiationError,
     },
     #[error("{target} did not finish the login within {timeout:?}")]
     Timeout { target: String, timeout: Duration },
@@ -64,7 +63,8 @@ impl ServerError {
     /// are not.
     pub fn is_transient(&self) -> bool {
         match self {
-            ServerError::Connect { .. } | ServerError::Timeout { .. } => true,
+            ServerError::Connect { source, .. } => source.is_transient(),
+            ServerError::Timeout { .. } => true,
             ServerError::Protocol { .. } => true,
             ServerError::Refused { code, .. } => {
                 // cannot_connect_now, admin_shutdown, crash_shutdown,
@@ -77,7 +77,7 @@ impl ServerError {
 }
 
 pub struct Server {
-    pub conn: Conn<TcpStream>,
+    pub conn: Conn<ServerStream>,
     pub target: Target,
     pub process_id: i32,
     pub secret_key: i32,
@@ -90,16 +90,17 @@ pub struct Server {
 }
 
 impl Server {
-    /// Connects and logs in, within `timeout`.
+    /// Connects (with TLS as `tls` says) and logs in, within `timeout`.
     pub async fn connect(
         target: &Target,
+        tls: &ServerTls,
         user: &str,
         database: &str,
         credentials: &Credentials,
         timeout: Duration,
     ) -> Result<Server, ServerError> {
-        match tokio::time::timeout(timeout, Self::login(target, user, database, credentials)).await
-        {
+        let login = Self::login(target, tls, user, database, credentials);
+        match tokio::time::timeout(timeout, login).await {
             Ok(r) => r,
             Err(_) => Err(ServerError::Timeout {
                 target: target.to_string(),
@@ -110,6 +111,7 @@ impl Server {
 
     async fn login(
         target: &Target,
+        tls: &ServerTls,
         user: &str,
         database: &str,
         credentials: &Credentials,
@@ -119,13 +121,20 @@ impl Server {
             target: name(),
             message,
         };
-        let stream = TcpStream::connect((target.host.as_str(), target.port))
+        let stream = tls
+            .connect(&target.host, target.port)
             .await
-            .map_err(|source| ServerError::Connect {
-                target: name(),
-                source,
+            .map_err(|source| {
+                if !source.is_transient() {
+                    // An operator's problem (certificates, server_tls): say
+                    // so in the proxy's log, not only to the client.
+                    tracing::warn!(member = %target.member, error = %crate::util::chain(&source), "cannot open a server connection");
+                }
+                ServerError::Connect {
+                    target: name(),
+                    source,
+                }
             })?;
-        let _ = stream.set_nodelay(true);
         let mut conn = Conn::new(stream, MAX_SERVER_MESSAGE);
         let io_err = |e: ConnError| proto(e.to_string());
         let mut out = BytesMut::new();
@@ -287,7 +296,7 @@ impl Server {
         }
         let mut probe = [0u8; 1];
         matches!(
-            self.conn.io.try_read(&mut probe),
+            self.conn.io.probe(&mut probe),
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
         )
     }
@@ -308,13 +317,18 @@ pub fn error_fields(body: &backend::ErrorResponseBody) -> (String, String) {
     (code, message)
 }
 
-/// Sends a CancelRequest for `process_id` to the server at `host:port`.
-pub async fn send_cancel(host: &str, port: u16, process_id: i32, secret_key: i32) {
+/// Sends a CancelRequest for `process_id` to the server at `host:port`,
+/// over TLS as `tls` says (the key is as secret as the session's data).
+pub async fn send_cancel(tls: &ServerTls, host: &str, port: u16, process_id: i32, secret_key: i32) {
     let mut out = BytesMut::new();
     frontend::cancel_request(process_id, secret_key, &mut out);
     let attempt = async {
-        let mut s = TcpStream::connect((host, port)).await?;
+        let mut s = tls
+            .connect(host, port)
+            .await
+            .map_err(|e| std::io::Error::other(crate::util::chain(&e).to_string()))?;
         tokio::io::AsyncWriteExt::write_all(&mut s, &out).await?;
+        tokio::io::AsyncWriteExt::flush(&mut s).await?;
         // The server closes the socket once it has handled the request.
         let mut sink = [0u8; 1];
         let _ = tokio::io::AsyncReadExt::read(&mut s, &mut sink).await;

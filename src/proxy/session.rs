@@ -34,6 +34,8 @@ use super::{PoolMode, Shared};
 pub enum Side {
     Rw,
     Ro,
+    /// Routes each statement (`auto.rs`).
+    Auto,
 }
 
 impl Side {
@@ -41,6 +43,7 @@ impl Side {
         match self {
             Side::Rw => "rw",
             Side::Ro => "ro",
+            Side::Auto => "auto",
         }
     }
 }
@@ -85,11 +88,16 @@ pub struct Session {
     /// channel's waiter list twice per message, shared by every client.
     routes_changed: RoutesChanged,
     cancel: CancelKey,
-    /// The pool of the last target, kept between transactions.
-    pool: Option<(Target, Arc<Pool>)>,
+    /// The pools of the last few targets, kept between transactions (the
+    /// auto listener alternates between members).
+    pools: Vec<(Target, Arc<Pool>)>,
     /// The transaction counter of the last member used.
     counter: Option<(crate::model::MemberName, Arc<AtomicU64>)>,
+    /// The auto listener's per-client routing state.
+    auto: auto::AutoState,
 }
+
+mod auto;
 
 type RoutesChanged = Pin<Box<dyn Future<Output = watch::Receiver<Arc<Routes>>> + Send>>;
 
@@ -151,8 +159,9 @@ impl Session {
             routes,
             routes_changed: routes_changed(changes),
             cancel,
-            pool: None,
+            pools: Vec::new(),
             counter: None,
+            auto: auto::AutoState::default(),
         };
         match s.acquire().await {
             Ok(lease) => {
@@ -208,13 +217,26 @@ impl Session {
                     .map(|l| l.server_mut().conn.try_frame())
                 {
                     Some(Ok(Some(f))) => f,
-                    Some(Err(e)) => return self.server_lost(&e.to_string()).await,
+                    Some(Err(e)) => {
+                        if self.retry_read() {
+                            break;
+                        }
+                        return self.server_lost(&e.to_string()).await;
+                    }
                     _ => break,
                 };
                 self.on_server(frame);
+                if self.auto.retry {
+                    break;
+                }
             }
             if let Err(e) = self.flush_client().await {
                 return End::Client(e.into());
+            }
+            if self.side == Side::Auto
+                && let Some(end) = self.auto_between_batches().await
+            {
+                return end;
             }
             loop {
                 let frame = match self.client.try_frame() {
@@ -239,6 +261,9 @@ impl Session {
                     None => Ok(()),
                 };
                 if let Err(e) = sent {
+                    if self.retry_read() {
+                        continue;
+                    }
                     return self.server_lost(&e.to_string()).await;
                 }
             }
@@ -279,7 +304,11 @@ impl Session {
                 Event::Client(Ok(())) | Event::Server(Ok(())) => {}
                 Event::Client(Err(ConnError::Closed)) => return End::ClientGone,
                 Event::Client(Err(e)) => return End::Client(e),
-                Event::Server(Err(e)) => return self.server_lost(&e.to_string()).await,
+                Event::Server(Err(e)) => {
+                    if !self.retry_read() {
+                        return self.server_lost(&e.to_string()).await;
+                    }
+                }
                 Event::Routes(rx) => {
                     self.routes_changed = routes_changed(rx);
                     if let Some(end) = self.check_routes().await {
@@ -297,6 +326,7 @@ impl Session {
                         let s = l.server();
                         tracing::info!(member = %s.target.member, "drain_timeout reached: cancelling a running transaction");
                         super::server::send_cancel(
+                            &self.shared.server_tls,
                             &s.target.host,
                             s.target.port,
                             s.process_id,
@@ -345,7 +375,7 @@ impl Session {
             return None;
         };
         let member = lease.server().target.member.clone();
-        if self.side == Side::Rw {
+        if self.side == Side::Rw || (self.side == Side::Auto && !self.auto.on_replica) {
             if let Rw::Drain { from, .. } = &routes.rw
                 && from.member == member
                 && self.drain_deadline.is_none()
@@ -400,7 +430,12 @@ impl Session {
         let allowed = match self.side {
             Side::Rw => routes.rw_target().is_some_and(|t| &t.member == member),
             Side::Ro => routes.ro_member_allowed(member, self.shared.cfg.ro_fallback_to_leader),
+            Side::Auto => {
+                routes.rw_target().is_some_and(|t| &t.member == member)
+                    || routes.replicas.iter().any(|t| &t.member == member)
+            }
         };
+        self.auto.batch_done();
         if allowed {
             self.shared.pools.release(lease);
         }
@@ -410,7 +445,8 @@ impl Session {
     /// (up to `hold_timeout`) while there is no target. The error is the
     /// message for the client.
     async fn acquire(&mut self) -> Result<Lease, String> {
-        let cfg = &self.shared.cfg;
+        let shared = self.shared.clone();
+        let cfg = &shared.cfg;
         let started = Instant::now();
         let deadline = started + cfg.hold_timeout;
         let mut held = false;
@@ -422,7 +458,7 @@ impl Session {
         let result = loop {
             let routes = self.routes.borrow_and_update().clone();
             let target = match self.side {
-                Side::Rw => routes.rw_target().cloned(),
+                Side::Rw | Side::Auto => routes.rw_target().cloned(),
                 Side::Ro => route::pick_ro(
                     &routes,
                     |m| self.shared.pools.load(m),
@@ -430,30 +466,7 @@ impl Session {
                 ),
             };
             if let Some(target) = target {
-                let key = PoolKey {
-                    target,
-                    user: self.user.clone(),
-                    database: self.database.clone(),
-                };
-                let pool = match &self.pool {
-                    Some((t, p)) if *t == key.target && !p.is_retired() => p.clone(),
-                    _ => {
-                        let p = self.shared.pools.pool(&key);
-                        self.pool = Some((key.target.clone(), p.clone()));
-                        p
-                    }
-                };
-                // Only the fields: the closure lives across an await, where
-                // a borrow of the whole session would need it to be Sync.
-                let (shared, user, database, keys) =
-                    (&self.shared, &self.user, &self.database, &self.keys);
-                let credentials = || credentials(shared, &key.target, user, database, keys);
-                match self
-                    .shared
-                    .pools
-                    .acquire(&pool, &key, credentials, deadline)
-                    .await
-                {
+                match self.acquire_at(target, deadline).await {
                     Ok(lease) => break Ok(lease),
                     Err(AcquireError::Server(e))
                         if e.is_transient() && Instant::now() < deadline =>
@@ -473,8 +486,8 @@ impl Session {
             }
             held = true;
             let why = match (&routes.rw, self.side) {
-                (Rw::Hold(why), Side::Rw) => why.to_string(),
-                (Rw::Drain { from, .. }, Side::Rw) => {
+                (Rw::Hold(why), Side::Rw | Side::Auto) => why.to_string(),
+                (Rw::Drain { from, .. }, Side::Rw | Side::Auto) => {
                     format!("a switchover away from {} is in progress", from.member)
                 }
                 _ => "no replica within max_lag is streaming".to_string(),
@@ -490,7 +503,7 @@ impl Session {
                     .unwrap_or_default();
                 break Err(format!(
                     "pgha proxy: no {} server available after waiting {:?} ({why}{detail})",
-                    if self.side == Side::Rw {
+                    if self.side != Side::Ro {
                         "primary"
                     } else {
                         "read-only"
@@ -511,6 +524,47 @@ impl Session {
         result
     }
 
+    /// A server connection to `target` (waiting for a pool permit until
+    /// `deadline`).
+    async fn acquire_at(
+        &mut self,
+        target: Target,
+        deadline: Instant,
+    ) -> Result<Lease, AcquireError> {
+        let key = PoolKey {
+            target,
+            user: self.user.clone(),
+            database: self.database.clone(),
+        };
+        let cached = self
+            .pools
+            .iter()
+            .find(|(t, p)| *t == key.target && !p.is_retired())
+            .map(|(_, p)| p.clone());
+        let pool = match cached {
+            Some(p) => p,
+            None => {
+                let p = self.shared.pools.pool(&key);
+                self.pools
+                    .retain(|(t, p)| *t != key.target && !p.is_retired());
+                // A cluster has a handful of members; beyond that, forget.
+                if self.pools.len() >= 8 {
+                    self.pools.remove(0);
+                }
+                self.pools.push((key.target.clone(), p.clone()));
+                p
+            }
+        };
+        // Only the fields: the closure lives across an await, where
+        // a borrow of the whole session would need it to be Sync.
+        let (shared, user, database, keys) = (&self.shared, &self.user, &self.database, &self.keys);
+        let credentials = || credentials(shared, &key.target, user, database, keys);
+        self.shared
+            .pools
+            .acquire(&pool, &key, credentials, deadline)
+            .await
+    }
+
     /// Handles one client message; `Some` ends the session.
     async fn on_client(&mut self, frame: Frame) -> Option<End> {
         let tag = frame.tag;
@@ -529,6 +583,14 @@ impl Session {
                 return Some(self.fatal("08P01", &msg).await);
             }
         }
+        let frame = if self.side == Side::Auto {
+            match self.auto_client(frame).await {
+                auto::Step::Forward(f) => f,
+                auto::Step::Done(end) => return end,
+            }
+        } else {
+            frame
+        };
         if self.server.is_none() {
             match tag {
                 // Nothing is pending: answer without a server.
@@ -666,6 +728,9 @@ impl Session {
     }
 
     fn on_server(&mut self, frame: Frame) {
+        if self.side == Side::Auto && !self.auto_server_frame(&frame) {
+            return;
+        }
         let front = self.batches.front_mut().expect("always one batch");
         match frame.tag {
             b'1' => {
@@ -704,7 +769,12 @@ impl Session {
                     && self.pending_syncs == 0
                     && !self.unsynced
                 {
-                    self.release_server();
+                    if self.auto.wrote {
+                        // Released once the commit's position is known.
+                        self.auto.lsn_due = true;
+                    } else {
+                        self.release_server();
+                    }
                 }
             }
             _ => self.client_out.extend_from_slice(&frame.raw),

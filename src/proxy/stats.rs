@@ -26,6 +26,11 @@ pub struct Stats {
     /// [`Stats::transaction_counter`]): the map's lock is not taken per
     /// transaction.
     transactions: Mutex<BTreeMap<(String, &'static str), Arc<AtomicU64>>>,
+    /// The auto listener's routing decisions, per member and reason.
+    routed: Mutex<BTreeMap<(String, &'static str), Arc<AtomicU64>>>,
+    /// Read-only statements retried on another member after their replica
+    /// failed before answering.
+    pub read_retries_total: AtomicU64,
 }
 
 /// Atomics, not a lock: every transaction records its wait.
@@ -66,6 +71,18 @@ impl Stats {
             .entry((member.to_string(), side))
             .or_default()
             .clone()
+    }
+
+    /// Counts one routing decision of the auto listener.
+    pub fn count_route(&self, member: &str, reason: &'static str) {
+        let counter = self
+            .routed
+            .lock()
+            .expect("routed")
+            .entry((member.to_string(), reason))
+            .or_default()
+            .clone();
+        counter.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn render(&self, pools: &[PoolStats]) -> String {
@@ -167,6 +184,21 @@ impl Stats {
                 "pgha_proxy_transactions_total{{member=\"{member}\",side=\"{side}\"}} {n}"
             );
         }
+        out.push_str("# HELP pgha_proxy_routed_statements_total Statements (simple queries or extended-protocol batches) the auto listener routed, per member and reason.\n# TYPE pgha_proxy_routed_statements_total counter\n");
+        for ((member, reason), n) in self.routed.lock().expect("routed").iter() {
+            let n = load(n);
+            let _ = writeln!(
+                out,
+                "pgha_proxy_routed_statements_total{{member=\"{member}\",reason=\"{reason}\"}} {n}"
+            );
+        }
+        g(
+            &mut out,
+            "pgha_proxy_read_retries_total",
+            "counter",
+            "Read-only statements retried elsewhere after their replica failed before answering.",
+            load(&self.read_retries_total),
+        );
         out.push_str("# HELP pgha_proxy_server_connections Server connections per pool, in use or idle.\n# TYPE pgha_proxy_server_connections gauge\n");
         for p in pools {
             for (state, n) in [("active", p.in_use), ("idle", p.idle)] {

@@ -914,3 +914,52 @@ async fn slow_clients_cannot_exhaust_the_agents_descriptors() {
         "the leader saw its key change during the flood"
     );
 }
+
+/// Members whose APIs use certificates from a private CA and require
+/// client certificates still read each other's status during a leader
+/// race (`api.tls.ca`, `api.tls.client_certificate`): without that, a
+/// replica hears from nobody and, without synchronous replication, may not
+/// race at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_behind_a_private_ca_fail_over() {
+    let certs = crate::support::TestDir::new("api-peer-ca");
+    let tls_dir = certs.path().join("tls");
+    make_ca(
+        &tls_dir,
+        &[
+            ("server", "serverAuth", "IP:127.0.0.1"),
+            ("member", "clientAuth", "DNS:member"),
+        ],
+    );
+    let api = format!(
+        "token = \"{TOKEN}\"\npublic_read = false\n[api.tls]\ncertificate = \"{d}/server.pem\"\nkey = \"{d}/server.key\"\nclient_ca = \"{d}/ca.pem\"\nca = \"{d}/ca.pem\"\nclient_certificate = \"{d}/member.pem\"\nclient_key = \"{d}/member.key\"",
+        d = tls_dir.display()
+    );
+    let mut cluster = start_with_api("api-peer-ca", 3, &api).await;
+    let old = cluster.leader().await.unwrap().expect("a leader");
+    // `pgha list` reads every member's status through the same client.
+    let list = cluster.list_json().await.unwrap();
+    assert_eq!(
+        list["members"].as_array().map(Vec::len),
+        Some(3),
+        "{list:#}"
+    );
+
+    let victim = cluster.node_mut(&old);
+    victim.kill_agent().await.unwrap();
+    victim.kill_postgres().expect("the leader's postmaster");
+    let new = cluster
+        .wait_for_leader_other_than(&old, Duration::from_secs(60))
+        .await
+        .unwrap_or_else(|e| panic!("no failover: {e:#}\n{}", cluster.log_tails(30)));
+    assert!(cluster.node(&new).is_writable().await.unwrap_or(false));
+    for n in cluster.nodes.iter().filter(|n| n.name() != old) {
+        let log = n.log_text();
+        assert!(
+            !log.contains("heard from 1 of the 2"),
+            "{} could not read its peer's status:\n{}",
+            n.name(),
+            n.log_tail(30)
+        );
+    }
+}

@@ -91,6 +91,8 @@ fn record(name: &str, state: PgState) -> MemberRecord {
         nosync: false,
         last_decision: None,
         updated_at_ms: unix_ms(),
+        parameters: Default::default(),
+        adoptable: false,
     }
 }
 

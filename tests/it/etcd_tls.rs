@@ -88,6 +88,8 @@ fn record(name: &str) -> MemberRecord {
         nosync: false,
         last_decision: None,
         updated_at_ms: 0,
+        parameters: Default::default(),
+        adoptable: false,
     }
 }
 

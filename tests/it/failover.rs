@@ -617,6 +617,51 @@ async fn node_loss_fails_over_and_the_old_leader_rejoins_by_rewind() {
     oracles.finish(&story, &cluster, Loss::AsyncWindow).await;
 }
 
+/// A whole node lost (agent, fence keeper and PostgreSQL SIGKILLed, as in
+/// a machine crash) while it led, then brought back: its new agent finds
+/// the previous agent's armed fence state, its new keeper fences (nothing
+/// is left to kill) and disarms, and from then on guards quietly.
+///
+/// Regression: the disarmed state named the previous agent, dead, so every
+/// keeper the new agent started exited at once and was restarted — about
+/// 180 times a second, for as long as the node stayed a replica (seen for
+/// 10 minutes in a fault run, 9,000 error lines in the agent log).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_node_returns_with_one_quiet_fence_keeper() {
+    let story = Story::new("node-crash");
+    let mut cluster = start_cluster("fo-crash", 3, ClusterOptions::default()).await;
+    let old = cluster.leader().await.unwrap().expect("a leader");
+    cluster.node_mut(&old).kill_everything();
+    story.say(format!("killed everything of {old}"));
+    cluster
+        .wait_for_leader_other_than(&old, FAILOVER_TIMEOUT)
+        .await
+        .unwrap_or_else(|e| panic!("no failover: {e:#}\n{}", cluster.log_tails(30)));
+    cluster.node_mut(&old).start().unwrap();
+    cluster
+        .wait_healthy(HEAL_TIMEOUT)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", cluster.log_tails(40)));
+    story.say(format!("{old} is back as a replica"));
+    let node = cluster.node(&old);
+    let keepers = |n: &Node| n.fence_log().matches(" guarding ").count();
+    let (before, pids) = (keepers(node), node.fence_keeper_pids());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (after, pids_after) = (keepers(node), node.fence_keeper_pids());
+    assert!(
+        after == before && pids.len() == 1 && pids == pids_after,
+        "one keeper, not restarted: {before} then {after} keepers started, pids {pids:?} then {pids_after:?}\n{}",
+        node.log_tail(20)
+    );
+    assert!(
+        !node
+            .log_text()
+            .contains("the fence keeper exited; starting another"),
+        "{}",
+        node.log_tail(20)
+    );
+}
+
 /// The same node loss, with the old node's agent restarted as soon as the
 /// new leader accepts writes: the first pg_rewind must put the former
 /// primary on the new timeline, so that it streams without a second try.

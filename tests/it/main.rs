@@ -8,15 +8,28 @@
 
 mod support;
 
+mod adopt;
 mod api;
+mod auto;
 mod backup;
+mod chaos;
 mod cli;
 mod dcs_etcd;
+mod deploy;
 mod etcd_tls;
 mod failover;
+mod failsafe;
 mod foundation;
 mod haproxy;
 mod hardening;
+mod operate;
+mod packaging;
+mod params;
 mod promotion;
 mod proxy;
+mod proxy_auth_query;
+mod proxy_server_tls;
+mod slots;
 mod sync;
+mod sync_cut;
+mod vip;

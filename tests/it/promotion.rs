@@ -1,4 +1,8 @@
-//! `postgres::promote` against a real PostgreSQL standby whose startup
+//! Promotion against real PostgreSQL standbys: a startup process that
+//! sleeps through the promotion request, and a member whose every
+//! promotion fails.
+//!
+//! The first: `postgres::promote` against a standby whose startup
 //! process sleeps through the promotion request.
 //!
 //! PostgreSQL 15 does that when the request arrives after the startup
@@ -15,14 +19,16 @@
 //! returned only when that sleep was over (up to 0.5 s with pgha's default
 //! interval; 8 of 48 promotions of a fault suite were that late).
 
-use std::time::Duration;
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use pgha::postgres::promote::{self, RETRY_INTERVAL_WAIT};
 
 use crate::support::cluster::connect;
-use crate::support::{Cluster, ClusterOptions, Node, wait_until};
+use crate::support::{Cluster, ClusterOptions, Node, OneWritablePrimary, wait_until};
 
 const POLL: Duration = Duration::from_millis(20);
 /// Far below the sleep (10 minutes), far above a promotion.
@@ -119,4 +125,161 @@ async fn promotion_wakes_a_startup_process_sleeping_through_the_request() {
     );
     assert!(standby.is_writable().await.unwrap());
     eprintln!("promoted: {promoted:?}");
+}
+
+/// Gives a directory back its mode when the test ends, even on failure.
+struct RestoreMode(PathBuf, u32);
+
+impl Drop for RestoreMode {
+    fn drop(&mut self) {
+        let _ = std::fs::set_permissions(&self.0, std::fs::Permissions::from_mode(self.1));
+    }
+}
+
+/// The leader's host dies, and the replica that wins the race cannot
+/// become writable: its WAL directory cannot be written, so at every
+/// promotion the startup process dies creating the new timeline's files,
+/// as it did on the full disk of a fault run (FATAL "could not write to
+/// file \"pg_wal/xlogtemp…\": No space left on device"). The server
+/// still starts read-only, so the agent kept promoting and renewing the
+/// key, and writes stayed stopped beside a healthy replica.
+///
+/// Now the holder resigns after three failed promotions and stays out of
+/// the race; the healthy replica takes over. Both replicas are at the
+/// dead leader's position, so the failing one (the lower name) wins the
+/// first race: the test checks that it did, then that the key moved on,
+/// that the failing member never accepted writes, that it said why at
+/// error level, and that it follows the new leader once its disk is
+/// fixed. Before the fix the key never moved (the wait for the healthy
+/// replica times out).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_whose_promotion_keeps_failing_hands_the_key_on() {
+    let mut cluster = Cluster::start("promote-fails", 3, ClusterOptions::default())
+        .await
+        .expect("a 3-node cluster");
+    let old = cluster.leader().await.unwrap().expect("a leader");
+    let mut replicas = cluster.replica_names().await.unwrap();
+    replicas.sort();
+    let (failing, healthy) = (replicas[0].clone(), replicas[1].clone());
+    // Equal positions: the race then goes to the lower name, `failing`.
+    let position = |name: String| {
+        let node = cluster.node(&name);
+        async move {
+            node.scalar("SELECT coalesce(pg_last_wal_receive_lsn(), pg_current_wal_lsn())::text")
+                .await
+                .ok()
+                .flatten()
+        }
+    };
+    wait_until(
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        || async {
+            let leader_at = position(old.clone()).await?;
+            let all = [
+                position(failing.clone()).await?,
+                position(healthy.clone()).await?,
+            ];
+            all.iter().all(|p| *p == leader_at).then_some(())
+        },
+    )
+    .await
+    .expect("both replicas at the leader's position");
+
+    let checker = OneWritablePrimary::start(&cluster);
+    cluster.node_mut(&old).kill_everything();
+    let killed = Instant::now();
+    let pg_wal = cluster.node(&failing).data_dir().join("pg_wal");
+    let restore = RestoreMode(pg_wal.clone(), 0o700);
+    std::fs::set_permissions(&pg_wal, std::fs::Permissions::from_mode(0o500))
+        .expect("make pg_wal read-only for the PostgreSQL account");
+    eprintln!("killed {old}; {failing}'s pg_wal is read-only, {healthy} is fine");
+
+    let leader = wait_until(
+        Duration::from_secs(60),
+        Duration::from_millis(100),
+        || async {
+            let l = cluster.leader().await.ok().flatten()?;
+            (l == healthy).then_some(l)
+        },
+    )
+    .await;
+    let failing_node = cluster.node(&failing);
+    if let Err(e) = leader {
+        panic!(
+            "the key never reached {healthy}: {e:#}\n{}",
+            cluster.log_tails(30)
+        );
+    }
+    wait_until(
+        Duration::from_secs(30),
+        Duration::from_millis(50),
+        || async {
+            cluster
+                .node(&healthy)
+                .is_writable()
+                .await
+                .ok()?
+                .then_some(())
+        },
+    )
+    .await
+    .expect("the new leader accepts writes");
+    let writable_after = killed.elapsed();
+    eprintln!(
+        "{healthy} writable {:.1}s after the leader's loss",
+        writable_after.as_secs_f64()
+    );
+
+    let log = failing_node.log_text();
+    assert!(
+        log.contains("acquired the leader lease"),
+        "{failing} was expected to win the first race (equal positions, lower name); \
+         the story did not happen:\n{}",
+        failing_node.log_tail(40)
+    );
+    let resigned = log
+        .lines()
+        .find(|l| l.contains("ERROR") && l.contains("giving the leader key up"))
+        .unwrap_or_else(|| {
+            panic!(
+                "no error line for the resignation:\n{}",
+                failing_node.log_tail(40)
+            )
+        });
+    eprintln!("{resigned}");
+    assert!(
+        resigned.contains("failed_promotions=3") && resigned.contains("pg_wal/xlogtemp"),
+        "the error names the count and PostgreSQL's cause: {resigned}"
+    );
+
+    // Fixed disk: the member that resigned follows the new leader.
+    drop(restore);
+    wait_until(
+        Duration::from_secs(60),
+        Duration::from_millis(200),
+        || async {
+            let status = failing_node.status().await.ok()?;
+            (status["state"] == "streaming" && status["upstream"] == healthy.as_str()).then_some(())
+        },
+    )
+    .await
+    .unwrap_or_else(|e| {
+        panic!(
+            "{failing} does not follow {healthy}: {e:#}\n{}",
+            failing_node.log_tail(30)
+        )
+    });
+
+    let checks = checker.stop().await;
+    checks.assert_ok();
+    assert_eq!(
+        checks.writable_rounds.get(&failing),
+        None,
+        "{failing} must never accept writes"
+    );
+    assert_eq!(
+        cluster.leader().await.unwrap().as_deref(),
+        Some(healthy.as_str())
+    );
 }

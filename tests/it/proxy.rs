@@ -357,7 +357,8 @@ async fn leader_kill_holds_then_serves_the_new_leader() {
 }
 
 /// A `[proxy]` table in every node's file: each agent runs a proxy, each
-/// reaches the leader, and each registers as `auto`.
+/// reaches the leader, each registers as `auto`, and each agent's
+/// `/metrics` carries its proxy's counters.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn proxies_inside_agents_route_to_the_leader() {
     let cluster = Cluster::start(
@@ -387,6 +388,59 @@ async fn proxies_inside_agents_route_to_the_leader() {
             "through {}",
             node.name()
         );
+    }
+    let leader_name = cluster.leader().await.unwrap().expect("a leader");
+    for node in &cluster.nodes {
+        let text = reqwest::get(format!("{}/metrics", node.api_url()))
+            .await
+            .and_then(|r| r.error_for_status())
+            .unwrap_or_else(|e| panic!("{}: GET /metrics: {e}", node.name()))
+            .text()
+            .await
+            .unwrap();
+        let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
+            .unwrap_or_else(|e| panic!("{}: /metrics does not parse: {e}\n{text}", node.name()));
+        let value = |name: &str, labels: &[(&str, &str)]| {
+            scrape
+                .samples
+                .iter()
+                .find(|s| {
+                    s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v))
+                })
+                .and_then(|s| match &s.value {
+                    prometheus_parse::Value::Gauge(v)
+                    | prometheus_parse::Value::Counter(v)
+                    | prometheus_parse::Value::Untyped(v) => Some(*v),
+                    _ => None,
+                })
+        };
+        // The agent's own series are still there, beside the proxy's.
+        assert!(value("pgha_role", &[]).is_some(), "{text}");
+        let transactions = value(
+            "pgha_proxy_transactions_total",
+            &[("member", &leader_name), ("side", "rw")],
+        )
+        .unwrap_or(0.0);
+        assert!(
+            transactions >= 1.0,
+            "{}: no transaction counted on {leader_name}:\n{text}",
+            node.name()
+        );
+        let opened = value(
+            "pgha_proxy_server_connections",
+            &[("member", &leader_name), ("user", "postgres")],
+        );
+        assert!(opened.is_some(), "{}: no pool series:\n{text}", node.name());
+        let waits = scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == "pgha_proxy_wait_seconds")
+            .and_then(|s| match &s.value {
+                prometheus_parse::Value::Histogram(h) => h.iter().map(|c| c.count).reduce(f64::max),
+                _ => None,
+            })
+            .unwrap_or(0.0);
+        assert!(waits >= 1.0, "{}: no wait observed:\n{text}", node.name());
     }
     let list = wait_until(
         Duration::from_secs(10),
@@ -700,9 +754,16 @@ async fn switchovers_through_the_proxy_cause_no_client_errors() {
     let checker = OneWritablePrimary::start(&cluster);
     let mut writers = Vec::new();
     for i in 0..3 {
-        let w = Writer::start_with(proxy.config(proxy.rw_port), &format!("px_writes_{i}"))
-            .await
-            .unwrap();
+        // A pause (held by the proxy) is expected; an error is not. The
+        // wait covers a switchover on a loaded machine, well under the
+        // proxy's hold_timeout.
+        let w = Writer::start_patient(
+            proxy.config(proxy.rw_port),
+            &format!("px_writes_{i}"),
+            Duration::from_secs(20),
+        )
+        .await
+        .unwrap();
         writers.push(w);
     }
     for w in &writers {

@@ -20,6 +20,8 @@ fn member(name: &str, role: PgRole, state: PgState, tl: u32, lsn: u64) -> Member
         nosync: false,
         last_decision: None,
         updated_at_ms: 0,
+        parameters: Default::default(),
+        adoptable: false,
     }
 }
 
@@ -222,4 +224,68 @@ fn servers_on_a_former_leader_are_not_kept() {
     v.leader = None;
     assert!(!routes(&v, 1_000, 0).rw_member_alive(&"n1".into()));
     assert!(!Routes::unknown().rw_member_alive(&"n1".into()));
+}
+
+#[test]
+fn a_replica_on_another_timeline_gets_no_reads() {
+    let mut v = healthy();
+    v.members.get_mut(&MemberName::from("n2")).unwrap().timeline = Some(Timeline(1));
+    let r = routes(&v, 1_000_000, 0);
+    assert_eq!(r.replicas, vec![t("n3")]);
+}
+
+#[test]
+fn auto_reads_go_to_a_replica_that_replayed_the_clients_commit() {
+    let r = routes(&healthy(), 1_000_000, 0);
+    let replayed = |m: &MemberName| match m.as_str() {
+        "n2" => Some(900),
+        "n3" => Some(500),
+        _ => None,
+    };
+    let idle = |_: &MemberName| 0;
+    let none = |_: &MemberName| false;
+    // No requirement: least loaded, ties by name.
+    assert_eq!(
+        pick_auto_read(&r, None, replayed, idle, none),
+        AutoRead::Replica(t("n2"))
+    );
+    let n2_busy = |m: &MemberName| usize::from(m.as_str() == "n2");
+    assert_eq!(
+        pick_auto_read(&r, None, replayed, n2_busy, none),
+        AutoRead::Replica(t("n3"))
+    );
+    // Only n2 has replayed 600; busy or not, it is the one.
+    assert_eq!(
+        pick_auto_read(&r, Some(600), replayed, n2_busy, none),
+        AutoRead::Replica(t("n2"))
+    );
+    assert_eq!(
+        pick_auto_read(&r, Some(900), replayed, idle, none),
+        AutoRead::Replica(t("n2"))
+    );
+    // Nobody has: the leader.
+    assert_eq!(
+        pick_auto_read(&r, Some(901), replayed, idle, none),
+        AutoRead::Leader(LeaderFallback::ReadYourWrites)
+    );
+    // An unknown position never satisfies a requirement.
+    assert_eq!(
+        pick_auto_read(&r, Some(1), |_| None, idle, none),
+        AutoRead::Leader(LeaderFallback::ReadYourWrites)
+    );
+    // Excluded replicas (failed, or measured behind) are skipped.
+    let n2_out = |m: &MemberName| m.as_str() == "n2";
+    assert_eq!(
+        pick_auto_read(&r, Some(600), replayed, idle, n2_out),
+        AutoRead::Leader(LeaderFallback::ReadYourWrites)
+    );
+    assert_eq!(
+        pick_auto_read(&r, None, replayed, idle, n2_out),
+        AutoRead::Replica(t("n3"))
+    );
+    let all_out = |_: &MemberName| true;
+    assert_eq!(
+        pick_auto_read(&r, None, replayed, idle, all_out),
+        AutoRead::Leader(LeaderFallback::NoReplica)
+    );
 }

@@ -22,7 +22,7 @@ mod etcd;
 pub mod oracle;
 mod pki;
 mod port;
-mod process;
+pub mod process;
 pub mod proxy;
 mod wait;
 

@@ -66,6 +66,18 @@ impl Writer {
 
     /// Like [`start`](Writer::start) with any connection settings and table.
     pub async fn start_with(config: tokio_postgres::Config, table: &str) -> anyhow::Result<Writer> {
+        Self::start_patient(config, table, INSERT_TIMEOUT).await
+    }
+
+    /// Like [`start_with`](Writer::start_with), waiting up to
+    /// `insert_timeout` for each INSERT: for clients behind a proxy that
+    /// holds queries through a switchover, where a pause is the expected
+    /// behaviour and only an error is a failure.
+    pub async fn start_patient(
+        config: tokio_postgres::Config,
+        table: &str,
+        insert_timeout: Duration,
+    ) -> anyhow::Result<Writer> {
         let ddl = format!(
             "CREATE TABLE IF NOT EXISTS {table} (id bigint PRIMARY KEY, \
              written_at timestamptz NOT NULL DEFAULT clock_timestamp())"
@@ -93,6 +105,7 @@ impl Writer {
         let task = tokio::spawn(write_loop(
             config,
             table.to_string(),
+            insert_timeout,
             stop.clone(),
             acked.clone(),
         ));
@@ -148,6 +161,7 @@ impl Drop for Writer {
 async fn write_loop(
     config: tokio_postgres::Config,
     table: String,
+    insert_timeout: Duration,
     stop: Arc<AtomicBool>,
     acked: Arc<AtomicU64>,
 ) -> WriterReport {
@@ -182,7 +196,7 @@ async fn write_loop(
         let id = next_id;
         next_id += 1;
         let sql = format!("INSERT INTO {table} (id) VALUES ({id})");
-        match tokio::time::timeout(INSERT_TIMEOUT, c.batch_execute(&sql)).await {
+        match tokio::time::timeout(insert_timeout, c.batch_execute(&sql)).await {
             Ok(Ok(())) => {
                 report.acknowledged.insert(id);
                 acked.fetch_add(1, Ordering::Relaxed);

@@ -44,6 +44,32 @@ impl Pki {
     }
 }
 
+impl Pki {
+    /// Another certificate and key (`<name>.pem`, `<name>.key` in `dir`,
+    /// which [`generate`](Pki::generate) filled) signed by the same CA, for
+    /// these IP addresses, usable by servers and clients alike.
+    pub fn issue(
+        dir: &Path,
+        name: &str,
+        ips: &[std::net::Ipv4Addr],
+    ) -> anyhow::Result<(PathBuf, PathBuf)> {
+        let sans: Vec<String> = ips.iter().map(|ip| format!("IP:{ip}")).collect();
+        signed(
+            dir,
+            name,
+            name,
+            &format!(
+                "subjectAltName={}\nextendedKeyUsage=serverAuth,clientAuth\n",
+                sans.join(",")
+            ),
+        )?;
+        Ok((
+            dir.join(format!("{name}.pem")),
+            dir.join(format!("{name}.key")),
+        ))
+    }
+}
+
 fn openssl(dir: &Path, args: &[&str]) -> anyhow::Result<()> {
     let out = Command::new("openssl")
         .args(args)

@@ -100,3 +100,19 @@ impl Drop for ProcessGuard {
         self.kill_and_reap();
     }
 }
+
+/// Runs `cmd` to completion off the async runtime (stdin closed) and
+/// returns its trimmed standard output; a non-zero exit is an error
+/// carrying both outputs.
+pub async fn output(mut cmd: Command) -> anyhow::Result<String> {
+    let out = tokio::task::spawn_blocking(move || cmd.stdin(std::process::Stdio::null()).output())
+        .await??;
+    if !out.status.success() {
+        anyhow::bail!(
+            "{} {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}

@@ -16,6 +16,9 @@ use super::{Cluster, ProcessGuard, free_port, wait_until};
 pub struct Proxy {
     pub rw_port: u16,
     pub ro_port: u16,
+    /// The auto listener's port (none in session mode, which it requires
+    /// transaction pooling for).
+    pub auto_port: u16,
     pub api_port: u16,
     pub log_path: PathBuf,
     password: String,
@@ -26,6 +29,24 @@ impl Proxy {
     /// Starts a proxy named `name` with extra `[proxy]` keys (TOML literals)
     /// and waits until the read-write port accepts a login.
     pub async fn start(
+        cluster: &Cluster,
+        name: &str,
+        extra: &[(&str, &str)],
+    ) -> anyhow::Result<Proxy> {
+        let proxy = Self::spawn(cluster, name, extra).await?;
+        let cfg = proxy.config(proxy.rw_port);
+        wait_until(Duration::from_secs(30), Duration::from_millis(100), || {
+            let cfg = cfg.clone();
+            async move { super::cluster::connect(&cfg).await.ok().map(|_| ()) }
+        })
+        .await
+        .with_context(|| proxy.log_tail())?;
+        Ok(proxy)
+    }
+
+    /// Like [`Proxy::start`], but only waits until the read-write port
+    /// accepts TCP connections (for proxies that cannot log anyone in).
+    pub async fn spawn(
         cluster: &Cluster,
         name: &str,
         extra: &[(&str, &str)],
@@ -45,6 +66,8 @@ impl Proxy {
         let auth_file = dir.join("userlist.txt");
         std::fs::write(&auth_file, userlist)?;
         let (rw_port, ro_port, api_port) = (free_port(), free_port(), free_port());
+        let session_mode = extra.iter().any(|(k, _)| *k == "pool_mode");
+        let auto_port = if session_mode { 0 } else { free_port() };
         let endpoints: Vec<String> = cluster
             .etcd
             .endpoints()
@@ -67,6 +90,9 @@ auth_file = "{auth}"
             endpoints = endpoints.join(", "),
             auth = auth_file.display(),
         );
+        if !session_mode {
+            toml.push_str(&format!("listen_auto = \"127.0.0.1:{auto_port}\"\n"));
+        }
         for (k, v) in extra {
             toml.push_str(&format!("{k} = {v}\n"));
         }
@@ -92,16 +118,22 @@ auth_file = "{auth}"
         let proxy = Proxy {
             rw_port,
             ro_port,
+            auto_port,
             api_port,
             log_path,
             password: cluster.superuser_password().to_string(),
             _guard: guard,
         };
-        let cfg = proxy.config(rw_port);
-        wait_until(Duration::from_secs(30), Duration::from_millis(100), || {
-            let cfg = cfg.clone();
-            async move { super::cluster::connect(&cfg).await.ok().map(|_| ()) }
-        })
+        wait_until(
+            Duration::from_secs(30),
+            Duration::from_millis(100),
+            || async move {
+                tokio::net::TcpStream::connect(("127.0.0.1", rw_port))
+                    .await
+                    .ok()
+                    .map(|_| ())
+            },
+        )
         .await
         .with_context(|| proxy.log_tail())?;
         Ok(proxy)
