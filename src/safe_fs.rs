@@ -123,6 +123,74 @@ fn open_dir_nofollow(dirfd: Option<BorrowedFd<'_>>, name: &Path) -> Result<Owned
     }
 }
 
+/// Creates the directory `name` in `parent`, owned by `owner` with `mode`,
+/// and returns its descriptor; `None` when `name` already exists.
+///
+/// The directory is made under a temporary name, handed to `owner`, and
+/// only then renamed into place without replacing anything. So `name` never
+/// exists, even for an instant, with another owner: several agents of one
+/// host that share a directory (a backup repository) may start at once, and
+/// one that found the directory between another's `mkdir` and `chown`
+/// would refuse it as someone else's. A link planted at `name` makes the
+/// rename fail with `EEXIST`, and the caller's open then refuses it.
+fn mkdir_owned_at(
+    parent: BorrowedFd<'_>,
+    name: &Path,
+    path: &Path,
+    owner: Owner,
+    mode: u32,
+) -> Result<Option<OwnedFd>, SafeFsError> {
+    let tmp = temp_name(&name.to_string_lossy());
+    let private = Mode::from_bits_truncate(0o700);
+    nix::sys::stat::mkdirat(parent, tmp.as_str(), private).map_err(io_err("create", path))?;
+    let remove_tmp = || {
+        let _ = nix::unistd::unlinkat(parent, tmp.as_str(), nix::unistd::UnlinkatFlags::RemoveDir);
+    };
+    let prepared = open_dir_nofollow(Some(parent), Path::new(&tmp))
+        .map_err(|e| classify_open(e, path))
+        .and_then(|fd| set_owner_and_mode(fd.as_fd(), path, owner, mode).map(|()| fd));
+    let fd = match prepared {
+        Ok(fd) => fd,
+        Err(e) => {
+            remove_tmp();
+            return Err(e);
+        }
+    };
+    match nix::fcntl::renameat2(
+        parent,
+        tmp.as_str(),
+        parent,
+        name,
+        nix::fcntl::RenameFlags::RENAME_NOREPLACE,
+    ) {
+        Ok(()) => Ok(Some(fd)),
+        Err(Errno::EEXIST) => {
+            remove_tmp();
+            Ok(None)
+        }
+        // A file system without RENAME_NOREPLACE: create in place; a
+        // concurrent opener may then briefly see the directory as ours
+        // before the owner is set, which is what the rename avoids.
+        Err(Errno::EINVAL | Errno::ENOSYS) => {
+            remove_tmp();
+            match nix::sys::stat::mkdirat(parent, name, private) {
+                Ok(()) => {
+                    let fd = open_dir_nofollow(Some(parent), name)
+                        .map_err(|e| classify_open(e, path))?;
+                    set_owner_and_mode(fd.as_fd(), path, owner, mode)?;
+                    Ok(Some(fd))
+                }
+                Err(Errno::EEXIST) => Ok(None),
+                Err(e) => Err(io_err("create", path)(e)),
+            }
+        }
+        Err(e) => {
+            remove_tmp();
+            Err(io_err("rename into place", path)(e))
+        }
+    }
+}
+
 fn is_dir(st: &FileStat) -> bool {
     (st.st_mode & SFlag::S_IFMT.bits()) == SFlag::S_IFDIR.bits()
 }
@@ -156,15 +224,31 @@ impl TrustedDir {
                 source,
             })?;
         }
-        // mkdir never follows a symlink at the last component: a planted
-        // link makes it fail with EEXIST, and the open below refuses it.
-        let created = match nix::unistd::mkdir(path, Mode::from_bits_truncate(0o700)) {
-            Ok(()) => true,
-            Err(Errno::EEXIST) => false,
-            Err(e) => return Err(io_err("create", path)(e)),
-        };
-        let dir = Self::open_checked(path, owner, created, mode, strictness)?;
-        Ok(dir)
+        if let Some(name) = path.file_name() {
+            let parent = match path.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p,
+                _ => Path::new("."),
+            };
+            // The parent is opened as the path says (it may be a link such
+            // as /tmp); only the last component is ours to create.
+            let parent_fd = nix::fcntl::open(
+                parent,
+                OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(io_err("open", parent))?;
+            if let Some(fd) = mkdir_owned_at(parent_fd.as_fd(), Path::new(name), path, owner, mode)?
+            {
+                return Ok(TrustedDir {
+                    fd,
+                    path: path.to_path_buf(),
+                    owner,
+                });
+            }
+            return Self::open_checked(path, owner, mode, strictness);
+        }
+        // A path without a last component ("/", ".."): it exists already.
+        Self::open_checked(path, owner, mode, strictness)
     }
 
     /// Opens an existing directory with the same checks as [`create`](Self::create).
@@ -186,19 +270,17 @@ impl TrustedDir {
     fn open_checked(
         path: &Path,
         owner: Owner,
-        created: bool,
         mode: u32,
         strictness: Strictness,
     ) -> Result<TrustedDir, SafeFsError> {
         let fd = open_dir_nofollow(None, path).map_err(|e| classify_open(e, path))?;
-        Self::finish(fd, path.to_path_buf(), owner, created, mode, strictness)
+        Self::finish(fd, path.to_path_buf(), owner, mode, strictness)
     }
 
     fn finish(
         fd: OwnedFd,
         path: PathBuf,
         owner: Owner,
-        created: bool,
         mode: u32,
         strictness: Strictness,
     ) -> Result<TrustedDir, SafeFsError> {
@@ -206,17 +288,10 @@ impl TrustedDir {
         if !is_dir(&st) {
             return Err(SafeFsError::NotADirectory { path });
         }
-        if created {
-            // Freshly made by this process: whatever the path resolved
-            // through, this directory is new and empty, so handing it to
-            // `owner` gives nothing away.
-            set_owner_and_mode(fd.as_fd(), &path, owner, mode)?;
-        } else {
-            check_dir(&st, &path, owner, strictness)?;
-            if strictness == Strictness::Private && st.st_mode & 0o7777 != mode {
-                nix::sys::stat::fchmod(&fd, Mode::from_bits_truncate(mode))
-                    .map_err(io_err("set the mode of", &path))?;
-            }
+        check_dir(&st, &path, owner, strictness)?;
+        if strictness == Strictness::Private && st.st_mode & 0o7777 != mode {
+            nix::sys::stat::fchmod(&fd, Mode::from_bits_truncate(mode))
+                .map_err(io_err("set the mode of", &path))?;
         }
         Ok(TrustedDir { fd, path, owner })
     }
@@ -231,15 +306,12 @@ impl TrustedDir {
         strictness: Strictness,
     ) -> Result<TrustedDir, SafeFsError> {
         let path = self.path.join(name);
-        let created = match nix::sys::stat::mkdirat(&self.fd, name, Mode::from_bits_truncate(0o700))
-        {
-            Ok(()) => true,
-            Err(Errno::EEXIST) => false,
-            Err(e) => return Err(io_err("create", &path)(e)),
-        };
+        if let Some(fd) = mkdir_owned_at(self.fd.as_fd(), Path::new(name), &path, owner, mode)? {
+            return Ok(TrustedDir { fd, path, owner });
+        }
         let fd = open_dir_nofollow(Some(self.fd.as_fd()), Path::new(name))
             .map_err(|e| classify_open(e, &path))?;
-        Self::finish(fd, path, owner, created, mode, strictness)
+        Self::finish(fd, path, owner, mode, strictness)
     }
 
     pub fn path(&self) -> &Path {

@@ -208,3 +208,47 @@ fn log_files_are_appended_and_keep_their_owner() {
         ));
     }
 }
+
+/// Agents of one host may share a directory (a backup repository) and start
+/// at once: none may find it between another's `mkdir` and `chown` and
+/// refuse it as someone else's.
+#[test]
+fn concurrent_creators_all_find_the_directory_with_its_final_owner() {
+    let owner = if is_root() {
+        nobody()
+    } else {
+        Owner::current()
+    };
+    for round in 0..20 {
+        let tmp = tempfile::tempdir().unwrap();
+        let target = tmp.path().join("shared").join(format!("repo{round}"));
+        let results: Vec<_> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..8)
+                .map(|_| {
+                    let target = target.clone();
+                    scope.spawn(move || {
+                        TrustedDir::create(&target, owner, 0o700, Strictness::Private)
+                            .map(|_| ())
+                            .map_err(|e| e.to_string())
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for r in results {
+            r.unwrap();
+        }
+        let meta = std::fs::metadata(&target).unwrap();
+        assert_eq!(meta.uid(), owner.uid);
+        assert_eq!(meta.permissions().mode() & 0o7777, 0o700);
+        let leftovers: Vec<_> = std::fs::read_dir(target.parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .filter(|n| n.to_string_lossy().ends_with(".pgha-tmp"))
+            .collect();
+        assert!(
+            leftovers.is_empty(),
+            "temporary directories left: {leftovers:?}"
+        );
+    }
+}
