@@ -117,7 +117,9 @@ impl Agent {
         self.lease
             .wait_until_guarded(Duration::from_millis(500))
             .await
-            .map_err(|p| anyhow::anyhow!("took the leader lease but {p}"))
+            .map_err(|p| anyhow::anyhow!("took the leader lease but {p}"))?;
+        self.key_taken = Some(r.lease_id);
+        Ok(())
     }
 
     async fn bootstrap(&mut self, s: &Snapshot) -> anyhow::Result<()> {

@@ -101,6 +101,9 @@ pub struct Agent {
     /// ([`ha::sync::settling`]); the loop then runs every
     /// [`SETTLING_RECHECK`].
     sync_settling: bool,
+    /// Set by the executor when it has just taken or resumed the leader key
+    /// (the etcd lease it is bound to); the loop then decides again at once.
+    key_taken: Option<i64>,
     /// What the data directory holds when pgha never managed it.
     unmanaged: Option<Unmanaged>,
     /// `[vip]`: the floating address, when configured.
@@ -229,6 +232,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         resigned_at_ms: None,
         sync_switched_at: None,
         sync_settling: false,
+        key_taken: None,
         unmanaged: None,
         vip,
         parameters: Default::default(),
@@ -301,6 +305,34 @@ impl Agent {
         }
         let (snapshot, running) = self.observe().await;
         let decision = ha::decide(&snapshot);
+        self.log_decision(&decision);
+        self.key_taken = None;
+        self.execute(&decision, &snapshot).await;
+        // The key just became ours: decide again on what was read before
+        // taking it rather than a loop later, so a promotion does not wait
+        // for the next loop's sleep and reads (see
+        // `Snapshot::with_leader_key_taken`). Only a promotion is carried
+        // out at once; anything else waits for a fresh read.
+        let again = self
+            .key_taken
+            .take()
+            .and_then(|lease_id| {
+                snapshot.with_leader_key_taken(
+                    lease_id,
+                    self.lease.snapshot(),
+                    crate::util::boottime_ms(),
+                )
+            })
+            .map(|next| (ha::decide(&next), next))
+            .filter(|(again, _)| matches!(again.action, Action::Promote { .. }));
+        let (snapshot, decision) = match again {
+            Some((again, next)) => {
+                self.log_decision(&again);
+                self.execute(&again, &next).await;
+                (next, again)
+            }
+            None => (snapshot, decision),
+        };
         let hurry = matches!(
             decision.action,
             Action::AcquireLease | Action::AdoptLease { .. } | Action::Promote { .. }
@@ -319,6 +351,15 @@ impl Agent {
             }
             _ => false,
         };
+        let view = snapshot.dcs.clone();
+        self.keep_fence_consistent().await;
+        self.apply_cluster_parameters(view.as_ref()).await;
+        self.publish(&decision, view, running).await;
+        self.loop_count += 1;
+        hurry
+    }
+
+    fn log_decision(&mut self, decision: &ha::Decision) {
         let reason = decision.reason.to_string();
         if decision.reason.is_alarm() {
             if self.last_reason.as_deref() != Some(reason.as_str())
@@ -336,14 +377,6 @@ impl Agent {
             tracing::debug!(reason = %reason, "nothing to do");
         }
         self.last_reason = Some(reason);
-
-        let view = snapshot.dcs.clone();
-        self.execute(&decision, &snapshot).await;
-        self.keep_fence_consistent().await;
-        self.apply_cluster_parameters(view.as_ref()).await;
-        self.publish(&decision, view, running).await;
-        self.loop_count += 1;
-        hurry
     }
 
     /// Disarms the fence keeper once this member neither leads nor runs a

@@ -240,11 +240,12 @@ impl EtcdDcs {
         .await
     }
 
-    fn renewal(&self, sent_at_ms: u64, granted_ttl: i64) -> LeaseRenewal {
+    fn renewal(&self, lease_id: i64, sent_at_ms: u64, granted_ttl: i64) -> LeaseRenewal {
         // Deadline counts from when the request was sent: etcd received
         // it later, so the lease lives at least this long.
         let ttl_ms = (granted_ttl.min(self.ttl_secs()).max(0) as u64) * 1000;
         LeaseRenewal {
+            lease_id,
             valid_until_ms: sent_at_ms + ttl_ms,
         }
     }
@@ -484,7 +485,7 @@ impl Dcs for EtcdDcs {
         match won {
             Ok(true) => {
                 *self.leader_lease.lock().await = Some(lease_id);
-                Ok(Some(self.renewal(sent_at, grant.ttl())))
+                Ok(Some(self.renewal(lease_id, sent_at, grant.ttl())))
             }
             other => {
                 // Lost the race (or do not know): the lease is useless, and
@@ -509,7 +510,7 @@ impl Dcs for EtcdDcs {
             return Ok(None);
         }
         *self.leader_lease.lock().await = Some(lease_id);
-        Ok(Some(self.renewal(sent_at, ttl)))
+        Ok(Some(self.renewal(lease_id, sent_at, ttl)))
     }
 
     async fn renew_leader(&self) -> Result<Option<LeaseRenewal>, DcsError> {
@@ -524,7 +525,7 @@ impl Dcs for EtcdDcs {
             *self.leader_lease.lock().await = None;
             return Ok(None);
         }
-        Ok(Some(self.renewal(sent_at, ttl)))
+        Ok(Some(self.renewal(lease_id, sent_at, ttl)))
     }
 
     async fn release_leader(&self) -> Result<(), DcsError> {

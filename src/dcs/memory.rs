@@ -152,7 +152,8 @@ impl Dcs for MemoryDcs {
             Some(s.next_lease)
         })?;
         *self.lease.lock().unwrap() = won;
-        Ok(won.map(|_| LeaseRenewal {
+        Ok(won.map(|lease_id| LeaseRenewal {
+            lease_id,
             valid_until_ms: FAR_FUTURE_MS,
         }))
     }
@@ -165,12 +166,15 @@ impl Dcs for MemoryDcs {
             *self.lease.lock().unwrap() = Some(lease_id);
         }
         Ok(ok.then_some(LeaseRenewal {
+            lease_id,
             valid_until_ms: FAR_FUTURE_MS,
         }))
     }
     async fn renew_leader(&self) -> Result<Option<LeaseRenewal>, DcsError> {
         let ok = self.with("renew the leader lease", |s| self.holds(s))?;
+        let lease_id = self.lease.lock().unwrap().unwrap_or_default();
         Ok(ok.then_some(LeaseRenewal {
+            lease_id,
             valid_until_ms: FAR_FUTURE_MS,
         }))
     }

@@ -406,6 +406,8 @@ pub enum DcsError {
 /// Result of a renewal: until when the caller may act as leader.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LeaseRenewal {
+    /// The etcd lease the leader key is bound to.
+    pub lease_id: i64,
     /// `CLOCK_BOOTTIME` ms before which the lease cannot have expired:
     /// the time the renewal request was *sent* plus the TTL.
     pub valid_until_ms: u64,

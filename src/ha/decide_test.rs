@@ -4211,3 +4211,61 @@ fn failsafe_mode() {
         "{d:?}"
     );
 }
+
+/// Right after taking the key, the agent decides again on the snapshot it
+/// raced with, the key now its own (`Snapshot::with_leader_key_taken`):
+/// that must be the very decision the next loop would make on a fresh
+/// read, which is a promotion with the same synchronous plan.
+#[test]
+fn deciding_again_after_taking_the_key_promotes_as_the_next_loop_would() {
+    let async_race = || {
+        F::new("n1")
+            .replica()
+            .member_with("n2", |r| r.received_lsn = Some(Lsn(L - 10)))
+            .peer("n2", report(1, L - 10))
+    };
+    let sync_race = |members: &[&str], k: u32| {
+        F::new("n1")
+            .sync_mode(SyncMode::On)
+            .sync_record("n2", members, k, false)
+            .replica()
+    };
+    let rows: Vec<(&str, F)> = vec![
+        ("asynchronous, the other replica behind", async_race()),
+        (
+            "synchronous, the only member of the set",
+            sync_race(&["n1"], 1),
+        ),
+        (
+            "synchronous, one of two, the other behind",
+            sync_race(&["n1", "n3"], 1).peer("n3", report(1, L - 1)),
+        ),
+        ("strict", sync_race(&["n1"], 1).sync_mode(SyncMode::Strict)),
+    ];
+    for (name, fixture) in rows {
+        let raced = fixture.snapshot();
+        assert_eq!(
+            decide(&raced).action,
+            Action::AcquireLease,
+            "{name}: the fixture races"
+        );
+        let next_loop = fixture.leader("n1").lease_held(VALID).snapshot();
+        let again = raced
+            .with_leader_key_taken(LEASE_ID, next_loop.lease, NOW)
+            .expect("a view");
+        let expected = decide(&next_loop);
+        assert!(
+            matches!(expected.action, Action::Promote { .. }),
+            "{name}: the next loop promotes: {expected:?}"
+        );
+        assert_eq!(decide(&again), expected, "{name}");
+    }
+    assert!(
+        F::new("n1")
+            .dcs_down()
+            .snapshot()
+            .with_leader_key_taken(LEASE_ID, Lease::default(), NOW)
+            .is_none(),
+        "without a view there is nothing to decide on"
+    );
+}
