@@ -90,6 +90,10 @@ pub struct RawProxy {
     pub server_tls: Option<String>,
     #[serde(default)]
     pub server_tls_ca: Option<PathBuf>,
+    #[serde(default)]
+    pub server_tls_certificate: Option<PathBuf>,
+    #[serde(default)]
+    pub server_tls_key: Option<PathBuf>,
     /// Lease TTL of the proxy's registration; default: `ha.ttl` inside an
     /// agent, 3 s standalone.
     #[serde(default, with = "humantime_serde")]
@@ -224,6 +228,9 @@ pub struct ProxyConfig {
     pub server_tls: ServerTlsMode,
     /// Trust anchors for `verify-ca` and `verify-full` (set exactly then).
     pub server_tls_ca: Option<PathBuf>,
+    /// The certificate the proxy shows servers that ask for one (`cert`
+    /// authentication, `clientcert=verify-ca`).
+    pub server_tls_client: Option<ProxyTls>,
     pub ttl: Option<Duration>,
     pub api_listen: Option<SocketAddr>,
     /// Runs inside an agent (a `[proxy]` table in a node's file).
@@ -551,6 +558,28 @@ pub(super) fn validate_proxy(
         }
         (false, None) => None,
     };
+    let server_tls_client = match super::validate::paired(
+        path,
+        ("proxy.server_tls_certificate", raw.server_tls_certificate),
+        ("proxy.server_tls_key", raw.server_tls_key),
+    )? {
+        Some(_) if server_tls == ServerTlsMode::Disable => {
+            return Err(bad(
+                "server_tls_certificate",
+                "not used with proxy.server_tls = \"disable\"".into(),
+            ));
+        }
+        Some((c, k)) => {
+            let client = ProxyTls {
+                certificate: resolve(&c),
+                key: resolve(&k),
+            };
+            crate::pem::read_key_pair(&client.certificate, &client.key)
+                .map_err(|e| bad("server_tls_certificate", crate::util::chain(&e).to_string()))?;
+            Some(client)
+        }
+        None => None,
+    };
     let api_listen = match raw.api {
         Some(api) => Some(api.listen.parse::<SocketAddr>().map_err(|_| {
             bad(
@@ -592,6 +621,7 @@ pub(super) fn validate_proxy(
         tls,
         server_tls,
         server_tls_ca,
+        server_tls_client,
         ttl: raw.ttl,
         api_listen,
         auto,

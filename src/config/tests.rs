@@ -2245,6 +2245,50 @@ fn proxy_server_tls_modes_and_their_ca() {
 }
 
 #[test]
+fn proxy_server_tls_client_certificate() {
+    let p = pems();
+    let pair = format!(
+        "{}{}",
+        path_line("server_tls_certificate", &p.cert),
+        path_line("server_tls_key", &p.key)
+    );
+    let c = proxy_file(&pair).unwrap();
+    let client = c.proxy.server_tls_client.expect("a client certificate");
+    assert_eq!(client.certificate, p.cert);
+    assert_eq!(client.key, p.key);
+    assert!(proxy_file("").unwrap().proxy.server_tls_client.is_none());
+    let cases = [
+        (
+            path_line("server_tls_certificate", &p.cert),
+            "proxy.server_tls_key",
+        ),
+        (
+            path_line("server_tls_key", &p.key),
+            "proxy.server_tls_certificate",
+        ),
+        (
+            format!("server_tls = \"disable\"\n{pair}"),
+            "proxy.server_tls_certificate",
+        ),
+        (
+            format!(
+                "{}{}",
+                path_line("server_tls_certificate", &p.not_pem),
+                path_line("server_tls_key", &p.key)
+            ),
+            "proxy.server_tls_certificate",
+        ),
+    ];
+    for (extra, key) in cases {
+        let err = proxy_file(&extra).unwrap_err().to_string();
+        assert!(
+            err.contains("proxy.toml") && err.contains(key),
+            "{extra:?}: {err}"
+        );
+    }
+}
+
+#[test]
 fn proxy_auth_query_needs_a_password_for_auth_user() {
     let dir = tempfile::tempdir().unwrap();
     let pass = dir.path().join("pgpass");

@@ -188,8 +188,12 @@ pub async fn start(
         .transpose()?;
     let tls = cfg.tls.as_ref().map(tls_acceptor).transpose()?;
     let server_tls = Arc::new(
-        server_tls::ServerTls::new(cfg.server_tls, cfg.server_tls_ca.as_deref())
-            .map_err(ProxyError::ServerTls)?,
+        server_tls::ServerTls::new(
+            cfg.server_tls,
+            cfg.server_tls_ca.as_deref(),
+            cfg.server_tls_client.as_ref(),
+        )
+        .map_err(ProxyError::ServerTls)?,
     );
     let dcs = EtcdDcs::connect(
         etcd,
@@ -331,8 +335,9 @@ async fn maintenance(shared: Arc<Shared>) {
     }
 }
 
-/// SIGHUP: re-read the auth file and the TLS certificate. A broken file
-/// keeps the previous one (and says so).
+/// SIGHUP: re-read the auth file, the TLS certificate, and the trust
+/// anchors and client certificate towards the servers. A broken file keeps
+/// the previous one (and says so).
 async fn reload_on_sighup(shared: Arc<Shared>) {
     let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
         return;
@@ -352,7 +357,10 @@ async fn reload_on_sighup(shared: Arc<Shared>) {
                 }
             }
         }
-        tracing::info!("proxy reloaded its auth file and certificate");
+        if let Err(e) = shared.server_tls.reload() {
+            tracing::warn!(error = %crate::util::chain(&e), "keeping the previous server TLS configuration");
+        }
+        tracing::info!("proxy reloaded its auth file and certificates");
     }
 }
 

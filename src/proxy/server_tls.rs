@@ -8,8 +8,9 @@
 //! of the certificate it shows (the handshake signature), as libpq does.
 
 use std::io;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 
 use bytes::BytesMut;
@@ -25,19 +26,24 @@ use tokio_rustls::rustls::client::danger::{
 use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use tokio_rustls::rustls::{CertificateError, DigitallySignedStruct, SignatureScheme};
 
-use crate::config::proxy::ServerTlsMode;
+use crate::config::proxy::{ProxyTls, ServerTlsMode};
 
 /// What the proxy needs to open a server connection: the mode and, unless
-/// it is `disable`, the rustls client configuration.
+/// it is `disable`, the rustls client configuration, rebuilt from its
+/// files on [`reload`](Self::reload).
 pub struct ServerTls {
     pub mode: ServerTlsMode,
-    connector: Option<TlsConnector>,
+    ca: Option<PathBuf>,
+    client: Option<ProxyTls>,
+    connector: RwLock<Option<TlsConnector>>,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerTlsError {
     #[error("cannot load server_tls_ca")]
     Ca(#[source] crate::pem::PemError),
+    #[error("cannot load server_tls_certificate and server_tls_key")]
+    ClientCertificate(#[source] crate::pem::PemError),
     #[error("TLS client configuration refused")]
     Config(#[source] rustls::Error),
     #[error("server_tls = \"{0}\" needs server_tls_ca")]
@@ -78,53 +84,29 @@ impl NegotiationError {
 }
 
 impl ServerTls {
-    /// Reads the trust anchors (for the verify modes) and builds the
-    /// client configuration once, at start.
+    /// Reads the trust anchors (for the verify modes) and the client
+    /// certificate, and builds the client configuration.
     pub fn new(
         mode: ServerTlsMode,
-        ca: Option<&std::path::Path>,
+        ca: Option<&Path>,
+        client: Option<&ProxyTls>,
     ) -> Result<ServerTls, ServerTlsError> {
-        let provider = crate::pem::provider();
-        let verifier: Arc<dyn ServerCertVerifier> = match (mode, ca) {
-            (ServerTlsMode::Disable, _) => {
-                return Ok(ServerTls {
-                    mode,
-                    connector: None,
-                });
-            }
-            (ServerTlsMode::Prefer | ServerTlsMode::Require, _) => {
-                Arc::new(Unverified(provider.clone()))
-            }
-            (ServerTlsMode::VerifyCa | ServerTlsMode::VerifyFull, None) => {
-                return Err(ServerTlsError::MissingCa(mode));
-            }
-            (ServerTlsMode::VerifyCa | ServerTlsMode::VerifyFull, Some(ca)) => {
-                let roots = crate::pem::read_ca(ca).map_err(ServerTlsError::Ca)?;
-                let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(
-                    Arc::new(roots),
-                    provider.clone(),
-                )
-                .build()
-                .map_err(|e| ServerTlsError::Config(rustls::Error::General(e.to_string())))?;
-                if mode == ServerTlsMode::VerifyCa {
-                    Arc::new(AnyName(webpki))
-                } else {
-                    webpki
-                }
-            }
-        };
-        let mut config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(ServerTlsError::Config)?
-            .dangerous()
-            .with_custom_certificate_verifier(verifier)
-            .with_no_client_auth();
-        // What PostgreSQL 17's direct TLS requires; older servers ignore it.
-        config.alpn_protocols = vec![b"postgresql".to_vec()];
+        let connector = connector(mode, ca, client)?;
         Ok(ServerTls {
             mode,
-            connector: Some(TlsConnector::from(Arc::new(config))),
+            ca: ca.map(Path::to_path_buf),
+            client: client.cloned(),
+            connector: RwLock::new(connector),
         })
+    }
+
+    /// Reads the files again (SIGHUP: a renewed CA or client certificate).
+    /// On error the previous configuration stays in use; connections
+    /// already open keep theirs.
+    pub fn reload(&self) -> Result<(), ServerTlsError> {
+        let fresh = connector(self.mode, self.ca.as_deref(), self.client.as_ref())?;
+        *self.connector.write().expect("server TLS configuration") = fresh;
+        Ok(())
     }
 
     /// Connects to `host:port` and negotiates TLS as the mode says.
@@ -133,7 +115,13 @@ impl ServerTls {
             .await
             .map_err(NegotiationError::Connect)?;
         let _ = tcp.set_nodelay(true);
-        let Some(connector) = &self.connector else {
+        // A clone (an Arc) so that no lock is held across the handshake.
+        let connector = self
+            .connector
+            .read()
+            .expect("server TLS configuration")
+            .clone();
+        let Some(connector) = connector else {
             return Ok(ServerStream::Plain(tcp));
         };
         let mut out = BytesMut::new();
@@ -163,6 +151,58 @@ impl ServerTls {
             other => Err(NegotiationError::BadAnswer(other as char)),
         }
     }
+}
+
+/// The rustls client configuration for `mode` (`None` for `disable`).
+fn connector(
+    mode: ServerTlsMode,
+    ca: Option<&Path>,
+    client: Option<&ProxyTls>,
+) -> Result<Option<TlsConnector>, ServerTlsError> {
+    let provider = crate::pem::provider();
+    let verifier: Arc<dyn ServerCertVerifier> = match (mode, ca) {
+        (ServerTlsMode::Disable, _) => return Ok(None),
+        (ServerTlsMode::Prefer | ServerTlsMode::Require, _) => {
+            Arc::new(Unverified(provider.clone()))
+        }
+        (ServerTlsMode::VerifyCa | ServerTlsMode::VerifyFull, None) => {
+            return Err(ServerTlsError::MissingCa(mode));
+        }
+        (ServerTlsMode::VerifyCa | ServerTlsMode::VerifyFull, Some(ca)) => {
+            let roots = crate::pem::read_ca(ca).map_err(ServerTlsError::Ca)?;
+            let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider.clone(),
+            )
+            .build()
+            .map_err(|e| ServerTlsError::Config(rustls::Error::General(e.to_string())))?;
+            if mode == ServerTlsMode::VerifyCa {
+                Arc::new(AnyName(webpki))
+            } else {
+                webpki
+            }
+        }
+    };
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(ServerTlsError::Config)?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier);
+    // Shown only to a server that asks for a certificate (`cert`
+    // authentication or `clientcert` in its pg_hba.conf).
+    let mut config = match client {
+        Some(client) => {
+            let (chain, key) = crate::pem::read_key_pair(&client.certificate, &client.key)
+                .map_err(ServerTlsError::ClientCertificate)?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(ServerTlsError::Config)?
+        }
+        None => builder.with_no_client_auth(),
+    };
+    // What PostgreSQL 17's direct TLS requires; older servers ignore it.
+    config.alpn_protocols = vec![b"postgresql".to_vec()];
+    Ok(Some(TlsConnector::from(Arc::new(config))))
 }
 
 /// A server connection, in plain text or TLS.
@@ -362,20 +402,24 @@ mod tests {
     fn verify_modes_need_a_ca() {
         for mode in [ServerTlsMode::VerifyCa, ServerTlsMode::VerifyFull] {
             assert!(matches!(
-                ServerTls::new(mode, None),
+                ServerTls::new(mode, None, None),
                 Err(ServerTlsError::MissingCa(m)) if m == mode
             ));
         }
         assert!(
-            ServerTls::new(ServerTlsMode::Disable, None)
+            ServerTls::new(ServerTlsMode::Disable, None, None)
                 .unwrap()
                 .connector
+                .read()
+                .unwrap()
                 .is_none()
         );
         assert!(
-            ServerTls::new(ServerTlsMode::Require, None)
+            ServerTls::new(ServerTlsMode::Require, None, None)
                 .unwrap()
                 .connector
+                .read()
+                .unwrap()
                 .is_some()
         );
     }

@@ -1,8 +1,10 @@
 //! The proxy's TLS towards the servers (`server_tls`) against a real
 //! PostgreSQL with `ssl = on` and a throwaway CA: `verify-full` with the
 //! right CA encrypts (as `pg_stat_ssl` shows), with a wrong CA it refuses
-//! the server; once the server stops offering TLS, `require` refuses it
-//! and `prefer` goes on in plain text.
+//! the server, until the CA file is replaced and the proxy gets SIGHUP; a
+//! client certificate is shown to the server (`pg_stat_ssl.client_dn`);
+//! once the server stops offering TLS, `require` refuses it and `prefer`
+//! goes on in plain text.
 
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
@@ -18,6 +20,19 @@ async fn backend_ssl(proxy: &Proxy) -> anyhow::Result<bool> {
     let row = c
         .query_one(
             "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+/// The subject of the certificate this proxy connection's server backend
+/// was shown, if any.
+async fn backend_client_dn(proxy: &Proxy) -> anyhow::Result<Option<String>> {
+    let c = connect(&proxy.config(proxy.rw_port)).await?;
+    let row = c
+        .query_one(
+            "SELECT client_dn FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
             &[],
         )
         .await?;
@@ -66,11 +81,14 @@ async fn server_tls_verifies_the_certificate_and_refuses_plain_servers() {
         ClusterOptions::default()
             .parameter("ssl", "\"on\"")
             .parameter("ssl_cert_file", &quoted(&pki.server_cert))
-            .parameter("ssl_key_file", &quoted(&pg_key)),
+            .parameter("ssl_key_file", &quoted(&pg_key))
+            // The server asks for a client certificate and checks it
+            // against the CA (pg_hba.conf does not require one).
+            .parameter("ssl_ca_file", &quoted(&pki.ca)),
     )
     .await
     .unwrap();
-    let (ca, other_ca) = (quoted(&pki.ca), quoted(&pki.other_ca));
+    let ca = quoted(&pki.ca);
 
     // The right CA and the member's address (127.0.0.1, in the
     // certificate's names): the server connection is encrypted.
@@ -85,15 +103,36 @@ async fn server_tls_verifies_the_certificate_and_refuses_plain_servers() {
         backend_ssl(&good).await.unwrap(),
         "verify-full: the proxy's server connection is not encrypted"
     );
+    assert_eq!(
+        backend_client_dn(&good).await.unwrap(),
+        None,
+        "no client certificate configured, none shown"
+    );
     // So is the default's (prefer) while the server offers TLS.
     let preferring = Proxy::start(&cluster, "pxpref1", &[]).await.unwrap();
     assert!(backend_ssl(&preferring).await.unwrap());
 
-    // A CA that did not sign the server's certificate.
+    // A client certificate, shown to the server that asks for one.
+    let (client_cert, client_key) = (quoted(&pki.client_cert), quoted(&pki.client_key));
+    let mut keys = tls_proxy_keys("\"verify-full\"", Some(&ca));
+    keys.push(("server_tls_certificate", &client_cert));
+    keys.push(("server_tls_key", &client_key));
+    let with_cert = Proxy::start(&cluster, "pxcert", &keys).await.unwrap();
+    let dn = backend_client_dn(&with_cert).await.unwrap();
+    assert!(
+        dn.as_deref().is_some_and(|dn| dn.contains("CN=pgha")),
+        "the server saw client_dn {dn:?}"
+    );
+
+    // A CA that did not sign the server's certificate, in a file that is
+    // replaced with the right CA later.
+    let rotating = pki_dir.path().join("rotating-ca.pem");
+    std::fs::copy(&pki.other_ca, &rotating).unwrap();
+    let rotating_ca = quoted(&rotating);
     let wrong = Proxy::spawn(
         &cluster,
         "pxwrongca",
-        &tls_proxy_keys("\"verify-full\"", Some(&other_ca)),
+        &tls_proxy_keys("\"verify-full\"", Some(&rotating_ca)),
     )
     .await
     .unwrap();
@@ -107,6 +146,17 @@ async fn server_tls_verifies_the_certificate_and_refuses_plain_servers() {
         "the refusal is not logged:\n{}",
         wrong.log_tail()
     );
+    // The operator puts the right CA in place and sends SIGHUP: the same
+    // proxy process now trusts the server.
+    std::fs::copy(&pki.ca, &rotating).unwrap();
+    wrong.signal(nix::sys::signal::Signal::SIGHUP).unwrap();
+    wait_until(
+        Duration::from_secs(20),
+        Duration::from_millis(200),
+        || async { backend_ssl(&wrong).await.ok().filter(|ssl| *ssl) },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", wrong.log_tail()));
 
     // The server stops offering TLS.
     let leader = cluster.leader_node().await.unwrap();
