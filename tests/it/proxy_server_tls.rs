@@ -14,29 +14,21 @@ use crate::support::cluster::connect;
 use crate::support::proxy::Proxy;
 use crate::support::{Cluster, ClusterOptions, Pki, TestDir, wait_until};
 
-/// `ssl` of the server backend that serves this proxy connection.
-async fn backend_ssl(proxy: &Proxy) -> anyhow::Result<bool> {
+/// Whether the server backend that serves this proxy connection is on
+/// TLS, and the subject of the client certificate it was shown, if any.
+async fn backend_tls(proxy: &Proxy) -> anyhow::Result<(bool, Option<String>)> {
     let c = connect(&proxy.config(proxy.rw_port)).await?;
     let row = c
         .query_one(
-            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            "SELECT ssl, client_dn FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
             &[],
         )
         .await?;
-    Ok(row.get(0))
+    Ok((row.get(0), row.get(1)))
 }
 
-/// The subject of the certificate this proxy connection's server backend
-/// was shown, if any.
-async fn backend_client_dn(proxy: &Proxy) -> anyhow::Result<Option<String>> {
-    let c = connect(&proxy.config(proxy.rw_port)).await?;
-    let row = c
-        .query_one(
-            "SELECT client_dn FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
-            &[],
-        )
-        .await?;
-    Ok(row.get(0))
+async fn backend_ssl(proxy: &Proxy) -> anyhow::Result<bool> {
+    Ok(backend_tls(proxy).await?.0)
 }
 
 /// The error a client gets through `proxy` (login or first query).
@@ -104,7 +96,7 @@ async fn server_tls_verifies_the_certificate_and_refuses_plain_servers() {
         "verify-full: the proxy's server connection is not encrypted"
     );
     assert_eq!(
-        backend_client_dn(&good).await.unwrap(),
+        backend_tls(&good).await.unwrap().1,
         None,
         "no client certificate configured, none shown"
     );
@@ -118,7 +110,7 @@ async fn server_tls_verifies_the_certificate_and_refuses_plain_servers() {
     keys.push(("server_tls_certificate", &client_cert));
     keys.push(("server_tls_key", &client_key));
     let with_cert = Proxy::start(&cluster, "pxcert", &keys).await.unwrap();
-    let dn = backend_client_dn(&with_cert).await.unwrap();
+    let (_, dn) = backend_tls(&with_cert).await.unwrap();
     assert!(
         dn.as_deref().is_some_and(|dn| dn.contains("CN=pgha")),
         "the server saw client_dn {dn:?}"
