@@ -60,6 +60,9 @@ pub struct Args {
     /// A short smoke run: 1 round of 3 s, 100 and 500 idle clients.
     #[arg(long)]
     pub quick: bool,
+    /// `threads` of the pgha proxies (default: pgha's own default).
+    #[arg(long)]
+    pub proxy_threads: Option<usize>,
 }
 
 const WORKLOADS: [(&str, &[&str]); 3] = [
@@ -120,10 +123,8 @@ pub async fn run(cluster: Arc<Cluster>, args: &Args) -> anyhow::Result<Value> {
     let mut services = Vec::new();
     for t in &args.targets {
         let s = match t.as_str() {
-            "pgha-tx" => start_pgha(&cluster, &dir, "tx", "transaction", args.pool_size).await?,
-            "pgha-session" => {
-                start_pgha(&cluster, &dir, "session", "session", args.pool_size).await?
-            }
+            "pgha-tx" => start_pgha(&cluster, &dir, "tx", "transaction", args).await?,
+            "pgha-session" => start_pgha(&cluster, &dir, "session", "session", args).await?,
             "pgbouncer" => start_pgbouncer(&dir, port, args.pool_size).await?,
             "haproxy" => start_haproxy(&dir, port).await?,
             other => bail!("unknown target {other}"),
@@ -198,7 +199,7 @@ pub async fn run(cluster: Arc<Cluster>, args: &Args) -> anyhow::Result<Value> {
     }
 
     let idle_report = if idle > 0 || idle_max > 0 {
-        let s = start_pgha(&cluster, &dir, "idle", "transaction", args.pool_size).await?;
+        let s = start_pgha(&cluster, &dir, "idle", "transaction", args).await?;
         wait_ready(&cluster, &s).await?;
         let r = idle_clients(&cluster, &s, idle, idle_max).await;
         drop(s);
@@ -233,6 +234,7 @@ pub async fn run(cluster: Arc<Cluster>, args: &Args) -> anyhow::Result<Value> {
             "pgbench_threads": 2,
             "scale": args.scale,
             "pool_size": args.pool_size,
+            "proxy_threads": args.proxy_threads,
             "fd_limit": fd_limit,
         },
         "versions": versions,
@@ -399,15 +401,20 @@ async fn start_pgha(
     dir: &Path,
     tag: &str,
     mode: &str,
-    pool_size: u32,
+    args: &Args,
 ) -> anyhow::Result<Service> {
     let port = free_port()?;
     let config = dir.join(format!("pgha-{tag}.toml"));
+    let pool_size = args.pool_size;
+    let threads = args
+        .proxy_threads
+        .map(|n| format!("threads = {n}\n"))
+        .unwrap_or_default();
     std::fs::write(
         &config,
         format!(
             r#"cluster = "{CLUSTER_NAME}"
-
+{threads}
 [etcd]
 endpoints = ["{etcd}"]
 

@@ -44,12 +44,14 @@ fn main() {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    let code = match runtime.block_on(run(cli.command)) {
+    let result = match cli.command {
+        Command::Proxy {
+            action: None,
+            config,
+        } => standalone_proxy(config.as_deref()),
+        command => runtime(2).block_on(run(command)),
+    };
+    let code = match result {
         Ok(()) => 0,
         Err(e) => {
             // `{:#}` prints the chain once: each error type says what was
@@ -59,6 +61,29 @@ fn main() {
         }
     };
     std::process::exit(code);
+}
+
+/// A runtime with `threads` threads. One thread is a current-thread
+/// runtime: every task runs on it, and no wake-up crosses threads.
+fn runtime(threads: usize) -> tokio::runtime::Runtime {
+    let mut builder = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(threads);
+        b
+    };
+    builder.enable_all().build().expect("tokio runtime")
+}
+
+/// `pgha proxy -c FILE`: the file is read before the runtime is built,
+/// since it says how many threads the runtime gets (`threads`). The
+/// proxy's work per message is a few system calls; on a thread of its
+/// own it spends no time waking other threads (see docs/proxy.md).
+fn standalone_proxy(config: Option<&std::path::Path>) -> anyhow::Result<()> {
+    let config = config.ok_or_else(|| cli::UsageError("pgha proxy needs -c FILE".into()))?;
+    let cfg = pgha::config::ProxyFileConfig::load(config)?;
+    runtime(cfg.threads).block_on(pgha::proxy::run_standalone(cfg))
 }
 
 /// Loads the configuration; its errors map to exit code 2 by type.
@@ -82,13 +107,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
             action: Some(cli::ProxyAction::Explain { sql, config, json }),
             ..
         } => cli::explain::run(&sql, config.as_deref(), json).await,
-        Command::Proxy {
-            action: None,
-            config,
-        } => {
-            let config =
-                config.ok_or_else(|| cli::UsageError("pgha proxy needs -c FILE".into()))?;
-            pgha::proxy::run_standalone(pgha::config::ProxyFileConfig::load(&config)?).await
+        Command::Proxy { action: None, .. } => {
+            unreachable!("the standalone proxy is run by main, on its own runtime")
         }
         Command::List { config, json } => cli::list::run(&load(&config)?, json).await,
         Command::Switchover {

@@ -22,6 +22,8 @@ pub struct RawProxyFile {
     pub cluster: String,
     #[serde(default = "default_namespace")]
     pub namespace: String,
+    #[serde(default = "default_threads")]
+    pub threads: usize,
     pub etcd: RawEtcd,
     pub proxy: RawProxy,
 }
@@ -262,6 +264,9 @@ pub struct ProxyFileConfig {
     pub path: PathBuf,
     pub cluster: String,
     pub namespace: String,
+    /// Threads of the standalone proxy's runtime (1: one thread, no
+    /// wake-ups across threads).
+    pub threads: usize,
     pub etcd: EtcdConfig,
     pub proxy: ProxyConfig,
 }
@@ -294,16 +299,31 @@ impl ProxyFileConfig {
                 ));
             }
         }
+        if !(1..=MAX_THREADS).contains(&raw.threads) {
+            return Err(ConfigError::invalid(
+                path,
+                "threads",
+                format!("{} must be 1-{MAX_THREADS}", raw.threads),
+            ));
+        }
         let etcd = super::validate::validate_etcd(path, raw.etcd, &resolve)?;
         let proxy = validate_proxy(path, raw.proxy, &resolve, None, false)?;
         Ok(ProxyFileConfig {
             path: path.to_path_buf(),
             cluster: raw.cluster,
             namespace: raw.namespace,
+            threads: raw.threads,
             etcd,
             proxy,
         })
     }
+}
+
+/// Upper bound of `threads`: far beyond what one proxy process can use.
+pub const MAX_THREADS: usize = 64;
+
+fn default_threads() -> usize {
+    1
 }
 
 /// Checks `[proxy]`. `default_name` is the node's name when embedded;

@@ -2245,6 +2245,30 @@ fn proxy_server_tls_modes_and_their_ca() {
 }
 
 #[test]
+fn proxy_file_threads() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("userlist.txt"), "").unwrap();
+    let path = dir.path().join("proxy.toml");
+    let file = |threads: &str| {
+        ProxyFileConfig::from_toml(
+            &path,
+            &format!(
+                "cluster = \"c\"\n{threads}[etcd]\nendpoints = [\"http://e1:2379\"]\n[proxy]\nlisten_rw = \"127.0.0.1:6432\"\nauth_file = \"userlist.txt\"\n"
+            ),
+        )
+    };
+    assert_eq!(file("").unwrap().threads, 1, "one thread by default");
+    assert_eq!(file("threads = 4\n").unwrap().threads, 4);
+    for bad in ["threads = 0\n", "threads = 65\n"] {
+        let err = file(bad).unwrap_err().to_string();
+        assert!(
+            err.contains("proxy.toml") && err.contains("threads") && err.contains("1-64"),
+            "{bad:?}: {err}"
+        );
+    }
+}
+
+#[test]
 fn proxy_server_tls_client_certificate() {
     let p = pems();
     let pair = format!(
