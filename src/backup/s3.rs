@@ -186,6 +186,24 @@ impl S3Repository {
     }
 
     fn err(&self, action: &'static str, key: &str, e: object_store::Error) -> RepoError {
+        if no_such_bucket(&e) {
+            // Listing is how callers look at the repository as a whole;
+            // other calls name their key.
+            if action == "list" {
+                return RepoError::Missing {
+                    repo: self.location(),
+                };
+            }
+            return RepoError::Io {
+                repo: self.location(),
+                action,
+                key: key.into(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "the bucket does not exist",
+                ),
+            };
+        }
         match e {
             object_store::Error::NotFound { .. } => RepoError::NotFound {
                 repo: self.location(),
@@ -273,6 +291,15 @@ impl S3Repository {
     }
 }
 
+/// A 404 for the bucket rather than the key: the repository is missing
+/// (a typo, or not created yet), which must not read as "this WAL file was
+/// never archived" (recovery would end early). object_store keeps the
+/// status to itself but carries the server's error body, whose S3 error
+/// code is stable.
+fn no_such_bucket(e: &object_store::Error) -> bool {
+    format!("{e:?}").contains("NoSuchBucket")
+}
+
 /// `https://host` → `https://bucket.host`.
 fn virtual_hosted(endpoint: &str, bucket: &str) -> String {
     match endpoint.split_once("://") {
@@ -302,14 +329,7 @@ impl Repository for S3Repository {
         let store = self.store.clone();
         let listed = self
             .run(async move { store.list_with_delimiter(prefix.as_ref()).await })
-            .map_err(|e| match e {
-                // A missing bucket, not a missing directory (an empty
-                // "directory" lists as nothing).
-                object_store::Error::NotFound { .. } => RepoError::Missing {
-                    repo: self.location(),
-                },
-                e => self.err("list", dir, e),
-            })?;
+            .map_err(|e| self.err("list", dir, e))?;
         let mut names: Vec<String> = listed
             .common_prefixes
             .iter()
@@ -432,5 +452,345 @@ impl Read for ObjectReader {
         buf[..n].copy_from_slice(&self.chunk[..n]);
         self.chunk = self.chunk.slice(n..);
         Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::net::{TcpListener, TcpStream};
+    use std::os::unix::fs::PermissionsExt;
+    use std::process::{Child, Command, Stdio};
+    use std::time::Instant;
+
+    use super::*;
+    use crate::config::backup::DEFAULT_S3_REGION;
+
+    /// A moto S3 server on a free port of 127.0.0.1, killed on drop.
+    struct Moto {
+        child: Child,
+        port: u16,
+    }
+
+    impl Moto {
+        fn start() -> Moto {
+            let port = TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let child = Command::new("moto_server")
+                .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("moto_server (scripts/install-deps.sh installs it)");
+            let moto = Moto { child, port };
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while TcpStream::connect(("127.0.0.1", port)).is_err() {
+                assert!(Instant::now() < deadline, "moto_server did not listen");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            moto
+        }
+
+        fn endpoint(&self) -> String {
+            format!("http://127.0.0.1:{}", self.port)
+        }
+
+        /// Creates a bucket (moto accepts unsigned requests).
+        fn bucket(&self, name: &str) {
+            let mut s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+            write!(
+                s,
+                "PUT /{name} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                self.port
+            )
+            .unwrap();
+            let mut reply = String::new();
+            s.read_to_string(&mut reply).unwrap();
+            assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+        }
+    }
+
+    impl Drop for Moto {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    fn config(moto: &Moto, bucket: &str, prefix: &str, dir: &std::path::Path) -> S3Config {
+        let credentials_file = dir.join("s3.credentials");
+        std::fs::write(
+            &credentials_file,
+            "access_key_id = \"testing\"\nsecret_access_key = \"testing\"\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&credentials_file, std::fs::Permissions::from_mode(0o600))
+            .unwrap();
+        S3Config {
+            bucket: bucket.into(),
+            prefix: prefix.into(),
+            endpoint: Some(moto.endpoint()),
+            region: DEFAULT_S3_REGION.into(),
+            path_style: true,
+            credentials_file,
+            config_path: dir.join("pgha.toml"),
+        }
+    }
+
+    fn open(cfg: &S3Config) -> S3Repository {
+        S3Repository::new(cfg, &cfg.load_credentials().unwrap()).unwrap()
+    }
+
+    #[test]
+    fn the_repository_contract_against_a_real_s3_server() {
+        let moto = Moto::start();
+        moto.bucket("pgha-test");
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(&moto, "pgha-test", "clusters/one", dir.path());
+        let repo = open(&cfg);
+        assert_eq!(repo.location(), "s3://pgha-test/clusters/one");
+
+        assert_eq!(repo.list("").unwrap(), Vec::<String>::new());
+        assert_eq!(repo.list("archive").unwrap(), Vec::<String>::new());
+        assert_eq!(
+            repo.create("archive/00000001/obj", &mut &b"first"[..])
+                .unwrap(),
+            Created::New { bytes: 5 }
+        );
+        assert_eq!(
+            repo.create("archive/00000001/obj", &mut &b"second"[..])
+                .unwrap(),
+            Created::Existed
+        );
+        assert_eq!(repo.read("archive/00000001/obj").unwrap(), b"first");
+        repo.create("archive/00000001/other", &mut &b""[..])
+            .unwrap();
+        repo.create("archive/00000002/x", &mut &b"x"[..]).unwrap();
+        assert_eq!(repo.list("").unwrap(), ["archive"]);
+        assert_eq!(repo.list("archive").unwrap(), ["00000001", "00000002"]);
+        assert_eq!(repo.list("archive/00000001").unwrap(), ["obj", "other"]);
+        assert_eq!(repo.read("archive/00000001/other").unwrap(), b"");
+
+        let err = repo.read("archive/00000001/none").unwrap_err();
+        assert!(matches!(err, RepoError::NotFound { .. }), "{err}");
+        assert!(err.to_string().contains("archive/00000001/none"), "{err}");
+        assert!(
+            err.to_string().contains("s3://pgha-test/clusters/one"),
+            "{err}"
+        );
+        for bad in ["", "/abs", "a/../b", "a//b", ".hidden", "a b"] {
+            assert!(
+                matches!(repo.open(bad), Err(RepoError::BadKey { .. })),
+                "{bad:?}"
+            );
+            assert!(
+                matches!(
+                    repo.create(bad, &mut &b""[..]),
+                    Err(RepoError::BadKey { .. })
+                ),
+                "{bad:?}"
+            );
+            assert!(
+                matches!(repo.delete(bad), Err(RepoError::BadKey { .. })),
+                "{bad:?}"
+            );
+        }
+
+        repo.delete("archive/00000001/obj").unwrap();
+        repo.delete("archive/00000001/obj").unwrap();
+        assert_eq!(repo.list("archive/00000001").unwrap(), ["other"]);
+        assert!(matches!(
+            repo.read("archive/00000001/obj"),
+            Err(RepoError::NotFound { .. })
+        ));
+        // Deleted, the key can be created again.
+        repo.create("archive/00000001/obj", &mut &b"again"[..])
+            .unwrap();
+        assert_eq!(repo.read("archive/00000001/obj").unwrap(), b"again");
+
+        // The prefix keeps repositories apart in one bucket.
+        let other = open(&config(&moto, "pgha-test", "clusters/two", dir.path()));
+        assert_eq!(other.list("").unwrap(), Vec::<String>::new());
+        let root = open(&config(&moto, "pgha-test", "", dir.path()));
+        assert_eq!(root.list("").unwrap(), ["clusters"]);
+        assert_eq!(root.read("clusters/one/archive/00000002/x").unwrap(), b"x");
+
+        // A bucket that does not exist: named, not taken for an empty one.
+        let missing = open(&config(&moto, "no-such-bucket", "", dir.path()));
+        let err = missing.list("archive").unwrap_err();
+        assert!(matches!(err, RepoError::Missing { .. }), "{err}");
+        assert!(err.to_string().contains("s3://no-such-bucket"), "{err}");
+        let err = missing.create("archive/obj", &mut &b"x"[..]).unwrap_err();
+        assert!(err.to_string().contains("archive/obj"), "{err}");
+        assert!(err.to_string().contains("s3://no-such-bucket"), "{err}");
+    }
+
+    /// More than one part: staged, copied into place without replacing,
+    /// read back whole, and no staging object left over.
+    #[test]
+    fn large_objects_are_staged_and_never_replace_one() {
+        let moto = Moto::start();
+        moto.bucket("pgha-large");
+        let dir = tempfile::tempdir().unwrap();
+        let repo = open(&config(&moto, "pgha-large", "p", dir.path()));
+        let data: Vec<u8> = (0..PART_SIZE * 2 + 12345)
+            .map(|i| (i % 251) as u8)
+            .collect();
+        assert_eq!(
+            repo.create("backup/b1/base.tar.zst", &mut &data[..])
+                .unwrap(),
+            Created::New {
+                bytes: data.len() as u64
+            }
+        );
+        let mut back = Vec::new();
+        repo.open("backup/b1/base.tar.zst")
+            .unwrap()
+            .read_to_end(&mut back)
+            .unwrap();
+        assert!(back == data, "the object read back differs");
+        let root = open(&config(&moto, "pgha-large", "", dir.path()));
+        assert_eq!(root.list("p/backup/b1").unwrap(), ["base.tar.zst"]);
+
+        // A second large create of the same key: kept, and the staging
+        // object it uploaded is gone (listing hides dot names, so look at
+        // the raw bucket).
+        let other: Vec<u8> = vec![7u8; PART_SIZE + 1];
+        // Skip the HEAD shortcut by racing through the staged path: the
+        // key exists, so create answers Existed either way.
+        assert_eq!(
+            repo.create("backup/b1/base.tar.zst", &mut &other[..])
+                .unwrap(),
+            Created::Existed
+        );
+        let store = repo.store.clone();
+        let all: Vec<String> = repo.run(async move {
+            store
+                .list(None)
+                .map(|m| m.unwrap().location.to_string())
+                .collect()
+                .await
+        });
+        assert_eq!(all, ["p/backup/b1/base.tar.zst"]);
+        assert_eq!(
+            repo.read("backup/b1/base.tar.zst").unwrap().len(),
+            data.len()
+        );
+
+        // The staged path on its own: the copy that would replace the
+        // object is refused by the server, and the staging object removed.
+        let path = repo.object("backup/b1/base.tar.zst").unwrap();
+        let first = other[..PART_SIZE].to_vec();
+        let got = repo
+            .create_large(
+                "backup/b1/base.tar.zst",
+                path,
+                first,
+                &mut &other[PART_SIZE..],
+            )
+            .unwrap();
+        assert_eq!(got, Created::Existed);
+        let store = repo.store.clone();
+        let all: Vec<String> = repo.run(async move {
+            store
+                .list(None)
+                .map(|m| m.unwrap().location.to_string())
+                .collect()
+                .await
+        });
+        assert_eq!(all, ["p/backup/b1/base.tar.zst"]);
+        let back = repo.read("backup/b1/base.tar.zst").unwrap();
+        assert!(back == data, "the object was replaced");
+    }
+
+    /// The single-PUT path on its own: `If-None-Match: *` makes the server
+    /// refuse a replacement even when the HEAD check is not there to stop
+    /// it (two writers racing).
+    #[test]
+    fn a_conditional_put_keeps_the_first_object() {
+        let moto = Moto::start();
+        moto.bucket("pgha-race");
+        let dir = tempfile::tempdir().unwrap();
+        let repo = open(&config(&moto, "pgha-race", "", dir.path()));
+        repo.create("k/obj", &mut &b"first"[..]).unwrap();
+        let store = repo.store.clone();
+        let path = repo.object("k/obj").unwrap();
+        let put = repo.run(async move {
+            store
+                .put_opts(
+                    &path,
+                    PutPayload::from_static(b"second"),
+                    PutOptions {
+                        mode: PutMode::Create,
+                        ..PutOptions::default()
+                    },
+                )
+                .await
+        });
+        assert!(
+            matches!(put, Err(object_store::Error::AlreadyExists { .. })),
+            "{put:?}"
+        );
+        assert_eq!(repo.read("k/obj").unwrap(), b"first");
+    }
+
+    #[test]
+    fn the_credentials_file_must_be_private_and_well_formed() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = S3Config {
+            bucket: "b-1".into(),
+            prefix: String::new(),
+            endpoint: None,
+            region: DEFAULT_S3_REGION.into(),
+            path_style: false,
+            credentials_file: dir.path().join("creds"),
+            config_path: dir.path().join("pgha.toml"),
+        };
+        let err = cfg.load_credentials().unwrap_err().to_string();
+        assert!(err.contains("backup.s3_credentials_file"), "{err}");
+        assert!(err.contains("pgha.toml"), "{err}");
+        std::fs::write(
+            &cfg.credentials_file,
+            "access_key_id = \"AK\"\nsecret_access_key = \"SECRET\"\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(
+            &cfg.credentials_file,
+            std::fs::Permissions::from_mode(0o640),
+        )
+        .unwrap();
+        let err = cfg.load_credentials().unwrap_err().to_string();
+        assert!(err.contains("mode 0640"), "{err}");
+        assert!(!err.contains("SECRET"), "{err}");
+        std::fs::set_permissions(
+            &cfg.credentials_file,
+            std::fs::Permissions::from_mode(0o600),
+        )
+        .unwrap();
+        let creds = cfg.load_credentials().unwrap();
+        assert_eq!(creds.access_key_id, "AK");
+        assert!(!format!("{creds:?}").contains("SECRET"));
+        // A symlink to it is refused (O_NOFOLLOW).
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&cfg.credentials_file, &link).unwrap();
+        let linked = S3Config {
+            credentials_file: link,
+            ..cfg.clone()
+        };
+        assert!(linked.load_credentials().is_err());
+        std::fs::write(&cfg.credentials_file, "access_key_id = \"AK\"\n").unwrap();
+        let err = cfg.load_credentials().unwrap_err().to_string();
+        assert!(err.contains("secret_access_key"), "{err}");
+        std::fs::write(
+            &cfg.credentials_file,
+            "access_key_id = \"\"\nsecret_access_key = \"S\"\n",
+        )
+        .unwrap();
+        let err = cfg.load_credentials().unwrap_err().to_string();
+        assert!(err.contains("access_key_id"), "{err}");
     }
 }

@@ -538,4 +538,137 @@ mod tests {
         let table: toml::Table = toml::from_str(&text).unwrap();
         assert_eq!(table.keys().collect::<Vec<_>>(), ["backup"]);
     }
+
+    #[test]
+    fn s3_repository_keys() {
+        let cfg = BackupConfig::validate(
+            Path::new("/etc/pgha/node.toml"),
+            raw("[backup]\nrepository = \"s3://my-bucket/pg/main/\"\n\
+                 s3_endpoint = \"http://127.0.0.1:9000/\"\n\
+                 s3_path_style = true\n\
+                 s3_credentials_file = \"s3.credentials\"\n"),
+            |p| Path::new("/etc/pgha").join(p),
+        )
+        .unwrap();
+        let s3 = cfg.s3.clone().expect("an S3 repository");
+        assert_eq!(s3.bucket, "my-bucket");
+        assert_eq!(s3.prefix, "pg/main");
+        assert_eq!(s3.endpoint.as_deref(), Some("http://127.0.0.1:9000"));
+        assert_eq!(s3.region, DEFAULT_S3_REGION);
+        assert!(s3.path_style);
+        assert_eq!(s3.credentials_file, Path::new("/etc/pgha/s3.credentials"));
+        assert_eq!(cfg.repository, Path::new("s3://my-bucket/pg/main"));
+
+        // The rendered file names the credentials file, and reads back the
+        // same; it never holds a secret (the file is not even read here).
+        let text = RepositoryFile::render(&cfg);
+        assert!(
+            text.contains("s3_credentials_file = \"/etc/pgha/s3.credentials\""),
+            "{text}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("backup.toml");
+        std::fs::write(&path, &text).unwrap();
+        let back = load_backup_config(&path).unwrap();
+        let mut expected = cfg.clone();
+        expected.s3.as_mut().unwrap().config_path = path.clone();
+        assert_eq!(back, expected);
+
+        // A bucket alone: no prefix, AWS, virtual-hosted.
+        let cfg = BackupConfig::validate(
+            Path::new("/n.toml"),
+            raw(
+                "[backup]\nrepository = \"s3://b.example\"\ns3_region = \"eu-west-3\"\n\
+                 s3_credentials_file = \"/c\"\n",
+            ),
+            Path::to_path_buf,
+        )
+        .unwrap();
+        let s3 = cfg.s3.unwrap();
+        assert_eq!(
+            (s3.prefix.as_str(), s3.endpoint, s3.path_style),
+            ("", None, false)
+        );
+        assert_eq!(s3.region, "eu-west-3");
+    }
+
+    #[test]
+    fn bad_s3_values_name_the_key() {
+        let s3 = "repository = \"s3://bucket/p\"\ns3_credentials_file = \"/c\"";
+        let cases = [
+            (
+                "repository = \"s3://Bucket\"\ns3_credentials_file = \"/c\"",
+                "backup.repository",
+            ),
+            (
+                "repository = \"s3://b\"\ns3_credentials_file = \"/c\"",
+                "backup.repository",
+            ),
+            (
+                "repository = \"s3://\"\ns3_credentials_file = \"/c\"",
+                "backup.repository",
+            ),
+            (
+                "repository = \"s3://bucket/a/../b\"\ns3_credentials_file = \"/c\"",
+                "backup.repository",
+            ),
+            (
+                "repository = \"s3://bucket/a//b\"\ns3_credentials_file = \"/c\"",
+                "backup.repository",
+            ),
+            ("repository = \"s3://bucket\"", "backup.s3_credentials_file"),
+            (
+                &format!("{s3}\ns3_endpoint = \"ftp://host\""),
+                "backup.s3_endpoint",
+            ),
+            (
+                &format!("{s3}\ns3_endpoint = \"http://host/bucket\""),
+                "backup.s3_endpoint",
+            ),
+            (
+                &format!("{s3}\ns3_endpoint = \"https://key:secret@host\""),
+                "backup.s3_endpoint",
+            ),
+            (
+                &format!("{s3}\ns3_endpoint = \"not a url\""),
+                "backup.s3_endpoint",
+            ),
+            (&format!("{s3}\ns3_region = \"\""), "backup.s3_region"),
+            (
+                &format!("{s3}\ns3_region = \"EU West\""),
+                "backup.s3_region",
+            ),
+            (
+                "repository = \"/r\"\ns3_region = \"us-east-1\"",
+                "backup.s3_region",
+            ),
+            (
+                "repository = \"/r\"\ns3_endpoint = \"http://h\"",
+                "backup.s3_endpoint",
+            ),
+            (
+                "repository = \"/r\"\ns3_path_style = true",
+                "backup.s3_path_style",
+            ),
+            (
+                "repository = \"/r\"\ns3_credentials_file = \"/c\"",
+                "backup.s3_credentials_file",
+            ),
+        ];
+        for (lines, key) in cases {
+            let err = BackupConfig::validate(
+                Path::new("/n.toml"),
+                raw(&format!("[backup]\n{lines}\n")),
+                Path::to_path_buf,
+            )
+            .unwrap_err();
+            match err {
+                ConfigError::Invalid { key: k, path, .. } => {
+                    assert_eq!(k, key, "{lines}");
+                    assert_eq!(path, Path::new("/n.toml"));
+                }
+                other => panic!("{lines}: {other}"),
+            }
+        }
+    }
 }
