@@ -799,7 +799,7 @@ async fn s3_repository_archive_backup_and_restore_to_latest() {
         s3.keys("").unwrap().iter().all(|k| k.starts_with(prefix)),
         "every object under the prefix"
     );
-    assert_eq!(backup_ids(&config).await, [id.clone()]);
+    assert_eq!(backup_ids(&config).await, std::slice::from_ref(&id));
     let (ok, out, err) = pgha(&["backup", "verify", "-c", &config]).await.unwrap();
     assert!(ok, "verify failed: {out}{err}");
 
