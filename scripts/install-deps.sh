@@ -38,3 +38,15 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 # The Debian packages start their own etcd/haproxy services where systemd
 # runs; pgha's tests start private instances on free ports and need none.
+# The S3 repository tests (src/backup/s3.rs, tests/it/backup.rs) run a
+# local S3-compatible server: moto's moto_server, from PyPI.
+if ! command -v moto_server >/dev/null; then
+  if ! command -v pip3 >/dev/null && ! command -v pip >/dev/null; then
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get install -y -qq python3-pip >/dev/null
+  fi
+  pip="$(command -v pip3 || command -v pip)"
+  "$pip" install --quiet 'moto[server]' 2>/dev/null ||
+    "$pip" install --quiet --break-system-packages 'moto[server]'
+fi

@@ -27,7 +27,8 @@ pub fn prepare(
         RepositoryFile::render(cfg).as_bytes(),
         0o600,
     )?;
-    if std::fs::symlink_metadata(&cfg.repository).is_err() {
+    // An S3 repository is a bucket the operator made; nothing to create.
+    if cfg.s3.is_none() && std::fs::symlink_metadata(&cfg.repository).is_err() {
         // Created through a descriptor, never following a symlink at the
         // last component, and handed to the PostgreSQL account.
         TrustedDir::create(&cfg.repository, pg_owner, 0o750, Strictness::OwnerOnly)?;
@@ -59,6 +60,7 @@ mod tests {
             parallel: 2,
             keep: 2,
             archive_mode: ArchiveMode::On,
+            s3: None,
         };
         let a = archiving(
             &cfg,

@@ -3,6 +3,7 @@
 //!
 //! - [`naming`]: WAL names and repository keys (pure).
 //! - [`repo`]: the [`repo::Repository`] trait and the directory repository.
+//! - [`s3`]: the repository in an S3-compatible object store.
 //! - [`file`]: one WAL file in and out (`archive_command`,
 //!   `restore_command`); [`crate::cli::wal`] wraps it.
 //! - [`retention`]: which backups and archived WAL `keep` lets go.
@@ -17,6 +18,7 @@ pub mod naming;
 pub mod repo;
 pub mod restore;
 pub mod retention;
+pub mod s3;
 
 use std::path::PathBuf;
 
@@ -54,7 +56,27 @@ pub enum BackupError {
     },
 }
 
-/// The repository a validated `[backup]` table names.
-pub fn open_repository(cfg: &crate::config::backup::BackupConfig) -> Box<dyn repo::Repository> {
-    Box::new(repo::DirRepository::new(cfg.repository.clone()))
+/// Why [`open_repository`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The S3 credentials file is missing, unsafe or malformed.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    S3(#[from] s3::OpenError),
+}
+
+/// The repository a validated `[backup]` table names. For S3 this reads
+/// the credentials file, so it is done by the command that needs the
+/// repository, as the account that runs it.
+pub fn open_repository(
+    cfg: &crate::config::backup::BackupConfig,
+) -> Result<Box<dyn repo::Repository>, OpenError> {
+    match &cfg.s3 {
+        None => Ok(Box::new(repo::DirRepository::new(cfg.repository.clone()))),
+        Some(s3cfg) => {
+            let creds = s3cfg.load_credentials()?;
+            Ok(Box::new(s3::S3Repository::new(s3cfg, &creds)?))
+        }
+    }
 }

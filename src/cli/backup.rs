@@ -11,7 +11,7 @@ use clap::{Subcommand, ValueEnum};
 use super::UsageError;
 use crate::backup::base::{self, BackupSource, Manifest};
 use crate::backup::repo::Repository;
-use crate::backup::{file, naming, open_repository, restore, retention};
+use crate::backup::{OpenError, file, naming, open_repository, restore, retention};
 use crate::config::Config;
 use crate::config::backup::{BackupConfig, RepositoryFile};
 use crate::dcs::Dcs;
@@ -68,6 +68,16 @@ fn backup_config(cfg: &Config) -> anyhow::Result<&BackupConfig> {
     })
 }
 
+/// Opens the repository; a bad S3 credentials file is a configuration
+/// error (exit 2), found by [`super::exit_code`] under anyhow.
+fn repository(b: &BackupConfig) -> anyhow::Result<Arc<dyn Repository>> {
+    match open_repository(b) {
+        Ok(r) => Ok(Arc::from(r)),
+        Err(OpenError::Config(e)) => Err(e.into()),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// A byte progress bar on a terminal; nothing otherwise.
 fn progress_bar(what: &str) -> Option<indicatif::ProgressBar> {
     if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
@@ -106,7 +116,7 @@ pub async fn take(cfg: &Config, from: From, json: bool) -> anyhow::Result<()> {
             .cloned()
             .context("no streaming replica to back up from; use --from leader")?,
     };
-    let repo: Arc<dyn Repository> = Arc::from(open_repository(&b));
+    let repo = repository(&b)?;
     let bar = progress_bar(&format!("backing up {}", member.name));
     let started = Instant::now();
     let nudge = (from == From::Replica).then(|| {
@@ -348,7 +358,7 @@ pub async fn action(action: BackupAction) -> anyhow::Result<()> {
     match action {
         BackupAction::List { config, json } => {
             let cfg = super::load_config(&config)?;
-            let repo = open_repository(backup_config(&cfg)?);
+            let repo = repository(backup_config(&cfg)?)?;
             let list = tokio::task::spawn_blocking(move || base::list(repo.as_ref())).await??;
             if json {
                 println!("{}", serde_json::to_string_pretty(&list)?);
@@ -378,7 +388,7 @@ pub async fn action(action: BackupAction) -> anyhow::Result<()> {
             let b = crate::config::backup::load_backup_config(&config)
                 .map_err(|e| UsageError(e.to_string()))?;
             let keep = b.keep;
-            let repo = open_repository(&b);
+            let repo = repository(&b)?;
             let report =
                 tokio::task::spawn_blocking(move || retention::expire(repo.as_ref(), keep))
                     .await??;
@@ -391,7 +401,7 @@ pub async fn action(action: BackupAction) -> anyhow::Result<()> {
         }
         BackupAction::Verify { config, id, json } => {
             let cfg = super::load_config(&config)?;
-            let repo = open_repository(backup_config(&cfg)?);
+            let repo = repository(backup_config(&cfg)?)?;
             let reports = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
                 let list = base::list(repo.as_ref())?;
                 let chosen: Vec<&Manifest> = match &id {
@@ -447,7 +457,7 @@ pub async fn restore(
 ) -> anyhow::Result<()> {
     let b = backup_config(cfg)?.clone();
     let target = restore::parse_target(to).map_err(|e| UsageError(format!("--to {e}")))?;
-    let repo: Arc<dyn Repository> = Arc::from(open_repository(&b));
+    let repo = repository(&b)?;
     let list = {
         let repo = repo.clone();
         tokio::task::spawn_blocking(move || base::list(repo.as_ref())).await??

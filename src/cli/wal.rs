@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use clap::Subcommand;
 
 use crate::backup::file::{self, Pushed};
-use crate::backup::{BackupError, open_repository};
+use crate::backup::{BackupError, OpenError, open_repository};
 use crate::config::backup::load_backup_config;
 
 /// Exit code of `wal get` for an object that exists but cannot be trusted.
@@ -58,7 +58,17 @@ pub fn main(action: &WalAction) -> i32 {
             return super::EXIT_CONFIG;
         }
     };
-    let repo = open_repository(&cfg);
+    let repo = match open_repository(&cfg) {
+        Ok(r) => r,
+        Err(e @ OpenError::Config(_)) => {
+            eprintln!("pgha wal: {e}");
+            return super::EXIT_CONFIG;
+        }
+        Err(e) => {
+            eprintln!("pgha wal: {}", chain(&e));
+            return super::EXIT_FAILURE;
+        }
+    };
     match action {
         WalAction::Push { path, .. } => match file::push(
             repo.as_ref(),

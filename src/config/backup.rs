@@ -15,7 +15,8 @@ use super::ConfigError;
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawBackup {
-    /// A directory (local disk or an NFS mount) that holds the repository.
+    /// A directory (local disk or an NFS mount) that holds the repository,
+    /// or `s3://bucket[/prefix]` for an S3-compatible object store.
     pub repository: PathBuf,
     /// zstd level for WAL segments and base backups.
     #[serde(default = "default_compress_level")]
@@ -31,16 +32,156 @@ pub struct RawBackup {
     /// before it died still reaches the repository).
     #[serde(default = "default_archive_mode")]
     pub archive_mode: String,
+    /// S3 only: the endpoint URL (default: AWS, from the region).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3_endpoint: Option<String>,
+    /// S3 only: the region requests are signed for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3_region: Option<String>,
+    /// S3 only: `http://endpoint/bucket/key` rather than
+    /// `http://bucket.endpoint/key`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3_path_style: Option<bool>,
+    /// S3 only: the file with the access key (see [`S3Credentials`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3_credentials_file: Option<PathBuf>,
 }
 
 /// Validated `[backup]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BackupConfig {
+    /// The directory of a directory repository; for S3, the URL as
+    /// `s3://bucket[/prefix]` (and [`BackupConfig::s3`] says where it is).
     pub repository: PathBuf,
     pub compress_level: i32,
     pub parallel: usize,
     pub keep: usize,
     pub archive_mode: ArchiveMode,
+    /// Set when the repository is an S3 bucket.
+    pub s3: Option<S3Config>,
+}
+
+/// Where an S3 repository is and how to reach it. Holds the path of the
+/// credentials file, never the secret: this is rendered into the
+/// repository file and may show up in `Debug` output.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct S3Config {
+    pub bucket: String,
+    /// Key prefix without leading or trailing `/`; empty for none.
+    pub prefix: String,
+    /// `http(s)://host[:port]`; `None` for AWS itself.
+    pub endpoint: Option<String>,
+    pub region: String,
+    pub path_style: bool,
+    pub credentials_file: PathBuf,
+    /// The configuration file the keys were read from, for messages.
+    pub config_path: PathBuf,
+}
+
+/// The contents of `s3_credentials_file`.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3Credentials {
+    pub access_key_id: String,
+    pub secret_access_key: String,
+    /// For temporary credentials (STS).
+    #[serde(default)]
+    pub session_token: Option<String>,
+}
+
+/// Never prints the secret.
+impl std::fmt::Debug for S3Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Credentials")
+            .field("access_key_id", &self.access_key_id)
+            .field("secret_access_key", &"<redacted>")
+            .field(
+                "session_token",
+                &self.session_token.as_ref().map(|_| "<redacted>"),
+            )
+            .finish()
+    }
+}
+
+/// The region requests are signed for when `s3_region` is not set.
+pub const DEFAULT_S3_REGION: &str = "us-east-1";
+
+/// S3 bucket naming rules (the DNS-compatible ones every S3 server
+/// accepts): 3-63 characters, lower-case letters, digits, `-` and `.`,
+/// starting and ending with a letter or digit.
+fn valid_bucket(b: &str) -> bool {
+    (3..=63).contains(&b.len())
+        && b.bytes()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-' || c == b'.')
+        && b.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && b.ends_with(|c: char| c.is_ascii_alphanumeric())
+        && !b.contains("..")
+}
+
+impl S3Config {
+    /// `s3://bucket[/prefix]` again.
+    pub fn url(&self) -> String {
+        if self.prefix.is_empty() {
+            format!("s3://{}", self.bucket)
+        } else {
+            format!("s3://{}/{}", self.bucket, self.prefix)
+        }
+    }
+
+    /// Reads the credentials file. It must be a regular file (not a
+    /// symlink) that neither group nor others can read or write: it holds
+    /// the secret key, and the commands that read it run as the PostgreSQL
+    /// account, so it normally belongs to that account with mode 0600.
+    pub fn load_credentials(&self) -> Result<S3Credentials, ConfigError> {
+        use std::io::Read;
+        use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+        let key = "backup.s3_credentials_file";
+        let path = &self.credentials_file;
+        let bad = |msg: String| {
+            ConfigError::invalid(&self.config_path, key, format!("{}: {msg}", path.display()))
+        };
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path)
+            .map_err(|e| bad(format!("cannot open: {e}")))?;
+        let meta = file
+            .metadata()
+            .map_err(|e| bad(format!("cannot stat: {e}")))?;
+        if !meta.is_file() {
+            return Err(bad("not a regular file".into()));
+        }
+        if meta.mode() & 0o077 != 0 {
+            return Err(bad(format!(
+                "mode {:04o} lets group or others at the secret key; chmod 600 it",
+                meta.mode() & 0o7777
+            )));
+        }
+        let mut text = String::new();
+        file.read_to_string(&mut text)
+            .map_err(|e| bad(format!("cannot read: {e}")))?;
+        let creds: S3Credentials = toml::from_str(&text).map_err(|e| ConfigError::Syntax {
+            path: path.clone(),
+            line: e
+                .span()
+                .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1)
+                .unwrap_or(1),
+            message: e.message().trim().to_string(),
+        })?;
+        for (name, value) in [
+            ("access_key_id", &creds.access_key_id),
+            ("secret_access_key", &creds.secret_access_key),
+        ] {
+            if value.is_empty() || value.chars().any(|c| c.is_control() || c == ' ') {
+                return Err(ConfigError::invalid(
+                    path,
+                    name,
+                    "must be non-empty, without spaces or control characters",
+                ));
+            }
+        }
+        Ok(creds)
+    }
 }
 
 /// Which servers run `archive_command`.
@@ -91,13 +232,33 @@ impl BackupConfig {
         if raw.repository.as_os_str().is_empty() {
             return Err(bad("backup.repository", "must not be empty".into()));
         }
-        let repository: PathBuf = resolve(&raw.repository).components().collect();
-        if repository == Path::new("/") {
-            return Err(bad(
-                "backup.repository",
-                "must name a directory other than /".into(),
-            ));
-        }
+        let text = raw.repository.to_string_lossy();
+        let (repository, s3) = if let Some(rest) = text.strip_prefix("s3://") {
+            let s3 = validate_s3(path, rest, &raw, &resolve)?;
+            (PathBuf::from(s3.url()), Some(s3))
+        } else {
+            for (key, set) in [
+                ("backup.s3_endpoint", raw.s3_endpoint.is_some()),
+                ("backup.s3_region", raw.s3_region.is_some()),
+                ("backup.s3_path_style", raw.s3_path_style.is_some()),
+                (
+                    "backup.s3_credentials_file",
+                    raw.s3_credentials_file.is_some(),
+                ),
+            ] {
+                if set {
+                    return Err(bad(key, "applies only to an s3:// repository".into()));
+                }
+            }
+            let repository: PathBuf = resolve(&raw.repository).components().collect();
+            if repository == Path::new("/") {
+                return Err(bad(
+                    "backup.repository",
+                    "must name a directory other than /".into(),
+                ));
+            }
+            (repository, None)
+        };
         // zstd accepts 1..=22; 20 and above need much more memory on both
         // sides, which a restore on a small host may not have.
         if !(1..=19).contains(&raw.compress_level) {
@@ -134,6 +295,7 @@ impl BackupConfig {
             parallel: raw.parallel,
             keep: raw.keep,
             archive_mode,
+            s3,
         })
     }
 
@@ -146,8 +308,102 @@ impl BackupConfig {
             parallel: self.parallel,
             keep: self.keep,
             archive_mode: self.archive_mode.as_str().into(),
+            s3_endpoint: self.s3.as_ref().and_then(|s| s.endpoint.clone()),
+            s3_region: self.s3.as_ref().map(|s| s.region.clone()),
+            s3_path_style: self.s3.as_ref().map(|s| s.path_style),
+            s3_credentials_file: self.s3.as_ref().map(|s| s.credentials_file.clone()),
         }
     }
+}
+
+/// The S3 keys of `[backup]` for `repository = "s3://<rest>"`.
+fn validate_s3(
+    path: &Path,
+    rest: &str,
+    raw: &RawBackup,
+    resolve: &impl Fn(&Path) -> PathBuf,
+) -> Result<S3Config, ConfigError> {
+    let bad = |key: &str, msg: String| ConfigError::invalid(path, key, msg);
+    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    if !valid_bucket(bucket) {
+        return Err(bad(
+            "backup.repository",
+            format!(
+                "{bucket:?} is not a bucket name (3-63 lower-case letters, digits, '-' and '.')"
+            ),
+        ));
+    }
+    let prefix = prefix.trim_end_matches('/');
+    if !prefix.is_empty() && !crate::backup::repo::valid_key(prefix) {
+        return Err(bad(
+            "backup.repository",
+            format!(
+                "{prefix:?} is not a key prefix (components of printable characters, no '.', '..' or empty ones)"
+            ),
+        ));
+    }
+    let region = raw
+        .s3_region
+        .clone()
+        .unwrap_or_else(|| DEFAULT_S3_REGION.into());
+    if region.is_empty()
+        || !region
+            .bytes()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-')
+    {
+        return Err(bad(
+            "backup.s3_region",
+            format!("{region:?} must be lower-case letters, digits and '-'"),
+        ));
+    }
+    let endpoint = match &raw.s3_endpoint {
+        None => None,
+        Some(e) => Some(validate_endpoint(e).map_err(|m| bad("backup.s3_endpoint", m))?),
+    };
+    let Some(credentials_file) = &raw.s3_credentials_file else {
+        return Err(bad(
+            "backup.s3_credentials_file",
+            "is required with an s3:// repository".into(),
+        ));
+    };
+    if credentials_file.as_os_str().is_empty() {
+        return Err(bad(
+            "backup.s3_credentials_file",
+            "must not be empty".into(),
+        ));
+    }
+    Ok(S3Config {
+        bucket: bucket.into(),
+        prefix: prefix.into(),
+        endpoint,
+        region,
+        path_style: raw.s3_path_style.unwrap_or(false),
+        credentials_file: resolve(credentials_file).components().collect(),
+        config_path: path.to_path_buf(),
+    })
+}
+
+/// `http(s)://host[:port]` with nothing after it (a trailing `/` is
+/// dropped); returns it normalised.
+fn validate_endpoint(e: &str) -> Result<String, String> {
+    let url = reqwest::Url::parse(e).map_err(|err| format!("{e:?}: {err}"))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(format!("{e:?} must start with http:// or https://"));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(format!("{e:?} has no host"));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(format!(
+            "{e:?}: credentials go in s3_credentials_file, not in the URL"
+        ));
+    }
+    if url.path() != "/" || url.query().is_some() || url.fragment().is_some() {
+        return Err(format!(
+            "{e:?} must be scheme://host[:port] only (the bucket goes in repository)"
+        ));
+    }
+    Ok(url.as_str().trim_end_matches('/').to_string())
 }
 
 /// The repository file the agent renders for the PostgreSQL account: the
@@ -272,6 +528,7 @@ mod tests {
             parallel: 3,
             keep: 4,
             archive_mode: ArchiveMode::Always,
+            s3: None,
         };
         let text = RepositoryFile::render(&cfg);
         let dir = tempfile::tempdir().unwrap();
@@ -280,5 +537,138 @@ mod tests {
         assert_eq!(load_backup_config(&path).unwrap(), cfg);
         let table: toml::Table = toml::from_str(&text).unwrap();
         assert_eq!(table.keys().collect::<Vec<_>>(), ["backup"]);
+    }
+
+    #[test]
+    fn s3_repository_keys() {
+        let cfg = BackupConfig::validate(
+            Path::new("/etc/pgha/node.toml"),
+            raw("[backup]\nrepository = \"s3://my-bucket/pg/main/\"\n\
+                 s3_endpoint = \"http://127.0.0.1:9000/\"\n\
+                 s3_path_style = true\n\
+                 s3_credentials_file = \"s3.credentials\"\n"),
+            |p| Path::new("/etc/pgha").join(p),
+        )
+        .unwrap();
+        let s3 = cfg.s3.clone().expect("an S3 repository");
+        assert_eq!(s3.bucket, "my-bucket");
+        assert_eq!(s3.prefix, "pg/main");
+        assert_eq!(s3.endpoint.as_deref(), Some("http://127.0.0.1:9000"));
+        assert_eq!(s3.region, DEFAULT_S3_REGION);
+        assert!(s3.path_style);
+        assert_eq!(s3.credentials_file, Path::new("/etc/pgha/s3.credentials"));
+        assert_eq!(cfg.repository, Path::new("s3://my-bucket/pg/main"));
+
+        // The rendered file names the credentials file, and reads back the
+        // same; it never holds a secret (the file is not even read here).
+        let text = RepositoryFile::render(&cfg);
+        assert!(
+            text.contains("s3_credentials_file = \"/etc/pgha/s3.credentials\""),
+            "{text}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("backup.toml");
+        std::fs::write(&path, &text).unwrap();
+        let back = load_backup_config(&path).unwrap();
+        let mut expected = cfg.clone();
+        expected.s3.as_mut().unwrap().config_path = path.clone();
+        assert_eq!(back, expected);
+
+        // A bucket alone: no prefix, AWS, virtual-hosted.
+        let cfg = BackupConfig::validate(
+            Path::new("/n.toml"),
+            raw(
+                "[backup]\nrepository = \"s3://b.example\"\ns3_region = \"eu-west-3\"\n\
+                 s3_credentials_file = \"/c\"\n",
+            ),
+            Path::to_path_buf,
+        )
+        .unwrap();
+        let s3 = cfg.s3.unwrap();
+        assert_eq!(
+            (s3.prefix.as_str(), s3.endpoint, s3.path_style),
+            ("", None, false)
+        );
+        assert_eq!(s3.region, "eu-west-3");
+    }
+
+    #[test]
+    fn bad_s3_values_name_the_key() {
+        let s3 = "repository = \"s3://bucket/p\"\ns3_credentials_file = \"/c\"";
+        let cases = [
+            (
+                "repository = \"s3://Bucket\"\ns3_credentials_file = \"/c\"",
+                "backup.repository",
+            ),
+            (
+                "repository = \"s3://b\"\ns3_credentials_file = \"/c\"",
+                "backup.repository",
+            ),
+            (
+                "repository = \"s3://\"\ns3_credentials_file = \"/c\"",
+                "backup.repository",
+            ),
+            (
+                "repository = \"s3://bucket/a/../b\"\ns3_credentials_file = \"/c\"",
+                "backup.repository",
+            ),
+            (
+                "repository = \"s3://bucket/a//b\"\ns3_credentials_file = \"/c\"",
+                "backup.repository",
+            ),
+            ("repository = \"s3://bucket\"", "backup.s3_credentials_file"),
+            (
+                &format!("{s3}\ns3_endpoint = \"ftp://host\""),
+                "backup.s3_endpoint",
+            ),
+            (
+                &format!("{s3}\ns3_endpoint = \"http://host/bucket\""),
+                "backup.s3_endpoint",
+            ),
+            (
+                &format!("{s3}\ns3_endpoint = \"https://key:secret@host\""),
+                "backup.s3_endpoint",
+            ),
+            (
+                &format!("{s3}\ns3_endpoint = \"not a url\""),
+                "backup.s3_endpoint",
+            ),
+            (&format!("{s3}\ns3_region = \"\""), "backup.s3_region"),
+            (
+                &format!("{s3}\ns3_region = \"EU West\""),
+                "backup.s3_region",
+            ),
+            (
+                "repository = \"/r\"\ns3_region = \"us-east-1\"",
+                "backup.s3_region",
+            ),
+            (
+                "repository = \"/r\"\ns3_endpoint = \"http://h\"",
+                "backup.s3_endpoint",
+            ),
+            (
+                "repository = \"/r\"\ns3_path_style = true",
+                "backup.s3_path_style",
+            ),
+            (
+                "repository = \"/r\"\ns3_credentials_file = \"/c\"",
+                "backup.s3_credentials_file",
+            ),
+        ];
+        for (lines, key) in cases {
+            let err = BackupConfig::validate(
+                Path::new("/n.toml"),
+                raw(&format!("[backup]\n{lines}\n")),
+                Path::to_path_buf,
+            )
+            .unwrap_err();
+            match err {
+                ConfigError::Invalid { key: k, path, .. } => {
+                    assert_eq!(k, key, "{lines}");
+                    assert_eq!(path, Path::new("/n.toml"));
+                }
+                other => panic!("{lines}: {other}"),
+            }
+        }
     }
 }

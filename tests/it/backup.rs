@@ -717,3 +717,153 @@ async fn drop_table_failovers_retention_and_read_only_repository() {
     .with_context(|| format!("{failing} not archived after the repository came back"))
     .unwrap();
 }
+
+/// The S3 repository against a local S3-compatible server (moto): both
+/// servers archive WAL into the bucket under a prefix, a base backup is
+/// taken into it, and a restore to `latest` from it has every row
+/// committed before, including those only in archived WAL. The secret key
+/// stays in its private file: not in the rendered repository files, and a
+/// credentials file others can read is a configuration error (exit 2).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_repository_archive_backup_and_restore_to_latest() {
+    use crate::support::s3::{S3Server, SECRET};
+
+    let s3 = S3Server::start("pgha-it").unwrap();
+    let prefix = "clusters/s3";
+    let opts = ClusterOptions {
+        backup: Some(s3.backup_keys(prefix)),
+        ..ClusterOptions::default()
+    };
+    let cluster = Cluster::start("s3", 2, opts).await.unwrap();
+    let config = cluster.node("node1").config_path().display().to_string();
+    let leader = cluster.leader().await.unwrap().unwrap();
+    let node = cluster.node(&leader);
+    node.psql(
+        "CREATE TABLE s3_rows (id bigint PRIMARY KEY); \
+         INSERT INTO s3_rows SELECT generate_series(1, 1000)",
+    )
+    .await
+    .unwrap();
+
+    let (ok, out, err) = pgha(&["backup", "-c", &config, "--json"]).await.unwrap();
+    assert!(ok, "pgha backup failed: {err}\n{}", cluster.log_tails(20));
+    let summary: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let id = summary["id"].as_str().expect("a backup id").to_string();
+
+    // Rows only in WAL archived after the backup.
+    node.psql("INSERT INTO s3_rows SELECT generate_series(1001, 2000)")
+        .await
+        .unwrap();
+    let segment = node
+        .scalar("SELECT pg_walfile_name(pg_current_wal_lsn())")
+        .await
+        .unwrap()
+        .unwrap();
+    node.psql("SELECT pg_switch_wal()").await.unwrap();
+    wait_until(
+        Duration::from_secs(60),
+        Duration::from_millis(200),
+        || async {
+            let done = node
+                .scalar(&format!(
+                    "SELECT coalesce(last_archived_wal >= '{segment}', false) FROM pg_stat_archiver"
+                ))
+                .await
+                .ok()??;
+            (done == "t").then_some(())
+        },
+    )
+    .await
+    .with_context(|| format!("{segment} not archived\n{}", cluster.log_tails(20)))
+    .unwrap();
+    for name in cluster.replica_names().await.unwrap() {
+        let failed = cluster
+            .node(&name)
+            .scalar("SELECT failed_count FROM pg_stat_archiver")
+            .await
+            .unwrap();
+        assert_eq!(failed.as_deref(), Some("0"), "{name} failed to archive");
+    }
+    let archived = s3.keys(&format!("{prefix}/archive/00000001/")).unwrap();
+    assert!(
+        archived.iter().any(|k| k.contains(&segment)),
+        "{segment} not in the bucket: {archived:?}"
+    );
+    let backups = s3.keys(&format!("{prefix}/backup/{id}/")).unwrap();
+    assert!(
+        backups.iter().any(|k| k.ends_with("/manifest.json"))
+            && backups.iter().any(|k| k.ends_with("/base.tar.zst")),
+        "{backups:?}"
+    );
+    assert!(
+        s3.keys("").unwrap().iter().all(|k| k.starts_with(prefix)),
+        "every object under the prefix"
+    );
+    assert_eq!(backup_ids(&config).await, std::slice::from_ref(&id));
+    let (ok, out, err) = pgha(&["backup", "verify", "-c", &config]).await.unwrap();
+    assert!(ok, "verify failed: {out}{err}");
+
+    // What the agent renders for archive_command names the credentials
+    // file, never the secret.
+    for name in ["node1", "node2"] {
+        let rendered = cluster.node(name).state_dir().join("postgres/backup.toml");
+        let text = std::fs::read_to_string(&rendered).unwrap();
+        assert!(text.contains("s3_credentials_file"), "{text}");
+        assert!(!text.contains(SECRET), "{}", rendered.display());
+    }
+
+    let password = cluster.superuser_password().to_string();
+    let latest_dir = cluster.dir().join("latest");
+    let (ok, out, err) = pgha(&[
+        "restore",
+        "-c",
+        &config,
+        "--target-dir",
+        latest_dir.to_str().unwrap(),
+        "--to",
+        "latest",
+        "--port",
+        &free_port().to_string(),
+    ])
+    .await
+    .unwrap();
+    assert!(ok, "restore failed: {out}{err}");
+    let restored_file = std::fs::read_to_string(latest_dir.join("pgha_backup.toml")).unwrap();
+    assert!(!restored_file.contains(SECRET));
+    let latest = Restored::start(&latest_dir, port_of(&latest_dir), &password)
+        .await
+        .unwrap();
+    latest.wait_promoted().await.unwrap();
+    let ids = latest.ids("s3_rows").await.unwrap();
+    assert_eq!(ids, (1..=2000).collect::<BTreeSet<i64>>());
+    drop(latest);
+
+    // A credentials file group and others can read: a configuration
+    // error naming the file and key, exit 2, and the secret not echoed.
+    let loose = cluster.dir().join("loose.credentials");
+    std::fs::copy(s3.credentials_file(), &loose).unwrap();
+    std::fs::set_permissions(&loose, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let repo_file = cluster.dir().join("loose.toml");
+    std::fs::write(
+        &repo_file,
+        restored_file.replace(
+            &s3.credentials_file().display().to_string(),
+            &loose.display().to_string(),
+        ),
+    )
+    .unwrap();
+    let out = tokio::process::Command::new(PGHA_BIN)
+        .args(["wal", "get", "-c"])
+        .arg(&repo_file)
+        .args(["000000010000000000000001"])
+        .arg(cluster.dir().join("seg"))
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("backup.s3_credentials_file"), "{stderr}");
+    assert!(stderr.contains("loose.toml"), "{stderr}");
+    assert!(!stderr.contains(SECRET), "{stderr}");
+}

@@ -67,7 +67,8 @@ pub struct ClusterOptions {
     /// agents run the proxy; see [`Node::proxy_port`].
     pub embedded_proxy: bool,
     /// A `[backup]` table with its repository at `<test dir>/repo`, plus
-    /// these extra keys (TOML literals).
+    /// these extra keys (TOML literals; a `repository` key replaces that
+    /// directory).
     pub backup: Option<Vec<(String, String)>>,
     /// `api.token`, the same on every node (members then confirm each
     /// other's authenticated calls, such as `POST /failsafe`).
@@ -281,10 +282,15 @@ replication = {{ username = "{REPLICATION_USER}", password = "{repl_password}" }
             ));
         }
         if let Some(keys) = &opts.backup {
-            toml.push_str(&format!(
-                "\n[backup]\nrepository = {:?}\n",
-                test_dir.path().join("repo").display().to_string()
-            ));
+            toml.push_str("\n[backup]\n");
+            // A `repository` among the extra keys (an S3 URL) replaces the
+            // test directory's.
+            if !keys.iter().any(|(k, _)| k == "repository") {
+                toml.push_str(&format!(
+                    "repository = {:?}\n",
+                    test_dir.path().join("repo").display().to_string()
+                ));
+            }
             for (k, v) in keys {
                 toml.push_str(&format!("{k} = {v}\n"));
             }

@@ -10,6 +10,7 @@
 //! - [`Etcd`]: a single-node etcd that can be stopped, restarted and paused,
 //!   optionally serving TLS with client certificates from a [`Pki`].
 //! - [`wait_until`]: polls a condition with a deadline.
+//! - [`s3::S3Server`]: a local S3-compatible server (moto) with a bucket.
 //! - [`Cluster`], [`Node`]: real pgha agents with PostgreSQL (`cluster.rs`).
 //! - [`Writer`], [`OneWritablePrimary`]: failover oracles (`oracle.rs`).
 
@@ -24,6 +25,7 @@ mod pki;
 mod port;
 pub mod process;
 pub mod proxy;
+pub mod s3;
 mod wait;
 
 pub use cluster::{Cluster, ClusterOptions, Node};
