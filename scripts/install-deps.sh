@@ -6,8 +6,16 @@
 # nftables (network namespaces and fault rules of the chaos suite), systemd
 # (systemd-analyze, for the packaging tests), and clang
 # with libclang (the pg_query crate builds libpg_query and runs bindgen on it).
+#
+# --bench also installs the peers pgha-bench measures the proxy against:
+# pgbouncer (pgha-bench proxy) and pgpool-II (pgha-bench route). The tests
+# need neither.
 set -euo pipefail
 need=()
+if [ "${1:-}" = "--bench" ]; then
+  command -v pgbouncer >/dev/null || need+=(pgbouncer)
+  command -v pgpool >/dev/null || need+=(pgpool2)
+fi
 [ -x /usr/lib/postgresql/15/bin/postgres ] || need+=(postgresql-15)
 command -v etcd >/dev/null || need+=(etcd-server)
 command -v etcdctl >/dev/null || need+=(etcd-client)
@@ -36,5 +44,6 @@ if [ ${#need[@]} -gt 0 ]; then
   $sudo apt-get update -qq
   $sudo apt-get install -y -qq "${need[@]}" >/dev/null
 fi
-# The Debian packages start their own etcd/haproxy services where systemd
-# runs; pgha's tests start private instances on free ports and need none.
+# The Debian packages start their own etcd/haproxy (and pgbouncer/pgpool2)
+# services where systemd runs; pgha's tests and benches start private
+# instances on free ports and need none.
