@@ -214,7 +214,12 @@ pub async fn run(cluster: Arc<Cluster>, args: &Args) -> anyhow::Result<Value> {
     let mut rows: Vec<Row> = Vec::new();
     let (mut raw_on, mut raw_off, mut raw_pgpool) =
         (RawRuns::default(), RawRuns::default(), RawRuns::default());
-    for round in 0..rounds {
+    // Every figure assumes the leader of the start: the direct target and
+    // pgpool's primary are that server. A leader change (an etcd stall on a
+    // loaded machine can cost the lease) ends the measurements, and the
+    // report says so instead of carrying figures of a different cluster.
+    let mut aborted: Option<String> = None;
+    'rounds: for round in 0..rounds {
         log(&format!("round {}/{rounds}", round + 1));
         for (w, wargs, targets) in WORKLOADS {
             for &c in &args.clients {
@@ -252,12 +257,16 @@ pub async fn run(cluster: Arc<Cluster>, args: &Args) -> anyhow::Result<Value> {
                     ];
                     a.extend(wargs.iter().map(|s| s.to_string()));
                     let a: Vec<&str> = a.iter().map(String::as_str).collect();
-                    let result = match port {
+                    let mut result = match port {
                         Ok(port) => pgbench(&cluster, port, &a).await.and_then(|out| {
                             tps(&out).with_context(|| format!("no tps in pgbench output: {out}"))
                         }),
                         Err(e) => Err(e),
                     };
+                    if let Some(moved) = leader_moved(&cluster, &leader).await {
+                        result = Err(anyhow::anyhow!("{moved}"));
+                        aborted = Some(moved);
+                    }
                     let row = row_mut(&mut rows, w, c, t);
                     match result {
                         Ok(v) => {
@@ -276,20 +285,46 @@ pub async fn run(cluster: Arc<Cluster>, args: &Args) -> anyhow::Result<Value> {
                             row.errors.push(e);
                         }
                     }
+                    if aborted.is_some() {
+                        break 'rounds;
+                    }
                 }
             }
         }
-        let raw = |port| read_after_write(&cluster, port, args.raw_clients, secs);
-        raw_on.record("auto, read-your-writes on", raw(with.auto_port).await);
-        raw_off.record("auto, read-your-writes off", raw(without.auto_port).await);
-        match &pgpool {
-            Some(Ok(p)) => raw_pgpool.record("pgpool-II", raw(p.service.port).await),
-            Some(Err(e)) => raw_pgpool.record(
-                "pgpool-II",
-                Err(anyhow::anyhow!("pgpool-II did not start: {e}")),
+        let mut raws: Vec<(&str, &mut RawRuns, Result<u16, String>)> = vec![
+            ("auto, read-your-writes on", &mut raw_on, Ok(with.auto_port)),
+            (
+                "auto, read-your-writes off",
+                &mut raw_off,
+                Ok(without.auto_port),
             ),
+        ];
+        match &pgpool {
+            Some(Ok(p)) => raws.push(("pgpool-II", &mut raw_pgpool, Ok(p.service.port))),
+            Some(Err(e)) => raws.push((
+                "pgpool-II",
+                &mut raw_pgpool,
+                Err(format!("pgpool-II did not start: {e}")),
+            )),
             None => {}
         }
+        for (label, runs, port) in raws {
+            let mut r = match port {
+                Ok(port) => read_after_write(&cluster, port, args.raw_clients, secs).await,
+                Err(e) => Err(anyhow::anyhow!("{e}")),
+            };
+            if let Some(moved) = leader_moved(&cluster, &leader).await {
+                r = Err(anyhow::anyhow!("{moved}"));
+                aborted = Some(moved);
+            }
+            runs.record(label, r);
+            if aborted.is_some() {
+                break 'rounds;
+            }
+        }
+    }
+    if let Some(a) = &aborted {
+        log(&format!("measurements stopped: {a}"));
     }
     // Where pgpool sent the reads (select_cnt per node, with its view of
     // each node's role): the evidence that it balanced at all.
@@ -343,7 +378,21 @@ pub async fn run(cluster: Arc<Cluster>, args: &Args) -> anyhow::Result<Value> {
         "pgbench": table,
         "read_after_write": read_after_write,
         "pgpool_nodes": pgpool_nodes,
+        "aborted": aborted,
     }))
+}
+
+/// Why the figures stop being comparable, if the leader is no longer the
+/// one of the start. An unreadable etcd is no verdict: the next check
+/// decides.
+async fn leader_moved(cluster: &Cluster, leader: &str) -> Option<String> {
+    let now = cluster.status().await.ok()?.leader;
+    (now.as_deref() != Some(leader)).then(|| {
+        format!(
+            "the leader changed from {leader} to {} during the measurements",
+            now.as_deref().unwrap_or("none")
+        )
+    })
 }
 
 /// pgpool's `SHOW pool_nodes`, one object per backend (column → text).
