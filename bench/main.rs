@@ -11,6 +11,9 @@
 //!   every acknowledged write after each fault.
 //! - `proxy`: pgbench through the pgha proxy, pgbouncer and HAProxy as a
 //!   ratio to direct connections, and the proxy's memory per idle client.
+//! - `route`: the proxy's auto listener (statement routing) and pgpool-II
+//!   in load-balancing mode on a three-node cluster, as a ratio to direct
+//!   connections, and the stale reads each gives.
 //!
 //! The JSON report goes to stdout (and `--json-out`); progress goes to
 //! stderr. See bench/README.md for what every number means.
@@ -23,6 +26,7 @@ mod failover;
 mod history;
 mod load;
 mod netns;
+mod pgpool;
 mod promotion;
 mod proxy;
 mod reaper;
@@ -107,7 +111,8 @@ enum Command {
         #[command(flatten)]
         args: proxy::Args,
     },
-    /// The proxy's auto listener (statement routing, read-your-writes).
+    /// The proxy's auto listener (statement routing, read-your-writes)
+    /// beside pgpool-II's load balancing and direct connections.
     Route {
         #[command(flatten)]
         common: Common,
@@ -150,6 +155,9 @@ async fn run(cli: Cli) -> i32 {
     // Its pooled targets keep server connections open side by side.
     let (nodes, pg_parameters): (usize, &[(&str, &str)]) = match &cli.command {
         Command::Proxy { .. } => (1, &[("max_connections", "400")]),
+        // Two pgha proxies and pgpool-II keep pooled connections to every
+        // member while the direct pgbench runs open their own.
+        Command::Route { .. } => (common.nodes, &[("max_connections", "400")]),
         _ => (common.nodes, &[]),
     };
     report::init_machine();

@@ -80,7 +80,7 @@ pub(crate) struct Service {
 }
 
 impl Service {
-    fn pid(&self) -> Option<u32> {
+    pub(crate) fn pid(&self) -> Option<u32> {
         self.child.id()
     }
 }
@@ -244,16 +244,18 @@ pub async fn run(cluster: Arc<Cluster>, args: &Args) -> anyhow::Result<Value> {
     }))
 }
 
-struct Row {
-    workload: String,
-    clients: u32,
-    target: String,
-    tps: Vec<f64>,
-    ratio: Vec<f64>,
-    errors: Vec<String>,
+/// One (workload, client count, target) cell: per-round figures, or the
+/// errors of the rounds that failed.
+pub(crate) struct Row {
+    pub(crate) workload: String,
+    pub(crate) clients: u32,
+    pub(crate) target: String,
+    pub(crate) tps: Vec<f64>,
+    pub(crate) ratio: Vec<f64>,
+    pub(crate) errors: Vec<String>,
 }
 
-fn row_mut<'a>(rows: &'a mut Vec<Row>, w: &str, c: u32, t: &str) -> &'a mut Row {
+pub(crate) fn row_mut<'a>(rows: &'a mut Vec<Row>, w: &str, c: u32, t: &str) -> &'a mut Row {
     let i = match rows
         .iter()
         .position(|r| r.workload == w && r.clients == c && r.target == t)
@@ -281,7 +283,7 @@ pub(crate) fn tps(out: &str) -> Option<f64> {
         .and_then(|n| n.parse().ok())
 }
 
-fn last_lines(text: &str, n: usize) -> String {
+pub(crate) fn last_lines(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     lines[lines.len().saturating_sub(n)..].join(" | ")
 }
@@ -465,7 +467,7 @@ async fn start_pgbouncer(dir: &Path, pg_port: u16, pool_size: u32) -> anyhow::Re
     }
     cmd.arg(&ini);
     spawn("pgbouncer", port, &mut cmd, dir.join("pgbouncer.log"))
-        .context("start pgbouncer (apt-get install pgbouncer)")
+        .context("start pgbouncer (scripts/install-deps.sh --bench, or apt-get install pgbouncer)")
 }
 
 async fn start_haproxy(dir: &Path, pg_port: u16) -> anyhow::Result<Service> {
