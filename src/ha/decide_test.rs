@@ -2853,6 +2853,41 @@ fn sync_race() {
             not_healthiest(Disqualified::NoSynchronousStandby),
         ),
         (
+            "degraded record of this member: it acknowledged every commit alone, it takes the key back",
+            F::new("n1")
+                .sync_mode(SyncMode::On)
+                .sync_record("n1", &[], 0, true)
+                .replica(),
+            race(),
+        ),
+        (
+            "empty record of this member, peers behind it",
+            F::new("n1")
+                .sync_mode(SyncMode::On)
+                .sync_record("n1", &[], 0, false)
+                .replica()
+                .peer("n2", report(1, L - 1)),
+            race(),
+        ),
+        (
+            "degraded record of this member, a peer ahead: an anomaly, defer",
+            F::new("n1")
+                .sync_mode(SyncMode::On)
+                .sync_record("n1", &[], 0, true)
+                .replica()
+                .peer("n2", report(2, L)),
+            not_healthiest(Disqualified::PeerAhead { peer: m("n2") }),
+        ),
+        (
+            "degraded record of another member: nobody else has its commits",
+            F::new("n1")
+                .sync_mode(SyncMode::On)
+                .sync_record("n2", &[], 0, true)
+                .replica()
+                .peer("n2", report(1, L - 1)),
+            not_healthiest(Disqualified::NoSynchronousStandby),
+        ),
+        (
             "one of two, the other unheard: cannot prove who has the commits",
             on(&["n1", "n3"], 1).unreachable_peer("n3"),
             not_healthiest(Disqualified::CannotProveCommits { seen: 1, needed: 2 }),

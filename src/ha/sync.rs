@@ -398,7 +398,23 @@ pub fn promotable(
         return Err(Disqualified::NotSynchronous);
     };
     if r.degraded || r.members.is_empty() {
-        return Err(Disqualified::NoSynchronousStandby);
+        // Degraded (or empty): commits were acknowledged by the record's
+        // leader alone, so that leader holds every one of them. Having lost
+        // its lease (an etcd stall longer than the TTL, a frozen agent) it
+        // may take the key back; anybody else would lose them. Without this
+        // a single-member cluster, or one whose standbys are all gone, stays
+        // read-only after any lease loss until an operator steps in. A
+        // newer leader would have replaced the record before its first
+        // commit (S6), so a peer ahead of this member is an anomaly: defer.
+        if &r.leader != me {
+            return Err(Disqualified::NoSynchronousStandby);
+        }
+        if let Some(peer) = answered.iter().find(|a| a.position > my_position) {
+            return Err(Disqualified::PeerAhead {
+                peer: peer.name.clone(),
+            });
+        }
+        return Ok(());
     }
     if !r.members.contains(me) {
         return Err(Disqualified::NotSynchronous);

@@ -1321,3 +1321,75 @@ async fn etcd_outage_longer_than_the_ttl_keeps_the_synchronous_set() {
         started.elapsed()
     );
 }
+
+/// Mode `on` with one member: its record is degraded (it acknowledges every
+/// commit alone), so it holds every acknowledged commit and nobody else
+/// does. When it loses its lease (its agent frozen past the TTL; the fence
+/// keeper stops PostgreSQL meanwhile) it must take the key back by itself
+/// once the agent runs again. It used to stay read-only, refusing to race
+/// "degraded to asynchronous", until an operator ran `pgha failover
+/// --accept-data-loss` (found by the proxy bench when a build on the same
+/// host stalled a single-node cluster's agent).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_leader_that_lost_its_lease_takes_it_back() {
+    let cluster = Cluster::start("sync-lone", 1, ClusterOptions::default())
+        .await
+        .expect("start a 1-node cluster");
+    let config = cluster.nodes[0].config_path().to_path_buf();
+    config_set(&config, &["synchronous_mode=on"]).await;
+    let leader = cluster.leader().await.unwrap().expect("a leader");
+    let rec = wait_until(SETTLE_TIMEOUT, POLL, || async {
+        read_sync(&cluster).await.ok().flatten()
+    })
+    .await
+    .expect("a sync record");
+    assert!(
+        rec.degraded && rec.leader.as_str() == leader,
+        "a lone leader's record is its own and degraded: {rec:?}"
+    );
+    let writer = Writer::start(&cluster).await.expect("start the writer");
+    writer
+        .wait_for_progress(20, Duration::from_secs(30))
+        .await
+        .unwrap();
+
+    cluster.node(&leader).freeze().unwrap();
+    let frozen = Instant::now();
+    // Past the TTL: the lease is gone in etcd and the keeper has fenced.
+    wait_until(2 * TTL + FAILOVER_TIMEOUT, POLL, || async {
+        let gone = cluster.leader().await.ok()?.is_none();
+        let fenced = !matches!(cluster.node(&leader).is_writable().await, Ok(true));
+        (gone && fenced && frozen.elapsed() > 2 * TTL).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| {
+        panic!(
+            "the frozen leader's lease never expired or it stayed writable: {e:#}\n{}",
+            cluster.log_tails(30)
+        )
+    });
+    cluster.node(&leader).thaw().unwrap();
+    let thawed = Instant::now();
+
+    wait_until(FAILOVER_TIMEOUT, POLL, || async {
+        (cluster.leader().await.ok()??.as_str() == leader).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| {
+        panic!(
+            "{leader} never took its key back: {e:#}\n{}",
+            cluster.log_tails(40)
+        )
+    });
+    let took = wait_writable(&cluster, &leader, FAILOVER_TIMEOUT).await;
+    eprintln!(
+        "{leader} writable again {:?} after the thaw",
+        thawed.elapsed().max(took)
+    );
+    writer
+        .wait_for_progress(20, FAILOVER_TIMEOUT)
+        .await
+        .unwrap_or_else(|e| panic!("writes never resumed: {e:#}\n{}", cluster.log_tails(30)));
+    let report = writer.stop().await;
+    assert_holds_everything(&report, cluster.node(&leader)).await;
+}
