@@ -77,9 +77,7 @@ fn runtime(threads: usize) -> tokio::runtime::Runtime {
 }
 
 /// `pgha proxy -c FILE`: the file is read before the runtime is built,
-/// since it says how many threads the runtime gets (`threads`). The
-/// proxy's work per message is a few system calls; on a thread of its
-/// own it spends no time waking other threads (see docs/proxy.md).
+/// since it says how many threads the runtime gets (`threads`).
 fn standalone_proxy(config: Option<&std::path::Path>) -> anyhow::Result<()> {
     let config = config.ok_or_else(|| cli::UsageError("pgha proxy needs -c FILE".into()))?;
     let cfg = pgha::config::ProxyFileConfig::load(config)?;

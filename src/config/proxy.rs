@@ -264,8 +264,8 @@ pub struct ProxyFileConfig {
     pub path: PathBuf,
     pub cluster: String,
     pub namespace: String,
-    /// Threads of the standalone proxy's runtime (1: one thread, no
-    /// wake-ups across threads).
+    /// Threads of the standalone proxy's runtime (1: a current-thread
+    /// runtime).
     pub threads: usize,
     pub etcd: EtcdConfig,
     pub proxy: ProxyConfig,
@@ -322,8 +322,10 @@ impl ProxyFileConfig {
 /// Upper bound of `threads`: far beyond what one proxy process can use.
 pub const MAX_THREADS: usize = 64;
 
+/// Two, as the agent's runtime: measured no slower than one thread on two
+/// cores (bench/README.md, "threads").
 fn default_threads() -> usize {
-    1
+    2
 }
 
 /// Checks `[proxy]`. `default_name` is the node's name when embedded;

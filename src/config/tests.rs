@@ -2257,8 +2257,9 @@ fn proxy_file_threads() {
             ),
         )
     };
-    assert_eq!(file("").unwrap().threads, 1, "one thread by default");
+    assert_eq!(file("").unwrap().threads, 2, "two threads by default");
     assert_eq!(file("threads = 4\n").unwrap().threads, 4);
+    assert_eq!(file("threads = 1\n").unwrap().threads, 1);
     for bad in ["threads = 0\n", "threads = 65\n"] {
         let err = file(bad).unwrap_err().to_string();
         assert!(
