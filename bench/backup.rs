@@ -108,6 +108,12 @@ impl Env {
             command.replace('\'', "''")
         ))?;
         self.sql("SELECT pg_reload_conf()")?;
+        std::thread::sleep(Duration::from_millis(300));
+        let in_effect = self.sql("SHOW archive_command")?;
+        anyhow::ensure!(
+            in_effect == command,
+            "archive_command is {in_effect:?}, not {command:?}: a higher-priority setting overrides it"
+        );
         // Let the archiver drain what the previous command left.
         std::thread::sleep(Duration::from_secs(2));
         Ok(())
@@ -339,6 +345,12 @@ fn setup(args: &Args) -> anyhow::Result<Env> {
         .arg(&env.data)
         .args(["-U", "postgres", "--auth=trust"]);
     env.run(init, "initdb")?;
+    // In postgresql.conf, not on the command line: a `-c` setting outranks
+    // the `ALTER SYSTEM` with which each side installs its own command.
+    let conf = env.data.join("postgresql.conf");
+    let mut text = std::fs::read_to_string(&conf)?;
+    text.push_str("\narchive_command = '/bin/true'\n");
+    std::fs::write(&conf, text)?;
     let mut start = env.pg("pg_ctl");
     start
         .args(["-D"])
@@ -347,7 +359,7 @@ fn setup(args: &Args) -> anyhow::Result<Env> {
         .arg(env.dir.join("postgres.log"))
         .args(["-w", "-o"])
         .arg(format!(
-            "-p {} -k {} -c listen_addresses='' -c archive_mode=on -c archive_command=/bin/true -c max_wal_size=8GB -c shared_buffers=512MB",
+            "-p {} -k {} -c listen_addresses='' -c archive_mode=on -c max_wal_size=8GB -c shared_buffers=512MB",
             env.port,
             env.dir.display()
         ))
