@@ -18,7 +18,7 @@
 //!
 //! PostgreSQL runs as the `postgres` OS user (the tests run as root), so
 //! everything lives under the 0755 [`TestDir`]; socket paths stay short
-//! (`/tmp/pgha-<test>-XXXXXX/<node>/state/run/.s.PGSQL.<port>`).
+//! (`/dev/shm/pgha-<test>-XXXXXX/<node>/state/run/.s.PGSQL.<port>`, see `TestDir`).
 
 use std::collections::BTreeSet;
 use std::fs::OpenOptions;
