@@ -2,9 +2,10 @@
 //! manifest that describes the result, listing and verification.
 //!
 //! `pg_basebackup -D - -Ft -X none` writes one tar to stdout, with the
-//! server's `backup_manifest` injected at its end; that stream is hashed
-//! and compressed (zstd, `parallel` worker threads) straight into the
-//! repository, so the backup never needs local disk space. The WAL the
+//! server's `backup_manifest` injected at its end; that stream is
+//! compressed (zstd, `parallel` worker threads, frame checksum on) straight
+//! into the repository and the stored bytes are hashed, so the backup never
+//! needs local disk space. The WAL the
 //! backup needs comes from the archive, as for any restore.
 
 use std::io::{Read, Write};
@@ -48,11 +49,20 @@ pub struct Manifest {
 pub struct ManifestFile {
     pub name: String,
     pub key: String,
-    /// Uncompressed size and checksum.
+    /// Uncompressed size.
     pub size: u64,
+    /// sha256 of the uncompressed content. Only backups taken before
+    /// `stored_sha256` existed carry it; hashing 3 GB of content cost about
+    /// as much as compressing it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub sha256: String,
     /// Size in the repository.
     pub stored_size: u64,
+    /// sha256 of the object as stored (compressed): what the repository
+    /// must give back. The content itself is covered by zstd's frame
+    /// checksum and, after a restore, by the server's manifest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stored_sha256: Option<String>,
 }
 
 pub fn manifest_key(id: &str) -> String {
@@ -124,7 +134,7 @@ pub fn take(repo: &dyn Repository, src: &BackupSource<'_>) -> Result<Manifest, B
     let label = format!("pgha {id}");
     let mut child = Command::new(src.bin_dir.join("pg_basebackup"))
         .args(["-D", "-", "-F", "t", "-X", "none", "-c", "fast", "-v", "-w"])
-        .args(["--manifest-checksums=SHA256", "-l", &label])
+        .args(["--manifest-checksums=CRC32C", "-l", &label])
         .args([
             "-h",
             &src.host,
@@ -155,29 +165,23 @@ pub fn take(repo: &dyn Repository, src: &BackupSource<'_>) -> Result<Manifest, B
     let key = format!("backup/{id}/base.tar.zst");
     // Compression runs on its own thread, writing into a pipe the
     // repository reads from: the repository trait takes a reader, the zstd
-    // multi-threaded encoder is a writer.
+    // multi-threaded encoder is a writer. The same loop picks the server's
+    // backup_manifest (with the WAL range) out of the tar stream as it
+    // passes, and hashes what is stored.
     let (mut pipe_r, pipe_w) = std::io::pipe().map_err(|source| BackupError::Local {
         action: "create a pipe for",
         path: "pg_basebackup".into(),
         source,
     })?;
-    // A second pipe feeds a tar reader that picks the server's
-    // backup_manifest (with the WAL range) out of the stream as it passes.
-    let (tar_r, mut tar_w) = std::io::pipe().map_err(|source| BackupError::Local {
-        action: "create a pipe for",
-        path: "pg_basebackup".into(),
-        source,
-    })?;
-    let tar_thread = std::thread::spawn(move || server_manifest(tar_r));
     let (level, parallel) = (src.level, src.parallel);
-    let mut hashed = 0u64;
     let result = std::thread::scope(|scope| {
-        let compress = scope.spawn(move || -> std::io::Result<(u64, String)> {
-            let mut enc = zstd::stream::write::Encoder::new(pipe_w, level)?;
+        let compress = scope.spawn(move || -> std::io::Result<Compressed> {
+            let mut enc = zstd::stream::write::Encoder::new(HashingWriter::new(pipe_w), level)?;
+            enc.include_checksum(true)?;
             if parallel > 1 {
                 enc.multithread(parallel as u32)?;
             }
-            let mut hasher = Sha256::new();
+            let mut scanner = TarScanner::new("backup_manifest");
             let mut buf = vec![0u8; 1 << 20];
             let mut total = 0u64;
             loop {
@@ -185,17 +189,18 @@ pub fn take(repo: &dyn Repository, src: &BackupSource<'_>) -> Result<Manifest, B
                 if n == 0 {
                     break;
                 }
-                hasher.update(&buf[..n]);
+                scanner.feed(&buf[..n]);
                 enc.write_all(&buf[..n])?;
-                // The tar reader may stop early on a malformed stream; the
-                // checksum and the server's manifest catch that later.
-                let _ = tar_w.write_all(&buf[..n]);
                 total += n as u64;
                 (src.progress)(total);
             }
-            enc.finish()?.flush()?;
-            drop(tar_w);
-            Ok((total, hex(&hasher.finalize())))
+            let mut stored = enc.finish()?;
+            stored.flush()?;
+            Ok(Compressed {
+                size: total,
+                stored_sha256: hex(&stored.hasher.finalize()),
+                server_manifest: scanner.into_captured(),
+            })
         });
         let stored = repo.create(&key, &mut pipe_r);
         drop(pipe_r);
@@ -224,13 +229,12 @@ pub fn take(repo: &dyn Repository, src: &BackupSource<'_>) -> Result<Manifest, B
             });
         }
     };
-    let (size, sha256) = result.1.map_err(|source| BackupError::Local {
+    let compressed = result.1.map_err(|source| BackupError::Local {
         action: "compress the output of",
         path: "pg_basebackup".into(),
         source,
     })?;
-    hashed += size;
-    let server = tar_thread.join().unwrap_or_default();
+    let server = String::from_utf8_lossy(&compressed.server_manifest).into_owned();
     let (start_lsn, timeline, stop_lsn) =
         parse_wal_range(&server).ok_or_else(|| BackupError::Tool {
             tool: "pg_basebackup".into(),
@@ -253,9 +257,10 @@ pub fn take(repo: &dyn Repository, src: &BackupSource<'_>) -> Result<Manifest, B
         files: vec![ManifestFile {
             name: "base.tar".into(),
             key,
-            size: hashed,
-            sha256,
+            size: compressed.size,
+            sha256: String::new(),
             stored_size: stored,
+            stored_sha256: Some(compressed.stored_sha256),
         }],
     };
     let json = serde_json::to_vec_pretty(&manifest).expect("manifest serialises");
@@ -263,18 +268,288 @@ pub fn take(repo: &dyn Repository, src: &BackupSource<'_>) -> Result<Manifest, B
     Ok(manifest)
 }
 
-/// The server's `backup_manifest` from a tar stream (empty if absent).
-fn server_manifest(r: impl Read) -> String {
-    let mut text = String::new();
-    let mut archive = tar::Archive::new(r);
-    if let Ok(entries) = archive.entries() {
-        for mut e in entries.flatten() {
-            if e.path().is_ok_and(|p| p == Path::new("backup_manifest")) {
-                let _ = e.read_to_string(&mut text);
+enum Check<'a> {
+    Stored(&'a str),
+    Content(Sha256),
+}
+
+struct Compressed {
+    size: u64,
+    stored_sha256: String,
+    server_manifest: Vec<u8>,
+}
+
+/// A writer that hashes what passes through it.
+struct HashingWriter<W> {
+    inner: W,
+    hasher: Sha256,
+}
+
+impl<W> HashingWriter<W> {
+    fn new(inner: W) -> Self {
+        HashingWriter {
+            inner,
+            hasher: Sha256::new(),
+        }
+    }
+}
+
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// A reader that hashes what passes through it and counts it.
+struct HashingReader<R> {
+    inner: R,
+    hasher: Sha256,
+    bytes: u64,
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.bytes += n as u64;
+        Ok(n)
+    }
+}
+
+/// Reads a stored backup file decompressed, handing it to `sink` in
+/// chunks, and checks it against its manifest entry: the stored bytes'
+/// sha256 (or, for backups that predate it, the content's), the sizes, and
+/// zstd's frame checksum. Whatever `sink` returns as an error stops the
+/// read and is returned as is.
+pub(crate) fn read_checked(
+    repo: &dyn Repository,
+    f: &ManifestFile,
+    mut sink: impl FnMut(&[u8]) -> Result<(), BackupError>,
+) -> Result<(), BackupError> {
+    let corrupt = |detail: String| BackupError::Corrupt {
+        key: f.key.clone(),
+        detail,
+    };
+    let raw = HashingReader {
+        inner: repo.open(&f.key)?,
+        hasher: Sha256::new(),
+        bytes: 0,
+    };
+    let mut decoder = zstd::stream::read::Decoder::new(raw).map_err(|e| corrupt(e.to_string()))?;
+    // Backups that predate `stored_sha256` are checked on their content.
+    let mut content = match &f.stored_sha256 {
+        Some(want) => Check::Stored(want),
+        None => Check::Content(Sha256::new()),
+    };
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0u64;
+    loop {
+        let n = decoder.read(&mut buf).map_err(|e| corrupt(e.to_string()))?;
+        if n == 0 {
+            break;
+        }
+        if let Check::Content(h) = &mut content {
+            h.update(&buf[..n]);
+        }
+        total += n as u64;
+        sink(&buf[..n])?;
+    }
+    // Whatever follows the last frame is part of the object too.
+    let mut rest = decoder.finish();
+    std::io::copy(&mut rest, &mut std::io::sink()).map_err(|e| corrupt(e.to_string()))?;
+    let raw = rest.into_inner();
+    let (what, expected, actual, expected_size, actual_size) = match content {
+        Check::Stored(want) => (
+            "stored",
+            want,
+            hex(&raw.hasher.finalize()),
+            f.stored_size,
+            raw.bytes,
+        ),
+        Check::Content(h) => (
+            "content",
+            f.sha256.as_str(),
+            hex(&h.finalize()),
+            f.size,
+            total,
+        ),
+    };
+    if actual != expected || actual_size != expected_size || total != f.size {
+        return Err(corrupt(format!(
+            "{what}: {actual_size} bytes with sha256 {actual} ({total} uncompressed), manifest says {expected_size} bytes with {expected} ({} uncompressed)",
+            f.size
+        )));
+    }
+    Ok(())
+}
+
+/// Picks one entry's content out of a tar stream fed in arbitrary chunks,
+/// without copying the rest: pg_basebackup's tar is ustar (512-byte
+/// headers, data padded to 512 bytes, optional pax or GNU long-name
+/// headers before an entry).
+struct TarScanner {
+    wanted: &'static str,
+    header: Vec<u8>,
+    /// Data bytes of the current entry still to come, and the padding
+    /// after them.
+    data_left: u64,
+    pad_left: u64,
+    capturing: bool,
+    /// The name a pax (`x`) or GNU (`L`) header gave the next entry.
+    long_name: Option<Vec<u8>>,
+    meta: Option<(u8, Vec<u8>)>,
+    captured: Vec<u8>,
+    done: bool,
+}
+
+impl TarScanner {
+    fn new(wanted: &'static str) -> Self {
+        TarScanner {
+            wanted,
+            header: Vec::with_capacity(512),
+            data_left: 0,
+            pad_left: 0,
+            capturing: false,
+            long_name: None,
+            meta: None,
+            captured: Vec::new(),
+            done: false,
+        }
+    }
+
+    fn into_captured(self) -> Vec<u8> {
+        self.captured
+    }
+
+    fn feed(&mut self, mut buf: &[u8]) {
+        while !buf.is_empty() && !self.done {
+            if self.data_left > 0 {
+                let n = (self.data_left.min(buf.len() as u64)) as usize;
+                if self.capturing {
+                    self.captured.extend_from_slice(&buf[..n]);
+                } else if let Some((_, meta)) = &mut self.meta {
+                    meta.extend_from_slice(&buf[..n]);
+                }
+                self.data_left -= n as u64;
+                buf = &buf[n..];
+                if self.data_left == 0 {
+                    self.end_of_data();
+                }
+            } else if self.pad_left > 0 {
+                let n = (self.pad_left.min(buf.len() as u64)) as usize;
+                self.pad_left -= n as u64;
+                buf = &buf[n..];
+            } else {
+                let n = (512 - self.header.len()).min(buf.len());
+                self.header.extend_from_slice(&buf[..n]);
+                buf = &buf[n..];
+                if self.header.len() == 512 {
+                    let header = std::mem::take(&mut self.header);
+                    self.start_entry(&header);
+                }
             }
         }
     }
-    text
+
+    fn start_entry(&mut self, h: &[u8]) {
+        if h.iter().all(|&b| b == 0) {
+            // The end-of-archive blocks (or padding): nothing follows.
+            self.done = true;
+            return;
+        }
+        let Some(size) = tar_size(&h[124..136]) else {
+            self.done = true;
+            return;
+        };
+        let kind = h[156];
+        let name = match self.long_name.take() {
+            Some(n) => n,
+            None => {
+                let field = |r: std::ops::Range<usize>| {
+                    let f = &h[r];
+                    f[..f.iter().position(|&b| b == 0).unwrap_or(f.len())].to_vec()
+                };
+                let (name, prefix) = (field(0..100), field(345..500));
+                if &h[257..262] == b"ustar" && !prefix.is_empty() {
+                    [prefix, b"/".to_vec(), name].concat()
+                } else {
+                    name
+                }
+            }
+        };
+        self.capturing = false;
+        self.meta = None;
+        match kind {
+            b'x' | b'L' => self.meta = Some((kind, Vec::new())),
+            _ => self.capturing = name == self.wanted.as_bytes(),
+        }
+        if self.capturing {
+            self.captured.clear();
+        }
+        self.data_left = size;
+        self.pad_left = (512 - size % 512) % 512;
+        if size == 0 {
+            self.end_of_data();
+        }
+    }
+
+    fn end_of_data(&mut self) {
+        self.capturing = false;
+        match self.meta.take() {
+            Some((b'L', name)) => {
+                let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
+                self.long_name = Some(name[..end].to_vec());
+            }
+            Some((_, pax)) => self.long_name = pax_path(&pax),
+            None => {}
+        }
+    }
+}
+
+/// A tar header's size field: octal digits, or base-256 when the first
+/// byte has its high bit set.
+fn tar_size(field: &[u8]) -> Option<u64> {
+    if field[0] & 0x80 != 0 {
+        let mut v: u64 = u64::from(field[0] & 0x7f);
+        for &b in &field[1..] {
+            v = v.checked_mul(256)?.checked_add(u64::from(b))?;
+        }
+        return Some(v);
+    }
+    let digits: Vec<u8> = field
+        .iter()
+        .copied()
+        .skip_while(|&b| b == b' ')
+        .take_while(|&b| (b'0'..=b'7').contains(&b))
+        .collect();
+    if digits.is_empty() {
+        return Some(0);
+    }
+    u64::from_str_radix(std::str::from_utf8(&digits).ok()?, 8).ok()
+}
+
+/// The `path` record of a pax extended header (`<len> path=<name>\n`).
+fn pax_path(pax: &[u8]) -> Option<Vec<u8>> {
+    let mut rest = pax;
+    while !rest.is_empty() {
+        let space = rest.iter().position(|&b| b == b' ')?;
+        let len: usize = std::str::from_utf8(&rest[..space]).ok()?.parse().ok()?;
+        if len <= space || len > rest.len() {
+            return None;
+        }
+        let record = &rest[space + 1..len];
+        let record = record.strip_suffix(b"\n").unwrap_or(record);
+        if let Some(path) = record.strip_prefix(b"path=") {
+            return Some(path.to_vec());
+        }
+        rest = &rest[len..];
+    }
+    None
 }
 
 /// The WAL range of the server's backup manifest:
@@ -359,34 +634,11 @@ pub fn verify(repo: &dyn Repository, m: &Manifest) -> Result<VerifyReport, Backu
         ..Default::default()
     };
     for f in &m.files {
-        match repo.open(&f.key) {
-            Err(e) => report.problems.push(e.to_string()),
-            Ok(r) => {
-                let mut hasher = Sha256::new();
-                let mut total = 0u64;
-                let outcome = zstd::stream::read::Decoder::new(r).and_then(|mut d| {
-                    let mut buf = vec![0u8; 1 << 20];
-                    loop {
-                        let n = d.read(&mut buf)?;
-                        if n == 0 {
-                            return Ok(());
-                        }
-                        hasher.update(&buf[..n]);
-                        total += n as u64;
-                    }
-                });
-                let sha = hex(&hasher.finalize());
-                if let Err(e) = outcome {
-                    report
-                        .problems
-                        .push(format!("{}: corrupt object: {e}", f.key));
-                } else if sha != f.sha256 || total != f.size {
-                    report.problems.push(format!(
-                        "{}: corrupt object: {total} bytes with sha256 {sha}, manifest says {} bytes with {}",
-                        f.key, f.size, f.sha256
-                    ));
-                }
-            }
+        if let Err(e) = read_checked(repo, f, |_| Ok(())) {
+            report.problems.push(match e {
+                BackupError::Corrupt { key, detail } => format!("{key}: corrupt object: {detail}"),
+                other => other.to_string(),
+            });
         }
     }
     let seg = m.wal_segment_size;
@@ -457,15 +709,150 @@ mod tests {
                 name: "base.tar".into(),
                 key: "backup/20260131T020000Z/base.tar.zst".into(),
                 size: 100,
-                sha256: "00".repeat(32),
+                sha256: String::new(),
                 stored_size: 40,
+                stored_sha256: Some("00".repeat(32)),
             }],
         };
         let json = serde_json::to_string(&m).unwrap();
         assert!(json.contains("\"start_lsn\":\"0/5000028\""), "{json}");
+        assert!(!json.contains("\"sha256\""), "no content checksum: {json}");
         assert_eq!(serde_json::from_str::<Manifest>(&json).unwrap(), m);
         // 0/7000000 is the first byte of segment 7: segment 6 is the last needed.
         assert_eq!(stop_segment(&m).as_str(), "000000020000000000000006");
         assert!(m.stop().unwrap() > m.start().unwrap());
+    }
+
+    /// A tar like pg_basebackup's, with entries before and after the one
+    /// wanted, a long name (GNU header) and a decoy in a subdirectory.
+    fn sample_tar(manifest: &[u8]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut add = |name: &str, data: &[u8]| {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o600);
+            h.set_cksum();
+            b.append_data(&mut h, name, data).unwrap();
+        };
+        add("PG_VERSION", b"15\n");
+        add(&format!("base/1/{}", "x".repeat(150)), &vec![7u8; 10_000]);
+        add("global/backup_manifest", b"a decoy");
+        add("empty", b"");
+        add("backup_manifest", manifest);
+        add("after", &vec![1u8; 513]);
+        b.into_inner().unwrap()
+    }
+
+    #[test]
+    fn the_tar_scanner_finds_the_manifest_in_chunks_of_any_size() {
+        let manifest: Vec<u8> = (0..5000u32).flat_map(|i| i.to_le_bytes()).collect();
+        let tar = sample_tar(&manifest);
+        for chunk in [1, 7, 511, 512, 513, 4096, tar.len()] {
+            let mut scanner = TarScanner::new("backup_manifest");
+            for piece in tar.chunks(chunk) {
+                scanner.feed(piece);
+            }
+            assert_eq!(scanner.into_captured(), manifest, "chunks of {chunk}");
+        }
+        // A stream without the entry captures nothing; garbage stops it.
+        let mut scanner = TarScanner::new("backup_manifest");
+        scanner.feed(&sample_tar(b"")[..]);
+        assert!(scanner.into_captured().is_empty());
+        let mut scanner = TarScanner::new("backup_manifest");
+        scanner.feed(&[b'z'; 2048]);
+        assert!(scanner.into_captured().is_empty());
+    }
+
+    #[test]
+    fn tar_size_fields_in_octal_and_base_256() {
+        assert_eq!(tar_size(b"00000001750\0"), Some(1000));
+        assert_eq!(tar_size(b"     1750 \0\0\0"), Some(1000));
+        let mut big = [0u8; 12];
+        big[0] = 0x80;
+        big[11] = 1;
+        big[10] = 2;
+        assert_eq!(tar_size(&big), Some(513));
+        assert_eq!(
+            pax_path(b"25 path=a/backup_manifest\n"),
+            Some(b"a/backup_manifest".to_vec())
+        );
+        assert_eq!(pax_path(b"9 size=1\n"), None);
+    }
+
+    fn stored(repo: &super::super::repo::DirRepository, key: &str, content: &[u8]) -> ManifestFile {
+        let data = zstd::stream::encode_all(content, 3).unwrap();
+        repo.create(key, &mut &data[..]).unwrap();
+        ManifestFile {
+            name: "base.tar".into(),
+            key: key.into(),
+            size: content.len() as u64,
+            sha256: String::new(),
+            stored_size: data.len() as u64,
+            stored_sha256: Some(super::super::file::sha256_hex(&data)),
+        }
+    }
+
+    fn read_all(repo: &dyn Repository, f: &ManifestFile) -> Result<Vec<u8>, BackupError> {
+        let mut out = Vec::new();
+        read_checked(repo, f, |c| {
+            out.extend_from_slice(c);
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    #[test]
+    fn stored_objects_are_checked_on_their_stored_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = super::super::repo::DirRepository::new(dir.path());
+        let content: Vec<u8> = (0..300_000u32)
+            .flat_map(|i| (i % 251).to_le_bytes())
+            .collect();
+        let f = stored(&repo, "backup/a/base.tar.zst", &content);
+        assert_eq!(read_all(&repo, &f).unwrap(), content);
+        // The manifest disagrees about the stored bytes or the size.
+        let wrong_sha = ManifestFile {
+            stored_sha256: Some("00".repeat(32)),
+            ..f.clone()
+        };
+        let err = read_all(&repo, &wrong_sha).unwrap_err();
+        assert!(matches!(err, BackupError::Corrupt { .. }), "{err}");
+        let wrong_size = ManifestFile {
+            size: f.size + 1,
+            ..f.clone()
+        };
+        assert!(read_all(&repo, &wrong_size).is_err());
+        // One flipped byte in the repository: the stored checksum (or
+        // zstd's own) catches it, whichever comes first.
+        let path = dir.path().join(&f.key);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 0x40;
+        std::fs::write(&path, &bytes).unwrap();
+        let err = read_all(&repo, &f).unwrap_err();
+        assert!(matches!(err, BackupError::Corrupt { .. }), "{err}");
+    }
+
+    #[test]
+    fn backups_from_before_stored_checksums_are_checked_on_their_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = super::super::repo::DirRepository::new(dir.path());
+        let content = b"an older backup".repeat(1000);
+        let legacy = ManifestFile {
+            sha256: super::super::file::sha256_hex(&content),
+            stored_sha256: None,
+            ..stored(&repo, "backup/old/base.tar.zst", &content)
+        };
+        // As an older pgha wrote it: no stored_sha256 key at all.
+        let json = serde_json::to_string(&legacy).unwrap();
+        assert!(!json.contains("stored_sha256"), "{json}");
+        let legacy: ManifestFile = serde_json::from_str(&json).unwrap();
+        assert_eq!(read_all(&repo, &legacy).unwrap(), content);
+        let wrong = ManifestFile {
+            sha256: "11".repeat(32),
+            ..legacy
+        };
+        let err = read_all(&repo, &wrong).unwrap_err();
+        assert!(err.to_string().contains("content"), "{err}");
     }
 }

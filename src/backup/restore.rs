@@ -6,11 +6,8 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use sha2::{Digest, Sha256};
-
 use super::BackupError;
-use super::base::Manifest;
-use super::file::hex;
+use super::base::{self, Manifest};
 use super::repo::Repository;
 use crate::model::Lsn;
 use crate::postgres::conf::{Archiving, quote_conf};
@@ -163,39 +160,53 @@ pub fn unpack(
     std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
         .map_err(local("set the mode of", dir.to_path_buf()))?;
     for f in &m.files {
-        let decoder = zstd::stream::read::Decoder::new(repo.open(&f.key)?).map_err(|e| {
-            BackupError::Corrupt {
-                key: f.key.clone(),
-                detail: e.to_string(),
-            }
-        })?;
-        let mut reader = HashingReader {
-            inner: decoder,
-            hasher: Sha256::new(),
-            total: 0,
-            progress,
-        };
-        let mut archive = tar::Archive::new(&mut reader);
-        archive.set_preserve_permissions(true);
-        archive.set_overwrite(false);
-        archive.unpack(dir).map_err(|e| BackupError::Corrupt {
-            key: f.key.clone(),
-            detail: format!("cannot unpack: {e}"),
-        })?;
-        // Drain the tar's trailing padding so that the checksum covers it.
-        std::io::copy(&mut reader, &mut std::io::sink()).map_err(|e| BackupError::Corrupt {
-            key: f.key.clone(),
-            detail: e.to_string(),
-        })?;
-        let sha = hex(&reader.hasher.finalize());
-        if sha != f.sha256 || reader.total != f.size {
-            return Err(BackupError::Corrupt {
-                key: f.key.clone(),
-                detail: format!(
-                    "{} bytes with sha256 {sha}, manifest says {} bytes with {}",
-                    reader.total, f.size, f.sha256
-                ),
+        // Reading, checking and decompressing on one thread, unpacking
+        // (file creation and writes) on this one: on two cores that
+        // overlaps the two halves instead of taking their sum.
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(8);
+        let (read, unpacked) = std::thread::scope(|scope| {
+            let reader = scope.spawn(move || {
+                let mut total = 0u64;
+                base::read_checked(repo, f, |chunk| {
+                    total += chunk.len() as u64;
+                    progress(total);
+                    // The unpacking side hung up: it failed, and says why.
+                    tx.send(chunk.to_vec())
+                        .map_err(|_| BackupError::Restore("unpacking stopped".into()))
+                })
             });
+            let mut stream = ChunkReader {
+                chunks: rx,
+                current: Vec::new(),
+                at: 0,
+            };
+            let mut archive = tar::Archive::new(&mut stream);
+            archive.set_preserve_permissions(true);
+            archive.set_overwrite(false);
+            let unpacked = archive.unpack(dir).and_then(|()| {
+                // The tar's trailing padding: read to the end so that the
+                // reader finishes and checks the whole object.
+                std::io::copy(&mut stream, &mut std::io::sink()).map(|_| ())
+            });
+            drop(stream);
+            (
+                reader.join().expect("the restore reader panicked"),
+                unpacked,
+            )
+        });
+        match (read, unpacked) {
+            (Ok(()), Ok(())) => {}
+            // A corrupt object explains a failed unpack better than the
+            // unpack error does.
+            (Err(e @ BackupError::Corrupt { .. }), _) => return Err(e),
+            (_, Err(e)) => {
+                return Err(BackupError::Restore(format!(
+                    "cannot unpack {} into {}: {e}",
+                    f.key,
+                    dir.display()
+                )));
+            }
+            (Err(e), Ok(())) => return Err(e),
         }
     }
     let out = std::process::Command::new(bin_dir.join("pg_verifybackup"))
@@ -220,19 +231,28 @@ pub fn unpack(
     Ok(())
 }
 
-struct HashingReader<'a, R> {
-    inner: R,
-    hasher: Sha256,
-    total: u64,
-    progress: &'a (dyn Fn(u64) + Sync),
+/// Reads the chunks a channel delivers as one stream; the sender hanging
+/// up is the end of it.
+struct ChunkReader {
+    chunks: std::sync::mpsc::Receiver<Vec<u8>>,
+    current: Vec<u8>,
+    at: usize,
 }
 
-impl<R: Read> Read for HashingReader<'_, R> {
+impl Read for ChunkReader {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.hasher.update(&buf[..n]);
-        self.total += n as u64;
-        (self.progress)(self.total);
+        while self.at == self.current.len() {
+            match self.chunks.recv() {
+                Ok(chunk) => {
+                    self.current = chunk;
+                    self.at = 0;
+                }
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.current.len() - self.at);
+        buf[..n].copy_from_slice(&self.current[self.at..self.at + n]);
+        self.at += n;
         Ok(n)
     }
 }
