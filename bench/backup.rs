@@ -37,6 +37,10 @@ pub struct Args {
     /// Seconds of pgbench TPC-B per tool for the archive-lag measurement.
     #[arg(long, default_value_t = 60)]
     archive_seconds: u64,
+    /// Full backups and restores per tool (the times are reported as
+    /// median/min/max).
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
     /// pgbench clients for the archive-lag measurement.
     #[arg(long, default_value_t = 4)]
     clients: u32,
@@ -203,6 +207,15 @@ fn archive_lag(env: &Env, args: &Args) -> anyhow::Result<Value> {
     }))
 }
 
+/// Writes back what earlier steps left dirty (pgbench's load, a removed
+/// restore) and gives the disk a moment, so that each timed step pays for
+/// its own writes only. Every timed step ends with a `sync` for the same
+/// reason: a backup or restore is done when it is on disk.
+fn settle() {
+    nix::unistd::sync();
+    std::thread::sleep(std::time::Duration::from_secs(2));
+}
+
 fn pgha_side(env: &Env, args: &Args) -> anyhow::Result<Value> {
     use pgha::backup::repo::{DirRepository, Repository};
     let repo_dir = env.dir.join("pgha-repo");
@@ -214,38 +227,49 @@ fn pgha_side(env: &Env, args: &Args) -> anyhow::Result<Value> {
         repo_file.display()
     ))?;
     env.sql("SELECT pg_switch_wal()")?;
-    log("pgha: full backup");
     let passfile = env.dir.join("empty.pgpass");
-    let started = Instant::now();
     let dir_text = env.dir.display().to_string();
-    let m = pgha::backup::base::take(
-        &repo,
-        &pgha::backup::base::BackupSource {
-            member: "bench".into(),
-            host: dir_text,
-            port: env.port,
-            user: "postgres".into(),
-            bin_dir: &env.bin,
-            passfile: &passfile,
-            level: args.level,
-            parallel: args.parallel,
-            progress: &|_| {},
-        },
-    )?;
-    let backup_s = started.elapsed().as_secs_f64();
-    log("pgha: full restore");
-    let target = env.dir.join("pgha-restore");
-    let started = Instant::now();
-    pgha::backup::restore::unpack(&repo, &m, &target, &env.bin, &|_| {})?;
-    let restore_s = started.elapsed().as_secs_f64();
-    let _ = std::fs::remove_dir_all(&target);
+    let (mut backups, mut restores, mut stored, mut backup_bytes) = (vec![], vec![], 0, 0);
+    for run in 1..=args.runs.max(1) {
+        log(&format!("pgha: full backup {run}"));
+        settle();
+        let started = Instant::now();
+        let m = pgha::backup::base::take(
+            &repo,
+            &pgha::backup::base::BackupSource {
+                member: "bench".into(),
+                host: dir_text.clone(),
+                port: env.port,
+                user: "postgres".into(),
+                bin_dir: &env.bin,
+                passfile: &passfile,
+                level: args.level,
+                parallel: args.parallel,
+                progress: &|_| {},
+            },
+        )?;
+        nix::unistd::sync();
+        backups.push(started.elapsed().as_secs_f64());
+        stored = m.stored_bytes();
+        backup_bytes = m.files.iter().map(|f| f.size).sum::<u64>();
+        log(&format!("pgha: full restore {run}"));
+        let target = env.dir.join("pgha-restore");
+        settle();
+        let started = Instant::now();
+        pgha::backup::restore::unpack(&repo, &m, &target, &env.bin, &|_| {})?;
+        nix::unistd::sync();
+        restores.push(started.elapsed().as_secs_f64());
+        let _ = std::fs::remove_dir_all(&target);
+    }
     log("pgha: archiving under pgbench");
     let archive = archive_lag(env, args)?;
     Ok(json!({
-        "backup_seconds": backup_s,
-        "restore_seconds": restore_s,
-        "backup_bytes": m.files.iter().map(|f| f.size).sum::<u64>(),
-        "repository_backup_bytes": du(&repo_dir.join("backup")),
+        "backup_seconds": crate::report::summary_decimals(&backups, 2),
+        "restore_seconds": crate::report::summary_decimals(&restores, 2),
+        "backup_runs": backups,
+        "restore_runs": restores,
+        "backup_bytes": backup_bytes,
+        "repository_backup_bytes": stored,
         "archive": archive,
         "location": repo.location(),
     }))
@@ -275,31 +299,42 @@ fn pgbackrest_side(env: &Env, args: &Args) -> anyhow::Result<Value> {
         "pgbackrest --config={} --stanza=bench archive-push %p",
         env.dir.join("pgbackrest.conf").display()
     ))?;
-    log("pgBackRest: full backup");
-    let started = Instant::now();
-    env.run(
-        env.pgbackrest(&["--type=full", "backup"]),
-        "pgbackrest backup",
-    )?;
-    let backup_s = started.elapsed().as_secs_f64();
-    log("pgBackRest: full restore");
-    let target = env.dir.join("pgbr-restore");
-    std::fs::create_dir_all(&target)?;
-    nix::unistd::chown(&target, Some(env.uid.into()), Some(env.gid.into()))?;
-    std::fs::set_permissions(&target, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
-    let started = Instant::now();
-    env.run(
-        env.pgbackrest(&[&format!("--pg1-path={}", target.display()), "restore"]),
-        "pgbackrest restore",
-    )?;
-    let restore_s = started.elapsed().as_secs_f64();
-    let _ = std::fs::remove_dir_all(&target);
+    let (mut backups, mut restores, mut stored) = (vec![], vec![], 0);
+    for run in 1..=args.runs.max(1) {
+        log(&format!("pgBackRest: full backup {run}"));
+        let before = du(&repo_dir.join("backup"));
+        settle();
+        let started = Instant::now();
+        env.run(
+            env.pgbackrest(&["--type=full", "backup"]),
+            "pgbackrest backup",
+        )?;
+        nix::unistd::sync();
+        backups.push(started.elapsed().as_secs_f64());
+        stored = du(&repo_dir.join("backup")).saturating_sub(before);
+        log(&format!("pgBackRest: full restore {run}"));
+        let target = env.dir.join("pgbr-restore");
+        std::fs::create_dir_all(&target)?;
+        nix::unistd::chown(&target, Some(env.uid.into()), Some(env.gid.into()))?;
+        std::fs::set_permissions(&target, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+        settle();
+        let started = Instant::now();
+        env.run(
+            env.pgbackrest(&[&format!("--pg1-path={}", target.display()), "restore"]),
+            "pgbackrest restore",
+        )?;
+        nix::unistd::sync();
+        restores.push(started.elapsed().as_secs_f64());
+        let _ = std::fs::remove_dir_all(&target);
+    }
     log("pgBackRest: archiving under pgbench");
     let archive = archive_lag(env, args)?;
     Ok(json!({
-        "backup_seconds": backup_s,
-        "restore_seconds": restore_s,
-        "repository_backup_bytes": du(&repo_dir.join("backup")),
+        "backup_seconds": crate::report::summary_decimals(&backups, 2),
+        "restore_seconds": crate::report::summary_decimals(&restores, 2),
+        "backup_runs": backups,
+        "restore_runs": restores,
+        "repository_backup_bytes": stored,
         "archive": archive,
     }))
 }
