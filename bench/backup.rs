@@ -207,81 +207,104 @@ fn archive_lag(env: &Env, args: &Args) -> anyhow::Result<Value> {
     }))
 }
 
-/// Writes back what earlier steps left dirty (pgbench's load, a removed
-/// restore) and gives the disk a moment, so that each timed step pays for
-/// its own writes only. Every timed step ends with a `sync` for the same
-/// reason: a backup or restore is done when it is on disk.
-fn settle() {
+/// Checkpoints the server and writes back what earlier steps left dirty
+/// (pgbench's load, a removed restore), then gives the disk a moment, so
+/// that each timed step pays for its own writes only. Every timed step ends
+/// with a `sync` for the same reason: a backup or restore is done when it
+/// is on disk.
+fn settle(env: &Env) -> anyhow::Result<()> {
+    env.sql("CHECKPOINT")?;
     nix::unistd::sync();
-    std::thread::sleep(std::time::Duration::from_secs(2));
+    std::thread::sleep(Duration::from_secs(2));
+    Ok(())
 }
 
-fn pgha_side(env: &Env, args: &Args) -> anyhow::Result<Value> {
-    use pgha::backup::repo::{DirRepository, Repository};
-    let repo_dir = env.dir.join("pgha-repo");
-    let repo = DirRepository::new(&repo_dir);
-    let repo_file = env.dir.join("pgha-repo.toml");
-    env.set_archive_command(&format!(
+/// One tool's timings over the runs.
+#[derive(Default)]
+struct Times {
+    backups: Vec<f64>,
+    restores: Vec<f64>,
+    /// Repository bytes of one backup.
+    stored: u64,
+}
+
+impl Times {
+    fn report(&self, archive: anyhow::Result<Value>, error: Option<anyhow::Error>) -> Value {
+        let mut v = json!({
+            "backup_seconds": crate::report::summary_decimals(&self.backups, 2),
+            "restore_seconds": crate::report::summary_decimals(&self.restores, 2),
+            "backup_runs": self.backups,
+            "restore_runs": self.restores,
+            "repository_backup_bytes": self.stored,
+        });
+        match archive {
+            Ok(a) => v["archive"] = a,
+            Err(e) => v["archive"] = json!({"error": format!("{e:#}")}),
+        }
+        if let Some(e) = error {
+            v["error"] = json!(format!("{e:#}"));
+        }
+        v
+    }
+}
+
+fn pgha_archive_command(env: &Env) -> String {
+    format!(
         "{} wal push -c {} %p",
         env.pgha.display(),
-        repo_file.display()
-    ))?;
-    env.sql("SELECT pg_switch_wal()")?;
-    let passfile = env.dir.join("empty.pgpass");
-    let dir_text = env.dir.display().to_string();
-    let (mut backups, mut restores, mut stored, mut backup_bytes) = (vec![], vec![], 0, 0);
-    for run in 1..=args.runs.max(1) {
-        log(&format!("pgha: full backup {run}"));
-        settle();
-        let started = Instant::now();
-        let m = pgha::backup::base::take(
-            &repo,
-            &pgha::backup::base::BackupSource {
-                member: "bench".into(),
-                host: dir_text.clone(),
-                port: env.port,
-                user: "postgres".into(),
-                bin_dir: &env.bin,
-                passfile: &passfile,
-                level: args.level,
-                parallel: args.parallel,
-                progress: &|_| {},
-            },
-        )?;
-        nix::unistd::sync();
-        backups.push(started.elapsed().as_secs_f64());
-        stored = m.stored_bytes();
-        backup_bytes = m.files.iter().map(|f| f.size).sum::<u64>();
-        log(&format!("pgha: full restore {run}"));
-        let target = env.dir.join("pgha-restore");
-        settle();
-        let started = Instant::now();
-        pgha::backup::restore::unpack(&repo, &m, &target, &env.bin, &|_| {})?;
-        nix::unistd::sync();
-        restores.push(started.elapsed().as_secs_f64());
-        let _ = std::fs::remove_dir_all(&target);
-    }
-    log("pgha: archiving under pgbench");
-    let archive = archive_lag(env, args)?;
-    Ok(json!({
-        "backup_seconds": crate::report::summary_decimals(&backups, 2),
-        "restore_seconds": crate::report::summary_decimals(&restores, 2),
-        "backup_runs": backups,
-        "restore_runs": restores,
-        "backup_bytes": backup_bytes,
-        "repository_backup_bytes": stored,
-        "archive": archive,
-        "location": repo.location(),
-    }))
+        env.dir.join("pgha-repo.toml").display()
+    )
 }
 
-fn pgbackrest_side(env: &Env, args: &Args) -> anyhow::Result<Value> {
-    let repo_dir = env.dir.join("pgbr-repo");
+fn pgbackrest_archive_command(env: &Env) -> String {
+    format!(
+        "pgbackrest --config={} --stanza=bench archive-push %p",
+        env.dir.join("pgbackrest.conf").display()
+    )
+}
+
+/// One full backup and one full restore with pgha.
+fn pgha_run(env: &Env, args: &Args, run: usize, times: &mut Times) -> anyhow::Result<()> {
+    let repo = pgha::backup::repo::DirRepository::new(env.dir.join("pgha-repo"));
+    env.set_archive_command(&pgha_archive_command(env))?;
+    let passfile = env.dir.join("empty.pgpass");
+    log(&format!("pgha: full backup {run}"));
+    settle(env)?;
+    let started = Instant::now();
+    let m = pgha::backup::base::take(
+        &repo,
+        &pgha::backup::base::BackupSource {
+            member: "bench".into(),
+            host: env.dir.display().to_string(),
+            port: env.port,
+            user: "postgres".into(),
+            bin_dir: &env.bin,
+            passfile: &passfile,
+            level: args.level,
+            parallel: args.parallel,
+            progress: &|_| {},
+        },
+    )?;
+    nix::unistd::sync();
+    times.backups.push(started.elapsed().as_secs_f64());
+    times.stored = m.stored_bytes();
+    log(&format!("pgha: full restore {run}"));
+    let target = env.dir.join("pgha-restore");
+    settle(env)?;
+    let started = Instant::now();
+    pgha::backup::restore::unpack(&repo, &m, &target, &env.bin, &|_| {})?;
+    nix::unistd::sync();
+    times.restores.push(started.elapsed().as_secs_f64());
+    let _ = std::fs::remove_dir_all(&target);
+    Ok(())
+}
+
+fn pgbackrest_prepare(env: &Env, args: &Args) -> anyhow::Result<()> {
     std::fs::write(
         env.dir.join("pgbackrest.conf"),
         format!(
             "[global]\nrepo1-path={}\ncompress-type=zst\ncompress-level={}\nprocess-max={}\nstart-fast=y\nlog-level-console=warn\nlog-level-file=off\nlock-path={}\nspool-path={}\n\n[bench]\npg1-path={}\npg1-port={}\npg1-socket-path={}\n",
-            repo_dir.display(),
+            env.dir.join("pgbr-repo").display(),
             args.level,
             args.parallel,
             env.dir.join("pgbr-lock").display(),
@@ -295,48 +318,74 @@ fn pgbackrest_side(env: &Env, args: &Args) -> anyhow::Result<Value> {
         env.pgbackrest(&["stanza-create"]),
         "pgbackrest stanza-create",
     )?;
-    env.set_archive_command(&format!(
-        "pgbackrest --config={} --stanza=bench archive-push %p",
-        env.dir.join("pgbackrest.conf").display()
-    ))?;
-    let (mut backups, mut restores, mut stored) = (vec![], vec![], 0);
+    Ok(())
+}
+
+/// One full backup and one full restore with pgBackRest.
+fn pgbackrest_run(env: &Env, run: usize, times: &mut Times) -> anyhow::Result<()> {
+    let repo_dir = env.dir.join("pgbr-repo");
+    env.set_archive_command(&pgbackrest_archive_command(env))?;
+    log(&format!("pgBackRest: full backup {run}"));
+    let before = du(&repo_dir.join("backup"));
+    settle(env)?;
+    let started = Instant::now();
+    env.run(
+        env.pgbackrest(&["--type=full", "backup"]),
+        "pgbackrest backup",
+    )?;
+    nix::unistd::sync();
+    times.backups.push(started.elapsed().as_secs_f64());
+    times.stored = du(&repo_dir.join("backup")).saturating_sub(before);
+    log(&format!("pgBackRest: full restore {run}"));
+    let target = env.dir.join("pgbr-restore");
+    std::fs::create_dir_all(&target)?;
+    nix::unistd::chown(&target, Some(env.uid.into()), Some(env.gid.into()))?;
+    std::fs::set_permissions(&target, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+    settle(env)?;
+    let started = Instant::now();
+    env.run(
+        env.pgbackrest(&[&format!("--pg1-path={}", target.display()), "restore"]),
+        "pgbackrest restore",
+    )?;
+    nix::unistd::sync();
+    times.restores.push(started.elapsed().as_secs_f64());
+    let _ = std::fs::remove_dir_all(&target);
+    Ok(())
+}
+
+/// The runs interleaved (pgha, pgBackRest, pgha, ...) so that neither tool
+/// always gets the machine right after pgbench's load, then each tool's
+/// archiving under pgbench.
+fn compare(env: &Env, args: &Args) -> (Value, Value) {
+    let (mut pgha, mut pgbr) = (Times::default(), Times::default());
+    let mut pgha_error = None;
+    let mut pgbr_error = if args.skip_pgbackrest {
+        None
+    } else {
+        pgbackrest_prepare(env, args).err()
+    };
     for run in 1..=args.runs.max(1) {
-        log(&format!("pgBackRest: full backup {run}"));
-        let before = du(&repo_dir.join("backup"));
-        settle();
-        let started = Instant::now();
-        env.run(
-            env.pgbackrest(&["--type=full", "backup"]),
-            "pgbackrest backup",
-        )?;
-        nix::unistd::sync();
-        backups.push(started.elapsed().as_secs_f64());
-        stored = du(&repo_dir.join("backup")).saturating_sub(before);
-        log(&format!("pgBackRest: full restore {run}"));
-        let target = env.dir.join("pgbr-restore");
-        std::fs::create_dir_all(&target)?;
-        nix::unistd::chown(&target, Some(env.uid.into()), Some(env.gid.into()))?;
-        std::fs::set_permissions(&target, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
-        settle();
-        let started = Instant::now();
-        env.run(
-            env.pgbackrest(&[&format!("--pg1-path={}", target.display()), "restore"]),
-            "pgbackrest restore",
-        )?;
-        nix::unistd::sync();
-        restores.push(started.elapsed().as_secs_f64());
-        let _ = std::fs::remove_dir_all(&target);
+        if pgha_error.is_none() {
+            pgha_error = pgha_run(env, args, run, &mut pgha).err();
+        }
+        if !args.skip_pgbackrest && pgbr_error.is_none() {
+            pgbr_error = pgbackrest_run(env, run, &mut pgbr).err();
+        }
+    }
+    log("pgha: archiving under pgbench");
+    let archive = env
+        .set_archive_command(&pgha_archive_command(env))
+        .and_then(|()| archive_lag(env, args));
+    let mut pgha_report = pgha.report(archive, pgha_error);
+    pgha_report["location"] = json!(env.dir.join("pgha-repo"));
+    if args.skip_pgbackrest {
+        return (pgha_report, Value::Null);
     }
     log("pgBackRest: archiving under pgbench");
-    let archive = archive_lag(env, args)?;
-    Ok(json!({
-        "backup_seconds": crate::report::summary_decimals(&backups, 2),
-        "restore_seconds": crate::report::summary_decimals(&restores, 2),
-        "backup_runs": backups,
-        "restore_runs": restores,
-        "repository_backup_bytes": stored,
-        "archive": archive,
-    }))
+    let archive = env
+        .set_archive_command(&pgbackrest_archive_command(env))
+        .and_then(|()| archive_lag(env, args));
+    (pgha_report, pgbr.report(archive, pgbr_error))
 }
 
 fn setup(args: &Args) -> anyhow::Result<Env> {
@@ -416,12 +465,7 @@ pub async fn main(args: Args) -> i32 {
             .sql("SELECT pg_database_size('postgres')")?
             .parse()
             .unwrap_or(0);
-        let pgha = pgha_side(&env, &args);
-        let pgbr = if args.skip_pgbackrest {
-            Ok(Value::Null)
-        } else {
-            pgbackrest_side(&env, &args)
-        };
+        let (pgha, pgbr) = compare(&env, &args);
         let mut stop = env.pg("pg_ctl");
         stop.args(["-D"]).arg(&env.data).args(["-m", "fast", "stop"]);
         let _ = env.run(stop, "pg_ctl stop");
@@ -435,8 +479,8 @@ pub async fn main(args: Args) -> i32 {
             "database_bytes": db_bytes,
             "compression": format!("zstd {}", args.level),
             "parallel": args.parallel,
-            "pgha": pgha.map_err(|e| format!("{e:#}")).unwrap_or_else(|e| json!({"error": e})),
-            "pgbackrest": pgbr.map_err(|e| format!("{e:#}")).unwrap_or_else(|e| json!({"error": e})),
+            "pgha": pgha,
+            "pgbackrest": pgbr,
         });
         if let Some(path) = &args.json_out {
             std::fs::write(path, format!("{report:#}\n"))?;
