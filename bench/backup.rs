@@ -467,7 +467,9 @@ pub async fn main(args: Args) -> i32 {
             .unwrap_or(0);
         let (pgha, pgbr) = compare(&env, &args);
         let mut stop = env.pg("pg_ctl");
-        stop.args(["-D"]).arg(&env.data).args(["-m", "fast", "stop"]);
+        stop.args(["-D"])
+            .arg(&env.data)
+            .args(["-m", "fast", "stop"]);
         let _ = env.run(stop, "pg_ctl stop");
         if !args.keep {
             let _ = std::fs::remove_dir_all(&env.dir);
