@@ -5,8 +5,8 @@
 //! server's `backup_manifest` injected at its end; that stream is
 //! compressed (zstd, `parallel` worker threads, frame checksum on) straight
 //! into the repository and the stored bytes are hashed, so the backup never
-//! needs local disk space. The WAL the
-//! backup needs comes from the archive, as for any restore.
+//! needs local disk space. The WAL the backup needs comes from the
+//! archive, as for any restore.
 
 use std::io::{Read, Write};
 use std::path::Path;
@@ -52,8 +52,9 @@ pub struct ManifestFile {
     /// Uncompressed size.
     pub size: u64,
     /// sha256 of the uncompressed content. Only backups taken before
-    /// `stored_sha256` existed carry it; hashing 3 GB of content cost about
-    /// as much as compressing it.
+    /// `stored_sha256` existed carry it: hashing every byte of a large
+    /// backup twice (here and in the server's SHA-256 manifest) cost CPU
+    /// the compression needed.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub sha256: String,
     /// Size in the repository.

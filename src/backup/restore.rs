@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use super::BackupError;
-use super::base::{self, Manifest};
+use super::base::{self, Manifest, ManifestFile};
 use super::repo::Repository;
 use crate::model::Lsn;
 use crate::postgres::conf::{Archiving, quote_conf};
@@ -160,73 +160,10 @@ pub fn unpack(
     std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
         .map_err(local("set the mode of", dir.to_path_buf()))?;
     let dir_handle = std::fs::File::open(dir).map_err(local("open", dir.to_path_buf()))?;
-    let unpacking_done = std::sync::atomic::AtomicBool::new(false);
-    std::thread::scope(|scope| {
-        // Writeback alongside the unpacking. The kernel starts writing on
-        // its own only once a tenth of memory is dirty, so the final sync
-        // below would otherwise write the whole restore after it, at the
-        // disk's speed, instead of while the next files are unpacked.
-        scope.spawn(|| {
-            while !unpacking_done.load(std::sync::atomic::Ordering::Relaxed) {
-                let _ = nix::unistd::syncfs(&dir_handle);
-                std::thread::sleep(std::time::Duration::from_millis(100));
-            }
-        });
-        let result = (|| {
-            for f in &m.files {
-                // Reading, checking and decompressing on one thread, unpacking
-                // (file creation and writes) on this one: on two cores that
-                // overlaps the two halves instead of taking their sum.
-                let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(8);
-                let (read, unpacked) = std::thread::scope(|scope| {
-                    let reader = scope.spawn(move || {
-                        let mut total = 0u64;
-                        base::read_checked(repo, f, |chunk| {
-                            total += chunk.len() as u64;
-                            progress(total);
-                            // The unpacking side hung up: it failed, and says why.
-                            tx.send(chunk.to_vec())
-                                .map_err(|_| BackupError::Restore("unpacking stopped".into()))
-                        })
-                    });
-                    let mut stream = ChunkReader {
-                        chunks: rx,
-                        current: Vec::new(),
-                        at: 0,
-                    };
-                    let mut archive = tar::Archive::new(&mut stream);
-                    archive.set_preserve_permissions(true);
-                    archive.set_overwrite(false);
-                    let unpacked = archive.unpack(dir).and_then(|()| {
-                        // The tar's trailing padding: read to the end so that the
-                        // reader finishes and checks the whole object.
-                        std::io::copy(&mut stream, &mut std::io::sink()).map(|_| ())
-                    });
-                    drop(stream);
-                    (
-                        reader.join().expect("the restore reader panicked"),
-                        unpacked,
-                    )
-                });
-                match (read, unpacked) {
-                    (Ok(()), Ok(())) => {}
-                    // A corrupt object explains a failed unpack better than the
-                    // unpack error does.
-                    (Err(e @ BackupError::Corrupt { .. }), _) => return Err(e),
-                    (_, Err(e)) => {
-                        return Err(BackupError::Restore(format!(
-                            "cannot unpack {} into {}: {e}",
-                            f.key,
-                            dir.display()
-                        )));
-                    }
-                    (Err(e), Ok(())) => return Err(e),
-                }
-            }
-            Ok(())
-        })();
-        unpacking_done.store(true, std::sync::atomic::Ordering::Relaxed);
-        result
+    with_writeback(&dir_handle, || {
+        m.files
+            .iter()
+            .try_for_each(|f| unpack_file(repo, f, dir, progress))
     })?;
     // On disk before anything says the restore is done: a restored
     // directory whose files a power loss can empty would start, replay
@@ -256,6 +193,81 @@ pub fn unpack(
     // server must run recovery to the target and stop, not follow anyone.
     let _ = std::fs::remove_file(dir.join("standby.signal"));
     Ok(())
+}
+
+/// Runs `work` while a second thread keeps the file system of `dir`
+/// writing back. The kernel starts writing on its own only once a tenth of
+/// memory is dirty, so the final sync of a restore would otherwise write
+/// all of it after the unpacking, at the disk's speed, instead of while
+/// the next files are unpacked.
+fn with_writeback<T>(dir: &std::fs::File, work: impl FnOnce() -> T) -> T {
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                // Errors show in the final sync, which is checked.
+                let _ = nix::unistd::syncfs(dir);
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+        });
+        let result = work();
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        result
+    })
+}
+
+/// Unpacks one stored tar into `dir`: reading, checking and decompressing
+/// on one thread, file creation and writes on this one, so that on two
+/// cores the two halves overlap instead of adding up.
+fn unpack_file(
+    repo: &dyn Repository,
+    f: &ManifestFile,
+    dir: &Path,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<(), BackupError> {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(8);
+    let (read, unpacked) = std::thread::scope(|scope| {
+        let reader = scope.spawn(move || {
+            let mut total = 0u64;
+            base::read_checked(repo, f, |chunk| {
+                total += chunk.len() as u64;
+                progress(total);
+                // The unpacking side hung up: it failed, and says why.
+                tx.send(chunk.to_vec())
+                    .map_err(|_| BackupError::Restore("unpacking stopped".into()))
+            })
+        });
+        let mut stream = ChunkReader {
+            chunks: rx,
+            current: Vec::new(),
+            at: 0,
+        };
+        let mut archive = tar::Archive::new(&mut stream);
+        archive.set_preserve_permissions(true);
+        archive.set_overwrite(false);
+        let unpacked = archive.unpack(dir).and_then(|()| {
+            // The tar's trailing padding: read to the end so that the
+            // reader finishes and checks the whole object.
+            std::io::copy(&mut stream, &mut std::io::sink()).map(|_| ())
+        });
+        drop(stream);
+        (
+            reader.join().expect("the restore reader panicked"),
+            unpacked,
+        )
+    });
+    match (read, unpacked) {
+        (Ok(()), Ok(())) => Ok(()),
+        // A corrupt object explains a failed unpack better than the unpack
+        // error does.
+        (Err(e @ BackupError::Corrupt { .. }), _) => Err(e),
+        (_, Err(e)) => Err(BackupError::Restore(format!(
+            "cannot unpack {} into {}: {e}",
+            f.key,
+            dir.display()
+        ))),
+        (Err(e), Ok(())) => Err(e),
+    }
 }
 
 /// Reads the chunks a channel delivers as one stream; the sender hanging
