@@ -211,12 +211,22 @@ fn archive_lag(env: &Env, args: &Args) -> anyhow::Result<Value> {
 /// (pgbench's load, a removed restore), then gives the disk a moment, so
 /// that each timed step pays for its own writes only. Every timed step ends
 /// with a `sync` for the same reason: a backup or restore is done when it
-/// is on disk.
+/// is on disk (see [`timed`]).
 fn settle(env: &Env) -> anyhow::Result<()> {
     env.sql("CHECKPOINT")?;
     nix::unistd::sync();
     std::thread::sleep(Duration::from_secs(2));
     Ok(())
+}
+
+/// Seconds `step` takes, from a settled machine until its writes are on
+/// disk.
+fn timed<T>(env: &Env, step: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<(f64, T)> {
+    settle(env)?;
+    let started = Instant::now();
+    let out = step()?;
+    nix::unistd::sync();
+    Ok((started.elapsed().as_secs_f64(), out))
 }
 
 /// One tool's timings over the runs.
@@ -269,32 +279,36 @@ fn pgha_run(env: &Env, args: &Args, run: usize, times: &mut Times) -> anyhow::Re
     env.set_archive_command(&pgha_archive_command(env))?;
     let passfile = env.dir.join("empty.pgpass");
     log(&format!("pgha: full backup {run}"));
-    settle(env)?;
-    let started = Instant::now();
-    let m = pgha::backup::base::take(
-        &repo,
-        &pgha::backup::base::BackupSource {
-            member: "bench".into(),
-            host: env.dir.display().to_string(),
-            port: env.port,
-            user: "postgres".into(),
-            bin_dir: &env.bin,
-            passfile: &passfile,
-            level: args.level,
-            parallel: args.parallel,
-            progress: &|_| {},
-        },
-    )?;
-    nix::unistd::sync();
-    times.backups.push(started.elapsed().as_secs_f64());
+    let (seconds, m) = timed(env, || {
+        Ok(pgha::backup::base::take(
+            &repo,
+            &pgha::backup::base::BackupSource {
+                member: "bench".into(),
+                host: env.dir.display().to_string(),
+                port: env.port,
+                user: "postgres".into(),
+                bin_dir: &env.bin,
+                passfile: &passfile,
+                level: args.level,
+                parallel: args.parallel,
+                progress: &|_| {},
+            },
+        )?)
+    })?;
+    times.backups.push(seconds);
     times.stored = m.stored_bytes();
     log(&format!("pgha: full restore {run}"));
     let target = env.dir.join("pgha-restore");
-    settle(env)?;
-    let started = Instant::now();
-    pgha::backup::restore::unpack(&repo, &m, &target, &env.bin, &|_| {})?;
-    nix::unistd::sync();
-    times.restores.push(started.elapsed().as_secs_f64());
+    let (seconds, ()) = timed(env, || {
+        Ok(pgha::backup::restore::unpack(
+            &repo,
+            &m,
+            &target,
+            &env.bin,
+            &|_| {},
+        )?)
+    })?;
+    times.restores.push(seconds);
     let _ = std::fs::remove_dir_all(&target);
     Ok(())
 }
@@ -327,28 +341,26 @@ fn pgbackrest_run(env: &Env, run: usize, times: &mut Times) -> anyhow::Result<()
     env.set_archive_command(&pgbackrest_archive_command(env))?;
     log(&format!("pgBackRest: full backup {run}"));
     let before = du(&repo_dir.join("backup"));
-    settle(env)?;
-    let started = Instant::now();
-    env.run(
-        env.pgbackrest(&["--type=full", "backup"]),
-        "pgbackrest backup",
-    )?;
-    nix::unistd::sync();
-    times.backups.push(started.elapsed().as_secs_f64());
+    let (seconds, _) = timed(env, || {
+        env.run(
+            env.pgbackrest(&["--type=full", "backup"]),
+            "pgbackrest backup",
+        )
+    })?;
+    times.backups.push(seconds);
     times.stored = du(&repo_dir.join("backup")).saturating_sub(before);
     log(&format!("pgBackRest: full restore {run}"));
     let target = env.dir.join("pgbr-restore");
     std::fs::create_dir_all(&target)?;
     nix::unistd::chown(&target, Some(env.uid.into()), Some(env.gid.into()))?;
     std::fs::set_permissions(&target, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
-    settle(env)?;
-    let started = Instant::now();
-    env.run(
-        env.pgbackrest(&[&format!("--pg1-path={}", target.display()), "restore"]),
-        "pgbackrest restore",
-    )?;
-    nix::unistd::sync();
-    times.restores.push(started.elapsed().as_secs_f64());
+    let (seconds, _) = timed(env, || {
+        env.run(
+            env.pgbackrest(&[&format!("--pg1-path={}", target.display()), "restore"]),
+            "pgbackrest restore",
+        )
+    })?;
+    times.restores.push(seconds);
     let _ = std::fs::remove_dir_all(&target);
     Ok(())
 }

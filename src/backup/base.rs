@@ -636,10 +636,7 @@ pub fn verify(repo: &dyn Repository, m: &Manifest) -> Result<VerifyReport, Backu
     };
     for f in &m.files {
         if let Err(e) = read_checked(repo, f, |_| Ok(())) {
-            report.problems.push(match e {
-                BackupError::Corrupt { key, detail } => format!("{key}: corrupt object: {detail}"),
-                other => other.to_string(),
-            });
+            report.problems.push(e.to_string());
         }
     }
     let seg = m.wal_segment_size;
