@@ -148,15 +148,17 @@ pub async fn run(cluster: Arc<Cluster>, args: &Args) -> anyhow::Result<Value> {
             for &c in &args.clients {
                 // Rotate the order of the proxies each round, so that a
                 // drift of the machine's load does not favour one of them.
-                let mut order: Vec<(&str, u16)> =
-                    services.iter().map(|s| (s.name.as_str(), s.port)).collect();
+                let mut order: Vec<(&str, u16, Option<u32>)> = services
+                    .iter()
+                    .map(|s| (s.name.as_str(), s.port, s.pid()))
+                    .collect();
                 if !order.is_empty() {
                     let n = round % order.len();
                     order.rotate_left(n);
                 }
-                order.insert(0, ("direct", port));
+                order.insert(0, ("direct", port, None));
                 let mut direct = None;
-                for (target, tport) in order {
+                for (target, tport, pid) in order {
                     let mut a: Vec<String> = vec![
                         "-n".into(),
                         "-c".into(),
@@ -172,13 +174,27 @@ pub async fn run(cluster: Arc<Cluster>, args: &Args) -> anyhow::Result<Value> {
                         "round {}/{rounds}: {wname} c{c} via {target}",
                         round + 1
                     ));
+                    let before = CpuTicks::read(pid);
                     let result = pgbench(cluster.as_ref(), tport, &a).await.and_then(|out| {
-                        tps(&out).with_context(|| format!("no tps in pgbench output: {out}"))
+                        let t = tps(&out)
+                            .with_context(|| format!("no tps in pgbench output: {out}"))?;
+                        let n = transactions(&out)
+                            .with_context(|| format!("no transaction count in: {out}"))?;
+                        Ok((t, n))
                     });
+                    let cpu = CpuTicks::read(pid).since(&before);
                     let row = row_mut(&mut rows, wname, c, target);
                     match result {
-                        Ok(t) => {
-                            log(&format!("  {t:.0} tps"));
+                        Ok((t, n)) => {
+                            let (machine_us, proxy_us) = cpu.per_transaction(n);
+                            log(&format!(
+                                "  {t:.0} tps; CPU per transaction: {machine_us:.1} us in all, {} in the proxy",
+                                proxy_us.map(|u| format!("{u:.1} us")).unwrap_or("-".into())
+                            ));
+                            row.machine_cpu_us.push(machine_us);
+                            if let Some(u) = proxy_us {
+                                row.proxy_cpu_us.push(u);
+                            }
                             if target == "direct" {
                                 direct = Some(t);
                             }
@@ -219,6 +235,11 @@ pub async fn run(cluster: Arc<Cluster>, args: &Args) -> anyhow::Result<Value> {
                 "target": r.target,
                 "tps": crate::report::summary_decimals(&r.tps, 0),
                 "ratio_to_direct": if r.target == "direct" { Value::Null } else { crate::report::summary_decimals(&r.ratio, 3) },
+                // CPU time of the whole machine (user + system, all
+                // processes) and of the proxy process alone, divided by
+                // the transactions pgbench completed.
+                "machine_cpu_us_per_tx": crate::report::summary_decimals(&r.machine_cpu_us, 1),
+                "proxy_cpu_us_per_tx": if r.proxy_cpu_us.is_empty() { Value::Null } else { crate::report::summary_decimals(&r.proxy_cpu_us, 1) },
                 // A failed round is reported as failed, never as a number.
                 "failed": !r.errors.is_empty(),
                 "errors": r.errors.iter().map(|e| last_lines(e, 3)).collect::<Vec<_>>(),
@@ -252,6 +273,8 @@ pub(crate) struct Row {
     pub(crate) target: String,
     pub(crate) tps: Vec<f64>,
     pub(crate) ratio: Vec<f64>,
+    pub(crate) machine_cpu_us: Vec<f64>,
+    pub(crate) proxy_cpu_us: Vec<f64>,
     pub(crate) errors: Vec<String>,
 }
 
@@ -268,6 +291,8 @@ pub(crate) fn row_mut<'a>(rows: &'a mut Vec<Row>, w: &str, c: u32, t: &str) -> &
                 target: t.into(),
                 tps: Vec::new(),
                 ratio: Vec::new(),
+                machine_cpu_us: Vec::new(),
+                proxy_cpu_us: Vec::new(),
                 errors: Vec::new(),
             });
             rows.len() - 1
@@ -281,6 +306,76 @@ pub(crate) fn tps(out: &str) -> Option<f64> {
         .find_map(|l| l.trim().strip_prefix("tps ="))
         .and_then(|rest| rest.split_whitespace().next())
         .and_then(|n| n.parse().ok())
+}
+
+/// pgbench's "number of transactions actually processed: N".
+pub(crate) fn transactions(out: &str) -> Option<u64> {
+    out.lines()
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix("number of transactions actually processed:")
+        })
+        .and_then(|rest| rest.split(['/', ' ']).find(|w| !w.is_empty()))
+        .and_then(|n| n.trim().parse().ok())
+}
+
+/// CPU time in clock ticks: the whole machine's busy time (`/proc/stat`,
+/// every mode but idle and iowait) and one process's user + system time.
+#[derive(Debug, Default)]
+struct CpuTicks {
+    machine: u64,
+    process: Option<u64>,
+}
+
+impl CpuTicks {
+    fn read(pid: Option<u32>) -> CpuTicks {
+        let machine = std::fs::read_to_string("/proc/stat")
+            .ok()
+            .and_then(|s| s.lines().next().map(busy_ticks))
+            .unwrap_or(0);
+        let process = pid.and_then(|p| {
+            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+            // Fields after the command name (which may hold spaces).
+            let rest = &stat[stat.rfind(')')? + 2..];
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            // utime and stime are fields 14 and 15 of stat(5); `rest`
+            // starts at field 3.
+            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+        });
+        CpuTicks { machine, process }
+    }
+
+    fn since(self, before: &CpuTicks) -> CpuTicks {
+        CpuTicks {
+            machine: self.machine.saturating_sub(before.machine),
+            process: self
+                .process
+                .zip(before.process)
+                .map(|(a, b)| a.saturating_sub(b)),
+        }
+    }
+
+    /// Microseconds per transaction: the machine's, and the process's.
+    fn per_transaction(&self, transactions: u64) -> (f64, Option<f64>) {
+        let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+            .ok()
+            .flatten()
+            .unwrap_or(100) as f64;
+        let us = |ticks: u64| ticks as f64 / hz * 1e6 / transactions.max(1) as f64;
+        (us(self.machine), self.process.map(us))
+    }
+}
+
+/// Busy ticks from the `cpu` line of `/proc/stat`: user, system, irq,
+/// softirq and steal. Idle and iowait are not work; nice is left out so
+/// that a niced build beside the bench does not count as its cost.
+fn busy_ticks(line: &str) -> u64 {
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    [0, 2, 5, 6, 7].iter().filter_map(|&i| v.get(i)).sum()
 }
 
 pub(crate) fn last_lines(text: &str, n: usize) -> String {
@@ -654,4 +749,23 @@ pub(crate) async fn pgbench(cluster: &Cluster, port: u16, args: &[&str]) -> anyh
         );
     }
     Ok(stdout)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pgbench_transaction_count_is_read() {
+        let out = "transaction type: <builtin: select only>\nnumber of transactions actually processed: 812345\nnumber of failed transactions: 0 (0.000%)\ntps = 27078.1 (without initial connection time)\n";
+        assert_eq!(transactions(out), Some(812_345));
+        assert_eq!(transactions("tps = 1.0\n"), None);
+    }
+
+    #[test]
+    fn busy_ticks_leave_out_idle_iowait_and_nice() {
+        // user nice system idle iowait irq softirq steal guest guest_nice
+        let line = "cpu  100 1000 20 5000 700 3 4 5 0 0";
+        assert_eq!(busy_ticks(line), 100 + 20 + 3 + 4 + 5);
+    }
 }
