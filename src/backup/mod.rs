@@ -7,6 +7,7 @@
 //! - [`file`]: one WAL file in and out (`archive_command`,
 //!   `restore_command`); [`crate::cli::wal`] wraps it.
 //! - [`retention`]: which backups and archived WAL `keep` lets go.
+//! - [`schedule`]: `backup.schedule` and whether a backup is due (pure).
 //! - [`agent`]: what the agent sets up for PostgreSQL when `[backup]` is
 //!   configured (the repository file, the archive settings).
 
@@ -19,6 +20,7 @@ pub mod repo;
 pub mod restore;
 pub mod retention;
 pub mod s3;
+pub mod schedule;
 
 use std::path::PathBuf;
 
