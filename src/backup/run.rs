@@ -247,16 +247,27 @@ async fn nudge_leader(cfg: Config, replica: (String, u16), leader: (String, u16)
             )
             .await
             .map(|row| row.get::<_, i64>(0) > 0);
-        match waiting {
-            // Only while the replica's position is still in the leader's
-            // current segment: once that segment is complete, the replica
-            // just has to archive it, and another switch would only add a
-            // segment to its queue.
-            Ok(true) if same_segment(r, l).await.unwrap_or(false) => {
-                let _ = l.batch_execute(END_SEGMENT).await;
-                tokio::time::sleep(Duration::from_secs(2)).await;
-            }
-            Ok(_) => {}
+        // Only while the replica's position is still in the leader's
+        // current segment: once that segment is complete, the replica just
+        // has to archive it, and another switch would only add a segment
+        // to its queue. Any failure (the leader restarted, say) starts
+        // both sessions afresh: a broken leader session kept would leave
+        // the replica's backup waiting for its segment forever.
+        let nudged = match waiting {
+            Ok(true) => match same_segment(r, l).await {
+                Ok(true) => l.batch_execute(END_SEGMENT).await.map(|()| true),
+                Ok(false) => Ok(false),
+                Err(_) => {
+                    sessions = None;
+                    continue;
+                }
+            },
+            Ok(false) => Ok(false),
+            Err(e) => Err(e),
+        };
+        match nudged {
+            Ok(true) => tokio::time::sleep(Duration::from_secs(2)).await,
+            Ok(false) => {}
             Err(_) => sessions = None,
         }
     }
