@@ -292,6 +292,8 @@ fn pgha_run(env: &Env, args: &Args, run: usize, times: &mut Times) -> anyhow::Re
                 level: args.level,
                 parallel: args.parallel,
                 progress: &|_| {},
+                cancel: None,
+                background: false,
             },
         )?)
     })?;

@@ -8,7 +8,8 @@
 //! Beside the loop run the [`lease`] keeper (renews the leader lease on its
 //! own task) and the [`fence`] keeper (a separate process that kills a
 //! primary whose lease deadline passes). Long operations (clone, rewind)
-//! run as background jobs so that the loop keeps publishing state.
+//! run as background jobs so that the loop keeps publishing state, and so
+//! do the leader's [`scheduled_backup`]s.
 
 mod executor;
 pub mod failsafe;
@@ -17,6 +18,7 @@ pub mod fence_keeper;
 pub mod lease;
 mod observe;
 mod parameters;
+mod scheduled_backup;
 pub mod status;
 pub mod vip;
 pub mod vip_net;
@@ -110,6 +112,8 @@ pub struct Agent {
     vip: Option<vip::Vip>,
     /// Cluster-wide server parameters (`postgresql.parameters`).
     parameters: parameters::Parameters,
+    /// `backup.schedule`, when configured.
+    schedule: Option<scheduled_backup::Scheduler>,
 }
 
 /// Runs the agent until SIGTERM/SIGINT, then shuts down cleanly.
@@ -236,6 +240,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         unmanaged: None,
         vip,
         parameters: Default::default(),
+        schedule: scheduled_backup::Scheduler::new(&cfg),
         cfg,
     };
     tracing::info!(member = %agent.cfg.name, cluster = %agent.cfg.cluster, "agent started");
@@ -353,6 +358,7 @@ impl Agent {
         };
         let view = snapshot.dcs.clone();
         self.keep_fence_consistent().await;
+        self.scheduled_backup(&snapshot).await;
         self.apply_cluster_parameters(view.as_ref()).await;
         self.publish(&decision, view, running).await;
         self.loop_count += 1;
@@ -437,6 +443,9 @@ impl Agent {
         tracing::info!("shutting down");
         if let Some(job) = self.job.take() {
             job.handle.abort();
+        }
+        if let Some(schedule) = self.schedule.as_mut() {
+            schedule.stop();
         }
         let was_leader = self.lease.snapshot().held;
         if let Some(vip) = self.vip.as_mut() {

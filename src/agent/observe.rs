@@ -402,6 +402,7 @@ impl Agent {
             last_loop_ms: now,
             renewal_latency_ms: self.lease.last_renewal_latency_ms(),
             vip: self.vip.as_ref().map(|v| v.status()),
+            scheduled_backup: self.schedule.as_ref().map(|s| s.status()),
         };
         self.status.send_replace(status);
     }

@@ -38,6 +38,23 @@ pub struct AgentStatus {
     pub failsafe: Option<super::failsafe::FailsafeStatus>,
     /// `[vip]`: the floating address on this node, when configured.
     pub vip: Option<super::vip::VipStatus>,
+    /// `backup.schedule`: this agent's scheduled backups, when configured.
+    pub scheduled_backup: Option<ScheduledBackupStatus>,
+}
+
+/// What this agent's scheduled base backups did since it started (for
+/// `/metrics`; each agent counts the backups it ran while leading).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ScheduledBackupStatus {
+    /// A scheduled backup of this agent is in progress.
+    pub running: bool,
+    /// Unix seconds when the last successful one completed.
+    pub last_success_unix_s: Option<u64>,
+    /// How long it took, up to its last WAL segment archived.
+    pub last_duration_s: Option<f64>,
+    /// Scheduled backups that failed (cancelled ones, on losing the leader
+    /// key, are not counted: the next leader takes the slot).
+    pub failures: u64,
 }
 
 /// Requests the REST API hands to the agent loop; each is carried out at

@@ -152,6 +152,42 @@ fn archive(o: &mut Out, a: &crate::postgres::observe::ArchiveStatus) {
     );
 }
 
+/// `backup.schedule`: this agent's scheduled base backups. The success
+/// time and duration are absent until one succeeds; an agent counts only
+/// the backups it ran itself while leading, so a dashboard takes the
+/// maximum of the success time over the members.
+fn scheduled_backup(o: &mut Out, sb: &crate::agent::status::ScheduledBackupStatus) {
+    o.gauge(
+        "pgha_scheduled_backup_running",
+        "1 while a scheduled base backup started by this agent runs.",
+        b(sb.running),
+    );
+    if let Some(t) = sb.last_success_unix_s {
+        o.gauge(
+            "pgha_scheduled_backup_last_success_timestamp_seconds",
+            "Unix time at which this agent's last successful scheduled base backup completed.",
+            t as f64,
+        );
+    }
+    if let Some(d) = sb.last_duration_s {
+        o.gauge(
+            "pgha_scheduled_backup_last_duration_seconds",
+            "Duration of this agent's last successful scheduled base backup, up to its last WAL segment archived.",
+            d,
+        );
+    }
+    o.header(
+        "pgha_scheduled_backup_failures_total",
+        "counter",
+        "Scheduled base backups started by this agent that failed, since it started.",
+    );
+    o.sample(
+        "pgha_scheduled_backup_failures_total",
+        &[],
+        sb.failures as f64,
+    );
+}
+
 /// The whole exposition for one agent status: pure, so it is unit-tested.
 pub fn render(cluster: &str, s: &AgentStatus) -> String {
     let me = s.member.as_ref();
@@ -243,6 +279,9 @@ pub fn render(cluster: &str, s: &AgentStatus) -> String {
     }
     if let Some(a) = &s.archive {
         archive(&mut o, a);
+    }
+    if let Some(sb) = &s.scheduled_backup {
+        scheduled_backup(&mut o, sb);
     }
     let sync = me.is_some_and(|m| !is_leader && is_synchronous(view, &m.name));
     o.gauge(
@@ -477,6 +516,60 @@ mod tests {
         );
         assert_eq!(value(&scrape, "pgha_archive_failing", None), Some(1.0));
         assert!(text.contains("# TYPE pgha_archive_failed_total counter"));
+    }
+
+    #[test]
+    fn scheduled_backup_metrics() {
+        let mut s = replica_status();
+        assert!(!render("orders", &s).contains("pgha_scheduled_backup_"));
+        // Configured, nothing run yet: no success time, no duration.
+        s.scheduled_backup = Some(Default::default());
+        let scrape = parse(&render("orders", &s));
+        assert_eq!(
+            value(&scrape, "pgha_scheduled_backup_failures_total", None),
+            Some(0.0)
+        );
+        assert_eq!(
+            value(&scrape, "pgha_scheduled_backup_running", None),
+            Some(0.0)
+        );
+        assert_eq!(
+            value(
+                &scrape,
+                "pgha_scheduled_backup_last_success_timestamp_seconds",
+                None
+            ),
+            None
+        );
+        s.scheduled_backup = Some(crate::agent::status::ScheduledBackupStatus {
+            running: true,
+            last_success_unix_s: Some(1_769_824_800),
+            last_duration_s: Some(12.5),
+            failures: 2,
+        });
+        let text = render("orders", &s);
+        let scrape = parse(&text);
+        assert_eq!(
+            value(
+                &scrape,
+                "pgha_scheduled_backup_last_success_timestamp_seconds",
+                Some(("member", "r1"))
+            ),
+            Some(1_769_824_800.0)
+        );
+        assert_eq!(
+            value(&scrape, "pgha_scheduled_backup_last_duration_seconds", None),
+            Some(12.5)
+        );
+        assert_eq!(
+            value(&scrape, "pgha_scheduled_backup_failures_total", None),
+            Some(2.0)
+        );
+        assert_eq!(
+            value(&scrape, "pgha_scheduled_backup_running", None),
+            Some(1.0)
+        );
+        assert!(text.contains("# TYPE pgha_scheduled_backup_failures_total counter"));
     }
 
     #[test]

@@ -61,6 +61,8 @@ mod tests {
             keep: 2,
             archive_mode: ArchiveMode::On,
             s3: None,
+            schedule: None,
+            schedule_from: Default::default(),
         };
         let a = archiving(
             &cfg,

@@ -116,6 +116,75 @@ pub struct BackupSource<'a> {
     pub parallel: usize,
     /// Called with the bytes read from pg_basebackup so far.
     pub progress: &'a (dyn Fn(u64) + Sync),
+    /// Lets another thread stop the backup (the agent does when it loses
+    /// the leader key or shuts down).
+    pub cancel: Option<&'a Cancel>,
+    /// Compress at a lower CPU priority (nice 10): the agent's scheduled
+    /// backups run beside its HA loop, which must not wait for CPU.
+    pub background: bool,
+}
+
+/// Stops a running [`take`] from another thread: `take` records its
+/// `pg_basebackup` here and [`Cancel::cancel`] terminates it; the backup
+/// then fails as [`BackupError::Cancelled`] and leaves nothing behind. A
+/// backup cancelled before it starts does not start.
+#[derive(Debug, Default)]
+pub struct Cancel {
+    state: std::sync::Mutex<CancelState>,
+}
+
+#[derive(Debug, Default)]
+struct CancelState {
+    cancelled: bool,
+    /// The running pg_basebackup, not yet reaped (so its pid cannot have
+    /// been reused).
+    child: Option<nix::unistd::Pid>,
+}
+
+impl Cancel {
+    pub fn cancel(&self) {
+        let mut s = self.lock();
+        s.cancelled = true;
+        if let Some(pid) = s.child {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        }
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.lock().cancelled
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, CancelState> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Records the child, or terminates it at once when already cancelled.
+    fn started(&self, pid: u32) {
+        let pid = nix::unistd::Pid::from_raw(pid as i32);
+        let mut s = self.lock();
+        if s.cancelled {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        }
+        s.child = Some(pid);
+    }
+
+    /// Forgets the child before it is reaped.
+    fn finished(&self) {
+        self.lock().child = None;
+    }
+}
+
+/// Lowers the calling thread's CPU priority to nice 10 (on Linux the nice
+/// value is per thread, and threads it starts inherit it: zstd's workers).
+fn lower_thread_priority() {
+    // SAFETY: setpriority only reads its integer arguments; `who = 0` is
+    // the calling thread.
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 10) };
+    if rc != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "cannot lower the backup's CPU priority");
+    }
 }
 
 /// Takes a base backup into `repo` and returns its manifest.
@@ -156,6 +225,9 @@ pub fn take(repo: &dyn Repository, src: &BackupSource<'_>) -> Result<Manifest, B
             path: src.bin_dir.join("pg_basebackup"),
             source,
         })?;
+    if let Some(cancel) = src.cancel {
+        cancel.started(child.id());
+    }
     let mut stdout = child.stdout.take().expect("piped");
     let mut stderr = child.stderr.take().expect("piped");
     let err_thread = std::thread::spawn(move || {
@@ -174,9 +246,12 @@ pub fn take(repo: &dyn Repository, src: &BackupSource<'_>) -> Result<Manifest, B
         path: "pg_basebackup".into(),
         source,
     })?;
-    let (level, parallel) = (src.level, src.parallel);
+    let (level, parallel, background) = (src.level, src.parallel, src.background);
     let result = std::thread::scope(|scope| {
         let compress = scope.spawn(move || -> std::io::Result<Compressed> {
+            if background {
+                lower_thread_priority();
+            }
             let mut enc = zstd::stream::write::Encoder::new(HashingWriter::new(pipe_w), level)?;
             enc.include_checksum(true)?;
             if parallel > 1 {
@@ -208,6 +283,9 @@ pub fn take(repo: &dyn Repository, src: &BackupSource<'_>) -> Result<Manifest, B
         let compressed = compress.join().expect("the compression thread panicked");
         (stored, compressed)
     });
+    if let Some(cancel) = src.cancel {
+        cancel.finished();
+    }
     let status = child.wait().map_err(|source| BackupError::Local {
         action: "wait for",
         path: "pg_basebackup".into(),
@@ -215,7 +293,13 @@ pub fn take(repo: &dyn Repository, src: &BackupSource<'_>) -> Result<Manifest, B
     })?;
     let log = err_thread.join().unwrap_or_default();
     if !status.success() {
+        // Nothing of a failed backup stays behind: a schedule would
+        // otherwise leave one empty directory per failure.
         let _ = repo.delete(&key);
+        let _ = repo.remove_empty_dir(&format!("backup/{id}"));
+        if src.cancel.is_some_and(Cancel::is_cancelled) {
+            return Err(BackupError::Cancelled);
+        }
         return Err(BackupError::Tool {
             tool: "pg_basebackup".into(),
             detail: format!("{status}: {}", log.trim()),

@@ -7,6 +7,9 @@
 //! - [`file`]: one WAL file in and out (`archive_command`,
 //!   `restore_command`); [`crate::cli::wal`] wraps it.
 //! - [`retention`]: which backups and archived WAL `keep` lets go.
+//! - [`run`]: a whole base backup as `pgha backup` and the agent's
+//!   schedule take it (source, backup, end of WAL, retention).
+//! - [`schedule`]: `backup.schedule` and whether a backup is due (pure).
 //! - [`agent`]: what the agent sets up for PostgreSQL when `[backup]` is
 //!   configured (the repository file, the archive settings).
 
@@ -18,7 +21,9 @@ pub mod naming;
 pub mod repo;
 pub mod restore;
 pub mod retention;
+pub mod run;
 pub mod s3;
+pub mod schedule;
 
 use std::path::PathBuf;
 
@@ -47,6 +52,8 @@ pub enum BackupError {
     Tool { tool: String, detail: String },
     #[error("{0}")]
     Restore(String),
+    #[error("cancelled")]
+    Cancelled,
     #[error("cannot {action} {}", path.display())]
     Local {
         action: &'static str,

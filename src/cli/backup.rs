@@ -3,19 +3,18 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Subcommand, ValueEnum};
 
 use super::UsageError;
-use crate::backup::base::{self, BackupSource, Manifest};
+use crate::backup::base::{self, Manifest};
 use crate::backup::repo::Repository;
-use crate::backup::{OpenError, file, naming, open_repository, restore, retention};
+use crate::backup::{OpenError, open_repository, restore, retention, run};
 use crate::config::Config;
 use crate::config::backup::{BackupConfig, RepositoryFile};
 use crate::dcs::Dcs;
-use crate::model::PgState;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum From {
@@ -101,120 +100,48 @@ pub async fn take(cfg: &Config, from: From, json: bool) -> anyhow::Result<()> {
     let dcs = super::connect_dcs(cfg).await?;
     let view = dcs.read_cluster().await?;
     let leader = view
-        .leader
-        .as_ref()
-        .and_then(|l| view.members.get(&l.name))
+        .leader_record()
         .context("the cluster has no leader")?
         .clone();
     let member = match from {
         From::Leader => leader.clone(),
-        From::Replica => view
-            .members
-            .values()
-            .filter(|m| m.name != leader.name && m.state == PgState::Streaming)
-            .min_by_key(|m| view.lag_of(m).unwrap_or(u64::MAX))
+        From::Replica => run::least_lagging_replica(&view, &leader.name)
             .cloned()
             .context("no streaming replica to back up from; use --from leader")?,
     };
     let repo = repository(&b)?;
     let bar = progress_bar(&format!("backing up {}", member.name));
-    let started = Instant::now();
-    let nudge = (from == From::Replica).then(|| {
-        tokio::spawn(nudge_leader(
-            cfg.clone(),
-            (member.host.clone(), member.port),
-            (leader.host.clone(), leader.port),
-        ))
-    });
-    let manifest = {
-        let repo = repo.clone();
+    let progress = {
         let bar = bar.clone();
-        let (host, port, name) = (member.host.clone(), member.port, member.name.to_string());
-        let user = cfg.postgres.replication.username.clone();
-        let bin_dir = cfg.postgres.bin_dir.clone();
-        let passfile = cfg.passfile_path();
-        tokio::task::spawn_blocking(move || {
-            let progress = move |n: u64| {
-                if let Some(bar) = &bar {
-                    bar.set_position(n);
-                }
-            };
-            base::take(
-                repo.as_ref(),
-                &BackupSource {
-                    member: name,
-                    host,
-                    port,
-                    user,
-                    bin_dir: &bin_dir,
-                    passfile: &passfile,
-                    level: b.compress_level,
-                    parallel: b.parallel,
-                    progress: &progress,
-                },
-            )
+        Box::new(move |n: u64| {
+            if let Some(bar) = &bar {
+                bar.set_position(n);
+            }
         })
-        .await??
     };
-    if let Some(nudge) = nudge {
-        nudge.abort();
-    }
+    let done = run::take(
+        cfg,
+        &b,
+        repo,
+        &leader,
+        &member,
+        run::Options {
+            progress,
+            cancel: Default::default(),
+            background: false,
+        },
+    )
+    .await;
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
-    // A replica cannot end a WAL segment; until the leader does, the
-    // segment holding the end of the backup is not archived and the
-    // backup cannot be restored.
-    let stop = base::stop_segment(&manifest);
-    if from == From::Replica {
-        let client = connect(cfg, &leader.host, leader.port)
-            .await
-            .with_context(|| {
-                format!(
-                    "connect to the leader {} to end the WAL segment",
-                    leader.name
-                )
-            })?;
-        client
-            .batch_execute(END_SEGMENT)
-            .await
-            .context("pg_switch_wal on the leader")?;
-    }
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let wal = naming::WalName::parse(stop.as_str()).expect("valid");
-        if !file::archived_copies(repo.as_ref(), &wal)?.is_empty()
-            || newer_timeline_has(repo.as_ref(), &manifest)?
-        {
-            break;
-        }
-        if Instant::now() >= deadline {
-            bail!(
-                "backup {} is stored, but {stop}, the last segment it needs, was not archived within 60 s: check archive_command on the leader",
-                manifest.id
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let elapsed = started.elapsed();
-    // Retention runs only once the new backup is complete and restorable,
-    // so that a failed backup never costs an older one.
-    let expired = {
-        let (repo, keep) = (repo.clone(), b.keep);
-        tokio::task::spawn_blocking(move || retention::expire(repo.as_ref(), keep))
-            .await?
-            .with_context(|| {
-                format!(
-                    "backup {} is stored, but expiring old backups failed",
-                    manifest.id
-                )
-            })?
-    };
-    let size = manifest.files.iter().map(|f| f.size).sum::<u64>();
+    let done = done?;
+    let manifest = &done.manifest;
+    let size = done.bytes();
     if json {
-        let mut v = serde_json::to_value(&manifest)?;
-        v["expire"] = serde_json::to_value(&expired)?;
-        v["seconds"] = serde_json::json!(elapsed.as_secs_f64());
+        let mut v = serde_json::to_value(manifest)?;
+        v["expire"] = serde_json::to_value(&done.expired)?;
+        v["seconds"] = serde_json::json!(done.elapsed.as_secs_f64());
         v["bytes"] = serde_json::json!(size);
         v["stored_bytes"] = serde_json::json!(manifest.stored_bytes());
         println!("{}", serde_json::to_string_pretty(&v)?);
@@ -225,12 +152,12 @@ pub async fn take(cfg: &Config, from: From, json: bool) -> anyhow::Result<()> {
             manifest.source,
             size,
             manifest.stored_bytes(),
-            elapsed.as_secs_f64(),
+            done.elapsed.as_secs_f64(),
             manifest.start_lsn,
             manifest.stop_lsn,
             manifest.timeline
         );
-        print_expired(&expired);
+        print_expired(&done.expired);
     }
     Ok(())
 }
@@ -249,109 +176,6 @@ fn print_expired(r: &retention::ExpireReport) {
         r.expired_backups.join(", "),
         r.expired_wal_objects
     );
-}
-
-/// Ends the leader's current WAL segment. The restore point first: on an
-/// idle leader whose insert position sits at a segment boundary,
-/// `pg_switch_wal()` alone does nothing, and a replica closes (and marks
-/// for archiving) a received segment only once it writes into the next.
-const END_SEGMENT: &str = "SELECT pg_create_restore_point('pgha backup'); SELECT pg_switch_wal()";
-
-/// A superuser session to a member's PostgreSQL.
-async fn connect(cfg: &Config, host: &str, port: u16) -> anyhow::Result<tokio_postgres::Client> {
-    let pg = &cfg.postgres.superuser;
-    let (client, conn) = tokio_postgres::Config::new()
-        .host(host)
-        .port(port)
-        .user(&pg.username)
-        .password(pg.password.expose())
-        .dbname("postgres")
-        .connect_timeout(Duration::from_secs(5))
-        .connect(tokio_postgres::NoTls)
-        .await?;
-    tokio::spawn(conn);
-    Ok(client)
-}
-
-/// While a backup runs on a replica: with `archive_mode = always` the
-/// replica's `pg_backup_stop` waits until the segment holding the end of
-/// the backup is archived, and only the leader can end that segment. So
-/// when the replica's backup is seen waiting for the archive
-/// (`BackupWaitWalArchive`), the leader switches WAL segments (at most every
-/// 2 s). Errors are ignored: the backup's own result says what went wrong.
-async fn nudge_leader(cfg: Config, replica: (String, u16), leader: (String, u16)) {
-    let mut sessions = None;
-    loop {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        if sessions.is_none() {
-            let r = connect(&cfg, &replica.0, replica.1).await;
-            let l = connect(&cfg, &leader.0, leader.1).await;
-            if let (Ok(r), Ok(l)) = (r, l) {
-                sessions = Some((r, l));
-            }
-        }
-        let Some((r, l)) = &sessions else { continue };
-        let waiting = r
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'BackupWaitWalArchive'",
-                &[],
-            )
-            .await
-            .map(|row| row.get::<_, i64>(0) > 0);
-        match waiting {
-            // Only while the replica's position is still in the leader's
-            // current segment: once that segment is complete, the replica
-            // just has to archive it, and another switch would only add a
-            // segment to its queue.
-            Ok(true) if same_segment(r, l).await.unwrap_or(false) => {
-                let _ = l.batch_execute(END_SEGMENT).await;
-                tokio::time::sleep(Duration::from_secs(2)).await;
-            }
-            Ok(_) => {}
-            Err(_) => sessions = None,
-        }
-    }
-}
-
-/// Whether ending the leader's segment would help the replica's backup:
-/// the replica's replay position is in the leader's current segment (so
-/// that segment is what it waits for) and its archiver has caught up with
-/// every segment before it (otherwise it is still working through its
-/// queue, and a switch would only lengthen it).
-async fn same_segment(
-    replica: &tokio_postgres::Client,
-    leader: &tokio_postgres::Client,
-) -> anyhow::Result<bool> {
-    let seg = naming::DEFAULT_SEGMENT_SIZE;
-    let row = replica
-        .query_one(
-            "SELECT pg_last_wal_replay_lsn()::text, coalesce(last_archived_wal, '') FROM pg_stat_archiver",
-            &[],
-        )
-        .await?;
-    let replay: crate::model::Lsn = row.get::<_, String>(0).parse()?;
-    let archived = naming::WalName::parse(&row.get::<_, String>(1)).and_then(|w| w.segno(seg));
-    let replay_seg = naming::segno_of(replay, seg);
-    if archived.is_some_and(|a| a + 1 < replay_seg) {
-        return Ok(false);
-    }
-    let l: crate::model::Lsn = leader
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
-        .await?
-        .get::<_, String>(0)
-        .parse()?;
-    Ok(replay_seg == naming::segno_of(l, seg))
-}
-
-/// Whether a timeline after the backup's already has a history file: then
-/// the backup's last segment lives on as that timeline's copy.
-fn newer_timeline_has(repo: &dyn Repository, m: &Manifest) -> anyhow::Result<bool> {
-    for dir in repo.list("archive")? {
-        if u32::from_str_radix(&dir, 16).is_ok_and(|tl| tl > m.timeline) {
-            return Ok(true);
-        }
-    }
-    Ok(false)
 }
 
 pub async fn action(action: BackupAction) -> anyhow::Result<()> {

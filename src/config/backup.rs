@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::ConfigError;
+use crate::backup::schedule::Schedule;
 
 /// `[backup]` as written.
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -45,6 +46,14 @@ pub struct RawBackup {
     /// S3 only: the file with the access key (see [`S3Credentials`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub s3_credentials_file: Option<PathBuf>,
+    /// When the leader's agent takes a base backup: a five-field cron
+    /// expression, UTC (see [`crate::backup::schedule`]). None: never.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<String>,
+    /// `"replica"` (the least lagging streaming replica, else the leader)
+    /// or `"leader"`: where scheduled backups are taken from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule_from: Option<String>,
 }
 
 /// Validated `[backup]`.
@@ -59,6 +68,28 @@ pub struct BackupConfig {
     pub archive_mode: ArchiveMode,
     /// Set when the repository is an S3 bucket.
     pub s3: Option<S3Config>,
+    /// `backup.schedule`: when the leader's agent takes base backups.
+    pub schedule: Option<Schedule>,
+    pub schedule_from: ScheduleFrom,
+}
+
+/// Where scheduled backups are taken from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ScheduleFrom {
+    /// The least lagging streaming replica, or the leader when there is
+    /// none: a backup then costs the primary no reads.
+    #[default]
+    Replica,
+    Leader,
+}
+
+impl ScheduleFrom {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ScheduleFrom::Replica => "replica",
+            ScheduleFrom::Leader => "leader",
+        }
+    }
 }
 
 /// Where an S3 repository is and how to reach it. Holds the path of the
@@ -289,6 +320,25 @@ impl BackupConfig {
                 ));
             }
         };
+        let schedule = match &raw.schedule {
+            None => None,
+            Some(text) => Some(
+                Schedule::parse(text)
+                    .map_err(|e| bad("backup.schedule", format!("{text:?}: {e}")))?,
+            ),
+        };
+        // Accepted without `schedule` too, so that commenting the
+        // schedule out is enough to stop scheduled backups.
+        let schedule_from = match raw.schedule_from.as_deref() {
+            None | Some("replica") => ScheduleFrom::Replica,
+            Some("leader") => ScheduleFrom::Leader,
+            Some(other) => {
+                return Err(bad(
+                    "backup.schedule_from",
+                    format!("{other:?} must be \"replica\" or \"leader\""),
+                ));
+            }
+        };
         Ok(BackupConfig {
             repository,
             compress_level: raw.compress_level,
@@ -296,6 +346,8 @@ impl BackupConfig {
             keep: raw.keep,
             archive_mode,
             s3,
+            schedule,
+            schedule_from,
         })
     }
 
@@ -312,6 +364,11 @@ impl BackupConfig {
             s3_region: self.s3.as_ref().map(|s| s.region.clone()),
             s3_path_style: self.s3.as_ref().map(|s| s.path_style),
             s3_credentials_file: self.s3.as_ref().map(|s| s.credentials_file.clone()),
+            schedule: self.schedule.as_ref().map(|s| s.as_str().into()),
+            schedule_from: self
+                .schedule
+                .as_ref()
+                .map(|_| self.schedule_from.as_str().into()),
         }
     }
 }
@@ -488,6 +545,45 @@ mod tests {
         assert_eq!(cfg.parallel, 2);
         assert_eq!(cfg.keep, 2);
         assert_eq!(cfg.archive_mode, ArchiveMode::Always);
+        assert_eq!(cfg.schedule, None);
+        assert_eq!(cfg.schedule_from, ScheduleFrom::Replica);
+    }
+
+    #[test]
+    fn schedule_keys() {
+        let cfg = BackupConfig::validate(
+            Path::new("/n.toml"),
+            raw("[backup]\nrepository = \"/r\"\nschedule = \"0  2 * * *\"\n"),
+            Path::to_path_buf,
+        )
+        .unwrap();
+        assert_eq!(
+            cfg.schedule.as_ref().map(Schedule::as_str),
+            Some("0 2 * * *")
+        );
+        assert_eq!(cfg.schedule_from, ScheduleFrom::Replica);
+        // Without a schedule, schedule_from is checked and kept.
+        let cfg = BackupConfig::validate(
+            Path::new("/n.toml"),
+            raw("[backup]\nrepository = \"/r\"\nschedule_from = \"leader\"\n"),
+            Path::to_path_buf,
+        )
+        .unwrap();
+        assert_eq!(
+            (cfg.schedule, cfg.schedule_from),
+            (None, ScheduleFrom::Leader)
+        );
+        // The message names the file, the key, the expression and the field.
+        let err = BackupConfig::validate(
+            Path::new("/etc/pgha/n.toml"),
+            raw("[backup]\nrepository = \"/r\"\nschedule = \"61 * * * *\"\n"),
+            Path::to_path_buf,
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            r#"/etc/pgha/n.toml: backup.schedule: "61 * * * *": minute "61": 61 is out of range 0-59"#
+        );
     }
 
     #[test]
@@ -498,6 +594,10 @@ mod tests {
             ("parallel = 0", "backup.parallel"),
             ("keep = 0", "backup.keep"),
             ("archive_mode = \"off\"", "backup.archive_mode"),
+            ("schedule = \"0 2 * *\"", "backup.schedule"),
+            ("schedule = \"0 25 * * *\"", "backup.schedule"),
+            ("schedule = \"@daily\"", "backup.schedule"),
+            ("schedule_from = \"primary\"", "backup.schedule_from"),
         ];
         for (line, key) in cases {
             let err = BackupConfig::validate(
@@ -529,6 +629,8 @@ mod tests {
             keep: 4,
             archive_mode: ArchiveMode::Always,
             s3: None,
+            schedule: Some(Schedule::parse("30 2 * * 0").unwrap()),
+            schedule_from: ScheduleFrom::Leader,
         };
         let text = RepositoryFile::render(&cfg);
         let dir = tempfile::tempdir().unwrap();

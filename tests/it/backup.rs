@@ -718,6 +718,60 @@ async fn drop_table_failovers_retention_and_read_only_repository() {
     .unwrap();
 }
 
+/// `backup.schedule`: with a slot every minute, the leader's agent takes
+/// a backup by itself (the current minute's slot as soon as it leads, or
+/// the next one), `pgha backup list` shows it, it verifies, and the
+/// leader's `/metrics` reports it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scheduled_backup_by_the_leaders_agent() {
+    let mut options = ClusterOptions::default().backup();
+    options
+        .backup
+        .as_mut()
+        .unwrap()
+        .push(("schedule".into(), "\"* * * * *\"".into()));
+    let cluster = Cluster::start("bk-sched", 2, options).await.unwrap();
+    let config = cluster.node("node1").config_path().display().to_string();
+
+    let ids = wait_until(Duration::from_secs(70), Duration::from_secs(1), || async {
+        let ids = backup_ids(&config).await;
+        (!ids.is_empty()).then_some(ids)
+    })
+    .await
+    .with_context(|| cluster.log_tails(30))
+    .unwrap();
+    let (ok, out, err) = pgha(&["backup", "verify", "-c", &config, &ids[0]])
+        .await
+        .unwrap();
+    assert!(ok, "verify failed: {out}{err}");
+
+    // The backup is listed once its manifest is written; the agent counts
+    // it once its last segment is archived and retention has run.
+    let leader = cluster.leader_node().await.unwrap();
+    let metrics = format!("{}/metrics", leader.api_url());
+    let text = wait_until(
+        Duration::from_secs(60),
+        Duration::from_millis(500),
+        || async {
+            let text = reqwest::get(&metrics).await.ok()?.text().await.ok()?;
+            text.contains("pgha_scheduled_backup_last_success_timestamp_seconds{")
+                .then_some(text)
+        },
+    )
+    .await
+    .with_context(|| cluster.log_tails(30))
+    .unwrap();
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("pgha_scheduled_backup_failures_total{") && l.ends_with(" 0")),
+        "{text}"
+    );
+    assert!(
+        text.contains("pgha_scheduled_backup_last_duration_seconds{"),
+        "{text}"
+    );
+}
+
 /// The S3 repository against a local S3-compatible server (moto): both
 /// servers archive WAL into the bucket under a prefix, a base backup is
 /// taken into it, and a restore to `latest` from it has every row

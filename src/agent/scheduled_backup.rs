@@ -1,0 +1,250 @@
+//! Scheduled base backups (`backup.schedule`). The agent holding the
+//! leader key starts one when [`schedule::due`] says so, as a task of its
+//! own that a later loop reaps, like the clone and rewind jobs: the HA loop
+//! only starts, checks and reaps it, never waits for it. The task lists the
+//! repository first and does nothing when a complete backup started at or
+//! after the slot (another leader's, before a failover); otherwise it runs
+//! [`run::take`], the code path of `pgha backup`, with retention after it.
+//! When this member stops holding the lease the backup is cancelled
+//! (pg_basebackup terminated): the next leader takes the slot, and a
+//! backup never outlives the leadership that started it.
+
+use std::sync::Arc;
+
+use tokio::task::JoinHandle;
+
+use super::Agent;
+use super::status::ScheduledBackupStatus;
+use crate::backup::base::{self, Cancel};
+use crate::backup::schedule::{self, Due, Schedule};
+use crate::backup::{open_repository, run};
+use crate::config::Config;
+use crate::config::backup::{BackupConfig, ScheduleFrom};
+use crate::ha::Snapshot;
+use crate::model::{MemberRecord, PgRole};
+use crate::postgres::PgStatus;
+
+/// The schedule and what this agent did about it.
+pub(super) struct Scheduler {
+    schedule: Schedule,
+    /// The latest slot this agent started, skipped or found covered.
+    handled: Option<i64>,
+    running: Option<Running>,
+    status: ScheduledBackupStatus,
+}
+
+struct Running {
+    slot: i64,
+    cancel: Arc<Cancel>,
+    handle: JoinHandle<anyhow::Result<Outcome>>,
+}
+
+enum Outcome {
+    Taken(Box<run::Completed>),
+    /// A complete backup started at or after the slot already exists.
+    Covered {
+        id: String,
+    },
+}
+
+impl Scheduler {
+    pub(super) fn new(cfg: &Config) -> Option<Scheduler> {
+        let schedule = cfg.backup.as_ref()?.schedule.clone()?;
+        Some(Scheduler {
+            schedule,
+            handled: None,
+            running: None,
+            status: ScheduledBackupStatus::default(),
+        })
+    }
+
+    pub(super) fn status(&self) -> ScheduledBackupStatus {
+        ScheduledBackupStatus {
+            running: self.running.is_some(),
+            ..self.status.clone()
+        }
+    }
+
+    /// Cancels the running backup, if any, and forgets it (shutdown).
+    pub(super) fn stop(&mut self) {
+        if let Some(r) = self.running.take() {
+            r.cancel.cancel();
+            r.handle.abort();
+        }
+    }
+
+    /// Logs and counts a finished backup; does nothing while it runs.
+    async fn reap(&mut self) {
+        if !self
+            .running
+            .as_ref()
+            .is_some_and(|r| r.handle.is_finished())
+        {
+            return;
+        }
+        let r = self.running.take().expect("checked above");
+        let slot = slot_text(r.slot);
+        match r.handle.await {
+            Ok(Ok(Outcome::Taken(done))) => {
+                let m = &done.manifest;
+                tracing::info!(
+                    %slot,
+                    id = %m.id,
+                    source = %m.source,
+                    bytes = done.bytes(),
+                    stored_bytes = m.stored_bytes(),
+                    seconds = %format!("{:.1}", done.elapsed.as_secs_f64()),
+                    expired_backups = done.expired.expired_backups.len(),
+                    expired_wal_objects = done.expired.expired_wal_objects,
+                    "scheduled backup done"
+                );
+                self.status.last_success_unix_s = Some(crate::util::unix_ms() / 1000);
+                self.status.last_duration_s = Some(done.elapsed.as_secs_f64());
+            }
+            Ok(Ok(Outcome::Covered { id })) => {
+                tracing::info!(%slot, %id, "scheduled backup not needed: backup {id} started at or after the slot");
+            }
+            Ok(Err(e)) if r.cancel.is_cancelled() => {
+                tracing::warn!(%slot, error = %format!("{e:#}"), "scheduled backup cancelled");
+            }
+            Ok(Err(e)) => {
+                tracing::error!(%slot, error = %format!("{e:#}"), "scheduled backup failed");
+                self.status.failures += 1;
+            }
+            Err(e) => {
+                tracing::error!(%slot, error = %e, "scheduled backup failed: its task ended abnormally");
+                self.status.failures += 1;
+            }
+        }
+    }
+}
+
+impl Agent {
+    /// The schedule's step of the loop: reap a finished backup, cancel a
+    /// running one when the lease is gone, start one when due. Never waits
+    /// for the backup.
+    pub(super) async fn scheduled_backup(&mut self, s: &Snapshot) {
+        let Some(sched) = self.schedule.as_mut() else {
+            return;
+        };
+        sched.reap().await;
+        let held = self.lease.snapshot().held;
+        if let Some(r) = &sched.running
+            && !held
+            && !r.cancel.is_cancelled()
+        {
+            tracing::warn!(slot = %slot_text(r.slot), "this member no longer holds the leader key: cancelling its scheduled backup");
+            r.cancel.cancel();
+            // Should the key come back before the next slot, the slot is
+            // considered again; the repository check keeps that to one
+            // backup if the meantime leader took it.
+            sched.handled = None;
+        }
+        let Some(b) = self.cfg.backup.as_ref() else {
+            return;
+        };
+        let members = leader_and_source(s, b.schedule_from).filter(|_| held);
+        let now = (s.now_unix_ms / 1000) as i64;
+        let running = sched.running.as_ref().map(|r| r.slot);
+        match schedule::due(
+            &sched.schedule,
+            now,
+            members.is_some(),
+            sched.handled,
+            running,
+        ) {
+            Due::NotLeader | Due::Done => {}
+            Due::Skip { slot, running } => {
+                sched.handled = Some(slot);
+                tracing::warn!(
+                    slot = %slot_text(slot),
+                    running = %slot_text(running),
+                    "scheduled backup skipped: the previous one is still running"
+                );
+            }
+            Due::Start { slot } => {
+                sched.handled = Some(slot);
+                let (leader, source) = members.expect("due only for the leader");
+                let cancel = Arc::new(Cancel::default());
+                let handle = tokio::spawn(take_scheduled(
+                    self.cfg.clone(),
+                    b.clone(),
+                    slot,
+                    leader,
+                    source,
+                    cancel.clone(),
+                ));
+                sched.running = Some(Running {
+                    slot,
+                    cancel,
+                    handle,
+                });
+            }
+        }
+    }
+}
+
+/// This member's record and the member to back up, when this member
+/// leads: it holds the leader key in the view just read and runs a
+/// writable primary. A replica is the least lagging streaming one, or the
+/// leader itself when none streams.
+fn leader_and_source(s: &Snapshot, from: ScheduleFrom) -> Option<(MemberRecord, MemberRecord)> {
+    let view = s.dcs.as_ref()?;
+    if view.leader.as_ref()?.name != s.me {
+        return None;
+    }
+    if !matches!(&s.local.pg, PgStatus::Running(r) if r.role == PgRole::Primary) {
+        return None;
+    }
+    let leader = view.members.get(&s.me)?;
+    let source = match from {
+        ScheduleFrom::Leader => leader,
+        ScheduleFrom::Replica => run::least_lagging_replica(view, &s.me).unwrap_or(leader),
+    };
+    Some((leader.clone(), source.clone()))
+}
+
+/// The scheduled backup's task: the repository check, then the backup.
+async fn take_scheduled(
+    cfg: Config,
+    b: BackupConfig,
+    slot: i64,
+    leader: MemberRecord,
+    source: MemberRecord,
+    cancel: Arc<Cancel>,
+) -> anyhow::Result<Outcome> {
+    let repo: Arc<dyn crate::backup::repo::Repository> = Arc::from(open_repository(&b)?);
+    let backups = {
+        let repo = repo.clone();
+        tokio::task::spawn_blocking(move || base::list(repo.as_ref())).await??
+    };
+    if let Some(m) = schedule::covering(&backups, slot) {
+        return Ok(Outcome::Covered { id: m.id.clone() });
+    }
+    if cancel.is_cancelled() {
+        anyhow::bail!("cancelled before it started");
+    }
+    tracing::info!(
+        slot = %slot_text(slot),
+        source = %source.name,
+        "scheduled backup starting"
+    );
+    let done = run::take(
+        &cfg,
+        &b,
+        repo,
+        &leader,
+        &source,
+        run::Options {
+            progress: Box::new(|_| {}),
+            cancel,
+            background: true,
+        },
+    )
+    .await?;
+    Ok(Outcome::Taken(Box::new(done)))
+}
+
+fn slot_text(slot: i64) -> String {
+    humantime::format_rfc3339_seconds(schedule::unix_time(slot)).to_string()
+}
