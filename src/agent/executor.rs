@@ -14,7 +14,7 @@ use crate::dcs::SyncRecord;
 use crate::dcs::{ClusterView, Initialize};
 use crate::ha::sync::SyncSetting;
 use crate::ha::{Action, Decision, DemoteReason, Job, Snapshot};
-use crate::model::{HistoryEntry, MemberName};
+use crate::model::{HistoryEntry, MemberName, Timeline};
 use crate::postgres::conf::Upstream;
 use crate::postgres::{Instance, PgError, PgStatus, StopMode, promote, query};
 use crate::util::{boottime_ms, unix_ms};
@@ -314,6 +314,11 @@ impl Agent {
             anyhow::bail!("no record for leader {leader}");
         };
         let instance = self.instance.clone();
+        let leader_timeline = s
+            .dcs
+            .as_ref()
+            .and_then(|v| v.members.get(leader))
+            .and_then(|m| m.timeline);
         tracing::info!(job = ?kind, %leader, host = %up.host, port = up.port, "starting background job");
         let handle = tokio::spawn(async move {
             match kind {
@@ -332,7 +337,9 @@ impl Agent {
                             .await?;
                         instance.remove_data_dir()?;
                     }
-                    if let Err(e) = instance.basebackup(&up).await {
+                    if !restored_from_backup(&instance, leader_timeline).await
+                        && let Err(e) = instance.basebackup(&up).await
+                    {
                         // A half-copied directory is useless and would
                         // block the next attempt.
                         let _ = instance.remove_data_dir();
@@ -742,6 +749,31 @@ impl Agent {
 }
 
 /// Writes a standby configuration and starts the server.
+/// With `backup.clone_from = "backup"`: fills the data directory from the
+/// newest backup that fits the leader's timeline. `false` (logged) when it
+/// is not configured or cannot be done: the caller clones the leader.
+async fn restored_from_backup(instance: &Instance, leader_timeline: Option<Timeline>) -> bool {
+    if !instance.clone_from_backup {
+        return false;
+    }
+    let Some(timeline) = leader_timeline else {
+        tracing::warn!(
+            "the leader has not published its timeline; cloning it instead of restoring a backup"
+        );
+        return false;
+    };
+    match instance.restore_from_backup(timeline).await {
+        Ok(id) => {
+            tracing::info!(backup = %id, "restored a backup as this replica's data directory; it replays archived WAL, then streams from the leader");
+            true
+        }
+        Err(e) => {
+            tracing::warn!(error = %crate::util::chain(&e), "cannot start this replica from a backup; cloning the leader instead");
+            false
+        }
+    }
+}
+
 async fn start_as_replica(instance: &Instance, up: Option<Upstream>) -> Result<(), PgError> {
     instance.write_config(true, up, None)?;
     instance.start().await

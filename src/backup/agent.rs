@@ -63,6 +63,7 @@ mod tests {
             s3: None,
             schedule: None,
             schedule_from: Default::default(),
+            clone_from: Default::default(),
         };
         let a = archiving(
             &cfg,

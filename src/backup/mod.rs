@@ -6,6 +6,8 @@
 //! - [`s3`]: the repository in an S3-compatible object store.
 //! - [`file`]: one WAL file in and out (`archive_command`,
 //!   `restore_command`); [`crate::cli::wal`] wraps it.
+//! - [`replica`]: a replica's data directory from the newest backup that
+//!   fits the leader's timeline (`backup.clone_from = "backup"`).
 //! - [`retention`]: which backups and archived WAL `keep` lets go.
 //! - [`run`]: a whole base backup as `pgha backup` and the agent's
 //!   schedule take it (source, backup, end of WAL, retention).
@@ -18,6 +20,7 @@ pub mod base;
 pub mod chain;
 pub mod file;
 pub mod naming;
+pub mod replica;
 pub mod repo;
 pub mod restore;
 pub mod retention;

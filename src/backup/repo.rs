@@ -122,6 +122,20 @@ impl DirRepository {
         Ok(self.root.join(key))
     }
 
+    /// Run as root (`pgha backup`, a scheduled backup, the agent), what
+    /// is created belongs to the owner of the repository's directory (the
+    /// PostgreSQL account, which archives into it): that account must read
+    /// base backups to start a replica from one, and expire them. `None`
+    /// when not root, or when root owns the repository.
+    fn owner_for_root(&self) -> Option<(u32, u32)> {
+        use std::os::unix::fs::MetadataExt;
+        if !nix::unistd::geteuid().is_root() {
+            return None;
+        }
+        let meta = std::fs::metadata(&self.root).ok()?;
+        (meta.uid() != 0).then(|| (meta.uid(), meta.gid()))
+    }
+
     fn io(&self, action: &'static str, key: &str) -> impl FnOnce(std::io::Error) -> RepoError {
         let repo = self.location();
         let key = key.to_string();
@@ -148,7 +162,14 @@ impl DirRepository {
             let parent = dir.clone();
             dir.push(c);
             match std::fs::create_dir(&dir) {
-                Ok(()) => sync_dir(&parent).map_err(self.io("sync the directory of", key))?,
+                Ok(()) => {
+                    if let Some((uid, gid)) = self.owner_for_root() {
+                        std::os::unix::fs::lchown(&dir, Some(uid), Some(gid)).map_err(
+                            self.io("hand to the repository's owner the directory of", key),
+                        )?;
+                    }
+                    sync_dir(&parent).map_err(self.io("sync the directory of", key))?
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
                 Err(e) => return Err(self.io("create the directory of", key)(e)),
             }
@@ -234,6 +255,10 @@ impl Repository for DirRepository {
                 .mode(0o640)
                 .open(&tmp)
                 .map_err(self.io("create a temporary file for", key))?;
+            if let Some((uid, gid)) = self.owner_for_root() {
+                std::os::unix::fs::fchown(&file, Some(uid), Some(gid))
+                    .map_err(self.io("hand to the repository's owner", key))?;
+            }
             let bytes = {
                 let mut w = std::io::BufWriter::with_capacity(1 << 20, &mut file);
                 let n = std::io::copy(src, &mut w).map_err(self.io("write", key))?;

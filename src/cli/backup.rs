@@ -45,6 +45,24 @@ pub enum BackupAction {
         #[arg(long)]
         json: bool,
     },
+    /// Unpack the newest backup that fits a leader on `--timeline` into
+    /// `--dir`, for a new replica. The agent runs it as the PostgreSQL
+    /// account when `backup.clone_from = "backup"`.
+    #[command(hide = true)]
+    UnpackReplica {
+        /// The repository file (`<state_dir>/postgres/backup.toml`).
+        #[arg(short, long)]
+        config: PathBuf,
+        /// The data directory to fill: empty or absent.
+        #[arg(long)]
+        dir: PathBuf,
+        /// PostgreSQL's binaries (for pg_verifybackup).
+        #[arg(long)]
+        bin_dir: PathBuf,
+        /// The leader's timeline.
+        #[arg(long)]
+        timeline: u32,
+    },
     /// Remove the backups beyond `keep` and the archived WAL no kept
     /// backup needs (also done after every `pgha backup`).
     Expire {
@@ -204,6 +222,37 @@ pub async fn action(action: BackupAction) -> anyhow::Result<()> {
                     );
                 }
             }
+            Ok(())
+        }
+        BackupAction::UnpackReplica {
+            config,
+            dir,
+            bin_dir,
+            timeline,
+        } => {
+            let b = crate::config::backup::load_backup_config(&config)
+                .map_err(|e| UsageError(e.to_string()))?;
+            let repo = repository(&b)?;
+            let m = tokio::task::spawn_blocking(move || {
+                crate::backup::replica::unpack(
+                    repo.as_ref(),
+                    &dir,
+                    &bin_dir,
+                    crate::model::Timeline(timeline),
+                    &|_| {},
+                )
+            })
+            .await??;
+            // One line for the agent's log.
+            println!(
+                "{}",
+                serde_json::json!({
+                    "backup": m.id,
+                    "timeline": m.timeline,
+                    "stop_lsn": m.stop_lsn.to_string(),
+                    "stop_time": m.stop_time,
+                })
+            );
             Ok(())
         }
         BackupAction::Expire { config, json } => {

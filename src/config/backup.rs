@@ -54,6 +54,11 @@ pub struct RawBackup {
     /// or `"leader"`: where scheduled backups are taken from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schedule_from: Option<String>,
+    /// `"leader"` (pg_basebackup from the leader) or `"backup"` (the newest
+    /// backup that fits, then archived WAL, then streaming): how a new or
+    /// re-cloned replica gets its data directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clone_from: Option<String>,
 }
 
 /// Validated `[backup]`.
@@ -71,6 +76,29 @@ pub struct BackupConfig {
     /// `backup.schedule`: when the leader's agent takes base backups.
     pub schedule: Option<Schedule>,
     pub schedule_from: ScheduleFrom,
+    /// `backup.clone_from`: where a replica's data directory comes from.
+    pub clone_from: CloneFrom,
+}
+
+/// Where a new or re-cloned replica's data directory comes from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CloneFrom {
+    /// `pg_basebackup` from the leader.
+    #[default]
+    Leader,
+    /// The newest backup in the repository that lies on the leader's
+    /// history, then archived WAL, then streaming; the leader when no
+    /// backup fits or the restore fails.
+    Backup,
+}
+
+impl CloneFrom {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloneFrom::Leader => "leader",
+            CloneFrom::Backup => "backup",
+        }
+    }
 }
 
 /// Where scheduled backups are taken from.
@@ -339,6 +367,16 @@ impl BackupConfig {
                 ));
             }
         };
+        let clone_from = match raw.clone_from.as_deref() {
+            None | Some("leader") => CloneFrom::Leader,
+            Some("backup") => CloneFrom::Backup,
+            Some(other) => {
+                return Err(bad(
+                    "backup.clone_from",
+                    format!("{other:?} must be \"leader\" or \"backup\""),
+                ));
+            }
+        };
         Ok(BackupConfig {
             repository,
             compress_level: raw.compress_level,
@@ -348,6 +386,7 @@ impl BackupConfig {
             s3,
             schedule,
             schedule_from,
+            clone_from,
         })
     }
 
@@ -369,6 +408,8 @@ impl BackupConfig {
                 .schedule
                 .as_ref()
                 .map(|_| self.schedule_from.as_str().into()),
+            clone_from: (self.clone_from != CloneFrom::Leader)
+                .then(|| self.clone_from.as_str().into()),
         }
     }
 }
@@ -547,6 +588,27 @@ mod tests {
         assert_eq!(cfg.archive_mode, ArchiveMode::Always);
         assert_eq!(cfg.schedule, None);
         assert_eq!(cfg.schedule_from, ScheduleFrom::Replica);
+        assert_eq!(cfg.clone_from, CloneFrom::Leader);
+    }
+
+    #[test]
+    fn clone_from_key() {
+        let load = |v: &str| {
+            BackupConfig::validate(
+                Path::new("/n.toml"),
+                raw(&format!(
+                    "[backup]\nrepository = \"/r\"\nclone_from = \"{v}\"\n"
+                )),
+                Path::to_path_buf,
+            )
+        };
+        assert_eq!(load("backup").unwrap().clone_from, CloneFrom::Backup);
+        assert_eq!(load("leader").unwrap().clone_from, CloneFrom::Leader);
+        let err = load("replica").unwrap_err().to_string();
+        assert!(
+            err.contains("backup.clone_from") && err.contains("/n.toml"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -631,6 +693,7 @@ mod tests {
             s3: None,
             schedule: Some(Schedule::parse("30 2 * * 0").unwrap()),
             schedule_from: ScheduleFrom::Leader,
+            clone_from: CloneFrom::Backup,
         };
         let text = RepositoryFile::render(&cfg);
         let dir = tempfile::tempdir().unwrap();

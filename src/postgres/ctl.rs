@@ -22,6 +22,7 @@ use tokio::process::Command;
 
 use super::conf::{self, HbaPolicy, PassEntry, ServerSettings, Upstream};
 use crate::config::{Config, RoleCredentials};
+use crate::model::Timeline;
 use crate::safe_fs::{Owner, SafeFsError, Strictness, TrustedDir};
 
 #[derive(Debug, thiserror::Error)]
@@ -111,6 +112,8 @@ pub struct Instance {
     pub pg_owner: Owner,
     /// Archive settings when `[backup]` is configured.
     pub archiving: Option<conf::Archiving>,
+    /// `backup.clone_from = "backup"`: replicas start from the repository.
+    pub clone_from_backup: bool,
 }
 
 /// Subdirectory of the state directory that belongs to the PostgreSQL
@@ -185,6 +188,10 @@ impl Instance {
             os_user,
             pg_owner,
             archiving,
+            clone_from_backup: cfg
+                .backup
+                .as_ref()
+                .is_some_and(|b| b.clone_from == crate::config::backup::CloneFrom::Backup),
         };
         instance.prepare()?;
         Ok(instance)
@@ -565,6 +572,52 @@ impl Instance {
         }
         tracing::info!("clone complete");
         Ok(())
+    }
+
+    /// Fills the data directory from the newest backup in the repository
+    /// that lies on the history of `timeline` (the leader's), for a replica
+    /// that then replays archived WAL and streams. `pgha backup
+    /// unpack-replica` does the work as the PostgreSQL account, so the
+    /// agent never writes into that account's directory. Returns the
+    /// backup's id; a failed attempt leaves no data directory behind.
+    pub async fn restore_from_backup(&self, timeline: Timeline) -> Result<String, PgError> {
+        self.remove_data_dir()?;
+        self.create_data_dir()?;
+        let exe = std::env::current_exe().map_err(io("find the pgha binary"))?;
+        let repo_file = self.pg_dir.join(crate::backup::agent::REPOSITORY_FILE);
+        let timeline = timeline.0.to_string();
+        let result = self
+            .run(
+                &exe.to_string_lossy(),
+                &[
+                    "backup".as_ref(),
+                    "unpack-replica".as_ref(),
+                    "-c".as_ref(),
+                    repo_file.as_os_str(),
+                    "--dir".as_ref(),
+                    self.data_dir.as_os_str(),
+                    "--bin-dir".as_ref(),
+                    self.bin_dir.as_os_str(),
+                    "--timeline".as_ref(),
+                    timeline.as_ref(),
+                ],
+                "restore a backup for this replica",
+                // A restore of a large cluster takes hours; the clone it
+                // replaces has no time limit either.
+                Duration::from_secs(7 * 24 * 3600),
+            )
+            .await;
+        match result {
+            Ok(out) => {
+                let report: serde_json::Value =
+                    serde_json::from_str(out.trim()).unwrap_or(serde_json::Value::Null);
+                Ok(report["backup"].as_str().unwrap_or("?").to_string())
+            }
+            Err(e) => {
+                let _ = self.remove_data_dir();
+                Err(e)
+            }
+        }
     }
 
     /// Rewinds a stopped former primary onto the source's timeline. If the

@@ -772,6 +772,102 @@ async fn scheduled_backup_by_the_leaders_agent() {
     );
 }
 
+/// `backup.clone_from = "backup"`: a new member with nothing in the
+/// repository yet clones the leader; once a backup exists, the next new
+/// member starts from it, replays the archived WAL written after it and
+/// streams the rest (rows only in the leader's current segment), and ends
+/// up with every row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_replicas_start_from_the_newest_backup() {
+    let mut options = ClusterOptions::default().backup();
+    options
+        .backup
+        .as_mut()
+        .unwrap()
+        .push(("clone_from".into(), "\"backup\"".into()));
+    let mut cluster = Cluster::start("bk-clone", 1, options).await.unwrap();
+    let config = cluster.node("node1").config_path().display().to_string();
+    let leader = cluster.node("node1");
+    leader
+        .psql(
+            "CREATE TABLE clone_rows (id bigint PRIMARY KEY); \
+             INSERT INTO clone_rows SELECT generate_series(1, 1000)",
+        )
+        .await
+        .unwrap();
+
+    // Nothing in the repository yet: the leader is cloned instead.
+    cluster.add_node().unwrap().start().unwrap();
+    cluster
+        .wait_healthy(Duration::from_secs(60))
+        .await
+        .with_context(|| cluster.log_tails(30))
+        .unwrap();
+    let log = cluster.node("node2").log_text();
+    assert!(
+        log.contains("cannot start this replica from a backup; cloning the leader instead")
+            && log.contains("no complete backup"),
+        "{log}"
+    );
+
+    let (ok, out, err) = pgha(&["backup", "-c", &config, "--from", "leader", "--json"])
+        .await
+        .unwrap();
+    assert!(ok, "pgha backup failed: {err}\n{}", cluster.log_tails(20));
+    let summary: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let id = summary["id"].as_str().expect("a backup id").to_string();
+    let leader = cluster.node("node1");
+    // Rows in archived WAL only, then rows in the leader's current segment.
+    leader
+        .psql("INSERT INTO clone_rows SELECT generate_series(1001, 2000)")
+        .await
+        .unwrap();
+    leader.psql("SELECT pg_switch_wal()").await.unwrap();
+    leader
+        .psql("INSERT INTO clone_rows SELECT generate_series(2001, 3000)")
+        .await
+        .unwrap();
+
+    cluster.add_node().unwrap().start().unwrap();
+    cluster
+        .wait_healthy(Duration::from_secs(90))
+        .await
+        .with_context(|| cluster.log_tails(30))
+        .unwrap();
+    let node3 = cluster.node("node3");
+    let log = node3.log_text();
+    assert!(
+        log.contains("restored a backup as this replica's data directory") && log.contains(&id),
+        "{log}"
+    );
+    let count = wait_until(
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        || async {
+            node3
+                .scalar("SELECT count(*) FROM clone_rows")
+                .await
+                .ok()
+                .flatten()
+                .filter(|c| c == "3000")
+        },
+    )
+    .await
+    .with_context(|| cluster.log_tails(20));
+    assert_eq!(count.unwrap(), "3000");
+    // It is a standby that streams from the leader, not a restored copy
+    // that promoted itself.
+    assert!(!node3.is_writable().await.unwrap());
+    assert_eq!(
+        node3
+            .scalar("SELECT status FROM pg_stat_wal_receiver")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("streaming")
+    );
+}
+
 /// The S3 repository against a local S3-compatible server (moto): both
 /// servers archive WAL into the bucket under a prefix, a base backup is
 /// taken into it, and a restore to `latest` from it has every row
