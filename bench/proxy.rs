@@ -63,6 +63,12 @@ pub struct Args {
     /// `threads` of the pgha proxies (default: pgha's own default).
     #[arg(long)]
     pub proxy_threads: Option<usize>,
+    /// Every proxy reaches PostgreSQL through its Unix socket, as a proxy
+    /// on the database host does (pgha: `unix_sockets`; pgbouncer: a
+    /// socket directory as host; HAProxy: the socket path as server).
+    /// pgbench still connects to every target, and directly, over TCP.
+    #[arg(long)]
+    pub unix_socket: bool,
 }
 
 const WORKLOADS: [(&str, &[&str]); 3] = [
@@ -120,13 +126,20 @@ pub async fn run(cluster: Arc<Cluster>, args: &Args) -> anyhow::Result<Value> {
     let userlist = dir.join("userlist.txt");
     write_userlist(&cluster, port, &userlist).await?;
 
+    // Where the one node's PostgreSQL has its Unix socket.
+    let socket_dir = args
+        .unix_socket
+        .then(|| cluster.nodes[0].dir.join("state/postgres/run"));
+    let socket_dir = socket_dir.as_deref();
     let mut services = Vec::new();
     for t in &args.targets {
         let s = match t.as_str() {
-            "pgha-tx" => start_pgha(&cluster, &dir, "tx", "transaction", args).await?,
-            "pgha-session" => start_pgha(&cluster, &dir, "session", "session", args).await?,
-            "pgbouncer" => start_pgbouncer(&dir, port, args.pool_size).await?,
-            "haproxy" => start_haproxy(&dir, port).await?,
+            "pgha-tx" => start_pgha(&cluster, &dir, "tx", "transaction", args, socket_dir).await?,
+            "pgha-session" => {
+                start_pgha(&cluster, &dir, "session", "session", args, socket_dir).await?
+            }
+            "pgbouncer" => start_pgbouncer(&dir, port, args.pool_size, socket_dir).await?,
+            "haproxy" => start_haproxy(&dir, port, socket_dir).await?,
             other => bail!("unknown target {other}"),
         };
         wait_ready(&cluster, &s).await?;
@@ -215,7 +228,7 @@ pub async fn run(cluster: Arc<Cluster>, args: &Args) -> anyhow::Result<Value> {
     }
 
     let idle_report = if idle > 0 || idle_max > 0 {
-        let s = start_pgha(&cluster, &dir, "idle", "transaction", args).await?;
+        let s = start_pgha(&cluster, &dir, "idle", "transaction", args, socket_dir).await?;
         wait_ready(&cluster, &s).await?;
         let r = idle_clients(&cluster, &s, idle, idle_max).await;
         drop(s);
@@ -256,6 +269,7 @@ pub async fn run(cluster: Arc<Cluster>, args: &Args) -> anyhow::Result<Value> {
             "scale": args.scale,
             "pool_size": args.pool_size,
             "proxy_threads": args.proxy_threads,
+            "proxies_to_server_over": if args.unix_socket { "unix socket" } else { "tcp" },
             "fd_limit": fd_limit,
         },
         "versions": versions,
@@ -499,9 +513,19 @@ async fn start_pgha(
     tag: &str,
     mode: &str,
     args: &Args,
+    socket_dir: Option<&Path>,
 ) -> anyhow::Result<Service> {
     let port = free_port()?;
     let config = dir.join(format!("pgha-{tag}.toml"));
+    let sockets = socket_dir
+        .map(|d| {
+            format!(
+                "\n[proxy.unix_sockets]\n{} = \"{}\"\n",
+                cluster.nodes[0].name,
+                d.display()
+            )
+        })
+        .unwrap_or_default();
     let pool_size = args.pool_size;
     let threads = args
         .proxy_threads
@@ -522,7 +546,7 @@ auth_file = "{auth}"
 pool_mode = "{mode}"
 default_pool_size = {pool_size}
 max_client_conn = 20000
-"#,
+{sockets}"#,
             etcd = cluster.etcd_endpoint(),
             auth = dir.join("userlist.txt").display(),
         ),
@@ -539,13 +563,21 @@ max_client_conn = 20000
     spawn(&name, port, &mut cmd, dir.join(format!("{name}.log")))
 }
 
-async fn start_pgbouncer(dir: &Path, pg_port: u16, pool_size: u32) -> anyhow::Result<Service> {
+async fn start_pgbouncer(
+    dir: &Path,
+    pg_port: u16,
+    pool_size: u32,
+    socket_dir: Option<&Path>,
+) -> anyhow::Result<Service> {
     let port = free_port()?;
+    let host = socket_dir
+        .map(|d| d.display().to_string())
+        .unwrap_or_else(|| "127.0.0.1".into());
     let ini = dir.join("pgbouncer.ini");
     std::fs::write(
         &ini,
         format!(
-            "[databases]\npostgres = host=127.0.0.1 port={pg_port} dbname=postgres\n\n\
+            "[databases]\npostgres = host={host} port={pg_port} dbname=postgres\n\n\
              [pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n\
              auth_type = scram-sha-256\nauth_file = {auth}\npool_mode = transaction\n\
              default_pool_size = {pool_size}\nmax_client_conn = 20000\n\
@@ -565,15 +597,23 @@ async fn start_pgbouncer(dir: &Path, pg_port: u16, pool_size: u32) -> anyhow::Re
         .context("start pgbouncer (scripts/install-deps.sh --bench, or apt-get install pgbouncer)")
 }
 
-async fn start_haproxy(dir: &Path, pg_port: u16) -> anyhow::Result<Service> {
+async fn start_haproxy(
+    dir: &Path,
+    pg_port: u16,
+    socket_dir: Option<&Path>,
+) -> anyhow::Result<Service> {
     let port = free_port()?;
+    let server = match socket_dir {
+        Some(d) => d.join(format!(".s.PGSQL.{pg_port}")).display().to_string(),
+        None => format!("127.0.0.1:{pg_port}"),
+    };
     let cfg = dir.join("haproxy.cfg");
     std::fs::write(
         &cfg,
         format!(
             "global\n    maxconn 4096\n\ndefaults\n    mode tcp\n    timeout connect 5s\n    \
              timeout client 1h\n    timeout server 1h\n\nlisten pg\n    bind 127.0.0.1:{port}\n    \
-             server pg 127.0.0.1:{pg_port}\n"
+             server pg {server}\n"
         ),
     )?;
     let mut cmd = Command::new("haproxy");

@@ -181,11 +181,16 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     // Before the API, which appends the proxy's counters to `/metrics`.
     // Kept until the agent returns: dropping the handle stops the proxy.
     let proxy = match &cfg.proxy {
-        Some(p) => Some(
-            crate::proxy::start(p.clone(), &cfg.etcd, keys.clone(), cfg.ha.ttl)
+        Some(p) => Some({
+            let mut p = p.clone();
+            // This node's own server is reached through its socket.
+            p.unix_sockets
+                .entry(cfg.name.to_string())
+                .or_insert_with(|| cfg.socket_dir());
+            crate::proxy::start(p, &cfg.etcd, keys.clone(), cfg.ha.ttl)
                 .await
-                .context("start the proxy")?,
-        ),
+                .context("start the proxy")?
+        }),
         None => None,
     };
     let (status_tx, status_rx) = watch::channel(AgentStatus::default());

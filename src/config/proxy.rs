@@ -102,6 +102,10 @@ pub struct RawProxy {
     pub ttl: Option<Duration>,
     #[serde(default)]
     pub api: Option<RawProxyApi>,
+    /// Member name -> the directory of that member's PostgreSQL Unix
+    /// socket, for members on this host.
+    #[serde(default)]
+    pub unix_sockets: std::collections::BTreeMap<String, PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -237,6 +241,10 @@ pub struct ProxyConfig {
     pub api_listen: Option<SocketAddr>,
     /// Runs inside an agent (a `[proxy]` table in a node's file).
     pub auto: bool,
+    /// Members whose PostgreSQL runs on this host: the directory of its
+    /// Unix socket (`.s.PGSQL.<port>` inside). Server connections to them
+    /// go through the socket, which costs the host far less than TCP.
+    pub unix_sockets: std::collections::BTreeMap<String, PathBuf>,
 }
 
 /// `auth_user`, `auth_query`, `auth_dbname`, `auth_cache_ttl`.
@@ -614,6 +622,25 @@ pub(super) fn validate_proxy(
         })?),
         None => None,
     };
+    let mut unix_sockets = std::collections::BTreeMap::new();
+    for (member, dir) in raw.unix_sockets {
+        let key = format!("unix_sockets.{member}");
+        if !crate::model::MemberName::is_valid(&member) {
+            return Err(bad(&key, format!("{member:?} is not a member name")));
+        }
+        let dir = resolve(&dir);
+        // sun_path holds 107 bytes; `/.s.PGSQL.65535` takes 15 of them.
+        if dir.as_os_str().len() > 92 {
+            return Err(bad(
+                &key,
+                format!(
+                    "{} is too long for a socket path (at most 92 bytes)",
+                    dir.display()
+                ),
+            ));
+        }
+        unix_sockets.insert(member, dir);
+    }
     Ok(ProxyConfig {
         path: path.to_path_buf(),
         name,
@@ -647,6 +674,7 @@ pub(super) fn validate_proxy(
         ttl: raw.ttl,
         api_listen,
         auto,
+        unix_sockets,
     })
 }
 

@@ -2377,3 +2377,37 @@ fn proxy_auth_query_needs_a_password_for_auth_user() {
         assert!(err.contains(key) && err.contains(fragment), "{err}");
     }
 }
+
+#[test]
+fn proxy_unix_sockets() {
+    assert!(proxy_file("").unwrap().proxy.unix_sockets.is_empty());
+    let c = proxy_file("[proxy.unix_sockets]\nnode1 = \"/var/run/postgresql\"\nnode2 = \"run\"\n")
+        .unwrap();
+    assert_eq!(
+        c.proxy.unix_sockets.get("node1").map(PathBuf::as_path),
+        Some(Path::new("/var/run/postgresql"))
+    );
+    // Relative to the file's directory.
+    let node2 = &c.proxy.unix_sockets["node2"];
+    assert!(node2.is_absolute() && node2.ends_with("run"), "{node2:?}");
+    let long = format!("[proxy.unix_sockets]\nnode1 = \"/{}\"\n", "d".repeat(100));
+    let cases: &[(&str, &str, &str)] = &[
+        (
+            "[proxy.unix_sockets]\n\"no de\" = \"/run\"\n",
+            "proxy.unix_sockets.no de",
+            "is not a member name",
+        ),
+        (
+            &long,
+            "proxy.unix_sockets.node1",
+            "too long for a socket path",
+        ),
+    ];
+    for (extra, key, fragment) in cases {
+        let err = proxy_file(extra).unwrap_err().to_string();
+        assert!(
+            err.contains("proxy.toml") && err.contains(key) && err.contains(fragment),
+            "{extra:?}: {err}"
+        );
+    }
+}

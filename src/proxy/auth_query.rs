@@ -129,6 +129,7 @@ impl AuthQuery {
         let mut server = Server::connect(
             &target,
             &shared.server_tls,
+            None,
             &self.cfg.user,
             &self.cfg.dbname,
             &Credentials::Password(password),

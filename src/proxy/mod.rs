@@ -229,6 +229,7 @@ pub async fn start(
             cfg.server_lifetime,
             cfg.server_idle_timeout,
             server_tls.clone(),
+            cfg.unix_sockets.clone(),
         ),
         server_tls,
         client_slots: Arc::new(Semaphore::new(cfg.max_client_conn)),

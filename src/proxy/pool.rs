@@ -37,6 +37,8 @@ pub struct Pools {
     idle_timeout: Duration,
     connect_timeout: Duration,
     tls: Arc<ServerTls>,
+    /// Members on this host: their Unix socket directory.
+    unix_sockets: std::collections::BTreeMap<String, std::path::PathBuf>,
 }
 
 pub struct Pool {
@@ -96,6 +98,7 @@ impl Pools {
         lifetime: Duration,
         idle_timeout: Duration,
         tls: Arc<ServerTls>,
+        unix_sockets: std::collections::BTreeMap<String, std::path::PathBuf>,
     ) -> Pools {
         Pools {
             pools: Mutex::new(HashMap::new()),
@@ -104,7 +107,15 @@ impl Pools {
             idle_timeout,
             connect_timeout: Duration::from_secs(5),
             tls,
+            unix_sockets,
         }
+    }
+
+    /// The Unix socket of `target` when its member is on this host.
+    fn socket_of(&self, target: &Target) -> Option<std::path::PathBuf> {
+        self.unix_sockets
+            .get(target.member.as_str())
+            .map(|dir| dir.join(format!(".s.PGSQL.{}", target.port)))
     }
 
     /// The pool of `key`, created on first use. Sessions keep it between
@@ -155,6 +166,7 @@ impl Pools {
                 let s = Server::connect(
                     &key.target,
                     &self.tls,
+                    self.socket_of(&key.target).as_deref(),
                     &key.user,
                     &key.database,
                     &credentials(),

@@ -3,6 +3,7 @@
 //! and remember what the server announced.
 
 use std::collections::HashSet;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use super::conn::{Conn, ConnError};
@@ -91,15 +92,19 @@ pub struct Server {
 
 impl Server {
     /// Connects (with TLS as `tls` says) and logs in, within `timeout`.
+    /// Opens and logs in a connection to `target`: through `socket` (the
+    /// member's Unix socket on this host) when given and connectable, else
+    /// over TCP.
     pub async fn connect(
         target: &Target,
         tls: &ServerTls,
+        socket: Option<&Path>,
         user: &str,
         database: &str,
         credentials: &Credentials,
         timeout: Duration,
     ) -> Result<Server, ServerError> {
-        let login = Self::login(target, tls, user, database, credentials);
+        let login = Self::login(target, tls, socket, user, database, credentials);
         match tokio::time::timeout(timeout, login).await {
             Ok(r) => r,
             Err(_) => Err(ServerError::Timeout {
@@ -112,6 +117,7 @@ impl Server {
     async fn login(
         target: &Target,
         tls: &ServerTls,
+        socket: Option<&Path>,
         user: &str,
         database: &str,
         credentials: &Credentials,
@@ -121,10 +127,21 @@ impl Server {
             target: name(),
             message,
         };
-        let stream = tls
-            .connect(&target.host, target.port)
-            .await
-            .map_err(|source| {
+        let local = match socket {
+            Some(path) => match tokio::net::UnixStream::connect(path).await {
+                Ok(s) => Some(ServerStream::Unix(s)),
+                // Not running, or not here after all: the member's
+                // address still serves.
+                Err(e) => {
+                    tracing::debug!(member = %target.member, path = %path.display(), error = %e, "Unix socket unavailable; connecting over TCP");
+                    None
+                }
+            },
+            None => None,
+        };
+        let stream = match local {
+            Some(s) => s,
+            None => tls.connect(&target.host, target.port).await.map_err(|source| {
                 if !source.is_transient() {
                     // An operator's problem (certificates, server_tls): say
                     // so in the proxy's log, not only to the client.
@@ -134,7 +151,8 @@ impl Server {
                     target: name(),
                     source,
                 }
-            })?;
+            })?,
+        };
         let mut conn = Conn::new(stream, MAX_SERVER_MESSAGE);
         let io_err = |e: ConnError| proto(e.to_string());
         let mut out = BytesMut::new();

@@ -16,7 +16,7 @@ use std::task::{Context, Poll};
 use bytes::BytesMut;
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::TcpStream;
+use tokio::net::{TcpStream, UnixStream};
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::rustls;
@@ -205,10 +205,13 @@ fn connector(
     Ok(Some(TlsConnector::from(Arc::new(config))))
 }
 
-/// A server connection, in plain text or TLS.
+/// A server connection, in plain text or TLS over TCP, or through the
+/// Unix socket of a server on this host (never TLS: nothing leaves the
+/// host, and PostgreSQL refuses TLS there).
 pub enum ServerStream {
     Plain(TcpStream),
     Tls(Box<TlsStream<TcpStream>>),
+    Unix(UnixStream),
 }
 
 impl ServerStream {
@@ -223,6 +226,7 @@ impl ServerStream {
         match self {
             ServerStream::Plain(s) => s.try_read(buf),
             ServerStream::Tls(s) => s.get_ref().0.try_read(buf),
+            ServerStream::Unix(s) => s.try_read(buf),
         }
     }
 }
@@ -236,6 +240,7 @@ impl AsyncRead for ServerStream {
         match self.get_mut() {
             ServerStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
             ServerStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            ServerStream::Unix(s) => Pin::new(s).poll_read(cx, buf),
         }
     }
 }
@@ -249,6 +254,7 @@ impl AsyncWrite for ServerStream {
         match self.get_mut() {
             ServerStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
             ServerStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            ServerStream::Unix(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
 
@@ -256,6 +262,7 @@ impl AsyncWrite for ServerStream {
         match self.get_mut() {
             ServerStream::Plain(s) => Pin::new(s).poll_flush(cx),
             ServerStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            ServerStream::Unix(s) => Pin::new(s).poll_flush(cx),
         }
     }
 
@@ -263,6 +270,7 @@ impl AsyncWrite for ServerStream {
         match self.get_mut() {
             ServerStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
             ServerStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            ServerStream::Unix(s) => Pin::new(s).poll_shutdown(cx),
         }
     }
 }

@@ -382,12 +382,22 @@ async fn proxies_inside_agents_route_to_the_leader() {
         let c = connect(&cfg)
             .await
             .unwrap_or_else(|e| panic!("{}'s proxy: {e}\n{}", node.name(), node.log_tail(20)));
-        assert_eq!(
-            server_port(&c).await,
-            leader_port,
-            "through {}",
-            node.name()
-        );
+        let row = c
+            .query_one(
+                "SELECT current_setting('port')::int, inet_server_port()",
+                &[],
+            )
+            .await
+            .unwrap();
+        assert_eq!(row.get::<_, i32>(0), leader_port, "through {}", node.name());
+        // The leader's own proxy reaches it through its Unix socket (no
+        // server address); the other node's over TCP.
+        let tcp_port: Option<i32> = row.get(1);
+        if node.pg_port() as i32 == leader_port {
+            assert_eq!(tcp_port, None, "through {}", node.name());
+        } else {
+            assert_eq!(tcp_port, Some(leader_port), "through {}", node.name());
+        }
     }
     let leader_name = cluster.leader().await.unwrap().expect("a leader");
     for node in &cluster.nodes {
