@@ -217,6 +217,14 @@ pub async fn run(nodes: usize, dir: &Path) -> anyhow::Result<()> {
         let salt: [u8; 16] = rand::random();
         let verifier =
             crate::proxy::scram::ScramVerifier::from_password(&su_password, &salt, 4096).encode();
+        // Every demo node is on this host: the proxy reaches them through
+        // their sockets (where the path fits a socket address).
+        let sockets: String = configs
+            .iter()
+            .map(|c| (c.name.to_string(), c.socket_dir().display().to_string()))
+            .filter(|(_, d)| d.len() <= 92)
+            .map(|(name, d)| format!("{name} = \"{d}\"\n"))
+            .collect();
         files.write(
             "userlist.txt",
             format!("\"postgres\" \"{verifier}\"\n").as_bytes(),
@@ -227,7 +235,8 @@ pub async fn run(nodes: usize, dir: &Path) -> anyhow::Result<()> {
             format!(
                 "cluster = \"demo\"\n\n[etcd]\nendpoints = [\"http://127.0.0.1:{client_port}\"]\n\n\
                  [proxy]\nname = \"demo-proxy\"\nlisten_rw = \"127.0.0.1:{}\"\nlisten_ro = \"127.0.0.1:{}\"\n\
-                 pool_mode = \"transaction\"\nauth_file = \"userlist.txt\"\nserver_passfile = \"pgpass\"\n",
+                 pool_mode = \"transaction\"\nauth_file = \"userlist.txt\"\nserver_passfile = \"pgpass\"\n\n\
+                 [proxy.unix_sockets]\n{sockets}",
                 free_port()?,
                 free_port()?
             )
