@@ -319,6 +319,10 @@ impl Agent {
             .as_ref()
             .and_then(|v| v.members.get(leader))
             .and_then(|m| m.timeline);
+        let system_id = match s.dcs.as_ref().and_then(|v| v.initialize.as_ref()) {
+            Some(crate::dcs::Initialize::Done { system_id }) => Some(system_id.clone()),
+            _ => None,
+        };
         tracing::info!(job = ?kind, %leader, host = %up.host, port = up.port, "starting background job");
         let handle = tokio::spawn(async move {
             match kind {
@@ -337,7 +341,7 @@ impl Agent {
                             .await?;
                         instance.remove_data_dir()?;
                     }
-                    if !restored_from_backup(&instance, leader_timeline).await
+                    if !restored_from_backup(&instance, leader_timeline, system_id.as_deref()).await
                         && let Err(e) = instance.basebackup(&up).await
                     {
                         // A half-copied directory is useless and would
@@ -752,7 +756,11 @@ impl Agent {
 /// With `backup.clone_from = "backup"`: fills the data directory from the
 /// newest backup that fits the leader's timeline. `false` (logged) when it
 /// is not configured or cannot be done: the caller clones the leader.
-async fn restored_from_backup(instance: &Instance, leader_timeline: Option<Timeline>) -> bool {
+async fn restored_from_backup(
+    instance: &Instance,
+    leader_timeline: Option<Timeline>,
+    system_id: Option<&str>,
+) -> bool {
     if !instance.clone_from_backup {
         return false;
     }
@@ -762,9 +770,9 @@ async fn restored_from_backup(instance: &Instance, leader_timeline: Option<Timel
         );
         return false;
     };
-    match instance.restore_from_backup(timeline).await {
-        Ok(id) => {
-            tracing::info!(backup = %id, "restored a backup as this replica's data directory; it replays archived WAL, then streams from the leader");
+    match instance.restore_from_backup(timeline, system_id).await {
+        Ok(report) => {
+            tracing::info!(backup = %report, "restored a backup as this replica's data directory; it replays archived WAL, then streams from the leader");
             true
         }
         Err(e) => {

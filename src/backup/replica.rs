@@ -36,15 +36,20 @@ pub fn choose<'a>(
 }
 
 /// Unpacks into `dir` (empty or absent) the newest backup that fits a
-/// leader on `timeline` and whose WAL up to its consistent point is
-/// archived; checks it like a restore does (stored checksums while
-/// unpacking, `pg_verifybackup` after). The caller starts the result as a
-/// standby of the leader.
+/// leader on `timeline` and whose WAL is archived without a gap from its
+/// start to the newest archived segment on the leader's history (a gap
+/// the leader has recycled would leave the standby waiting for ever);
+/// checks it like a restore does (stored checksums while unpacking,
+/// `pg_verifybackup` after) and, when `system_id` is given, that it is a
+/// copy of that database system (a repository reused by a rebuilt
+/// cluster holds another system's backups). The caller starts the result
+/// as a standby of the leader.
 pub fn unpack(
     repo: &dyn Repository,
     dir: &std::path::Path,
     bin_dir: &std::path::Path,
     timeline: Timeline,
+    system_id: Option<&str>,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<Manifest, BackupError> {
     let backups = base::list(repo)?;
@@ -65,26 +70,80 @@ pub fn unpack(
             )));
         }
     };
-    let m = choose(&backups, timeline, &history).ok_or_else(|| {
-        BackupError::Restore(format!(
-            "no backup lies on the history of timeline {} (the leader's)",
-            timeline.0
-        ))
-    })?;
-    // Without the WAL to its end a backup never becomes consistent; the
-    // leader may have recycled it, so the archive must hold it.
     let path = chain::path_to(timeline, &history, seg);
-    let stop = naming::segno_of(Lsn(m.stop_lsn.0.saturating_sub(1)), seg);
-    let missing = chain::missing(&path, m.start_lsn, stop, &index, seg);
-    if let Some(first) = missing.first() {
-        return Err(BackupError::Restore(format!(
-            "backup {}: {first} is not archived ({} segment(s) to its end missing)",
-            m.id,
-            missing.len()
-        )));
-    }
+    let mut rejected = Vec::new();
+    let mut candidates = backups.as_slice();
+    let m = loop {
+        let Some(m) = choose(candidates, timeline, &history) else {
+            rejected.push(format!(
+                "no {}backup lies on the history of timeline {} (the leader's)",
+                if rejected.is_empty() { "" } else { "other " },
+                timeline.0
+            ));
+            return Err(BackupError::Restore(rejected.join("; ")));
+        };
+        let stop = naming::segno_of(Lsn(m.stop_lsn.0.saturating_sub(1)), seg);
+        let last = chain::last_segment(&path, &index).unwrap_or(0).max(stop);
+        let missing = chain::missing(&path, m.start_lsn, last, &index, seg);
+        match missing.first() {
+            None => break m,
+            Some(first) => {
+                rejected.push(format!(
+                    "backup {}: {first} is not archived ({} segment(s) missing after its start)",
+                    m.id,
+                    missing.len()
+                ));
+                let pos = candidates
+                    .iter()
+                    .position(|c| c.id == m.id)
+                    .expect("chosen from the candidates");
+                candidates = &candidates[..pos];
+            }
+        }
+    };
     super::restore::unpack(repo, m, dir, bin_dir, progress)?;
+    if let Some(want) = system_id {
+        let found = system_identifier(dir, bin_dir)?;
+        if found != want {
+            return Err(BackupError::Restore(format!(
+                "backup {} is of database system {found}, not this cluster's {want}",
+                m.id
+            )));
+        }
+    }
     Ok(m.clone())
+}
+
+/// The database system identifier in `dir`'s control file.
+fn system_identifier(
+    dir: &std::path::Path,
+    bin_dir: &std::path::Path,
+) -> Result<String, BackupError> {
+    let tool = bin_dir.join("pg_controldata");
+    let out = std::process::Command::new(&tool)
+        .arg("-D")
+        .arg(dir)
+        .env("LC_ALL", "C")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|source| BackupError::Local {
+            action: "run",
+            path: tool.clone(),
+            source,
+        })?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| l.strip_prefix("Database system identifier:"))
+        .map(|v| v.trim().to_string())
+        .filter(|_| out.status.success())
+        .ok_or_else(|| BackupError::Tool {
+            tool: "pg_controldata".into(),
+            detail: format!(
+                "{}: no system identifier: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        })
 }
 
 #[cfg(test)]

@@ -10,8 +10,13 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
+
+use nix::errno::Errno;
+use nix::fcntl::{AtFlags, OFlag};
+use nix::sys::stat::Mode;
+use nix::unistd::{Gid, Uid, UnlinkatFlags};
 
 /// What went wrong, with the object named.
 #[derive(Debug, thiserror::Error)]
@@ -115,27 +120,6 @@ impl DirRepository {
         &self.root
     }
 
-    fn path(&self, key: &str) -> Result<PathBuf, RepoError> {
-        if !valid_key(key) {
-            return Err(RepoError::BadKey { key: key.into() });
-        }
-        Ok(self.root.join(key))
-    }
-
-    /// Run as root (`pgha backup`, a scheduled backup, the agent), what
-    /// is created belongs to the owner of the repository's directory (the
-    /// PostgreSQL account, which archives into it): that account must read
-    /// base backups to start a replica from one, and expire them. `None`
-    /// when not root, or when root owns the repository.
-    fn owner_for_root(&self) -> Option<(u32, u32)> {
-        use std::os::unix::fs::MetadataExt;
-        if !nix::unistd::geteuid().is_root() {
-            return None;
-        }
-        let meta = std::fs::metadata(&self.root).ok()?;
-        (meta.uid() != 0).then(|| (meta.uid(), meta.gid()))
-    }
-
     fn io(&self, action: &'static str, key: &str) -> impl FnOnce(std::io::Error) -> RepoError {
         let repo = self.location();
         let key = key.to_string();
@@ -147,39 +131,86 @@ impl DirRepository {
         }
     }
 
-    /// Creates the directories of `key` (each fsynced into its parent when
-    /// new, so that a crash cannot lose a directory an object was linked
-    /// into).
-    fn make_parents(&self, key: &str) -> Result<(), RepoError> {
-        if !self.root.is_dir() {
-            return Err(RepoError::Missing {
+    fn errno(&self, action: &'static str, key: &str) -> impl FnOnce(Errno) -> RepoError {
+        let io = self.io(action, key);
+        move |e| io(std::io::Error::from(e))
+    }
+
+    /// The repository's root directory, opened; `Missing` when it is not
+    /// there (pgha never creates it here).
+    fn open_root(&self) -> Result<OwnedFd, RepoError> {
+        match nix::fcntl::open(&self.root, DIR_FLAGS, Mode::empty()) {
+            Ok(fd) => Ok(fd),
+            Err(Errno::ENOENT) => Err(RepoError::Missing {
                 repo: self.location(),
-            });
+            }),
+            Err(e) => Err(self.errno("open", "")(e)),
         }
-        let mut dir = self.root.clone();
-        let comps: Vec<&str> = key.split('/').collect();
-        for c in &comps[..comps.len() - 1] {
-            let parent = dir.clone();
-            dir.push(c);
-            match std::fs::create_dir(&dir) {
-                Ok(()) => {
-                    if let Some((uid, gid)) = self.owner_for_root() {
-                        std::os::unix::fs::lchown(&dir, Some(uid), Some(gid)).map_err(
-                            self.io("hand to the repository's owner the directory of", key),
-                        )?;
-                    }
-                    sync_dir(&parent).map_err(self.io("sync the directory of", key))?
+    }
+
+    /// The directory that holds `key`'s last component, and that
+    /// component. Reached from the root one component at a time through
+    /// descriptors, never following a symlink: the repository belongs to
+    /// the PostgreSQL account, and pgha may run as root (`pgha backup`, the
+    /// agent's scheduled backups), which must not be steered out of the
+    /// repository by a link planted inside it. With `create`, missing
+    /// directories are made (each synced into its parent, so that a crash
+    /// cannot lose a directory an object was linked into) and, as root,
+    /// handed to the owner of the root through their descriptor. `None`
+    /// when a directory is missing and `create` is false.
+    fn parent_of<'k>(
+        &self,
+        key: &'k str,
+        create: bool,
+    ) -> Result<Option<(OwnedFd, &'k str)>, RepoError> {
+        if !valid_key(key) {
+            return Err(RepoError::BadKey { key: key.into() });
+        }
+        let mut dir = self.open_root()?;
+        let owner = if create { root_owner(&dir) } else { None };
+        let (dirs, name) = key.rsplit_once('/').unwrap_or(("", key));
+        for c in dirs.split('/').filter(|c| !c.is_empty()) {
+            let made = create
+                && match nix::sys::stat::mkdirat(&dir, c, Mode::from_bits_truncate(0o750)) {
+                    Ok(()) => true,
+                    Err(Errno::EEXIST) => false,
+                    Err(e) => return Err(self.errno("create the directory of", key)(e)),
+                };
+            let next = match nix::fcntl::openat(&dir, c, DIR_FLAGS, Mode::empty()) {
+                Ok(fd) => fd,
+                Err(Errno::ENOENT) if !create => return Ok(None),
+                Err(e) => return Err(self.errno("open the directory of", key)(e)),
+            };
+            if made {
+                if let Some((uid, gid)) = owner {
+                    nix::unistd::fchown(&next, Some(uid), Some(gid)).map_err(
+                        self.errno("hand to the repository's owner the directory of", key),
+                    )?;
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(self.io("create the directory of", key)(e)),
+                nix::unistd::fsync(&dir).map_err(self.errno("sync the directory of", key))?;
             }
+            dir = next;
         }
-        Ok(())
+        Ok(Some((dir, name)))
     }
 }
 
-fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    File::open(dir)?.sync_all()
+/// Directories are opened without following a symlink at any step.
+const DIR_FLAGS: OFlag = OFlag::O_DIRECTORY
+    .union(OFlag::O_NOFOLLOW)
+    .union(OFlag::O_CLOEXEC)
+    .union(OFlag::O_RDONLY);
+
+/// As root, whatever is created belongs to the owner of the repository's
+/// root directory (the PostgreSQL account, which archives into it): that
+/// account must be able to read base backups, to start a replica from
+/// one, and to expire them. `None` when not root, or when root owns it.
+fn root_owner(root: &OwnedFd) -> Option<(Uid, Gid)> {
+    if !nix::unistd::geteuid().is_root() {
+        return None;
+    }
+    let st = nix::sys::stat::fstat(root).ok()?;
+    (st.st_uid != 0).then(|| (Uid::from_raw(st.st_uid), Gid::from_raw(st.st_gid)))
 }
 
 pub(super) fn temp_suffix() -> String {
@@ -198,20 +229,28 @@ impl Repository for DirRepository {
     }
 
     fn list(&self, dir: &str) -> Result<Vec<String>, RepoError> {
-        let path = if dir.is_empty() {
-            self.root.clone()
+        let fd = if dir.is_empty() {
+            self.open_root()?
         } else {
-            self.path(dir)?
-        };
-        let entries = match std::fs::read_dir(&path) {
-            Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(self.io("list", dir)(e)),
+            // `dir` is a key whose last component is the directory.
+            let Some((parent, name)) = self.parent_of(dir, false)? else {
+                return Ok(Vec::new());
+            };
+            match nix::fcntl::openat(&parent, name, DIR_FLAGS, Mode::empty()) {
+                Ok(fd) => fd,
+                Err(Errno::ENOENT) => return Ok(Vec::new()),
+                Err(e) => return Err(self.errno("list", dir)(e)),
+            }
         };
         let mut names = Vec::new();
-        for entry in entries {
-            let entry = entry.map_err(self.io("list", dir))?;
-            if let Some(name) = entry.file_name().to_str() {
+        let listing = nix::dir::Dir::from_fd(fd).map_err(self.errno("list", dir))?;
+        for entry in listing {
+            let entry = entry.map_err(self.errno("list", dir))?;
+            let name = entry.file_name().to_bytes();
+            if name == b"." || name == b".." {
+                continue;
+            }
+            if let Ok(name) = std::str::from_utf8(name) {
                 names.push(name.to_string());
             }
         }
@@ -220,45 +259,54 @@ impl Repository for DirRepository {
     }
 
     fn open(&self, key: &str) -> Result<Box<dyn Read + Send>, RepoError> {
-        let path = self.path(key)?;
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&path)
-            .map_err(|e| {
-                if e.kind() == std::io::ErrorKind::NotFound {
-                    RepoError::NotFound {
-                        repo: self.location(),
-                        key: key.into(),
-                    }
-                } else {
-                    self.io("open", key)(e)
-                }
-            })?;
-        Ok(Box::new(std::io::BufReader::with_capacity(1 << 20, file)))
+        let not_found = || RepoError::NotFound {
+            repo: self.location(),
+            key: key.into(),
+        };
+        let Some((dir, name)) = self.parent_of(key, false)? else {
+            return Err(not_found());
+        };
+        let fd = match nix::fcntl::openat(
+            &dir,
+            name,
+            OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        ) {
+            Ok(fd) => fd,
+            Err(Errno::ENOENT) => return Err(not_found()),
+            Err(e) => return Err(self.errno("open", key)(e)),
+        };
+        Ok(Box::new(std::io::BufReader::with_capacity(
+            1 << 20,
+            File::from(fd),
+        )))
     }
 
     fn create(&self, key: &str, src: &mut dyn Read) -> Result<Created, RepoError> {
-        let path = self.path(key)?;
-        if std::fs::symlink_metadata(&path).is_ok() {
+        let (dir, name) = self.parent_of(key, true)?.expect("created");
+        let exists = nix::sys::stat::fstatat(&dir, name, AtFlags::AT_SYMLINK_NOFOLLOW);
+        if exists.is_ok() {
             return Ok(Created::Existed);
         }
-        self.make_parents(key)?;
-        let dir = path.parent().expect("a key has a file name").to_path_buf();
-        let file_name = path.file_name().expect("file name").to_string_lossy();
-        let tmp = dir.join(format!(".{file_name}.{}.tmp", temp_suffix()));
+        let owner = root_owner(&self.open_root()?);
+        let tmp = format!(".{name}.{}.tmp", temp_suffix());
         let result = (|| {
-            let mut file = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .custom_flags(libc::O_NOFOLLOW)
-                .mode(0o640)
-                .open(&tmp)
-                .map_err(self.io("create a temporary file for", key))?;
-            if let Some((uid, gid)) = self.owner_for_root() {
-                std::os::unix::fs::fchown(&file, Some(uid), Some(gid))
-                    .map_err(self.io("hand to the repository's owner", key))?;
+            let fd = nix::fcntl::openat(
+                &dir,
+                tmp.as_str(),
+                OFlag::O_WRONLY
+                    | OFlag::O_CREAT
+                    | OFlag::O_EXCL
+                    | OFlag::O_NOFOLLOW
+                    | OFlag::O_CLOEXEC,
+                Mode::from_bits_truncate(0o640),
+            )
+            .map_err(self.errno("create a temporary file for", key))?;
+            if let Some((uid, gid)) = owner {
+                nix::unistd::fchown(&fd, Some(uid), Some(gid))
+                    .map_err(self.errno("hand to the repository's owner", key))?;
             }
+            let mut file = File::from(fd);
             let bytes = {
                 let mut w = std::io::BufWriter::with_capacity(1 << 20, &mut file);
                 let n = std::io::copy(src, &mut w).map_err(self.io("write", key))?;
@@ -267,43 +315,36 @@ impl Repository for DirRepository {
             };
             file.sync_all().map_err(self.io("sync", key))?;
             drop(file);
-            match std::fs::hard_link(&tmp, &path) {
+            match nix::unistd::linkat(&dir, tmp.as_str(), &dir, name, AtFlags::empty()) {
                 Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    return Ok(Created::Existed);
-                }
-                Err(e) => return Err(self.io("store", key)(e)),
+                Err(Errno::EEXIST) => return Ok(Created::Existed),
+                Err(e) => return Err(self.errno("store", key)(e)),
             }
-            sync_dir(&dir).map_err(self.io("sync the directory of", key))?;
+            nix::unistd::fsync(&dir).map_err(self.errno("sync the directory of", key))?;
             Ok(Created::New { bytes })
         })();
-        let _ = std::fs::remove_file(&tmp);
+        let _ = nix::unistd::unlinkat(&dir, tmp.as_str(), UnlinkatFlags::NoRemoveDir);
         result
     }
 
     fn delete(&self, key: &str) -> Result<(), RepoError> {
-        let path = self.path(key)?;
-        match std::fs::remove_file(&path) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(self.io("delete", key)(e)),
+        let Some((dir, name)) = self.parent_of(key, false)? else {
+            return Ok(());
+        };
+        match nix::unistd::unlinkat(&dir, name, UnlinkatFlags::NoRemoveDir) {
+            Ok(()) | Err(Errno::ENOENT) => Ok(()),
+            Err(e) => Err(self.errno("delete", key)(e)),
         }
     }
 
     fn remove_empty_dir(&self, dir: &str) -> Result<(), RepoError> {
-        let path = self.path(dir)?;
-        match std::fs::remove_dir(&path) {
-            Ok(()) => Ok(()),
+        let Some((parent, name)) = self.parent_of(dir, false)? else {
+            return Ok(());
+        };
+        match nix::unistd::unlinkat(&parent, name, UnlinkatFlags::RemoveDir) {
             // Not empty (a stray file) or already gone: leave it.
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::NotFound | std::io::ErrorKind::DirectoryNotEmpty
-                ) =>
-            {
-                Ok(())
-            }
-            Err(e) => Err(self.io("remove the directory", dir)(e)),
+            Ok(()) | Err(Errno::ENOENT | Errno::ENOTEMPTY | Errno::EEXIST) => Ok(()),
+            Err(e) => Err(self.errno("remove the directory", dir)(e)),
         }
     }
 }
@@ -333,6 +374,62 @@ mod tests {
     }
 
     #[test]
+    fn links_planted_in_the_repository_are_never_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("victim"), b"keep me").unwrap();
+        let root = dir.path().join("repo");
+        std::fs::create_dir(&root).unwrap();
+        // The repository's owner replaces a directory with a link out.
+        std::os::unix::fs::symlink(outside.path(), root.join("backup")).unwrap();
+        std::os::unix::fs::symlink(outside.path().join("victim"), root.join("file")).unwrap();
+        let repo = DirRepository::new(&root);
+        repo.delete("backup/victim").unwrap_err();
+        repo.create("backup/new", &mut &b"x"[..]).unwrap_err();
+        assert!(repo.list("backup").is_err());
+        assert!(repo.open("backup/victim").is_err());
+        assert!(repo.open("file").is_err());
+        repo.delete("file").unwrap();
+        assert_eq!(
+            std::fs::read(outside.path().join("victim")).unwrap(),
+            b"keep me",
+            "nothing outside the repository was touched"
+        );
+        assert!(!outside.path().join("new").exists());
+        // Reading a key under missing directories creates nothing.
+        assert!(repo.open("archive/00000001/x").is_err());
+        assert!(repo.list("archive/00000001").unwrap().is_empty());
+        repo.delete("archive/00000001/x").unwrap();
+        assert!(!root.join("archive").exists());
+        // Deleting the link named `file` removed the link, not its target.
+        assert!(std::fs::symlink_metadata(root.join("file")).is_err());
+    }
+
+    #[test]
+    fn objects_created_as_root_belong_to_the_repositorys_owner() {
+        use std::os::unix::fs::MetadataExt;
+        if !nix::unistd::geteuid().is_root() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("repo");
+        std::fs::create_dir(&root).unwrap();
+        let (uid, gid) = (4242, 4343);
+        std::os::unix::fs::chown(&root, Some(uid), Some(gid)).unwrap();
+        let repo = DirRepository::new(&root);
+        repo.create("backup/x/f", &mut &b"data"[..]).unwrap();
+        for p in ["backup", "backup/x", "backup/x/f"] {
+            let meta = std::fs::symlink_metadata(root.join(p)).unwrap();
+            assert_eq!((meta.uid(), meta.gid()), (uid, gid), "{p}");
+            assert_eq!(
+                meta.mode() & 0o777,
+                if p.ends_with('f') { 0o640 } else { 0o750 },
+                "{p}"
+            );
+        }
+    }
+
+    #[test]
     fn create_never_replaces_and_leaves_no_temporary_file() {
         let dir = tempfile::tempdir().unwrap();
         let repo = DirRepository::new(dir.path());
@@ -354,6 +451,10 @@ mod tests {
         repo.delete("a/b/obj").unwrap();
         repo.delete("a/b/obj").unwrap();
         assert!(repo.list("a/b").unwrap().is_empty());
+        assert_eq!(repo.list("").unwrap(), ["a"], "no temporary file left");
+        assert!(repo.list("a/b").unwrap().is_empty());
+        repo.remove_empty_dir("a/b").unwrap();
+        assert!(repo.list("a").unwrap().is_empty());
     }
 
     #[test]

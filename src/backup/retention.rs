@@ -148,11 +148,26 @@ pub fn expire(repo: &dyn Repository, keep: usize) -> Result<ExpireReport, Backup
             .iter()
             .find(|b| &b.id == id)
             .expect("selected from the list");
+        let dir = format!("backup/{id}");
+        // A manifest is only trusted to name its own backup's objects:
+        // one that names anything else is not deleted from.
+        if let Some(f) = m
+            .files
+            .iter()
+            .find(|f| f.key.strip_prefix(&dir).is_none_or(|r| !r.starts_with('/')))
+        {
+            return Err(BackupError::Corrupt {
+                key: base::manifest_key(id),
+                detail: format!(
+                    "names {:?}, outside {dir}/; nothing of it was removed",
+                    f.key
+                ),
+            });
+        }
         repo.delete(&base::manifest_key(id))?;
         for f in &m.files {
             repo.delete(&f.key)?;
         }
-        let dir = format!("backup/{id}");
         for rest in repo.list(&dir)? {
             repo.delete(&format!("{dir}/{rest}"))?;
         }
@@ -409,5 +424,35 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_manifest_naming_objects_outside_its_backup_is_not_acted_on() {
+        use crate::backup::base::ManifestFile;
+        use crate::backup::repo::{DirRepository, Repository};
+        let dir = tempfile::tempdir().unwrap();
+        let repo = DirRepository::new(dir.path());
+        let store = |key: &str, data: &[u8]| {
+            repo.create(key, &mut &data[..]).unwrap();
+        };
+        let other = "archive/00000001/not-a-wal-file";
+        store(other, b"not the backup's");
+        let mut evil = backup("20260101T000000Z", 1, "0/1000028");
+        evil.files = vec![ManifestFile {
+            name: "base.tar".into(),
+            key: other.into(),
+            size: 1,
+            sha256: String::new(),
+            stored_size: 1,
+            stored_sha256: None,
+        }];
+        let new = backup("20260102T000000Z", 1, "0/4000028");
+        for m in [&evil, &new] {
+            store(&base::manifest_key(&m.id), &serde_json::to_vec(m).unwrap());
+        }
+        let err = expire(&repo, 1).unwrap_err().to_string();
+        assert!(err.contains("outside backup/20260101T000000Z/"), "{err}");
+        assert_eq!(repo.read(other).unwrap(), b"not the backup's");
+        assert_eq!(base::list(&repo).unwrap().len(), 2, "nothing was removed");
     }
 }

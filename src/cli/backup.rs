@@ -62,6 +62,10 @@ pub enum BackupAction {
         /// The leader's timeline.
         #[arg(long)]
         timeline: u32,
+        /// The cluster's database system identifier: a backup of another
+        /// system is refused.
+        #[arg(long)]
+        system_id: Option<String>,
     },
     /// Remove the backups beyond `keep` and the archived WAL no kept
     /// backup needs (also done after every `pgha backup`).
@@ -229,6 +233,7 @@ pub async fn action(action: BackupAction) -> anyhow::Result<()> {
             dir,
             bin_dir,
             timeline,
+            system_id,
         } => {
             let b = crate::config::backup::load_backup_config(&config)
                 .map_err(|e| UsageError(e.to_string()))?;
@@ -239,6 +244,7 @@ pub async fn action(action: BackupAction) -> anyhow::Result<()> {
                     &dir,
                     &bin_dir,
                     crate::model::Timeline(timeline),
+                    system_id.as_deref(),
                     &|_| {},
                 )
             })

@@ -222,7 +222,7 @@ pub async fn run(nodes: usize, dir: &Path) -> anyhow::Result<()> {
         let sockets: String = configs
             .iter()
             .map(|c| (c.name.to_string(), c.socket_dir().display().to_string()))
-            .filter(|(_, d)| d.len() <= 92)
+            .filter(|(_, d)| d.len() <= crate::config::proxy::MAX_SOCKET_DIR_LEN)
             .map(|(name, d)| format!("{name} = \"{d}\"\n"))
             .collect();
         files.write(

@@ -12,6 +12,10 @@ use serde::Deserialize;
 use super::raw::RawEtcd;
 use super::{ConfigError, EtcdConfig};
 
+/// Longest `unix_sockets` directory: a socket address holds 107 bytes,
+/// and `/.s.PGSQL.65535` takes 15 of them.
+pub const MAX_SOCKET_DIR_LEN: usize = 92;
+
 /// Upper bound on `max_message_size`: PostgreSQL itself refuses messages
 /// over 1 GiB.
 const MAX_MESSAGE_SIZE_LIMIT: usize = 1 << 30;
@@ -629,12 +633,11 @@ pub(super) fn validate_proxy(
             return Err(bad(&key, format!("{member:?} is not a member name")));
         }
         let dir = resolve(&dir);
-        // sun_path holds 107 bytes; `/.s.PGSQL.65535` takes 15 of them.
-        if dir.as_os_str().len() > 92 {
+        if dir.as_os_str().len() > MAX_SOCKET_DIR_LEN {
             return Err(bad(
                 &key,
                 format!(
-                    "{} is too long for a socket path (at most 92 bytes)",
+                    "{} is too long for a socket path (at most {MAX_SOCKET_DIR_LEN} bytes)",
                     dir.display()
                 ),
             ));

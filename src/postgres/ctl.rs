@@ -580,27 +580,36 @@ impl Instance {
     /// unpack-replica` does the work as the PostgreSQL account, so the
     /// agent never writes into that account's directory. Returns the
     /// backup's id; a failed attempt leaves no data directory behind.
-    pub async fn restore_from_backup(&self, timeline: Timeline) -> Result<String, PgError> {
+    pub async fn restore_from_backup(
+        &self,
+        timeline: Timeline,
+        system_id: Option<&str>,
+    ) -> Result<String, PgError> {
         self.remove_data_dir()?;
         self.create_data_dir()?;
         let exe = std::env::current_exe().map_err(io("find the pgha binary"))?;
         let repo_file = self.pg_dir.join(crate::backup::agent::REPOSITORY_FILE);
         let timeline = timeline.0.to_string();
+        let mut args: Vec<&std::ffi::OsStr> = vec![
+            "backup".as_ref(),
+            "unpack-replica".as_ref(),
+            "-c".as_ref(),
+            repo_file.as_os_str(),
+            "--dir".as_ref(),
+            self.data_dir.as_os_str(),
+            "--bin-dir".as_ref(),
+            self.bin_dir.as_os_str(),
+            "--timeline".as_ref(),
+            timeline.as_ref(),
+        ];
+        if let Some(id) = system_id {
+            args.push(std::ffi::OsStr::new("--system-id"));
+            args.push(std::ffi::OsStr::new(id));
+        }
         let result = self
             .run(
                 &exe.to_string_lossy(),
-                &[
-                    "backup".as_ref(),
-                    "unpack-replica".as_ref(),
-                    "-c".as_ref(),
-                    repo_file.as_os_str(),
-                    "--dir".as_ref(),
-                    self.data_dir.as_os_str(),
-                    "--bin-dir".as_ref(),
-                    self.bin_dir.as_os_str(),
-                    "--timeline".as_ref(),
-                    timeline.as_ref(),
-                ],
+                &args,
                 "restore a backup for this replica",
                 // A restore of a large cluster takes hours; the clone it
                 // replaces has no time limit either.
@@ -609,9 +618,8 @@ impl Instance {
             .await;
         match result {
             Ok(out) => {
-                let report: serde_json::Value =
-                    serde_json::from_str(out.trim()).unwrap_or(serde_json::Value::Null);
-                Ok(report["backup"].as_str().unwrap_or("?").to_string())
+                // The tool's one-line report, for the log.
+                Ok(out.trim().to_string())
             }
             Err(e) => {
                 let _ = self.remove_data_dir();

@@ -91,10 +91,9 @@ pub struct Server {
 }
 
 impl Server {
-    /// Connects (with TLS as `tls` says) and logs in, within `timeout`.
-    /// Opens and logs in a connection to `target`: through `socket` (the
-    /// member's Unix socket on this host) when given and connectable, else
-    /// over TCP.
+    /// Connects to `target` and logs in, within `timeout`: through
+    /// `socket` (the member's Unix socket on this host) when given and
+    /// connectable, else over TCP with TLS as `tls` says.
     pub async fn connect(
         target: &Target,
         tls: &ServerTls,
@@ -133,7 +132,7 @@ impl Server {
                 // Not running, or not here after all: the member's
                 // address still serves.
                 Err(e) => {
-                    tracing::debug!(member = %target.member, path = %path.display(), error = %e, "Unix socket unavailable; connecting over TCP");
+                    tracing::warn!(member = %target.member, path = %path.display(), error = %e, "cannot connect to the member's Unix socket; connecting over TCP");
                     None
                 }
             },

@@ -68,6 +68,11 @@ async fn transaction_pooling_routes_authenticates_and_survives_bad_input() {
             ("default_pool_size", "2"),
             ("max_lag", "1073741824"),
             ("startup_timeout", "\"2s\""),
+            // Four pgbench clients share the two connections, and each
+            // commit waits for a synchronous standby: on a loaded host a
+            // client can wait longer than the default 10 s for one. This
+            // test is about the protocol, not about that limit.
+            ("hold_timeout", "\"60s\""),
         ],
     )
     .await
