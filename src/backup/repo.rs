@@ -137,9 +137,13 @@ impl DirRepository {
     }
 
     /// The repository's root directory, opened; `Missing` when it is not
-    /// there (pgha never creates it here).
+    /// there (pgha never creates it here). The configured path itself may
+    /// be a symlink (to a mount, say): it is the operator's, not the
+    /// PostgreSQL account's; only what is inside is walked without
+    /// following links.
     fn open_root(&self) -> Result<OwnedFd, RepoError> {
-        match nix::fcntl::open(&self.root, DIR_FLAGS, Mode::empty()) {
+        let flags = OFlag::O_DIRECTORY | OFlag::O_CLOEXEC | OFlag::O_RDONLY;
+        match nix::fcntl::open(&self.root, flags, Mode::empty()) {
             Ok(fd) => Ok(fd),
             Err(Errno::ENOENT) => Err(RepoError::Missing {
                 repo: self.location(),
@@ -383,7 +387,10 @@ mod tests {
         // The repository's owner replaces a directory with a link out.
         std::os::unix::fs::symlink(outside.path(), root.join("backup")).unwrap();
         std::os::unix::fs::symlink(outside.path().join("victim"), root.join("file")).unwrap();
-        let repo = DirRepository::new(&root);
+        // The configured path may itself be a link (to a mount).
+        let link = dir.path().join("repo-link");
+        std::os::unix::fs::symlink(&root, &link).unwrap();
+        let repo = DirRepository::new(&link);
         repo.delete("backup/victim").unwrap_err();
         repo.create("backup/new", &mut &b"x"[..]).unwrap_err();
         assert!(repo.list("backup").is_err());
