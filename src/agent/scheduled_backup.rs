@@ -140,6 +140,16 @@ impl Agent {
             // backup if the meantime leader took it.
             sched.handled = None;
         }
+        // A cancelled backup is still winding down: decide once it is
+        // reaped. Deciding now would see its slot as running and mark the
+        // slot skipped, although the key may have come back for it.
+        if sched
+            .running
+            .as_ref()
+            .is_some_and(|r| r.cancel.is_cancelled())
+        {
+            return;
+        }
         let Some(b) = self.cfg.backup.as_ref() else {
             return;
         };
