@@ -579,7 +579,8 @@ impl Instance {
     /// that then replays archived WAL and streams. `pgha backup
     /// unpack-replica` does the work as the PostgreSQL account, so the
     /// agent never writes into that account's directory. Returns the
-    /// backup's id; a failed attempt leaves no data directory behind.
+    /// tool's one-line report (the backup's id, timeline and end), for the
+    /// log; a failed attempt leaves no data directory behind.
     pub async fn restore_from_backup(
         &self,
         timeline: Timeline,
