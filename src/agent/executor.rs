@@ -128,10 +128,20 @@ impl Agent {
             tracing::info!("another member won the bootstrap race");
             return Ok(());
         }
-        tracing::info!("won the bootstrap race; running initdb");
-        // initdb and the first start block this loop for a while.
+        let from_backup = self.cfg.bootstrap.from_backup.clone();
+        if from_backup.is_some() {
+            tracing::info!("won the bootstrap race; restoring the cluster from a backup");
+        } else {
+            tracing::info!("won the bootstrap race; running initdb");
+        }
+        // initdb (or the restore) and the first start block this loop for
+        // a while; once the lease is held, the waits keep it alive.
         self.lease.expect_busy(Duration::from_secs(360));
-        match self.bootstrap_claimed().await {
+        let result = match &from_backup {
+            Some(from) => self.bootstrap_from_backup(from).await,
+            None => self.bootstrap_claimed().await,
+        };
+        match result {
             Ok(()) => Ok(()),
             Err(e) => {
                 tracing::error!(
@@ -143,7 +153,9 @@ impl Agent {
                     .stop(StopMode::Immediate, Duration::from_secs(10))
                     .await;
                 let _ = self.release().await;
-                let _ = self.instance.remove_data_dir();
+                if self.instance.remove_data_dir().is_ok() && from_backup.is_some() {
+                    let _ = self.set_bootstrap_restore_mark(false);
+                }
                 let _ = self.dcs.abandon_initialize().await;
                 Err(e)
             }
@@ -280,6 +292,143 @@ impl Agent {
         self.dcs.complete_initialize(&system_id).await?;
         tracing::info!(system_id, "cluster initialized; this member leads");
         Ok(())
+    }
+
+    /// `[bootstrap.from_backup]`: the first leader's database is a backup
+    /// replayed to a target. The copy is unpacked and configured first;
+    /// the lease comes before the server starts, because recovery ends in
+    /// a promotion (the invariant of [`Self::bootstrap_claimed`]: nothing
+    /// writable without the lease). Then pgha's roles are set as on an
+    /// adopted database, since the backup carries the old cluster's.
+    async fn bootstrap_from_backup(
+        &mut self,
+        from: &crate::config::bootstrap::FromBackup,
+    ) -> anyhow::Result<()> {
+        // Marked before anything is written: a crash from here until the
+        // promotion leaves a partial copy that the next loop restores
+        // again instead of adopting (see `Reason::RestartingRestore`).
+        self.set_bootstrap_restore_mark(true)
+            .context("mark the data directory as being restored")?;
+        if self.instance.postmaster_pid().is_some() {
+            // Only a restore of this member's own, cut short, runs here:
+            // the cluster does not exist yet.
+            self.instance
+                .stop(StopMode::Immediate, Duration::from_secs(10))
+                .await?;
+        }
+        self.instance.remove_data_dir()?;
+        let (backup, restore_command) = self
+            .instance
+            .restore_for_bootstrap(from)
+            .await
+            .context("restore the backup")?;
+        tracing::info!(
+            backup,
+            target = %from.target_text,
+            "backup unpacked; taking the lease, then replaying archived WAL to the target"
+        );
+        self.instance.write_config(false, None, None)?;
+        self.instance
+            .write_bootstrap_recovery(&crate::backup::bootstrap::recovery_settings(
+                &from.target,
+                &restore_command,
+                &backup,
+            ))?;
+        let Some(renewal) = self.dcs.acquire_leader().await? else {
+            anyhow::bail!(
+                "the leader key is held by another member although the cluster was not initialized"
+            );
+        };
+        self.take_lease(renewal).await?;
+        self.instance.start().await?;
+        self.wait_until_restore_promoted().await?;
+        // From here the data is whole: a crash resumes the initialization
+        // on it (`Reason::ResumingInitialization`).
+        self.set_bootstrap_restore_mark(false)
+            .context("clear the restore mark")?;
+        // The backup's roles are the old cluster's: pgha's own are set in
+        // single-user mode, which needs the server stopped. The restart
+        // also drops the recovery settings (`write_config` empties
+        // postgresql.auto.conf).
+        self.lease.expect_busy(Duration::from_secs(900));
+        self.instance
+            .stop(StopMode::Fast, Duration::from_secs(300))
+            .await
+            .context("stop the restored server to set pgha's roles")?;
+        self.instance.write_config(false, None, None)?;
+        let verifier = |password: &crate::secret::SecretString| {
+            postgres_protocol::password::scram_sha_256(password.expose().as_bytes())
+        };
+        let sql = crate::postgres::adopt::roles_sql(
+            &self.cfg.postgres.superuser.username,
+            &verifier(&self.cfg.postgres.superuser.password),
+            &self.cfg.postgres.replication.username,
+            &verifier(&self.cfg.postgres.replication.password),
+        );
+        self.instance.set_roles_single_user(&sql).await?;
+        if !self.lease_valid_now() {
+            anyhow::bail!("the lease ran out while the restored server was stopped");
+        }
+        self.instance.start().await?;
+        self.wait_until_running(Duration::from_secs(600)).await?;
+        let system_id = self.read_system_id().await?;
+        self.dcs.complete_initialize(&system_id).await?;
+        tracing::info!(
+            system_id,
+            backup,
+            target = %from.target_text,
+            "cluster initialized from a backup; this member leads"
+        );
+        Ok(())
+    }
+
+    /// Waits, keeping the lease alive, until the restored server has
+    /// replayed to its target and promoted. Replay has no time limit (a
+    /// week of WAL takes long); a server that stops (a missing segment, a
+    /// target it cannot reach, the fence keeper after a lost lease) fails
+    /// the bootstrap.
+    async fn wait_until_restore_promoted(&mut self) -> anyhow::Result<()> {
+        let started = tokio::time::Instant::now();
+        let mut last_report = started;
+        let mut gone_since: Option<tokio::time::Instant> = None;
+        loop {
+            self.lease.heartbeat();
+            if self.instance.bootstrap_recovery_finished()? {
+                tracing::info!(
+                    elapsed_s = started.elapsed().as_secs(),
+                    "the restored server reached its target and promoted"
+                );
+                return Ok(());
+            }
+            // The postmaster writes its pid file a moment after pg_ctl
+            // returns; only an absence that lasts means it exited.
+            if self.instance.postmaster_pid().is_none() {
+                let since = *gone_since.get_or_insert_with(tokio::time::Instant::now);
+                if since.elapsed() > Duration::from_secs(5) {
+                    anyhow::bail!(
+                        "the restored server stopped before it promoted (a WAL segment missing from the repository, or a target it cannot reach?); see {}",
+                        self.instance.log_file.display()
+                    );
+                }
+            } else {
+                gone_since = None;
+            }
+            if last_report.elapsed() >= Duration::from_secs(30) {
+                last_report = tokio::time::Instant::now();
+                let replayed = match self.observer.observe().await.status {
+                    PgStatus::Running(r) => r.replay_lsn.map(|l| l.to_string()),
+                    _ => None,
+                };
+                tracing::info!(
+                    elapsed_s = started.elapsed().as_secs(),
+                    replayed_to = replayed
+                        .as_deref()
+                        .unwrap_or("unknown (not yet consistent)"),
+                    "replaying archived WAL to the bootstrap target"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     async fn wait_until_running(&mut self, timeout: Duration) -> anyhow::Result<()> {

@@ -15,6 +15,9 @@ use crate::util::{boottime_ms, unix_ms};
 
 /// File name of the former-primary mark in the state directory.
 const FORMER_PRIMARY_MARK: &str = "former-primary";
+/// Present from the start of a bootstrap from a backup until the restored
+/// server has promoted.
+const BOOTSTRAP_RESTORE_MARK: &str = "bootstrap-restore-unfinished";
 
 /// File name of the remembered membership in the state directory.
 const MEMBERSHIP_FILE: &str = "members.json";
@@ -222,6 +225,7 @@ impl Agent {
                 promoting_since_ms: self.promoting_since_ms,
                 resigned_at_ms: self.resigned_at_ms,
                 unmanaged: self.unmanaged.clone(),
+                bootstrap_restore_unfinished: self.bootstrap_restore_unfinished(),
             },
             members: self.members.clone(),
             peers,
@@ -232,6 +236,33 @@ impl Agent {
             failsafe_promise: self.failsafe.promise(),
         };
         (snapshot, obs)
+    }
+
+    /// The bootstrap-restore mark, in the agent's own state directory like
+    /// the former-primary mark. Unreadable counts as present: then a
+    /// pending bootstrap of this member starts over rather than adopt what
+    /// may be a partial copy.
+    pub(super) fn bootstrap_restore_unfinished(&self) -> bool {
+        self.instance
+            .state
+            .is_file(BOOTSTRAP_RESTORE_MARK)
+            .unwrap_or(true)
+    }
+
+    pub(super) fn set_bootstrap_restore_mark(&self, on: bool) -> anyhow::Result<()> {
+        let state = &self.instance.state;
+        if on {
+            // Durable: after a power loss the partial copy must still be
+            // recognised as one.
+            state.write_durable(
+                BOOTSTRAP_RESTORE_MARK,
+                b"a bootstrap from a backup is restoring into the data directory\n",
+                0o600,
+            )?;
+        } else {
+            state.remove(BOOTSTRAP_RESTORE_MARK)?;
+        }
+        Ok(())
     }
 
     /// The former-primary mark: a file in the agent's own state directory

@@ -17,6 +17,7 @@
 
 pub mod agent;
 pub mod base;
+pub mod bootstrap;
 pub mod chain;
 pub mod file;
 pub mod naming;

@@ -58,35 +58,66 @@ pub fn unpack(
             "the repository holds no complete backup".into(),
         ));
     };
+    let (index, histories) = base::archive_index(repo, newest.wal_segment_size)?;
+    let m = pick(&backups, timeline, &index, &histories)?;
+    super::restore::unpack(repo, m, dir, bin_dir, progress)?;
+    if let Some(want) = system_id {
+        let found = system_identifier(dir, bin_dir)?;
+        if found != want {
+            return Err(BackupError::Restore(format!(
+                "backup {} is of database system {found}, not this cluster's {want}",
+                m.id
+            )));
+        }
+    }
+    Ok(m.clone())
+}
+
+/// The newest of `backups` (oldest first) that fits a server on
+/// `timeline` (see [`choose`]) and whose WAL is archived without a gap from
+/// its start to the newest archived segment on that timeline's history;
+/// the error says why each newer backup was passed over. Pure: `index` and
+/// `histories` are the archive as [`base::archive_index`] read it.
+pub fn pick<'a>(
+    backups: &'a [Manifest],
+    timeline: Timeline,
+    index: &chain::ArchiveIndex,
+    histories: &std::collections::BTreeMap<Timeline, Vec<Switch>>,
+) -> Result<&'a Manifest, BackupError> {
+    let Some(newest) = backups.last() else {
+        return Err(BackupError::Restore(
+            "the repository holds no complete backup".into(),
+        ));
+    };
     let seg = newest.wal_segment_size;
-    let (index, histories) = base::archive_index(repo, seg)?;
     let history = match histories.get(&timeline) {
         Some(h) => h.clone(),
         None if timeline.0 <= 1 => Vec::new(),
         None => {
             return Err(BackupError::Restore(format!(
-                "{} (the leader's timeline history) is not archived",
-                naming::history_name(timeline)
+                "{} (the history of timeline {}) is not archived",
+                naming::history_name(timeline),
+                timeline.0
             )));
         }
     };
     let path = chain::path_to(timeline, &history, seg);
     let mut rejected = Vec::new();
-    let mut candidates = backups.as_slice();
-    let m = loop {
+    let mut candidates = backups;
+    loop {
         let Some(m) = choose(candidates, timeline, &history) else {
             rejected.push(format!(
-                "no {}backup lies on the history of timeline {} (the leader's)",
+                "no {}backup lies on the history of timeline {}",
                 if rejected.is_empty() { "" } else { "other " },
                 timeline.0
             ));
             return Err(BackupError::Restore(rejected.join("; ")));
         };
         let stop = naming::segno_of(Lsn(m.stop_lsn.0.saturating_sub(1)), seg);
-        let last = chain::last_segment(&path, &index).unwrap_or(0).max(stop);
-        let missing = chain::missing(&path, m.start_lsn, last, &index, seg);
+        let last = chain::last_segment(&path, index).unwrap_or(0).max(stop);
+        let missing = chain::missing(&path, m.start_lsn, last, index, seg);
         match missing.first() {
-            None => break m,
+            None => return Ok(m),
             Some(first) => {
                 rejected.push(format!(
                     "backup {}: {first} is not archived ({} segment(s) missing after its start)",
@@ -100,18 +131,7 @@ pub fn unpack(
                 candidates = &candidates[..pos];
             }
         }
-    };
-    super::restore::unpack(repo, m, dir, bin_dir, progress)?;
-    if let Some(want) = system_id {
-        let found = system_identifier(dir, bin_dir)?;
-        if found != want {
-            return Err(BackupError::Restore(format!(
-                "backup {} is of database system {found}, not this cluster's {want}",
-                m.id
-            )));
-        }
     }
-    Ok(m.clone())
 }
 
 /// The database system identifier in `dir`'s control file.

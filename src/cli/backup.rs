@@ -67,6 +67,27 @@ pub enum BackupAction {
         #[arg(long)]
         system_id: Option<String>,
     },
+    /// Unpack the backup `[bootstrap.from_backup]` asks for into `--dir`,
+    /// for the first leader of a new cluster. The agent runs it as the
+    /// PostgreSQL account.
+    #[command(hide = true)]
+    UnpackBootstrap {
+        /// The repository file of the repository to restore from.
+        #[arg(short, long)]
+        config: PathBuf,
+        /// The data directory to fill: empty or absent.
+        #[arg(long)]
+        dir: PathBuf,
+        /// PostgreSQL's binaries (for pg_verifybackup).
+        #[arg(long)]
+        bin_dir: PathBuf,
+        /// `latest`, a time or an LSN.
+        #[arg(long)]
+        target: String,
+        /// One backup by id; default: the newest that suits the target.
+        #[arg(long)]
+        backup: Option<String>,
+    },
     /// Remove the backups beyond `keep` and the archived WAL no kept
     /// backup needs (also done after every `pgha backup`).
     Expire {
@@ -250,6 +271,42 @@ pub async fn action(action: BackupAction) -> anyhow::Result<()> {
             })
             .await??;
             // One line for the agent's log.
+            println!(
+                "{}",
+                serde_json::json!({
+                    "backup": m.id,
+                    "timeline": m.timeline,
+                    "stop_lsn": m.stop_lsn.to_string(),
+                    "stop_time": m.stop_time,
+                })
+            );
+            Ok(())
+        }
+        BackupAction::UnpackBootstrap {
+            config,
+            dir,
+            bin_dir,
+            target,
+            backup,
+        } => {
+            let b = crate::config::backup::load_backup_config(&config)
+                .map_err(|e| UsageError(e.to_string()))?;
+            let target =
+                restore::parse_target(&target).map_err(|e| UsageError(format!("--target {e}")))?;
+            let repo = repository(&b)?;
+            let m = tokio::task::spawn_blocking(move || {
+                crate::backup::bootstrap::unpack(
+                    repo.as_ref(),
+                    &dir,
+                    &bin_dir,
+                    &target,
+                    backup.as_deref(),
+                    &|_| {},
+                )
+            })
+            .await??;
+            // One line for the agent: it names the backup in its log and in
+            // the recovery settings.
             println!(
                 "{}",
                 serde_json::json!({

@@ -7,6 +7,7 @@
 //! succeeds. Every key is documented in `docs/configuration.md`.
 
 pub mod backup;
+pub mod bootstrap;
 mod error;
 pub mod proxy;
 pub mod raw;
@@ -42,6 +43,8 @@ pub struct Config {
     pub proxy: Option<proxy::ProxyConfig>,
     /// `[backup]`: absent when the cluster has no backup repository.
     pub backup: Option<backup::BackupConfig>,
+    /// `[bootstrap]`: how a new cluster gets its first database.
+    pub bootstrap: bootstrap::BootstrapConfig,
     /// `[vip]`: a floating address that follows the writable leader.
     pub vip: Option<vip::VipConfig>,
 }

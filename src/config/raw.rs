@@ -33,6 +33,9 @@ pub struct RawConfig {
     pub proxy: Option<super::proxy::RawProxy>,
     #[serde(default)]
     pub backup: Option<super::backup::RawBackup>,
+    /// How a new cluster gets its first database (initdb or a backup).
+    #[serde(default)]
+    pub bootstrap: Option<super::bootstrap::RawBootstrap>,
     /// A floating address held by the writable leader only.
     #[serde(default)]
     pub vip: Option<super::vip::RawVip>,

@@ -431,6 +431,12 @@ pub(super) fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigErro
         }
         None => None,
     };
+    let bootstrap = super::bootstrap::BootstrapConfig::validate(
+        path,
+        raw.bootstrap.unwrap_or_default(),
+        backup.as_ref(),
+        resolve,
+    )?;
     let vip = raw
         .vip
         .map(|v| super::vip::VipConfig::validate(path, v))
@@ -469,6 +475,7 @@ pub(super) fn validate(path: &Path, raw: RawConfig) -> Result<Config, ConfigErro
         },
         proxy,
         backup,
+        bootstrap,
         vip,
     })
 }

@@ -112,7 +112,12 @@ fn decide_unguarded(s: &Snapshot) -> Decision {
             if by == &s.me {
                 // This member claimed the initialization and stopped before
                 // finishing it: start over on an empty directory, finish on
-                // the data it has (initdb's, or the database it adopts).
+                // the data it has (initdb's, or the database it adopts). A
+                // restore from a backup cut short is a partial copy: never
+                // adopted, restored again.
+                if s.local.bootstrap_restore_unfinished {
+                    return Decision::new(Action::Bootstrap, Reason::RestartingRestore);
+                }
                 return match (&s.local.data, &s.local.unmanaged) {
                     (DataDirState::Empty, _) => {
                         Decision::new(Action::Bootstrap, Reason::NotInitialized)

@@ -202,6 +202,7 @@ impl Fixture {
                     promoting_since_ms: None,
                     resigned_at_ms: None,
                     unmanaged: None,
+                    bootstrap_restore_unfinished: false,
                 },
                 members: Membership::new(),
                 peers: Vec::new(),
@@ -672,6 +673,12 @@ impl Fixture {
         self
     }
 
+    /// A bootstrap from a backup began here and did not reach promotion.
+    fn restore_unfinished(mut self) -> Self {
+        self.snap.local.bootstrap_restore_unfinished = true;
+        self
+    }
+
     /// The data directory holds a database pgha never managed.
     fn unmanaged(mut self, what: Unmanaged) -> Self {
         self.snap.local.unmanaged = Some(what);
@@ -1030,6 +1037,41 @@ fn initialize_key() {
                 .lease_held(VALID)
                 .primary(),
             act(Action::Adopt, Reason::ResumingInitialization),
+        ),
+        (
+            // A restore from a backup cut short by a crash: the copy may be
+            // partial, so it is never adopted as the cluster's database.
+            "pending by me, a restore from a backup unfinished: restore again",
+            F::new("n1")
+                .initialize(pending("n1"))
+                .stopped(OnDisk::Standby)
+                .restore_unfinished(),
+            act(Action::Bootstrap, Reason::RestartingRestore),
+        ),
+        (
+            "pending by me, a restore unfinished, its server replaying: restore again",
+            F::new("n1")
+                .initialize(pending("n1"))
+                .replica_streaming_from("n2")
+                .restore_unfinished(),
+            act(Action::Bootstrap, Reason::RestartingRestore),
+        ),
+        (
+            "pending by another, my restore mark left over: wait for it",
+            F::new("n1")
+                .initialize(pending("n2"))
+                .empty_data()
+                .restore_unfinished(),
+            wait(Reason::BootstrapInProgress { by: m("n2") }),
+        ),
+        (
+            "pending by me, a restore unfinished, no fence keeper: wait",
+            F::new("n1")
+                .initialize(pending("n1"))
+                .empty_data()
+                .restore_unfinished()
+                .fence_not_ready(),
+            wait(Reason::FenceKeeperNotReady),
         ),
         (
             "pending by me, a standby pgha never managed: refuse",

@@ -122,6 +122,7 @@ mod tests {
             promoting_since_ms: promoting_for_ms.map(|ms| NOW - ms),
             resigned_at_ms: None,
             unmanaged: None,
+            bootstrap_restore_unfinished: false,
         }
     }
 

@@ -122,6 +122,9 @@ pub struct Local {
     pub fence_ready: bool,
     /// The data directory holds a database pgha never managed.
     pub unmanaged: Option<Unmanaged>,
+    /// A bootstrap from a backup began on this data directory and had not
+    /// reached the promotion: what is there is a partial copy.
+    pub bootstrap_restore_unfinished: bool,
 }
 
 /// The state recorded in pg_control of a stopped server.
@@ -289,6 +292,9 @@ pub enum Reason {
     /// This member's own claim on the initialization was not completed
     /// (the agent stopped half-way): it finishes it on the data it has.
     ResumingInitialization,
+    /// This member's own bootstrap from a backup stopped before the
+    /// restored server promoted: it starts the restore over.
+    RestartingRestore,
     /// A new cluster: this member publishes its record and gives members
     /// started at the same moment [`BOOTSTRAP_GRACE_LOOPS`] loops to
     /// publish theirs before racing to create it, so that it sees whether
@@ -440,6 +446,10 @@ impl fmt::Display for Reason {
             ResumingInitialization => write!(
                 f,
                 "this member claimed the initialization and did not finish it; finishing it on the existing data"
+            ),
+            RestartingRestore => write!(
+                f,
+                "this member's bootstrap from a backup stopped before the restored server promoted; restoring again"
             ),
             BootstrapGrace => write!(
                 f,

@@ -252,6 +252,7 @@ pub fn render_passfile(entries: &[PassEntry]) -> String {
 /// The file (in the data directory) that makes PostgreSQL start in
 /// standby mode.
 pub const STANDBY_SIGNAL: &str = "standby.signal";
+pub const RECOVERY_SIGNAL: &str = "recovery.signal";
 
 #[cfg(test)]
 mod tests {

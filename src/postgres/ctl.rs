@@ -120,6 +120,10 @@ pub struct Instance {
 /// account.
 pub const PG_SUBDIR: &str = "postgres";
 
+/// The repository file of a bootstrap from a backup, in the PostgreSQL
+/// account's directory beside the cluster's own.
+pub const BOOTSTRAP_SOURCE_FILE: &str = "bootstrap-source.toml";
+
 impl Instance {
     /// Resolves the OS user and opens (creating when missing) the state
     /// directory and the PostgreSQL account's subdirectory, then writes the
@@ -627,6 +631,96 @@ impl Instance {
                 Err(e)
             }
         }
+    }
+
+    /// Fills the data directory from the backup `[bootstrap.from_backup]`
+    /// asks for, as the PostgreSQL account (`pgha backup
+    /// unpack-bootstrap`), for the first leader of a new cluster. Returns
+    /// the backup's id and the `restore_command` that reads the WAL of the
+    /// repository restored from; a failed attempt leaves no data directory.
+    pub async fn restore_for_bootstrap(
+        &self,
+        from: &crate::config::bootstrap::FromBackup,
+    ) -> Result<(String, String), PgError> {
+        self.remove_data_dir()?;
+        self.create_data_dir()?;
+        let exe = std::env::current_exe().map_err(io("find the pgha binary"))?;
+        // Its own file even when it is the cluster's repository: the
+        // command and the replay read it as the PostgreSQL account.
+        self.pg_dir.write(
+            BOOTSTRAP_SOURCE_FILE,
+            crate::config::backup::RepositoryFile::render(&from.source).as_bytes(),
+            0o600,
+        )?;
+        let source_file = self.pg_dir.join(BOOTSTRAP_SOURCE_FILE);
+        let mut args: Vec<&std::ffi::OsStr> = vec![
+            "backup".as_ref(),
+            "unpack-bootstrap".as_ref(),
+            "-c".as_ref(),
+            source_file.as_os_str(),
+            "--dir".as_ref(),
+            self.data_dir.as_os_str(),
+            "--bin-dir".as_ref(),
+            self.bin_dir.as_os_str(),
+            "--target".as_ref(),
+            from.target_text.as_ref(),
+        ];
+        if let Some(id) = &from.backup {
+            args.push("--backup".as_ref());
+            args.push(id.as_ref());
+        }
+        let result = self
+            .run(
+                &exe.to_string_lossy(),
+                &args,
+                "restore the backup the cluster bootstraps from",
+                Duration::from_secs(7 * 24 * 3600),
+            )
+            .await
+            .and_then(|out| {
+                let report: serde_json::Value =
+                    serde_json::from_str(out.trim()).map_err(|e| PgError::Tool {
+                        tool: "pgha backup unpack-bootstrap".into(),
+                        action: "report the backup it restored".into(),
+                        status: "exit 0".into(),
+                        stderr: format!("unreadable report {:?}: {e}", out.trim()),
+                    })?;
+                Ok(report["backup"].as_str().unwrap_or_default().to_string())
+            });
+        match result {
+            Ok(id) => {
+                let archiving = crate::backup::agent::archiving(&from.source, &exe, &source_file);
+                Ok((id, archiving.restore_command))
+            }
+            Err(e) => {
+                let _ = self.remove_data_dir();
+                Err(e)
+            }
+        }
+    }
+
+    /// Puts the recovery settings of a bootstrap from a backup in place
+    /// (`postgresql.auto.conf`, after [`Instance::write_config`] emptied
+    /// it) with `recovery.signal`: the next start replays archived WAL to
+    /// the target and promotes.
+    pub fn write_bootstrap_recovery(&self, settings: &str) -> Result<(), PgError> {
+        let data = self.data_dir_handle()?;
+        data.write("postgresql.auto.conf", settings.as_bytes(), 0o600)?;
+        data.write(conf::RECOVERY_SIGNAL, b"", 0o600)?;
+        Ok(())
+    }
+
+    /// Whether the server started by a bootstrap from a backup has ended
+    /// recovery and accepts writes: PostgreSQL removes `recovery.signal`
+    /// when recovery ends and marks `postmaster.pid` "ready" once it
+    /// accepts connections as a primary (a hot standby reads "standby").
+    pub fn bootstrap_recovery_finished(&self) -> Result<bool, PgError> {
+        let data = self.data_dir_handle()?;
+        if data.is_file(conf::RECOVERY_SIGNAL)? {
+            return Ok(false);
+        }
+        let pid_file = data.read_to_string("postmaster.pid")?.unwrap_or_default();
+        Ok(pid_file.lines().nth(7).map(str::trim) == Some("ready"))
     }
 
     /// Rewinds a stopped former primary onto the source's timeline. If the

@@ -1017,3 +1017,198 @@ async fn s3_repository_archive_backup_and_restore_to_latest() {
     assert!(stderr.contains("loose.toml"), "{stderr}");
     assert!(!stderr.contains(SECRET), "{stderr}");
 }
+
+/// Waits until `node` has archived the segment `pg_switch_wal()` just
+/// closed.
+async fn switch_and_wait_archived(node: &crate::support::Node) {
+    let segment = node
+        .scalar("SELECT pg_walfile_name(pg_switch_wal())")
+        .await
+        .unwrap()
+        .expect("a segment name");
+    let archived = wait_until(
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        || async {
+            node.scalar("SELECT last_archived_wal FROM pg_stat_archiver")
+                .await
+                .ok()
+                .flatten()
+                .filter(|last| last.as_str() >= segment.as_str())
+        },
+    )
+    .await;
+    assert!(archived.is_ok(), "{segment} was not archived");
+}
+
+/// `[bootstrap.from_backup]`: a new cluster, with its own repository and
+/// its own passwords, starts from another cluster's backup replayed to a
+/// time between two commits. It holds exactly the rows committed before
+/// that time, runs on a new timeline whose history reaches its own
+/// repository, is the same database system as the source, admits its own
+/// superuser, and its second member clones it and streams.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_cluster_bootstraps_from_a_backup_to_a_point_in_time() {
+    let source = Cluster::start("bk-src", 1, ClusterOptions::default().backup())
+        .await
+        .unwrap();
+    let node = source.node("node1");
+    let config = node.config_path().display().to_string();
+    node.psql(
+        "CREATE TABLE boot_rows (id bigint PRIMARY KEY); \
+         INSERT INTO boot_rows SELECT generate_series(1, 1000)",
+    )
+    .await
+    .unwrap();
+    let (ok, _, err) = pgha(&["backup", "-c", &config, "--from", "leader", "--json"])
+        .await
+        .unwrap();
+    assert!(ok, "pgha backup failed: {err}\n{}", source.log_tails(20));
+    node.psql("INSERT INTO boot_rows SELECT generate_series(1001, 2000)")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let target = node
+        .scalar("SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')")
+        .await
+        .unwrap()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    node.psql("INSERT INTO boot_rows SELECT generate_series(2001, 3000)")
+        .await
+        .unwrap();
+    // Recovery stops at the first commit after the target, so one must be
+    // archived: the segment with the last insert is closed and archived.
+    switch_and_wait_archived(node).await;
+    let source_system = node
+        .scalar("SELECT system_identifier::text FROM pg_control_system()")
+        .await
+        .unwrap();
+
+    let source_file = source.dir().join("source-repository.toml");
+    std::fs::write(
+        &source_file,
+        format!(
+            "[backup]\nrepository = {:?}\n",
+            source.dir().join("repo").display().to_string()
+        ),
+    )
+    .unwrap();
+    let options = ClusterOptions {
+        extra_toml: format!(
+            "\n[bootstrap.from_backup]\ntarget = \"{target}\"\nrepository_file = {:?}\n",
+            source_file.display().to_string()
+        ),
+        ..ClusterOptions::default().backup()
+    };
+    let restored = Cluster::start("bk-boot", 2, options).await.unwrap();
+    let leader = restored.leader_node().await.unwrap();
+    assert_eq!(
+        leader
+            .scalar("SELECT count(*)::text || ' ' || max(id)::text FROM boot_rows")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("2000 2000"),
+        "{}",
+        restored.log_tails(30)
+    );
+    assert!(leader.is_writable().await.unwrap());
+    assert_eq!(
+        leader
+            .scalar("SELECT system_identifier::text FROM pg_control_system()")
+            .await
+            .unwrap(),
+        source_system
+    );
+    let timeline: u32 = leader
+        .scalar("SELECT timeline_id::text FROM pg_control_checkpoint()")
+        .await
+        .unwrap()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(timeline >= 2, "still on timeline {timeline}");
+    let log = leader.log_text();
+    assert!(
+        log.contains("cluster initialized from a backup"),
+        "{}",
+        restored.log_tails(30)
+    );
+    // The new timeline continues in the new cluster's own repository.
+    let history = format!("{timeline:08X}.history");
+    let own_repo = restored.dir().join("repo");
+    let found = wait_until(
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        || async {
+            archived(&own_repo, timeline)
+                .iter()
+                .any(|f| f.starts_with(&history))
+                .then_some(())
+        },
+    )
+    .await;
+    assert!(
+        found.is_ok(),
+        "{history} not in {}: {:?}",
+        own_repo.display(),
+        archived(&own_repo, timeline)
+    );
+    // The second member cloned the restored leader and streams from it.
+    let replica = restored
+        .nodes
+        .iter()
+        .find(|n| n.name() != leader.name())
+        .unwrap();
+    let rows = wait_until(
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        || async {
+            replica
+                .scalar("SELECT count(*) FROM boot_rows")
+                .await
+                .ok()
+                .flatten()
+                .filter(|c| c == "2000")
+        },
+    )
+    .await;
+    assert!(rows.is_ok(), "{}", restored.log_tails(30));
+    assert!(!replica.is_writable().await.unwrap());
+}
+
+/// A bootstrap from a backup that cannot be done (the target is before
+/// every backup) creates no cluster: the member says why, and no empty
+/// cluster takes the restore's place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bootstrap_from_an_unsuitable_backup_creates_no_cluster() {
+    let options = ClusterOptions {
+        extra_toml: "\n[bootstrap.from_backup]\ntarget = \"2001-01-01T00:00:00Z\"\n".into(),
+        ..ClusterOptions::default().backup()
+    };
+    let mut cluster = Cluster::create("bk-noboot", 1, options).await.unwrap();
+    cluster.node_mut("node1").start().unwrap();
+    let node = cluster.node("node1");
+    let said = wait_until(
+        Duration::from_secs(60),
+        Duration::from_millis(200),
+        || async {
+            node.log_text()
+                .contains("the repository holds no complete backup")
+                .then_some(())
+        },
+    )
+    .await;
+    assert!(said.is_ok(), "{}", cluster.log_tails(30));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        !node.log_text().contains("cluster initialized"),
+        "{}",
+        cluster.log_tails(30)
+    );
+    assert!(
+        !node.data_dir().join("PG_VERSION").exists(),
+        "a data directory was left behind"
+    );
+}

@@ -73,6 +73,8 @@ pub struct ClusterOptions {
     /// `api.token`, the same on every node (members then confirm each
     /// other's authenticated calls, such as `POST /failsafe`).
     pub api_token: Option<String>,
+    /// Raw TOML appended to every node's file, after all other tables.
+    pub extra_toml: String,
 }
 
 impl ClusterOptions {
@@ -295,6 +297,7 @@ replication = {{ username = "{REPLICATION_USER}", password = "{repl_password}" }
                 toml.push_str(&format!("{k} = {v}\n"));
             }
         }
+        toml.push_str(&opts.extra_toml);
         std::fs::write(&node.config_path, toml)
             .with_context(|| format!("write {}", node.config_path.display()))?;
         Ok(node)
