@@ -198,13 +198,14 @@ mod tests {
         let pick = |target: &Target, id: Option<&str>, index: &ArchiveIndex| {
             choose(&backups, target, id, index, &h).map(|m| m.id.clone())
         };
-        let cases: Vec<(
-            &str,
+        type Case<'a> = (
+            &'a str,
             Target,
-            Option<&str>,
-            &ArchiveIndex,
-            Result<&str, &str>,
-        )> = vec![
+            Option<&'a str>,
+            &'a ArchiveIndex,
+            Result<&'a str, &'a str>,
+        );
+        let cases: Vec<Case> = vec![
             (
                 "latest: the newest",
                 Target::Latest,
