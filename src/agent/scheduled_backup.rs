@@ -124,7 +124,7 @@ impl Scheduler {
                 tracing::error!(
                     slot = %slot_text(r.slot),
                     wind_down = %humantime::format_duration(schedule::WIND_DOWN),
-                    "scheduled backup abandoned: it did not end after being cancelled (blocked in the repository or on a server?); the next slot starts regardless"
+                    "scheduled backup abandoned: it has not ended since it was cancelled (it may be blocked in the repository or on a server); the next slot starts regardless"
                 );
                 if r.timed_out {
                     self.status.failures += 1;
@@ -334,4 +334,129 @@ async fn take_scheduled(
 
 fn slot_text(slot: i64) -> String {
     humantime::format_rfc3339_seconds(schedule::unix_time(slot)).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINUTE: Duration = Duration::from_secs(60);
+
+    fn scheduler() -> Scheduler {
+        Scheduler {
+            schedule: Schedule::parse("0 * * * *").unwrap(),
+            timeout: MINUTE,
+            handled: None,
+            running: None,
+            status: ScheduledBackupStatus::default(),
+        }
+    }
+
+    fn running(
+        started: Instant,
+        cancel: &Arc<Cancel>,
+        handle: JoinHandle<anyhow::Result<Outcome>>,
+    ) -> Running {
+        Running {
+            slot: 0,
+            started,
+            cancelled_at: None,
+            timed_out: false,
+            cancel: cancel.clone(),
+            handle,
+        }
+    }
+
+    async fn until_finished(s: &Scheduler) {
+        while !s.running.as_ref().unwrap().handle.is_finished() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// A backup that ends, failing, only once cancelled, like `run::take`
+    /// with a pg_basebackup that hangs.
+    fn hanging_until_cancelled(cancel: &Arc<Cancel>) -> JoinHandle<anyhow::Result<Outcome>> {
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            while !cancel.is_cancelled() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Err(anyhow::anyhow!("cancelled"))
+        })
+    }
+
+    #[tokio::test]
+    async fn a_backup_past_its_timeout_is_cancelled_and_counted_once_when_it_ends() {
+        let mut s = scheduler();
+        let t0 = Instant::now();
+        let cancel = Arc::new(Cancel::default());
+        s.running = Some(running(t0, &cancel, hanging_until_cancelled(&cancel)));
+        s.check_overrun(t0 + MINUTE - Duration::from_millis(1));
+        assert!(!cancel.is_cancelled());
+        s.check_overrun(t0 + MINUTE);
+        assert!(cancel.is_cancelled());
+        // Counted when it has ended, not before: it may still complete.
+        assert_eq!(s.status.failures, 0);
+        assert!(s.status().running);
+        // Checking again while it winds down changes nothing.
+        s.check_overrun(t0 + 2 * MINUTE);
+        assert!(s.running.is_some());
+        until_finished(&s).await;
+        s.reap().await;
+        assert!(s.running.is_none());
+        assert!(!s.status().running);
+        assert_eq!(s.status.failures, 1);
+        assert_eq!(s.status.last_success_unix_s, None);
+    }
+
+    #[tokio::test]
+    async fn a_backup_cancelled_on_losing_the_key_is_not_a_failure() {
+        let mut s = scheduler();
+        let t0 = Instant::now();
+        let cancel = Arc::new(Cancel::default());
+        s.running = Some(running(t0, &cancel, hanging_until_cancelled(&cancel)));
+        s.running.as_mut().unwrap().cancel(t0);
+        // Past the timeout while winding down: no second cancellation, and
+        // no timeout failure.
+        s.check_overrun(t0 + 2 * MINUTE);
+        assert!(!s.running.as_ref().unwrap().timed_out);
+        until_finished(&s).await;
+        s.reap().await;
+        assert!(s.running.is_none());
+        assert_eq!(s.status.failures, 0);
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_backup_that_never_ends_is_abandoned() {
+        // (cancelled by the timeout, counted as a failure)
+        for timed_out in [true, false] {
+            let mut s = scheduler();
+            let t0 = Instant::now();
+            let cancel = Arc::new(Cancel::default());
+            let handle = tokio::spawn(std::future::pending::<anyhow::Result<Outcome>>());
+            let task = handle.abort_handle();
+            s.running = Some(running(t0, &cancel, handle));
+            let cancelled = if timed_out {
+                s.check_overrun(t0 + MINUTE);
+                t0 + MINUTE
+            } else {
+                s.running
+                    .as_mut()
+                    .unwrap()
+                    .cancel(t0 + Duration::from_secs(1));
+                t0 + Duration::from_secs(1)
+            };
+            assert!(cancel.is_cancelled());
+            s.check_overrun(cancelled + schedule::WIND_DOWN - Duration::from_millis(1));
+            s.reap().await;
+            assert!(s.running.is_some(), "timed out: {timed_out}");
+            s.check_overrun(cancelled + schedule::WIND_DOWN);
+            assert!(s.running.is_none(), "timed out: {timed_out}");
+            assert_eq!(s.status.failures, u64::from(timed_out));
+            // Its task is aborted, not left to run.
+            while !task.is_finished() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    }
 }

@@ -617,9 +617,7 @@ impl Instance {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let result =
-            match tokio::time::timeout(timeout, Self::unpack_relaying_progress(cmd, &tool, action))
-                .await
-            {
+            match tokio::time::timeout(timeout, super::relay::run(cmd, &tool, action)).await {
                 Ok(result) => result,
                 Err(_) => Err(PgError::ToolTimeout {
                     tool,
@@ -637,82 +635,6 @@ impl Instance {
                 Err(e)
             }
         }
-    }
-
-    /// Runs `pgha backup unpack-replica` (`cmd`, both outputs piped) to its
-    /// end while the agent's log shows how far it is: its progress lines
-    /// (standard error, [`crate::backup::progress::PREFIX`]) are relayed at
-    /// info level as they come. Keeps the last of its other standard error
-    /// lines for the error message and returns its standard output (one
-    /// line); memory stays bounded whatever the command writes.
-    async fn unpack_relaying_progress(
-        mut cmd: Command,
-        tool: &str,
-        action: &str,
-    ) -> Result<String, PgError> {
-        use tokio::io::AsyncBufReadExt;
-        /// Longer lines are cut (and the rest read as another line).
-        const MAX_LINE: u64 = 8 << 10;
-        /// Other standard error lines kept for the error message.
-        const KEPT_LINES: usize = 40;
-        /// Standard output kept (the report is one short line).
-        const MAX_OUTPUT: u64 = 64 << 10;
-        let mut child = cmd.spawn().map_err(io(format!("run {tool} to {action}")))?;
-        let stdout = child.stdout.take().expect("piped");
-        let stderr = child.stderr.take().expect("piped");
-        let out = async {
-            let mut kept = Vec::new();
-            let mut stdout = stdout.take(MAX_OUTPUT);
-            stdout.read_to_end(&mut kept).await?;
-            tokio::io::copy(&mut stdout.into_inner(), &mut tokio::io::sink()).await?;
-            Ok::<_, std::io::Error>(kept)
-        };
-        let err = async {
-            let mut reader = tokio::io::BufReader::new(stderr);
-            let mut kept = std::collections::VecDeque::with_capacity(KEPT_LINES);
-            let mut line = Vec::new();
-            loop {
-                line.clear();
-                let n = (&mut reader)
-                    .take(MAX_LINE)
-                    .read_until(b'\n', &mut line)
-                    .await?;
-                if n == 0 {
-                    break;
-                }
-                let text = String::from_utf8_lossy(&line);
-                match crate::backup::progress::parse_line(&text) {
-                    Some(progress) => {
-                        tracing::info!(%progress, "restoring a backup for this replica");
-                    }
-                    None if text.trim().is_empty() => {}
-                    None => {
-                        if kept.len() == KEPT_LINES {
-                            kept.pop_front();
-                        }
-                        kept.push_back(text.trim().to_string());
-                    }
-                }
-            }
-            Ok::<_, std::io::Error>(kept)
-        };
-        let (out, err) = tokio::join!(out, err);
-        let status = child
-            .wait()
-            .await
-            .map_err(io(format!("wait for {tool} to {action}")))?;
-        let read = || io(format!("read the output of {tool}"));
-        let out = out.map_err(read())?;
-        let err = err.map_err(read())?;
-        if !status.success() {
-            return Err(PgError::Tool {
-                tool: tool.into(),
-                action: action.into(),
-                status: status.to_string(),
-                stderr: Vec::from(err).join("\n"),
-            });
-        }
-        Ok(String::from_utf8_lossy(&out).into_owned())
     }
 
     /// Rewinds a stopped former primary onto the source's timeline. If the
