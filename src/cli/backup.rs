@@ -121,6 +121,7 @@ fn progress_bar(what: &str) -> Option<indicatif::ProgressBar> {
 /// [`progress::INTERVAL`], the end. Called from the thread that reads the
 /// backup, once per chunk (a mebibyte).
 fn unpack_progress() -> impl Fn(&Manifest, u64) + Sync {
+    use std::io::Write;
     let meter = std::sync::Mutex::new(None::<progress::Meter>);
     move |m: &Manifest, done: u64| {
         let now = std::time::Instant::now();
@@ -137,7 +138,9 @@ fn unpack_progress() -> impl Fn(&Manifest, u64) + Sync {
             } else {
                 ""
             };
-            eprintln!(
+            // Progress must never fail the unpack (the agent gone, say).
+            let _ = writeln!(
+                std::io::stderr(),
                 "{}backup {}: unpacked {report}{next}",
                 progress::PREFIX,
                 m.id
