@@ -52,8 +52,10 @@ pub struct ScheduledBackupStatus {
     pub last_success_unix_s: Option<u64>,
     /// How long it took, up to its last WAL segment archived.
     pub last_duration_s: Option<f64>,
-    /// Scheduled backups that failed (cancelled ones, on losing the leader
-    /// key, are not counted: the next leader takes the slot).
+    /// Scheduled backups that failed, including those cancelled for
+    /// running longer than `backup.schedule_timeout` (those cancelled on
+    /// losing the leader key are not counted: the next leader takes the
+    /// slot).
     pub failures: u64,
 }
 

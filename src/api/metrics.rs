@@ -179,7 +179,7 @@ fn scheduled_backup(o: &mut Out, sb: &crate::agent::status::ScheduledBackupStatu
     o.header(
         "pgha_scheduled_backup_failures_total",
         "counter",
-        "Scheduled base backups started by this agent that failed, since it started.",
+        "Scheduled base backups started by this agent that failed (or ran longer than backup.schedule_timeout), since it started.",
     );
     o.sample(
         "pgha_scheduled_backup_failures_total",

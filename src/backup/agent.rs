@@ -63,6 +63,7 @@ mod tests {
             s3: None,
             schedule: None,
             schedule_from: Default::default(),
+            schedule_timeout: crate::config::backup::DEFAULT_SCHEDULE_TIMEOUT,
             clone_from: Default::default(),
         };
         let a = archiving(

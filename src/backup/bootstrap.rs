@@ -75,7 +75,7 @@ pub fn unpack(
     bin_dir: &std::path::Path,
     target: &Target,
     id: Option<&str>,
-    progress: &(dyn Fn(u64) + Sync),
+    progress: &(dyn Fn(&Manifest, u64) + Sync),
 ) -> Result<Manifest, BackupError> {
     let backups = base::list(repo)?;
     let Some(newest) = backups.last() else {
@@ -85,7 +85,8 @@ pub fn unpack(
     };
     let (index, histories) = base::archive_index(repo, newest.wal_segment_size)?;
     let m = choose(&backups, target, id, &index, &histories)?;
-    restore::unpack(repo, m, dir, bin_dir, progress)?;
+    progress(m, 0);
+    restore::unpack(repo, m, dir, bin_dir, &|n| progress(m, n))?;
     Ok(m.clone())
 }
 

@@ -6,6 +6,7 @@
 //! - [`s3`]: the repository in an S3-compatible object store.
 //! - [`file`]: one WAL file in and out (`archive_command`,
 //!   `restore_command`); [`crate::cli::wal`] wraps it.
+//! - [`progress`]: progress lines of a long unpack (pure).
 //! - [`replica`]: a replica's data directory from the newest backup that
 //!   fits the leader's timeline (`backup.clone_from = "backup"`).
 //! - [`retention`]: which backups and archived WAL `keep` lets go.
@@ -21,6 +22,7 @@ pub mod bootstrap;
 pub mod chain;
 pub mod file;
 pub mod naming;
+pub mod progress;
 pub mod replica;
 pub mod repo;
 pub mod restore;

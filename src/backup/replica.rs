@@ -43,14 +43,16 @@ pub fn choose<'a>(
 /// `pg_verifybackup` after) and, when `system_id` is given, that it is a
 /// copy of that database system (a repository reused by a rebuilt
 /// cluster holds another system's backups). The caller starts the result
-/// as a standby of the leader.
+/// as a standby of the leader. `progress` is called with the backup chosen
+/// and the bytes unpacked so far: once with 0 before the first byte, then
+/// as [`super::restore::unpack`] goes.
 pub fn unpack(
     repo: &dyn Repository,
     dir: &std::path::Path,
     bin_dir: &std::path::Path,
     timeline: Timeline,
     system_id: Option<&str>,
-    progress: &(dyn Fn(u64) + Sync),
+    progress: &(dyn Fn(&Manifest, u64) + Sync),
 ) -> Result<Manifest, BackupError> {
     let backups = base::list(repo)?;
     let Some(newest) = backups.last() else {
@@ -60,7 +62,8 @@ pub fn unpack(
     };
     let (index, histories) = base::archive_index(repo, newest.wal_segment_size)?;
     let m = pick(&backups, timeline, &index, &histories)?;
-    super::restore::unpack(repo, m, dir, bin_dir, progress)?;
+    progress(m, 0);
+    super::restore::unpack(repo, m, dir, bin_dir, &|n| progress(m, n))?;
     if let Some(want) = system_id {
         let found = system_identifier(dir, bin_dir)?;
         if found != want {

@@ -128,7 +128,9 @@ pub fn recovery_settings(
 
 /// Unpacks `m` into `dir` (which must be empty or absent), checking the
 /// stored checksum while unpacking, syncs it, and checks the files against
-/// the server's backup manifest with `pg_verifybackup`.
+/// the server's backup manifest with `pg_verifybackup`. `progress` is
+/// called with the uncompressed bytes unpacked so far, of the sum of the
+/// manifest's file sizes.
 pub fn unpack(
     repo: &dyn Repository,
     m: &Manifest,
@@ -161,9 +163,13 @@ pub fn unpack(
         .map_err(local("set the mode of", dir.to_path_buf()))?;
     let dir_handle = std::fs::File::open(dir).map_err(local("open", dir.to_path_buf()))?;
     with_writeback(&dir_handle, || {
-        m.files
-            .iter()
-            .try_for_each(|f| unpack_file(repo, f, dir, progress))
+        // `progress` gets the bytes of the whole backup, not of one file.
+        let mut before = 0u64;
+        m.files.iter().try_for_each(|f| {
+            unpack_file(repo, f, dir, &|n| progress(before + n))?;
+            before += f.size;
+            Ok::<(), BackupError>(())
+        })
     })?;
     // On disk before anything says the restore is done: a restored
     // directory whose files a power loss can empty would start, replay

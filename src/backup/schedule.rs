@@ -1,7 +1,9 @@
 //! Scheduled base backups, the pure part: the five-field cron expression of
-//! `backup.schedule` and the decision whether the leader's agent starts a
-//! backup now. Time is always passed in (Unix seconds, UTC); nothing here
-//! reads a clock or the repository.
+//! `backup.schedule`, the decision whether the leader's agent starts a
+//! backup now, and whether a running one has overrun
+//! `backup.schedule_timeout`. Time is always passed in (Unix seconds, UTC,
+//! or durations the caller measured); nothing here reads a clock or the
+//! repository.
 //!
 //! The expression follows Vixie cron: `minute hour day-of-month month
 //! day-of-week`, each field `*`, a number, a range `a-b`, a step `*/n` or
@@ -292,6 +294,45 @@ pub fn due(
     match running {
         Some(running) => Due::Skip { slot, running },
         None => Due::Start { slot },
+    }
+}
+
+/// How long a cancelled scheduled backup may take to end before the agent
+/// stops waiting for it. Cancelling terminates its `pg_basebackup`, after
+/// which it normally ends within seconds; one blocked in the repository (a
+/// hard NFS mount that stopped answering) or in a query to the leader may
+/// never end, and would otherwise keep every later slot from starting.
+pub const WIND_DOWN: Duration = Duration::from_secs(5 * 60);
+
+/// What the leader's agent does about its running scheduled backup this
+/// loop, besides reaping it once it has ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Overrun {
+    /// Within `schedule_timeout`, or cancelled and given [`WIND_DOWN`] to
+    /// end: keep checking it.
+    Wait,
+    /// It has run for `schedule_timeout`: cancel it, as a failure.
+    Cancel,
+    /// Cancelled [`WIND_DOWN`] ago and still running: stop waiting for it
+    /// (its task is aborted and forgotten) so that the next slot can start.
+    Abandon,
+}
+
+/// Whether the running scheduled backup has overrun. `running_for` is how
+/// long it has run, `cancelled_for` how long ago it was cancelled (for
+/// any reason: timeout, leader key lost), `timeout` is
+/// `backup.schedule_timeout`. Pure: the caller measures the times, and the
+/// loop step never waits for the backup.
+pub fn overrun(
+    running_for: Duration,
+    cancelled_for: Option<Duration>,
+    timeout: Duration,
+) -> Overrun {
+    match cancelled_for {
+        Some(c) if c >= WIND_DOWN => Overrun::Abandon,
+        Some(_) => Overrun::Wait,
+        None if running_for >= timeout => Overrun::Cancel,
+        None => Overrun::Wait,
     }
 }
 
@@ -625,6 +666,44 @@ mod tests {
                 slot: at("2026-02-01T02:00:00Z")
             }
         );
+    }
+
+    #[test]
+    fn the_overrun_decision() {
+        let s = Duration::from_secs;
+        let hour = s(3600);
+        let cases = [
+            // (running for, cancelled for, timeout) -> decision
+            ((s(0), None, hour), Overrun::Wait),
+            ((s(3599), None, hour), Overrun::Wait),
+            // At the timeout exactly, and long after it (a loop that
+            // stalled): cancel once.
+            ((s(3600), None, hour), Overrun::Cancel),
+            ((s(86_400), None, hour), Overrun::Cancel),
+            // The tiniest timeout cancels at the first check.
+            (
+                (Duration::from_millis(1), None, Duration::from_millis(1)),
+                Overrun::Cancel,
+            ),
+            (
+                (Duration::ZERO, None, Duration::from_millis(1)),
+                Overrun::Wait,
+            ),
+            // Cancelled (by the timeout or on losing the leader key): it
+            // winds down, however long it has run, until WIND_DOWN.
+            ((s(3700), Some(s(0)), hour), Overrun::Wait),
+            ((s(3700), Some(WIND_DOWN - s(1)), hour), Overrun::Wait),
+            ((s(10), Some(s(5)), hour), Overrun::Wait),
+            ((s(3700), Some(WIND_DOWN), hour), Overrun::Abandon),
+            ((s(10), Some(WIND_DOWN + s(1)), hour), Overrun::Abandon),
+        ];
+        for ((running_for, cancelled_for, timeout), want) in cases {
+            assert_eq!(
+                overrun(running_for, cancelled_for, timeout),
+                want,
+                "running for {running_for:?}, cancelled for {cancelled_for:?}, timeout {timeout:?}"
+            );
+        }
     }
 
     #[test]

@@ -11,7 +11,7 @@ use clap::{Subcommand, ValueEnum};
 use super::UsageError;
 use crate::backup::base::{self, Manifest};
 use crate::backup::repo::Repository;
-use crate::backup::{OpenError, open_repository, restore, retention, run};
+use crate::backup::{OpenError, open_repository, progress, restore, retention, run};
 use crate::config::Config;
 use crate::config::backup::{BackupConfig, RepositoryFile};
 use crate::dcs::Dcs;
@@ -135,6 +135,39 @@ fn progress_bar(what: &str) -> Option<indicatif::ProgressBar> {
     bar.set_message(what.to_string());
     bar.enable_steady_tick(Duration::from_millis(200));
     Some(bar)
+}
+
+/// Progress lines of `unpack-replica` on standard error, for the agent to
+/// relay into its log: the start (backup and size), one every
+/// [`progress::INTERVAL`], the end. Called from the thread that reads the
+/// backup, once per chunk (a mebibyte).
+fn unpack_progress() -> impl Fn(&Manifest, u64) + Sync {
+    use std::io::Write;
+    let meter = std::sync::Mutex::new(None::<progress::Meter>);
+    move |m: &Manifest, done: u64| {
+        let now = std::time::Instant::now();
+        let mut meter = meter
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let meter = meter.get_or_insert_with(|| {
+            let total = m.files.iter().map(|f| f.size).sum();
+            progress::Meter::new(total, progress::INTERVAL, now)
+        });
+        if let Some(report) = meter.update(done, now) {
+            let next = if report.finished {
+                "; syncing and checking the files"
+            } else {
+                ""
+            };
+            // Progress must never fail the unpack (the agent gone, say).
+            let _ = writeln!(
+                std::io::stderr(),
+                "{}backup {}: unpacked {report}{next}",
+                progress::PREFIX,
+                m.id
+            );
+        }
+    }
 }
 
 /// `pgha backup`: a base backup from a healthy replica (or the leader).
@@ -266,7 +299,7 @@ pub async fn action(action: BackupAction) -> anyhow::Result<()> {
                     &bin_dir,
                     crate::model::Timeline(timeline),
                     system_id.as_deref(),
-                    &|_| {},
+                    &unpack_progress(),
                 )
             })
             .await??;
@@ -301,7 +334,7 @@ pub async fn action(action: BackupAction) -> anyhow::Result<()> {
                     &bin_dir,
                     &target,
                     backup.as_deref(),
-                    &|_| {},
+                    &unpack_progress(),
                 )
             })
             .await??;

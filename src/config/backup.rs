@@ -6,6 +6,7 @@
 //! passwords).
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -54,6 +55,14 @@ pub struct RawBackup {
     /// or `"leader"`: where scheduled backups are taken from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schedule_from: Option<String>,
+    /// How long a scheduled backup may run before it is cancelled and
+    /// counted as failed (default [`DEFAULT_SCHEDULE_TIMEOUT`]).
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub schedule_timeout: Option<Duration>,
     /// `"leader"` (pg_basebackup from the leader) or `"backup"` (the newest
     /// backup that fits, then archived WAL, then streaming): how a new or
     /// re-cloned replica gets its data directory.
@@ -76,6 +85,9 @@ pub struct BackupConfig {
     /// `backup.schedule`: when the leader's agent takes base backups.
     pub schedule: Option<Schedule>,
     pub schedule_from: ScheduleFrom,
+    /// `backup.schedule_timeout`: a scheduled backup running longer is
+    /// cancelled and counted as failed.
+    pub schedule_timeout: Duration,
     /// `backup.clone_from`: where a replica's data directory comes from.
     pub clone_from: CloneFrom,
 }
@@ -161,6 +173,12 @@ impl std::fmt::Debug for S3Credentials {
             .finish()
     }
 }
+
+/// How long a scheduled backup may run when `schedule_timeout` is not
+/// set: longer than a backup of a few terabytes takes at the speed of one
+/// disk or network link, and short enough that a hung backup costs at
+/// most the next few slots of an hourly schedule and none of a daily one.
+pub const DEFAULT_SCHEDULE_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
 
 /// The region requests are signed for when `s3_region` is not set.
 pub const DEFAULT_S3_REGION: &str = "us-east-1";
@@ -367,6 +385,14 @@ impl BackupConfig {
                 ));
             }
         };
+        // Checked without `schedule` too, like `schedule_from`.
+        let schedule_timeout = raw.schedule_timeout.unwrap_or(DEFAULT_SCHEDULE_TIMEOUT);
+        if schedule_timeout.is_zero() {
+            return Err(bad(
+                "backup.schedule_timeout",
+                "must be greater than 0".into(),
+            ));
+        }
         let clone_from = match raw.clone_from.as_deref() {
             None | Some("leader") => CloneFrom::Leader,
             Some("backup") => CloneFrom::Backup,
@@ -386,6 +412,7 @@ impl BackupConfig {
             s3,
             schedule,
             schedule_from,
+            schedule_timeout,
             clone_from,
         })
     }
@@ -408,6 +435,7 @@ impl BackupConfig {
                 .schedule
                 .as_ref()
                 .map(|_| self.schedule_from.as_str().into()),
+            schedule_timeout: self.schedule.as_ref().map(|_| self.schedule_timeout),
             clone_from: (self.clone_from != CloneFrom::Leader)
                 .then(|| self.clone_from.as_str().into()),
         }
@@ -588,6 +616,7 @@ mod tests {
         assert_eq!(cfg.archive_mode, ArchiveMode::Always);
         assert_eq!(cfg.schedule, None);
         assert_eq!(cfg.schedule_from, ScheduleFrom::Replica);
+        assert_eq!(cfg.schedule_timeout, DEFAULT_SCHEDULE_TIMEOUT);
         assert_eq!(cfg.clone_from, CloneFrom::Leader);
     }
 
@@ -649,6 +678,44 @@ mod tests {
     }
 
     #[test]
+    fn schedule_timeout_key() {
+        let load = |line: &str| {
+            BackupConfig::validate(
+                Path::new("/etc/pgha/n.toml"),
+                raw(&format!(
+                    "[backup]\nrepository = \"/r\"\nschedule = \"0 2 * * *\"\n{line}\n"
+                )),
+                Path::to_path_buf,
+            )
+        };
+        let cases = [
+            ("", DEFAULT_SCHEDULE_TIMEOUT),
+            ("schedule_timeout = \"2h 30m\"", Duration::from_secs(9000)),
+            ("schedule_timeout = \"1ms\"", Duration::from_millis(1)),
+        ];
+        for (line, want) in cases {
+            assert_eq!(load(line).unwrap().schedule_timeout, want, "{line}");
+        }
+        assert_eq!(
+            load("schedule_timeout = \"0s\"").unwrap_err().to_string(),
+            "/etc/pgha/n.toml: backup.schedule_timeout: must be greater than 0"
+        );
+        // Not a duration: the parser's message, with the file.
+        let err = toml::from_str::<RepositoryFile>(
+            "[backup]\nrepository = \"/r\"\nschedule_timeout = \"soon\"\n",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("schedule_timeout"), "{err}");
+        // The rendered repository file keeps it next to the schedule.
+        let cfg = load("schedule_timeout = \"45m\"").unwrap();
+        assert!(
+            RepositoryFile::render(&cfg).contains("schedule_timeout = \"45m\""),
+            "{}",
+            RepositoryFile::render(&cfg)
+        );
+    }
+
+    #[test]
     fn bad_values_name_the_key() {
         let cases = [
             ("compress_level = 0", "backup.compress_level"),
@@ -660,6 +727,7 @@ mod tests {
             ("schedule = \"0 25 * * *\"", "backup.schedule"),
             ("schedule = \"@daily\"", "backup.schedule"),
             ("schedule_from = \"primary\"", "backup.schedule_from"),
+            ("schedule_timeout = \"0s\"", "backup.schedule_timeout"),
         ];
         for (line, key) in cases {
             let err = BackupConfig::validate(
@@ -693,6 +761,7 @@ mod tests {
             s3: None,
             schedule: Some(Schedule::parse("30 2 * * 0").unwrap()),
             schedule_from: ScheduleFrom::Leader,
+            schedule_timeout: Duration::from_secs(90 * 60),
             clone_from: CloneFrom::Backup,
         };
         let text = RepositoryFile::render(&cfg);

@@ -612,13 +612,11 @@ impl Instance {
             args.push(std::ffi::OsStr::new(id));
         }
         let result = self
-            .run(
-                &exe.to_string_lossy(),
+            .run_unpack(
+                &exe,
                 &args,
                 "restore a backup for this replica",
-                // A restore of a large cluster takes hours; the clone it
-                // replaces has no time limit either.
-                Duration::from_secs(7 * 24 * 3600),
+                "restoring a backup for this replica",
             )
             .await;
         match result {
@@ -630,6 +628,31 @@ impl Instance {
                 let _ = self.remove_data_dir();
                 Err(e)
             }
+        }
+    }
+
+    /// Runs one of pgha's unpack commands as the PostgreSQL account,
+    /// relaying its progress into the log (see [`super::relay`]). A
+    /// restore of a large cluster takes hours; the clone it replaces has no
+    /// time limit either, so the bound is only against a hung command.
+    async fn run_unpack(
+        &self,
+        exe: &Path,
+        args: &[&std::ffi::OsStr],
+        action: &str,
+        doing: &str,
+    ) -> Result<String, PgError> {
+        let tool = exe.to_string_lossy().into_owned();
+        let timeout = Duration::from_secs(7 * 24 * 3600);
+        let mut cmd = self.command(&tool);
+        cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
+        match tokio::time::timeout(timeout, super::relay::run(cmd, &tool, action, doing)).await {
+            Ok(result) => result,
+            Err(_) => Err(PgError::ToolTimeout {
+                tool,
+                action: action.into(),
+                timeout,
+            }),
         }
     }
 
@@ -670,11 +693,11 @@ impl Instance {
             args.push(id.as_ref());
         }
         let result = self
-            .run(
-                &exe.to_string_lossy(),
+            .run_unpack(
+                &exe,
                 &args,
                 "restore the backup the cluster bootstraps from",
-                Duration::from_secs(7 * 24 * 3600),
+                "restoring the backup the cluster bootstraps from",
             )
             .await
             .and_then(|out| {

@@ -9,6 +9,8 @@
 //! - [`params`]: server parameters from the member's file and from etcd.
 //! - [`promote`]: promotion, finished as soon as the server accepts writes.
 //! - [`query`]: the SQL pgha sends, as named constants.
+//! - `relay`: runs the restore of a replica from a backup, relaying its
+//!   progress into the log.
 
 pub mod adopt;
 pub mod conf;
@@ -17,6 +19,7 @@ pub mod observe;
 pub mod params;
 pub mod promote;
 pub mod query;
+mod relay;
 
 pub use ctl::{Instance, PgError, StopMode};
 pub use observe::{DataDirState, Observation, PgStatus};

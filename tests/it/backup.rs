@@ -772,6 +772,156 @@ async fn scheduled_backup_by_the_leaders_agent() {
     );
 }
 
+/// One sample of an agent's `/metrics` (the first series of that name).
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// `backup.schedule_timeout`: a scheduled backup from a replica whose
+/// archiver is stuck (with `archive_mode = always` its `pg_backup_stop`
+/// then waits for ever for the archive) is cancelled once it has run
+/// longer than the timeout. The leader's `/metrics` counts a failure, the
+/// log says why, no backup of that slot is listed as complete or left
+/// behind in the repository, and once the replica archives again the next
+/// slot runs and completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scheduled_backup_past_its_timeout_is_cancelled_and_counted() {
+    let mut options = ClusterOptions::default().backup();
+    options.backup.as_mut().unwrap().extend([
+        ("schedule".into(), "\"* * * * *\"".into()),
+        ("schedule_timeout".into(), "\"20s\"".into()),
+    ]);
+    let cluster = Cluster::start("bk-sched-timeout", 2, options)
+        .await
+        .unwrap();
+    let config = cluster.node("node1").config_path().display().to_string();
+    let repo = cluster.dir().join("repo");
+    let leader = cluster.leader_node().await.unwrap();
+    let replica = cluster.node(&cluster.replica_names().await.unwrap()[0]);
+    let url = format!("{}/metrics", leader.api_url());
+    let scrape = || async {
+        let text = reqwest::get(&url).await.ok()?.text().await.ok()?;
+        let get = |name: &str| metric(&text, name);
+        Some((
+            get("pgha_scheduled_backup_failures_total")?,
+            get("pgha_scheduled_backup_running")?,
+            get("pgha_scheduled_backup_last_success_timestamp_seconds"),
+        ))
+    };
+
+    // The slot the new leader takes at once (or a later one) completes
+    // normally, well within the timeout; then, with no backup running and
+    // the next slot at least 15 s away, the replica's archiver stops.
+    wait_until(
+        Duration::from_secs(150),
+        Duration::from_millis(500),
+        || async {
+            let (_, running, success) = scrape().await?;
+            (success.is_some() && running == 0.0).then_some(())
+        },
+    )
+    .await
+    .with_context(|| cluster.log_tails(30))
+    .unwrap();
+    let failures_before = wait_until(
+        Duration::from_secs(120),
+        Duration::from_millis(200),
+        || async {
+            let second = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap()
+                .as_secs()
+                % 60;
+            let (failures, running, _) = scrape().await?;
+            (second < 45 && running == 0.0).then_some(failures)
+        },
+    )
+    .await
+    .with_context(|| cluster.log_tails(30))
+    .unwrap();
+    let complete_before = backup_ids(&config).await;
+    let archiver = replica
+        .scalar("SELECT pid FROM pg_stat_activity WHERE backend_type = 'archiver'")
+        .await
+        .unwrap()
+        .expect("the replica runs an archiver (archive_mode = always)");
+    let archiver = nix::unistd::Pid::from_raw(archiver.parse().unwrap());
+    nix::sys::signal::kill(archiver, nix::sys::signal::Signal::SIGSTOP).unwrap();
+
+    // The next slot's backup hangs in pg_backup_stop on the replica until
+    // the timeout cancels it (20 s), then it winds down.
+    wait_until(
+        Duration::from_secs(150),
+        Duration::from_millis(500),
+        || async {
+            let (failures, running, _) = scrape().await?;
+            (failures == failures_before + 1.0 && running == 0.0).then_some(())
+        },
+    )
+    .await
+    .with_context(|| cluster.log_tails(30))
+    .unwrap();
+    let log = leader.log_text();
+    assert!(
+        log.contains("scheduled backup still running after backup.schedule_timeout: cancelling it")
+            && log.contains(
+                "scheduled backup failed: it ran longer than backup.schedule_timeout and was cancelled"
+            ),
+        "{}",
+        leader.log_tail(60)
+    );
+    assert_eq!(
+        backup_ids(&config).await,
+        complete_before,
+        "the timed-out backup must not be listed as complete"
+    );
+    // Nothing of it stays behind: every backup directory is a complete one.
+    let dirs: BTreeSet<String> = std::fs::read_dir(repo.join("backup"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(
+        dirs,
+        complete_before.iter().cloned().collect::<BTreeSet<_>>(),
+        "partial backup left in the repository"
+    );
+
+    // The replica archives again: the next slot is taken as usual.
+    nix::sys::signal::kill(archiver, nix::sys::signal::Signal::SIGCONT).unwrap();
+    let ids = wait_until(Duration::from_secs(150), Duration::from_secs(1), || async {
+        let ids = backup_ids(&config).await;
+        ids.iter()
+            .any(|id| !complete_before.contains(id))
+            .then_some(ids)
+    })
+    .await
+    .with_context(|| cluster.log_tails(30))
+    .unwrap();
+    let new = ids.iter().find(|id| !complete_before.contains(id)).unwrap();
+    let (ok, out, err) = pgha(&["backup", "verify", "-c", &config, new])
+        .await
+        .unwrap();
+    assert!(ok, "verify failed: {out}{err}");
+    let (failures, _, _) = wait_until(
+        Duration::from_secs(60),
+        Duration::from_millis(500),
+        || async {
+            let m = scrape().await?;
+            (m.1 == 0.0).then_some(m)
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(failures, failures_before + 1.0, "{}", leader.log_tail(40));
+}
+
 /// `backup.clone_from = "backup"`: a new member with nothing in the
 /// repository yet clones the leader; once a backup exists, the next new
 /// member starts from it, replays the archived WAL written after it and
@@ -838,6 +988,30 @@ async fn new_replicas_start_from_the_newest_backup() {
     let log = node3.log_text();
     assert!(
         log.contains("restored a backup as this replica's data directory") && log.contains(&id),
+        "{log}"
+    );
+    // While it unpacked, the agent relayed the command's progress at info
+    // level: the start with the backup's size, then the end (a backup this
+    // small is unpacked before a periodic report is due), both before the
+    // restore was reported done.
+    let restored_at = log
+        .find("restored a backup as this replica's data directory")
+        .unwrap();
+    let progress: Vec<&str> = log[..restored_at]
+        .lines()
+        .filter(|l| l.contains(" INFO ") && l.contains("restoring a backup for this replica"))
+        .collect();
+    let unpacked = format!("backup {id}: unpacked ");
+    assert!(
+        progress
+            .first()
+            .is_some_and(|l| l.contains(&format!("{unpacked}0 B of ")) && l.contains("(0%)")),
+        "{log}"
+    );
+    assert!(
+        progress.last().is_some_and(|l| l.contains(&unpacked)
+            && l.contains("(100%)")
+            && l.contains("/s on average, done")),
         "{log}"
     );
     let count = wait_until(
@@ -1134,6 +1308,13 @@ async fn a_new_cluster_bootstraps_from_a_backup_to_a_point_in_time() {
         log.contains("cluster initialized from a backup"),
         "{}",
         restored.log_tails(30)
+    );
+    // The unpacking's progress reached the agent's log.
+    assert!(
+        log.lines().any(|l| l.contains(" INFO ")
+            && l.contains("restoring the backup the cluster bootstraps from")
+            && l.contains("(100%)")),
+        "{log}"
     );
     // The new timeline continues in the new cluster's own repository.
     let history = format!("{timeline:08X}.history");
