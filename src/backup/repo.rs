@@ -65,6 +65,13 @@ pub trait Repository: Send + Sync {
     /// Removes `key` (retention only); a missing key is not an error.
     fn delete(&self, key: &str) -> Result<(), RepoError>;
 
+    /// The largest object [`Repository::create`] stores with its
+    /// guarantees; `None` for no limit. Base backups are split into
+    /// objects of at most this size.
+    fn max_object_size(&self) -> Option<u64> {
+        None
+    }
+
     /// Removes the directory `dir` if it is empty (retention, after the
     /// objects of a backup are gone); stores without directories do nothing.
     fn remove_empty_dir(&self, _dir: &str) -> Result<(), RepoError> {
