@@ -363,20 +363,35 @@ pub fn take(repo: &dyn Repository, src: &BackupSource<'_>) -> Result<Manifest, B
         });
     }
     let mut pieces = result.0?;
-    let compressed = result.1.map_err(|source| BackupError::Local {
-        action: "compress the output of",
-        path: "pg_basebackup".into(),
-        source,
-    })?;
-    let server = String::from_utf8_lossy(&compressed.server_manifest).into_owned();
-    let (start_lsn, timeline, stop_lsn) =
-        parse_wal_range(&server).ok_or_else(|| BackupError::Tool {
-            tool: "pg_basebackup".into(),
-            detail: format!(
-                "no backup_manifest with a WAL range in its output: {}",
-                log.trim()
-            ),
+    let described = (|| {
+        let compressed = result.1.map_err(|source| BackupError::Local {
+            action: "compress the output of",
+            path: "pg_basebackup".into(),
+            source,
         })?;
+        let server = String::from_utf8_lossy(&compressed.server_manifest).into_owned();
+        let (start_lsn, timeline, stop_lsn) =
+            parse_wal_range(&server).ok_or_else(|| BackupError::Tool {
+                tool: "pg_basebackup".into(),
+                detail: format!(
+                    "no backup_manifest with a WAL range in its output: {}",
+                    log.trim()
+                ),
+            })?;
+        Ok((compressed.size, start_lsn, timeline, stop_lsn))
+    })();
+    let (size, start_lsn, timeline, stop_lsn) = match described {
+        Ok(d) => d,
+        Err(e) => {
+            // Not after the manifest's write is tried: one that failed
+            // only in our eyes would then name removed pieces.
+            for p in &pieces {
+                let _ = repo.delete(&p.key);
+            }
+            let _ = repo.remove_empty_dir(&format!("backup/{id}"));
+            return Err(e);
+        }
+    };
     let manifest = Manifest {
         id: id.clone(),
         label,
@@ -388,7 +403,7 @@ pub fn take(repo: &dyn Repository, src: &BackupSource<'_>) -> Result<Manifest, B
         stop_time: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
         wal_segment_size: naming::DEFAULT_SEGMENT_SIZE,
         server_manifest: "base.tar:backup_manifest".into(),
-        files: vec![stored_file("base.tar", compressed.size, &mut pieces)],
+        files: vec![stored_file("base.tar", size, &mut pieces)],
     };
     let json = serde_json::to_vec_pretty(&manifest).expect("manifest serialises");
     repo.create(&manifest_key(&id), &mut &json[..])?;
