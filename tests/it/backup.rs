@@ -892,7 +892,7 @@ async fn s3_repository_archive_backup_and_restore_to_latest() {
     let config = node1_config.display().to_string();
     // node1's file with more `[backup]` keys, beside it.
     let with_keys = |name: &str, keys: &str| {
-        let text = std::fs::read_to_string(&node1_config).unwrap();
+        let text = std::fs::read_to_string(node1_config).unwrap();
         assert!(text.contains("\n[backup]\n"), "{text}");
         let path = node1_config.with_file_name(name);
         std::fs::write(
