@@ -133,7 +133,7 @@ fn open_dir_nofollow(dirfd: Option<BorrowedFd<'_>>, name: &Path) -> Result<Owned
 /// one that found the directory between another's `mkdir` and `chown`
 /// would refuse it as someone else's. A link planted at `name` makes the
 /// rename fail with `EEXIST`, and the caller's open then refuses it.
-fn mkdir_owned_at(
+pub(crate) fn mkdir_owned_at(
     parent: BorrowedFd<'_>,
     name: &Path,
     path: &Path,

@@ -8,7 +8,7 @@
 //! needs local disk space. The WAL the backup needs comes from the
 //! archive, as for any restore.
 
-use std::io::{Read, Write};
+use std::io::{BufRead, Read, Write};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::SystemTime;
@@ -64,6 +64,58 @@ pub struct ManifestFile {
     /// checksum and, after a restore, by the server's manifest.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stored_sha256: Option<String>,
+    /// The objects the stored bytes are split into, in order, when the
+    /// repository caps the size of one object (see [`store`]). `key` is
+    /// then the first of them, `stored_size` their sum, and
+    /// `stored_sha256` absent: each piece carries its own. Empty when the
+    /// file is the one object `key`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pieces: Vec<Piece>,
+}
+
+/// One object of a file stored in pieces.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Piece {
+    pub key: String,
+    pub stored_size: u64,
+    /// sha256 of the object.
+    pub stored_sha256: String,
+}
+
+/// What one stored object must hold.
+struct Expected<'a> {
+    key: &'a str,
+    size: u64,
+    /// `None` for backups from before stored checksums.
+    sha256: Option<&'a str>,
+}
+
+impl ManifestFile {
+    /// Every object of the file, in order.
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        let whole = self.pieces.is_empty().then_some(self.key.as_str());
+        whole
+            .into_iter()
+            .chain(self.pieces.iter().map(|p| p.key.as_str()))
+    }
+
+    fn objects(&self) -> Vec<Expected<'_>> {
+        if self.pieces.is_empty() {
+            return vec![Expected {
+                key: &self.key,
+                size: self.stored_size,
+                sha256: self.stored_sha256.as_deref(),
+            }];
+        }
+        self.pieces
+            .iter()
+            .map(|p| Expected {
+                key: &p.key,
+                size: p.stored_size,
+                sha256: Some(&p.stored_sha256),
+            })
+            .collect()
+    }
 }
 
 pub fn manifest_key(id: &str) -> String {
@@ -240,19 +292,21 @@ pub fn take(repo: &dyn Repository, src: &BackupSource<'_>) -> Result<Manifest, B
     // repository reads from: the repository trait takes a reader, the zstd
     // multi-threaded encoder is a writer. The same loop picks the server's
     // backup_manifest (with the WAL range) out of the tar stream as it
-    // passes, and hashes what is stored.
+    // passes; what is stored is hashed on the storing side, piece by
+    // piece.
     let (mut pipe_r, pipe_w) = std::io::pipe().map_err(|source| BackupError::Local {
         action: "create a pipe for",
         path: "pg_basebackup".into(),
         source,
     })?;
     let (level, parallel, background) = (src.level, src.parallel, src.background);
+    let max_object = repo.max_object_size();
     let result = std::thread::scope(|scope| {
         let compress = scope.spawn(move || -> std::io::Result<Compressed> {
             if background {
                 lower_thread_priority();
             }
-            let mut enc = zstd::stream::write::Encoder::new(HashingWriter::new(pipe_w), level)?;
+            let mut enc = zstd::stream::write::Encoder::new(pipe_w, level)?;
             enc.include_checksum(true)?;
             if parallel > 1 {
                 enc.multithread(parallel as u32)?;
@@ -270,15 +324,13 @@ pub fn take(repo: &dyn Repository, src: &BackupSource<'_>) -> Result<Manifest, B
                 total += n as u64;
                 (src.progress)(total);
             }
-            let mut stored = enc.finish()?;
-            stored.flush()?;
+            enc.finish()?.flush()?;
             Ok(Compressed {
                 size: total,
-                stored_sha256: hex(&stored.hasher.finalize()),
                 server_manifest: scanner.into_captured(),
             })
         });
-        let stored = repo.create(&key, &mut pipe_r);
+        let stored = store(repo, &key, &mut pipe_r, max_object);
         drop(pipe_r);
         let compressed = compress.join().expect("the compression thread panicked");
         (stored, compressed)
@@ -294,8 +346,13 @@ pub fn take(repo: &dyn Repository, src: &BackupSource<'_>) -> Result<Manifest, B
     let log = err_thread.join().unwrap_or_default();
     if !status.success() {
         // Nothing of a failed backup stays behind: a schedule would
-        // otherwise leave one empty directory per failure.
-        let _ = repo.delete(&key);
+        // otherwise leave one empty directory per failure. (A failed
+        // `store` removed what it had created itself.)
+        if let Ok(pieces) = &result.0 {
+            for p in pieces {
+                let _ = repo.delete(&p.key);
+            }
+        }
         let _ = repo.remove_empty_dir(&format!("backup/{id}"));
         if src.cancel.is_some_and(Cancel::is_cancelled) {
             return Err(BackupError::Cancelled);
@@ -305,29 +362,36 @@ pub fn take(repo: &dyn Repository, src: &BackupSource<'_>) -> Result<Manifest, B
             detail: format!("{status}: {}", log.trim()),
         });
     }
-    let stored = match result.0? {
-        Created::New { bytes } => bytes,
-        Created::Existed => {
-            return Err(BackupError::Tool {
+    let mut pieces = result.0?;
+    let described = (|| {
+        let compressed = result.1.map_err(|source| BackupError::Local {
+            action: "compress the output of",
+            path: "pg_basebackup".into(),
+            source,
+        })?;
+        let server = String::from_utf8_lossy(&compressed.server_manifest).into_owned();
+        let (start_lsn, timeline, stop_lsn) =
+            parse_wal_range(&server).ok_or_else(|| BackupError::Tool {
                 tool: "pg_basebackup".into(),
-                detail: format!("{key} already exists"),
-            });
+                detail: format!(
+                    "no backup_manifest with a WAL range in its output: {}",
+                    log.trim()
+                ),
+            })?;
+        Ok((compressed.size, start_lsn, timeline, stop_lsn))
+    })();
+    let (size, start_lsn, timeline, stop_lsn) = match described {
+        Ok(d) => d,
+        Err(e) => {
+            // Not after the manifest's write is tried: one that failed
+            // only in our eyes would then name removed pieces.
+            for p in &pieces {
+                let _ = repo.delete(&p.key);
+            }
+            let _ = repo.remove_empty_dir(&format!("backup/{id}"));
+            return Err(e);
         }
     };
-    let compressed = result.1.map_err(|source| BackupError::Local {
-        action: "compress the output of",
-        path: "pg_basebackup".into(),
-        source,
-    })?;
-    let server = String::from_utf8_lossy(&compressed.server_manifest).into_owned();
-    let (start_lsn, timeline, stop_lsn) =
-        parse_wal_range(&server).ok_or_else(|| BackupError::Tool {
-            tool: "pg_basebackup".into(),
-            detail: format!(
-                "no backup_manifest with a WAL range in its output: {}",
-                log.trim()
-            ),
-        })?;
     let manifest = Manifest {
         id: id.clone(),
         label,
@@ -339,55 +403,118 @@ pub fn take(repo: &dyn Repository, src: &BackupSource<'_>) -> Result<Manifest, B
         stop_time: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
         wal_segment_size: naming::DEFAULT_SEGMENT_SIZE,
         server_manifest: "base.tar:backup_manifest".into(),
-        files: vec![ManifestFile {
-            name: "base.tar".into(),
-            key,
-            size: compressed.size,
-            sha256: String::new(),
-            stored_size: stored,
-            stored_sha256: Some(compressed.stored_sha256),
-        }],
+        files: vec![stored_file("base.tar", size, &mut pieces)],
     };
     let json = serde_json::to_vec_pretty(&manifest).expect("manifest serialises");
     repo.create(&manifest_key(&id), &mut &json[..])?;
     Ok(manifest)
 }
 
-enum Check<'a> {
-    Stored(&'a str),
-    Content(Sha256),
+/// The manifest entry of a file stored as `pieces` ([`store`]'s result):
+/// one piece is described as a plain object, so that a backup that fits
+/// in one object reads as one from before pieces existed.
+pub(crate) fn stored_file(name: &str, size: u64, pieces: &mut Vec<Piece>) -> ManifestFile {
+    let stored_size = pieces.iter().map(|p| p.stored_size).sum();
+    if let [one] = pieces.as_slice() {
+        return ManifestFile {
+            name: name.into(),
+            key: one.key.clone(),
+            size,
+            sha256: String::new(),
+            stored_size,
+            stored_sha256: Some(one.stored_sha256.clone()),
+            pieces: Vec::new(),
+        };
+    }
+    ManifestFile {
+        name: name.into(),
+        key: pieces.first().map(|p| p.key.clone()).unwrap_or_default(),
+        size,
+        sha256: String::new(),
+        stored_size,
+        stored_sha256: None,
+        pieces: std::mem::take(pieces),
+    }
 }
 
-struct Compressed {
-    size: u64,
-    stored_sha256: String,
-    server_manifest: Vec<u8>,
-}
-
-/// A writer that hashes what passes through it.
-struct HashingWriter<W> {
-    inner: W,
-    hasher: Sha256,
-}
-
-impl<W> HashingWriter<W> {
-    fn new(inner: W) -> Self {
-        HashingWriter {
-            inner,
+/// Stores everything `src` yields as the objects `key`, `key.2`, `key.3`,
+/// ..., each of at most `max` bytes (one object when `max` is `None`),
+/// and returns them in order with their sizes and sha256.
+///
+/// An S3 object above 5 GiB cannot be put in place without the risk of
+/// replacing one (see [`super::s3`]); pieces keep every object within what
+/// the repository can create atomically and without replacing, so each is
+/// created like any object. A piece key that already exists fails the
+/// whole (nothing is replaced), and the pieces this call created are
+/// removed again; pieces become part of a backup only through its
+/// manifest, written after all of them.
+pub(crate) fn store(
+    repo: &dyn Repository,
+    key: &str,
+    src: &mut dyn Read,
+    max: Option<u64>,
+) -> Result<Vec<Piece>, BackupError> {
+    let mut src = std::io::BufReader::with_capacity(1 << 20, src);
+    let mut pieces: Vec<Piece> = Vec::new();
+    let result = loop {
+        let piece_key = match pieces.len() {
+            0 => key.to_string(),
+            n => format!("{key}.{}", n + 1),
+        };
+        let mut piece = HashingReader {
+            inner: (&mut src).take(max.unwrap_or(u64::MAX)),
             hasher: Sha256::new(),
+            bytes: 0,
+        };
+        match repo.create(&piece_key, &mut piece) {
+            Ok(Created::New { .. }) => {}
+            Ok(Created::Existed) => {
+                break Err(BackupError::Exists {
+                    key: piece_key,
+                    repo: repo.location(),
+                });
+            }
+            Err(e) => break Err(e.into()),
+        }
+        let full = max.is_some_and(|m| piece.bytes == m);
+        pieces.push(Piece {
+            key: piece_key,
+            stored_size: piece.bytes,
+            stored_sha256: hex(&piece.hasher.finalize()),
+        });
+        if !full {
+            break Ok(());
+        }
+        // A full piece may have been the last: look before creating an
+        // empty one.
+        match src.fill_buf() {
+            Ok([]) => break Ok(()),
+            Ok(_) => {}
+            Err(source) => {
+                break Err(super::repo::RepoError::Io {
+                    repo: repo.location(),
+                    action: "write",
+                    key: format!("{key}.{}", pieces.len() + 1),
+                    source,
+                }
+                .into());
+            }
+        }
+    };
+    match result {
+        Ok(()) => Ok(pieces),
+        Err(e) => {
+            for p in &pieces {
+                let _ = repo.delete(&p.key);
+            }
+            Err(e)
         }
     }
 }
 
-impl<W: Write> Write for HashingWriter<W> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.hasher.update(&buf[..n]);
-        Ok(n)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.inner.flush()
-    }
+struct Compressed {
+    size: u64,
+    server_manifest: Vec<u8>,
 }
 
 /// A reader that hashes what passes through it and counts it.
@@ -406,11 +533,76 @@ impl<R: Read> Read for HashingReader<R> {
     }
 }
 
+/// The stored bytes of a file: its objects one after another, each opened
+/// when the one before ends (a stream held open while gigabytes of the
+/// previous piece are read would time out) and checked at its end against
+/// its size and sha256.
+struct StoredReader<'a> {
+    repo: &'a dyn Repository,
+    objects: Vec<Expected<'a>>,
+    /// The index in `objects` of `current`.
+    at: usize,
+    current: Option<Box<dyn Read + Send>>,
+    hasher: Sha256,
+    object_bytes: u64,
+    /// Stored bytes read, all objects together.
+    bytes: u64,
+}
+
+impl StoredReader<'_> {
+    /// The end of the current object: checked, and the next one opened.
+    fn end_of_object(&mut self) -> std::io::Result<()> {
+        let o = &self.objects[self.at];
+        let hasher = std::mem::replace(&mut self.hasher, Sha256::new());
+        let size = std::mem::take(&mut self.object_bytes);
+        if let Some(want) = o.sha256 {
+            let got = hex(&hasher.finalize());
+            if got != want || size != o.size {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!(
+                        "stored: {} holds {size} bytes with sha256 {got}, manifest says {} bytes with {want}",
+                        o.key, o.size
+                    ),
+                ));
+            }
+        }
+        self.current = None;
+        self.at += 1;
+        if let Some(next) = self.objects.get(self.at) {
+            self.current = Some(
+                self.repo
+                    .open(next.key)
+                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::NotFound, e))?,
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Read for StoredReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        loop {
+            let Some(current) = &mut self.current else {
+                return Ok(0);
+            };
+            let n = current.read(buf)?;
+            if n > 0 || buf.is_empty() {
+                self.hasher.update(&buf[..n]);
+                self.object_bytes += n as u64;
+                self.bytes += n as u64;
+                return Ok(n);
+            }
+            self.end_of_object()?;
+        }
+    }
+}
+
 /// Reads a stored backup file decompressed, handing it to `sink` in
-/// chunks, and checks it against its manifest entry: the stored bytes'
-/// sha256 (or, for backups that predate it, the content's), the sizes, and
-/// zstd's frame checksum. Whatever `sink` returns as an error stops the
-/// read and is returned as is.
+/// chunks, and checks it against its manifest entry: each stored object's
+/// sha256 and size (or, for backups that predate stored checksums, the
+/// content's sha256), the sizes, and zstd's frame checksum. Whatever
+/// `sink` returns as an error stops the read and is returned as is.
 pub(crate) fn read_checked(
     repo: &dyn Repository,
     f: &ManifestFile,
@@ -420,17 +612,20 @@ pub(crate) fn read_checked(
         key: f.key.clone(),
         detail,
     };
-    let raw = HashingReader {
-        inner: repo.open(&f.key)?,
+    let objects = f.objects();
+    let first = repo.open(objects[0].key)?;
+    let raw = StoredReader {
+        repo,
+        objects,
+        at: 0,
+        current: Some(first),
         hasher: Sha256::new(),
+        object_bytes: 0,
         bytes: 0,
     };
     let mut decoder = zstd::stream::read::Decoder::new(raw).map_err(|e| corrupt(e.to_string()))?;
     // Backups that predate `stored_sha256` are checked on their content.
-    let mut content = match &f.stored_sha256 {
-        Some(want) => Check::Stored(want),
-        None => Check::Content(Sha256::new()),
-    };
+    let mut content = (f.pieces.is_empty() && f.stored_sha256.is_none()).then(Sha256::new);
     let mut buf = vec![0u8; 1 << 20];
     let mut total = 0u64;
     loop {
@@ -438,36 +633,30 @@ pub(crate) fn read_checked(
         if n == 0 {
             break;
         }
-        if let Check::Content(h) = &mut content {
+        if let Some(h) = &mut content {
             h.update(&buf[..n]);
         }
         total += n as u64;
         sink(&buf[..n])?;
     }
-    // Whatever follows the last frame is part of the object too.
+    // Whatever follows the last frame is part of the stored bytes too, and
+    // reading to their end checks the last object.
     let mut rest = decoder.finish();
     std::io::copy(&mut rest, &mut std::io::sink()).map_err(|e| corrupt(e.to_string()))?;
     let raw = rest.into_inner();
-    let (what, expected, actual, expected_size, actual_size) = match content {
-        Check::Stored(want) => (
-            "stored",
-            want,
-            hex(&raw.hasher.finalize()),
-            f.stored_size,
-            raw.bytes,
-        ),
-        Check::Content(h) => (
-            "content",
-            f.sha256.as_str(),
-            hex(&h.finalize()),
-            f.size,
-            total,
-        ),
-    };
-    if actual != expected || actual_size != expected_size || total != f.size {
+    if let Some(h) = content {
+        let actual = hex(&h.finalize());
+        if actual != f.sha256 || total != f.size {
+            return Err(corrupt(format!(
+                "content: {total} bytes with sha256 {actual}, manifest says {} bytes with {}",
+                f.size, f.sha256
+            )));
+        }
+    }
+    if raw.bytes != f.stored_size || total != f.size {
         return Err(corrupt(format!(
-            "{what}: {actual_size} bytes with sha256 {actual} ({total} uncompressed), manifest says {expected_size} bytes with {expected} ({} uncompressed)",
-            f.size
+            "stored: {} bytes ({total} uncompressed), manifest says {} bytes ({} uncompressed)",
+            raw.bytes, f.stored_size, f.size
         )));
     }
     Ok(())
@@ -756,7 +945,7 @@ pub fn verify(repo: &dyn Repository, m: &Manifest) -> Result<VerifyReport, Backu
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -794,6 +983,7 @@ mod tests {
                 sha256: String::new(),
                 stored_size: 40,
                 stored_sha256: Some("00".repeat(32)),
+                pieces: Vec::new(),
             }],
         };
         let json = serde_json::to_string(&m).unwrap();
@@ -871,6 +1061,7 @@ mod tests {
             sha256: String::new(),
             stored_size: data.len() as u64,
             stored_sha256: Some(super::super::file::sha256_hex(&data)),
+            pieces: Vec::new(),
         }
     }
 
@@ -936,5 +1127,129 @@ mod tests {
         };
         let err = read_all(&repo, &wrong).unwrap_err();
         assert!(err.to_string().contains("content"), "{err}");
+    }
+
+    /// Bytes zstd cannot shrink, so that the stored stream is as long as
+    /// the content.
+    pub(crate) fn noise(len: usize) -> Vec<u8> {
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_stream_over_the_limit_is_stored_in_pieces_and_read_back_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = super::super::repo::DirRepository::new(dir.path());
+        let content = noise(300_000);
+        let data = zstd::stream::encode_all(&content[..], 1).unwrap();
+        let max = 64 << 10;
+        let key = "backup/b/base.tar.zst";
+        let mut pieces = store(&repo, key, &mut &data[..], Some(max)).unwrap();
+        let keys: Vec<&str> = pieces.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                key,
+                &format!("{key}.2"),
+                &format!("{key}.3"),
+                &format!("{key}.4"),
+                &format!("{key}.5")
+            ]
+        );
+        assert!(pieces[..4].iter().all(|p| p.stored_size == max));
+        assert_eq!(pieces[4].stored_size, data.len() as u64 - 4 * max);
+        for p in &pieces {
+            let stored = repo.read(&p.key).unwrap();
+            assert_eq!(p.stored_sha256, super::super::file::sha256_hex(&stored));
+        }
+        let f = stored_file("base.tar", content.len() as u64, &mut pieces);
+        assert_eq!((f.key.as_str(), f.stored_sha256.as_deref()), (key, None));
+        assert_eq!(f.stored_size, data.len() as u64);
+        assert_eq!(f.keys().count(), 5);
+        let json = serde_json::to_string(&f).unwrap();
+        let f: ManifestFile = serde_json::from_str(&json).unwrap();
+        assert!(read_all(&repo, &f).unwrap() == content, "read back differs");
+
+        // Pieces out of order, one missing, one changed: each is caught.
+        let mut swapped = f.clone();
+        swapped.pieces[1].key = format!("{key}.3");
+        swapped.pieces[2].key = format!("{key}.2");
+        let err = read_all(&repo, &swapped).unwrap_err();
+        assert!(matches!(err, BackupError::Corrupt { .. }), "{err}");
+        assert!(err.to_string().contains(&format!("{key}.3 holds")), "{err}");
+        let mut bytes = repo.read(&format!("{key}.3")).unwrap();
+        bytes[100] ^= 1;
+        std::fs::write(dir.path().join(format!("{key}.3")), &bytes).unwrap();
+        let err = read_all(&repo, &f).unwrap_err();
+        assert!(err.to_string().contains(&format!("{key}.3 holds")), "{err}");
+        repo.delete(&format!("{key}.4")).unwrap();
+        let mut without_3 = f.clone();
+        without_3.pieces.remove(2);
+        let err = read_all(&repo, &without_3).unwrap_err();
+        assert!(
+            err.to_string().contains(&format!("{key}.4: not found")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_stream_within_the_limit_is_one_object_as_before_pieces() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = super::super::repo::DirRepository::new(dir.path());
+        let content = noise(10_000);
+        let data = zstd::stream::encode_all(&content[..], 1).unwrap();
+        // Exactly the limit: no empty second piece.
+        let max = data.len() as u64;
+        let mut pieces = store(&repo, "backup/b/base.tar.zst", &mut &data[..], Some(max)).unwrap();
+        assert_eq!(pieces.len(), 1);
+        assert_eq!(repo.list("backup/b").unwrap(), ["base.tar.zst"]);
+        let f = stored_file("base.tar", content.len() as u64, &mut pieces);
+        let json = serde_json::to_string(&f).unwrap();
+        assert!(!json.contains("pieces"), "{json}");
+        assert_eq!(
+            f.stored_sha256.as_deref(),
+            Some(super::super::file::sha256_hex(&data).as_str())
+        );
+        assert!(read_all(&repo, &f).unwrap() == content);
+        // Twice the limit: two pieces, and nothing more.
+        let twice = [&data[..], &data[..]].concat();
+        let pieces = store(&repo, "backup/c/base.tar.zst", &mut &twice[..], Some(max)).unwrap();
+        assert_eq!(pieces.len(), 2);
+        assert_eq!(
+            repo.list("backup/c").unwrap(),
+            ["base.tar.zst", "base.tar.zst.2"]
+        );
+    }
+
+    #[test]
+    fn pieces_never_replace_an_object() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = super::super::repo::DirRepository::new(dir.path());
+        let key = "backup/b/base.tar.zst";
+        repo.create(&format!("{key}.3"), &mut &b"planted"[..])
+            .unwrap();
+        let data = noise(5000);
+        let err = store(&repo, key, &mut &data[..], Some(2000)).unwrap_err();
+        assert!(matches!(err, BackupError::Exists { .. }), "{err}");
+        assert!(err.to_string().contains(&format!("{key}.3")), "{err}");
+        // What this store created is gone; what was there is untouched.
+        assert_eq!(repo.list("backup/b").unwrap(), ["base.tar.zst.3"]);
+        assert_eq!(repo.read(&format!("{key}.3")).unwrap(), b"planted");
+        // The first key taken: nothing is created at all.
+        repo.create(key, &mut &b"first"[..]).unwrap();
+        let err = store(&repo, key, &mut &data[..], Some(2000)).unwrap_err();
+        assert!(matches!(err, BackupError::Exists { .. }), "{err}");
+        assert_eq!(repo.read(key).unwrap(), b"first");
+        assert_eq!(
+            repo.list("backup/b").unwrap(),
+            ["base.tar.zst", "base.tar.zst.3"]
+        );
     }
 }

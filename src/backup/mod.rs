@@ -52,6 +52,8 @@ pub enum BackupError {
     },
     #[error("{name}: several archived copies with different content: {}", keys.join(", "))]
     Ambiguous { name: String, keys: Vec<String> },
+    #[error("{key} already exists in the repository {repo}; it was left alone")]
+    Exists { key: String, repo: String },
     #[error("{key}: corrupt object: {detail}")]
     Corrupt { key: String, detail: String },
     #[error("{tool}: {detail}")]

@@ -10,13 +10,15 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
 use nix::fcntl::{AtFlags, OFlag};
 use nix::sys::stat::Mode;
 use nix::unistd::{Gid, Uid, UnlinkatFlags};
+
+use crate::safe_fs::{Owner, mkdir_owned_at};
 
 /// What went wrong, with the object named.
 #[derive(Debug, thiserror::Error)]
@@ -51,8 +53,8 @@ pub enum Created {
 pub trait Repository: Send + Sync {
     /// Where the repository is, for messages.
     fn location(&self) -> String;
-    /// Names of the objects (and sub-directories) directly under `dir`;
-    /// empty when `dir` does not exist.
+    /// Names of the objects (and sub-directories) directly under `dir`,
+    /// without hidden (`.`) names; empty when `dir` does not exist.
     fn list(&self, dir: &str) -> Result<Vec<String>, RepoError>;
     /// A reader over the object `key`.
     fn open(&self, key: &str) -> Result<Box<dyn Read + Send>, RepoError>;
@@ -62,6 +64,13 @@ pub trait Repository: Send + Sync {
     fn create(&self, key: &str, src: &mut dyn Read) -> Result<Created, RepoError>;
     /// Removes `key` (retention only); a missing key is not an error.
     fn delete(&self, key: &str) -> Result<(), RepoError>;
+
+    /// The largest object [`Repository::create`] stores with its
+    /// guarantees; `None` for no limit. Base backups are split into
+    /// objects of at most this size.
+    fn max_object_size(&self) -> Option<u64> {
+        None
+    }
 
     /// Removes the directory `dir` if it is empty (retention, after the
     /// objects of a backup are gone); stores without directories do nothing.
@@ -152,52 +161,88 @@ impl DirRepository {
         }
     }
 
-    /// The directory that holds `key`'s last component, and that
-    /// component. Reached from the root one component at a time through
-    /// descriptors, never following a symlink: the repository belongs to
-    /// the PostgreSQL account, and pgha may run as root (`pgha backup`, the
-    /// agent's scheduled backups), which must not be steered out of the
-    /// repository by a link planted inside it. With `create`, missing
-    /// directories are made (each synced into its parent, so that a crash
-    /// cannot lose a directory an object was linked into) and, as root,
-    /// handed to the owner of the root through their descriptor. `None`
-    /// when a directory is missing and `create` is false.
-    fn parent_of<'k>(
-        &self,
-        key: &'k str,
-        create: bool,
-    ) -> Result<Option<(OwnedFd, &'k str)>, RepoError> {
+    /// The directory that holds `key`'s last component. Reached from the
+    /// root one component at a time through descriptors, never following
+    /// a symlink: the repository belongs to the PostgreSQL account, and
+    /// pgha may run as root (`pgha backup`, the agent's scheduled
+    /// backups), which must not be steered out of the repository by a link
+    /// planted inside it. With `create`, missing directories are made, each
+    /// synced into its parent so that a crash cannot lose a directory an
+    /// object was linked into. As root they are made under a hidden name,
+    /// handed to the owner of the root and only then renamed into place:
+    /// that account's own processes (`archive_command`, a replica starting
+    /// from a backup) must never find a directory of the repository that
+    /// is root's. `None` when a directory is missing and `create` is false.
+    fn parent_of<'k>(&self, key: &'k str, create: bool) -> Result<Option<Parent<'k>>, RepoError> {
         if !valid_key(key) {
             return Err(RepoError::BadKey { key: key.into() });
         }
         let mut dir = self.open_root()?;
         let owner = if create { root_owner(&dir) } else { None };
         let (dirs, name) = key.rsplit_once('/').unwrap_or(("", key));
+        let mut path = self.root.clone();
         for c in dirs.split('/').filter(|c| !c.is_empty()) {
-            let made = create
-                && match nix::sys::stat::mkdirat(&dir, c, Mode::from_bits_truncate(0o750)) {
-                    Ok(()) => true,
-                    Err(Errno::EEXIST) => false,
-                    Err(e) => return Err(self.errno("create the directory of", key)(e)),
-                };
-            let next = match nix::fcntl::openat(&dir, c, DIR_FLAGS, Mode::empty()) {
-                Ok(fd) => fd,
-                Err(Errno::ENOENT) if !create => return Ok(None),
-                Err(e) => return Err(self.errno("open the directory of", key)(e)),
+            path.push(c);
+            let made = if create {
+                self.mkdir(&dir, c, &path, owner, key)?
+            } else {
+                None
             };
-            if made {
-                if let Some((uid, gid)) = owner {
-                    nix::unistd::fchown(&next, Some(uid), Some(gid)).map_err(
-                        self.errno("hand to the repository's owner the directory of", key),
-                    )?;
+            let next = match made {
+                Some(fd) => {
+                    nix::unistd::fsync(&dir).map_err(self.errno("sync the directory of", key))?;
+                    fd
                 }
-                nix::unistd::fsync(&dir).map_err(self.errno("sync the directory of", key))?;
-            }
+                None => match nix::fcntl::openat(&dir, c, DIR_FLAGS, Mode::empty()) {
+                    Ok(fd) => fd,
+                    Err(Errno::ENOENT) if !create => return Ok(None),
+                    Err(e) => return Err(self.errno("open the directory of", key)(e)),
+                },
+            };
             dir = next;
         }
-        Ok(Some((dir, name)))
+        Ok(Some(Parent { dir, name, owner }))
+    }
+
+    /// Makes the directory `name` in `parent`; `None` when it exists.
+    fn mkdir(
+        &self,
+        parent: &OwnedFd,
+        name: &str,
+        path: &Path,
+        owner: Option<Owner>,
+        key: &str,
+    ) -> Result<Option<OwnedFd>, RepoError> {
+        let mode = Mode::from_bits_truncate(DIR_MODE);
+        match owner {
+            Some(owner) => mkdir_owned_at(parent.as_fd(), Path::new(name), path, owner, DIR_MODE)
+                .map_err(|e| RepoError::Io {
+                    repo: self.location(),
+                    action: "create the directory of",
+                    key: key.into(),
+                    source: std::io::Error::other(e),
+                }),
+            None => match nix::sys::stat::mkdirat(parent, name, mode) {
+                Ok(()) => nix::fcntl::openat(parent, name, DIR_FLAGS, Mode::empty())
+                    .map(Some)
+                    .map_err(self.errno("open the directory of", key)),
+                Err(Errno::EEXIST) => Ok(None),
+                Err(e) => Err(self.errno("create the directory of", key)(e)),
+            },
+        }
     }
 }
+
+/// Where [`DirRepository::parent_of`] arrived.
+struct Parent<'k> {
+    dir: OwnedFd,
+    /// The key's last component.
+    name: &'k str,
+    /// Who what is created there belongs to, when pgha runs as root.
+    owner: Option<Owner>,
+}
+
+const DIR_MODE: u32 = 0o750;
 
 /// Directories are opened without following a symlink at any step.
 const DIR_FLAGS: OFlag = OFlag::O_DIRECTORY
@@ -209,12 +254,15 @@ const DIR_FLAGS: OFlag = OFlag::O_DIRECTORY
 /// root directory (the PostgreSQL account, which archives into it): that
 /// account must be able to read base backups, to start a replica from
 /// one, and to expire them. `None` when not root, or when root owns it.
-fn root_owner(root: &OwnedFd) -> Option<(Uid, Gid)> {
+fn root_owner(root: &OwnedFd) -> Option<Owner> {
     if !nix::unistd::geteuid().is_root() {
         return None;
     }
     let st = nix::sys::stat::fstat(root).ok()?;
-    (st.st_uid != 0).then(|| (Uid::from_raw(st.st_uid), Gid::from_raw(st.st_gid)))
+    (st.st_uid != 0).then_some(Owner {
+        uid: st.st_uid,
+        gid: st.st_gid,
+    })
 }
 
 pub(super) fn temp_suffix() -> String {
@@ -237,7 +285,10 @@ impl Repository for DirRepository {
             self.open_root()?
         } else {
             // `dir` is a key whose last component is the directory.
-            let Some((parent, name)) = self.parent_of(dir, false)? else {
+            let Some(Parent {
+                dir: parent, name, ..
+            }) = self.parent_of(dir, false)?
+            else {
                 return Ok(Vec::new());
             };
             match nix::fcntl::openat(&parent, name, DIR_FLAGS, Mode::empty()) {
@@ -251,7 +302,10 @@ impl Repository for DirRepository {
         for entry in listing {
             let entry = entry.map_err(self.errno("list", dir))?;
             let name = entry.file_name().to_bytes();
-            if name == b"." || name == b".." {
+            // `.` and `..`, and the hidden names of objects and
+            // directories being created (or left by a crash), which are
+            // not keys: whoever walks the listing would trip over them.
+            if name.starts_with(b".") {
                 continue;
             }
             if let Ok(name) = std::str::from_utf8(name) {
@@ -267,7 +321,7 @@ impl Repository for DirRepository {
             repo: self.location(),
             key: key.into(),
         };
-        let Some((dir, name)) = self.parent_of(key, false)? else {
+        let Some(Parent { dir, name, .. }) = self.parent_of(key, false)? else {
             return Err(not_found());
         };
         let fd = match nix::fcntl::openat(
@@ -287,12 +341,11 @@ impl Repository for DirRepository {
     }
 
     fn create(&self, key: &str, src: &mut dyn Read) -> Result<Created, RepoError> {
-        let (dir, name) = self.parent_of(key, true)?.expect("created");
+        let Parent { dir, name, owner } = self.parent_of(key, true)?.expect("created");
         let exists = nix::sys::stat::fstatat(&dir, name, AtFlags::AT_SYMLINK_NOFOLLOW);
         if exists.is_ok() {
             return Ok(Created::Existed);
         }
-        let owner = root_owner(&self.open_root()?);
         let tmp = format!(".{name}.{}.tmp", temp_suffix());
         let result = (|| {
             let fd = nix::fcntl::openat(
@@ -306,8 +359,8 @@ impl Repository for DirRepository {
                 Mode::from_bits_truncate(0o640),
             )
             .map_err(self.errno("create a temporary file for", key))?;
-            if let Some((uid, gid)) = owner {
-                nix::unistd::fchown(&fd, Some(uid), Some(gid))
+            if let Some(o) = owner {
+                nix::unistd::fchown(&fd, Some(Uid::from_raw(o.uid)), Some(Gid::from_raw(o.gid)))
                     .map_err(self.errno("hand to the repository's owner", key))?;
             }
             let mut file = File::from(fd);
@@ -332,7 +385,7 @@ impl Repository for DirRepository {
     }
 
     fn delete(&self, key: &str) -> Result<(), RepoError> {
-        let Some((dir, name)) = self.parent_of(key, false)? else {
+        let Some(Parent { dir, name, .. }) = self.parent_of(key, false)? else {
             return Ok(());
         };
         match nix::unistd::unlinkat(&dir, name, UnlinkatFlags::NoRemoveDir) {
@@ -342,7 +395,10 @@ impl Repository for DirRepository {
     }
 
     fn remove_empty_dir(&self, dir: &str) -> Result<(), RepoError> {
-        let Some((parent, name)) = self.parent_of(dir, false)? else {
+        let Some(Parent {
+            dir: parent, name, ..
+        }) = self.parent_of(dir, false)?
+        else {
             return Ok(());
         };
         match nix::unistd::unlinkat(&parent, name, UnlinkatFlags::RemoveDir) {
@@ -436,6 +492,51 @@ mod tests {
         }
     }
 
+    /// A directory made as root appears at its name only by a rename of
+    /// one already handed to the repository's owner: the PostgreSQL
+    /// account never finds a directory of the repository that is root's
+    /// (and that it then could not write into).
+    #[test]
+    fn directories_made_as_root_are_never_roots_under_their_name() {
+        use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+        use std::os::unix::fs::MetadataExt;
+        if !nix::unistd::geteuid().is_root() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("repo");
+        std::fs::create_dir(&root).unwrap();
+        std::os::unix::fs::chown(&root, Some(4242), Some(4343)).unwrap();
+        let watch = Inotify::init(InitFlags::IN_NONBLOCK).unwrap();
+        watch
+            .add_watch(&root, AddWatchFlags::IN_CREATE | AddWatchFlags::IN_MOVED_TO)
+            .unwrap();
+        let repo = DirRepository::new(&root);
+        repo.create("backup/f", &mut &b"data"[..]).unwrap();
+        let events: Vec<(AddWatchFlags, String)> = watch
+            .read_events()
+            .unwrap()
+            .into_iter()
+            .map(|e| {
+                let name = e.name.unwrap().to_string_lossy().into_owned();
+                (e.mask, name)
+            })
+            .collect();
+        assert!(
+            events
+                .iter()
+                .all(|(m, n)| n != "backup" || !m.contains(AddWatchFlags::IN_CREATE)),
+            "made in place: {events:?}"
+        );
+        assert!(
+            events
+                .iter()
+                .any(|(m, n)| n == "backup" && m.contains(AddWatchFlags::IN_MOVED_TO)),
+            "{events:?}"
+        );
+        assert_eq!(std::fs::metadata(root.join("backup")).unwrap().uid(), 4242);
+    }
+
     #[test]
     fn create_never_replaces_and_leaves_no_temporary_file() {
         let dir = tempfile::tempdir().unwrap();
@@ -458,8 +559,18 @@ mod tests {
         repo.delete("a/b/obj").unwrap();
         repo.delete("a/b/obj").unwrap();
         assert!(repo.list("a/b").unwrap().is_empty());
-        assert_eq!(repo.list("").unwrap(), ["a"], "no temporary file left");
-        assert!(repo.list("a/b").unwrap().is_empty());
+        let on_disk = |d: &str| -> Vec<String> {
+            std::fs::read_dir(dir.path().join(d))
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect()
+        };
+        assert_eq!(on_disk(""), ["a"], "no temporary directory left");
+        assert_eq!(
+            on_disk("a/b"),
+            Vec::<String>::new(),
+            "no temporary file left"
+        );
         repo.remove_empty_dir("a/b").unwrap();
         assert!(repo.list("a").unwrap().is_empty());
     }

@@ -151,22 +151,20 @@ pub fn expire(repo: &dyn Repository, keep: usize) -> Result<ExpireReport, Backup
         let dir = format!("backup/{id}");
         // A manifest is only trusted to name its own backup's objects:
         // one that names anything else is not deleted from.
-        if let Some(f) = m
+        if let Some(key) = m
             .files
             .iter()
-            .find(|f| f.key.strip_prefix(&dir).is_none_or(|r| !r.starts_with('/')))
+            .flat_map(|f| std::iter::once(f.key.as_str()).chain(f.keys()))
+            .find(|k| k.strip_prefix(&dir).is_none_or(|r| !r.starts_with('/')))
         {
             return Err(BackupError::Corrupt {
                 key: base::manifest_key(id),
-                detail: format!(
-                    "names {:?}, outside {dir}/; nothing of it was removed",
-                    f.key
-                ),
+                detail: format!("names {key:?}, outside {dir}/; nothing of it was removed"),
             });
         }
         repo.delete(&base::manifest_key(id))?;
-        for f in &m.files {
-            repo.delete(&f.key)?;
+        for key in m.files.iter().flat_map(|f| f.keys()) {
+            repo.delete(key)?;
         }
         for rest in repo.list(&dir)? {
             repo.delete(&format!("{dir}/{rest}"))?;
@@ -438,14 +436,16 @@ mod tests {
         let other = "archive/00000001/not-a-wal-file";
         store(other, b"not the backup's");
         let mut evil = backup("20260101T000000Z", 1, "0/1000028");
-        evil.files = vec![ManifestFile {
+        let file = ManifestFile {
             name: "base.tar".into(),
             key: other.into(),
             size: 1,
             sha256: String::new(),
             stored_size: 1,
             stored_sha256: None,
-        }];
+            pieces: Vec::new(),
+        };
+        evil.files = vec![file.clone()];
         let new = backup("20260102T000000Z", 1, "0/4000028");
         for m in [&evil, &new] {
             store(&base::manifest_key(&m.id), &serde_json::to_vec(m).unwrap());
@@ -453,6 +453,31 @@ mod tests {
         let err = expire(&repo, 1).unwrap_err().to_string();
         assert!(err.contains("outside backup/20260101T000000Z/"), "{err}");
         assert_eq!(repo.read(other).unwrap(), b"not the backup's");
+        assert_eq!(base::list(&repo).unwrap().len(), 2, "nothing was removed");
+
+        // The same with the outside object as a later piece of a file
+        // whose first piece is the backup's own.
+        let inside = "backup/20260101T000000Z/base.tar.zst";
+        store(inside, b"piece");
+        let piece = |key: &str| base::Piece {
+            key: key.into(),
+            stored_size: 1,
+            stored_sha256: String::new(),
+        };
+        evil.files = vec![ManifestFile {
+            key: inside.into(),
+            pieces: vec![piece(inside), piece(other)],
+            ..file
+        }];
+        repo.delete(&base::manifest_key(&evil.id)).unwrap();
+        store(
+            &base::manifest_key(&evil.id),
+            &serde_json::to_vec(&evil).unwrap(),
+        );
+        let err = expire(&repo, 1).unwrap_err().to_string();
+        assert!(err.contains(&format!("names {other:?}")), "{err}");
+        assert_eq!(repo.read(other).unwrap(), b"not the backup's");
+        assert_eq!(repo.read(inside).unwrap(), b"piece");
         assert_eq!(base::list(&repo).unwrap().len(), 2, "nothing was removed");
     }
 }

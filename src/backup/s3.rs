@@ -19,8 +19,18 @@
 //!   multipart copy whose completion carries `If-None-Match: *`, and the
 //!   staging object is deleted. A reader never sees a partial object: S3
 //!   makes an object visible only when its `PUT` or multipart upload
-//!   completes. A single copy part is at most 5 GiB, so a compressed base
-//!   backup larger than that cannot be stored (the error says so).
+//!   completes.
+//! - A copy part is at most 5 GiB, so that is the largest object this
+//!   can create; [`Repository::max_object_size`] says so (at most
+//!   `s3_max_object_mib`), and base backups are stored in pieces below it
+//!   ([`super::base::store`]).
+//!
+//! Why not upload a large object to its key directly, with a conditional
+//! completion of the multipart upload? object_store (0.14) sends
+//! `If-None-Match: *` on a completion only inside its own one-part copy;
+//! its uploads complete unconditionally, so the object would be put in
+//! place over one a racing writer had created. Pieces need nothing beyond
+//! the conditional write and copy every object already goes through.
 //!
 //! Servers that ignore `If-None-Match` on writes (AWS S3 before August
 //! 2024, older MinIO and Ceph RGW releases) would let a write replace an
@@ -57,6 +67,8 @@ pub struct S3Repository {
     /// `s3://bucket[/prefix]`, for messages.
     url: String,
     prefix: String,
+    /// `s3_max_object_mib`, in bytes.
+    max_object_size: u64,
     /// Taken on drop: `shutdown_background` never blocks, so dropping the
     /// repository inside an async task is fine.
     runtime: Option<tokio::runtime::Runtime>,
@@ -151,6 +163,7 @@ impl S3Repository {
             store: Arc::new(store),
             url,
             prefix: cfg.prefix.clone(),
+            max_object_size: cfg.max_object_size,
             runtime: Some(runtime),
         })
     }
@@ -280,7 +293,7 @@ impl S3Repository {
             Err(object_store::Error::AlreadyExists { .. }) => Ok(Created::Existed),
             Err(e) => Err(self.err(
                 if bytes > 5 << 30 {
-                    "store (a multipart copy part is at most 5 GiB)"
+                    "store (a multipart copy part is at most 5 GiB; see s3_max_object_mib)"
                 } else {
                     "store"
                 },
@@ -396,6 +409,10 @@ impl Repository for S3Repository {
         }
     }
 
+    fn max_object_size(&self) -> Option<u64> {
+        Some(self.max_object_size)
+    }
+
     fn delete(&self, key: &str) -> Result<(), RepoError> {
         let path = self.object(key)?;
         let store = self.store.clone();
@@ -464,7 +481,7 @@ mod tests {
     use std::time::Instant;
 
     use super::*;
-    use crate::config::backup::DEFAULT_S3_REGION;
+    use crate::config::backup::{DEFAULT_S3_MAX_OBJECT_MIB, DEFAULT_S3_REGION};
 
     /// A moto S3 server on a free port of 127.0.0.1, killed on drop.
     struct Moto {
@@ -538,6 +555,7 @@ mod tests {
             path_style: true,
             credentials_file,
             config_path: dir.join("pgha.toml"),
+            max_object_size: DEFAULT_S3_MAX_OBJECT_MIB << 20,
         }
     }
 
@@ -704,6 +722,98 @@ mod tests {
         assert!(back == data, "the object was replaced");
     }
 
+    /// A base backup's stored stream over the repository's limit: stored
+    /// as pieces, each created through the staged upload and the copy that
+    /// never replaces, read back whole and checked; a second backup
+    /// under the same keys replaces nothing.
+    #[test]
+    fn a_stream_over_the_object_limit_is_stored_in_pieces() {
+        use crate::backup::base::{self, ManifestFile};
+        let moto = Moto::start();
+        moto.bucket("pgha-pieces");
+        let dir = tempfile::tempdir().unwrap();
+        let max = (PART_SIZE + (1 << 20)) as u64;
+        let repo = open(&S3Config {
+            max_object_size: max,
+            ..config(&moto, "pgha-pieces", "p", dir.path())
+        });
+        assert_eq!(repo.max_object_size(), Some(max));
+        let content = base::tests::noise(2 * max as usize + 12345);
+        let data = zstd::stream::encode_all(&content[..], 1).unwrap();
+        let key = "backup/b1/base.tar.zst";
+        let mut pieces = base::store(&repo, key, &mut &data[..], repo.max_object_size()).unwrap();
+        let sizes: Vec<u64> = pieces.iter().map(|p| p.stored_size).collect();
+        assert_eq!(sizes, [max, max, data.len() as u64 - 2 * max]);
+        let f = base::stored_file("base.tar", content.len() as u64, &mut pieces);
+        let read = |f: &ManifestFile| {
+            let mut out = Vec::new();
+            base::read_checked(&repo, f, |c| {
+                out.extend_from_slice(c);
+                Ok(())
+            })
+            .map(|()| out)
+        };
+        assert!(read(&f).unwrap() == content, "read back differs");
+        let all = |repo: &S3Repository| -> Vec<String> {
+            let store = repo.store.clone();
+            repo.run(async move {
+                store
+                    .list(None)
+                    .map(|m| m.unwrap().location.to_string())
+                    .collect()
+                    .await
+            })
+        };
+        let expected = [
+            "p/backup/b1/base.tar.zst",
+            "p/backup/b1/base.tar.zst.2",
+            "p/backup/b1/base.tar.zst.3",
+        ];
+        assert_eq!(all(&repo), expected, "no staging object left");
+
+        // Other content under the same keys: refused, nothing replaced,
+        // nothing left behind.
+        let other = zstd::stream::encode_all(&base::tests::noise(max as usize + 1)[..], 1).unwrap();
+        let err = base::store(&repo, key, &mut &other[..], repo.max_object_size()).unwrap_err();
+        assert!(
+            matches!(err, crate::backup::BackupError::Exists { .. }),
+            "{err}"
+        );
+        assert_eq!(all(&repo), expected);
+        // A racing writer's object at the second piece's key: the copy
+        // into place refuses to replace it even past the look-up
+        // (`create_large` on its own), and a store that meets it removes
+        // the first piece it made.
+        let racing = open(&S3Config {
+            max_object_size: max,
+            ..config(&moto, "pgha-pieces", "q", dir.path())
+        });
+        racing
+            .create("backup/b2/base.tar.zst.2", &mut &b"raced"[..])
+            .unwrap();
+        let path = racing.object("backup/b2/base.tar.zst.2").unwrap();
+        let got = racing
+            .create_large(
+                "backup/b2/base.tar.zst.2",
+                path,
+                data[..PART_SIZE].to_vec(),
+                &mut &data[PART_SIZE..max as usize],
+            )
+            .unwrap();
+        assert_eq!(got, Created::Existed);
+        assert_eq!(racing.read("backup/b2/base.tar.zst.2").unwrap(), b"raced");
+        let err = base::store(
+            &racing,
+            "backup/b2/base.tar.zst",
+            &mut &data[..],
+            racing.max_object_size(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("base.tar.zst.2"), "{err}");
+        assert_eq!(racing.list("backup/b2").unwrap(), ["base.tar.zst.2"]);
+        assert!(read(&f).unwrap() == content, "the first backup is intact");
+    }
+
     /// The single-PUT path on its own: `If-None-Match: *` makes the server
     /// refuse a replacement even when the HEAD check is not there to stop
     /// it (two writers racing).
@@ -746,6 +856,7 @@ mod tests {
             path_style: false,
             credentials_file: dir.path().join("creds"),
             config_path: dir.path().join("pgha.toml"),
+            max_object_size: DEFAULT_S3_MAX_OBJECT_MIB << 20,
         };
         let err = cfg.load_credentials().unwrap_err().to_string();
         assert!(err.contains("backup.s3_credentials_file"), "{err}");

@@ -47,6 +47,10 @@ pub struct RawBackup {
     /// S3 only: the file with the access key (see [`S3Credentials`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub s3_credentials_file: Option<PathBuf>,
+    /// S3 only: the largest object, in MiB, a base backup is stored in;
+    /// larger backups are split into several objects.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3_max_object_mib: Option<u64>,
     /// When the leader's agent takes a base backup: a five-field cron
     /// expression, UTC (see [`crate::backup::schedule`]). None: never.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -147,6 +151,8 @@ pub struct S3Config {
     pub credentials_file: PathBuf,
     /// The configuration file the keys were read from, for messages.
     pub config_path: PathBuf,
+    /// `s3_max_object_mib`, in bytes.
+    pub max_object_size: u64,
 }
 
 /// The contents of `s3_credentials_file`.
@@ -182,6 +188,16 @@ pub const DEFAULT_SCHEDULE_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
 
 /// The region requests are signed for when `s3_region` is not set.
 pub const DEFAULT_S3_REGION: &str = "us-east-1";
+
+/// `s3_max_object_mib` when not set. An object is copied into place in one
+/// request (see [`crate::backup::s3`]), which a slow server must finish
+/// within the client's timeout, and which holds a second copy of the
+/// object meanwhile: smaller than the 5 GiB S3 allows.
+pub const DEFAULT_S3_MAX_OBJECT_MIB: u64 = 1024;
+
+/// A copy part, and so an object pgha can put in place without replacing
+/// one, is at most 5 GiB in S3.
+pub const S3_MAX_OBJECT_MIB_LIMIT: u64 = 5 << 10;
 
 /// S3 bucket naming rules (the DNS-compatible ones every S3 server
 /// accepts): 3-63 characters, lower-case letters, digits, `-` and `.`,
@@ -322,6 +338,7 @@ impl BackupConfig {
                     "backup.s3_credentials_file",
                     raw.s3_credentials_file.is_some(),
                 ),
+                ("backup.s3_max_object_mib", raw.s3_max_object_mib.is_some()),
             ] {
                 if set {
                     return Err(bad(key, "applies only to an s3:// repository".into()));
@@ -430,6 +447,7 @@ impl BackupConfig {
             s3_region: self.s3.as_ref().map(|s| s.region.clone()),
             s3_path_style: self.s3.as_ref().map(|s| s.path_style),
             s3_credentials_file: self.s3.as_ref().map(|s| s.credentials_file.clone()),
+            s3_max_object_mib: self.s3.as_ref().map(|s| s.max_object_size >> 20),
             schedule: self.schedule.as_ref().map(|s| s.as_str().into()),
             schedule_from: self
                 .schedule
@@ -498,7 +516,17 @@ fn validate_s3(
             "must not be empty".into(),
         ));
     }
+    let max_object_mib = raw.s3_max_object_mib.unwrap_or(DEFAULT_S3_MAX_OBJECT_MIB);
+    if !(1..=S3_MAX_OBJECT_MIB_LIMIT).contains(&max_object_mib) {
+        return Err(bad(
+            "backup.s3_max_object_mib",
+            format!(
+                "{max_object_mib} must be 1-{S3_MAX_OBJECT_MIB_LIMIT} (5 GiB, what S3 copies in one part)"
+            ),
+        ));
+    }
     Ok(S3Config {
+        max_object_size: max_object_mib << 20,
         bucket: bucket.into(),
         prefix: prefix.into(),
         endpoint,
@@ -791,6 +819,7 @@ mod tests {
         assert_eq!(s3.region, DEFAULT_S3_REGION);
         assert!(s3.path_style);
         assert_eq!(s3.credentials_file, Path::new("/etc/pgha/s3.credentials"));
+        assert_eq!(s3.max_object_size, DEFAULT_S3_MAX_OBJECT_MIB << 20);
         assert_eq!(cfg.repository, Path::new("s3://my-bucket/pg/main"));
 
         // The rendered file names the credentials file, and reads back the
@@ -813,17 +842,20 @@ mod tests {
             Path::new("/n.toml"),
             raw(
                 "[backup]\nrepository = \"s3://b.example\"\ns3_region = \"eu-west-3\"\n\
-                 s3_credentials_file = \"/c\"\n",
+                 s3_credentials_file = \"/c\"\ns3_max_object_mib = 5120\n",
             ),
             Path::to_path_buf,
         )
         .unwrap();
+        let text = RepositoryFile::render(&cfg);
+        assert!(text.contains("s3_max_object_mib = 5120"), "{text}");
         let s3 = cfg.s3.unwrap();
         assert_eq!(
             (s3.prefix.as_str(), s3.endpoint, s3.path_style),
             ("", None, false)
         );
         assert_eq!(s3.region, "eu-west-3");
+        assert_eq!(s3.max_object_size, 5 << 30);
     }
 
     #[test]
@@ -887,6 +919,18 @@ mod tests {
             (
                 "repository = \"/r\"\ns3_credentials_file = \"/c\"",
                 "backup.s3_credentials_file",
+            ),
+            (
+                &format!("{s3}\ns3_max_object_mib = 0"),
+                "backup.s3_max_object_mib",
+            ),
+            (
+                &format!("{s3}\ns3_max_object_mib = 5121"),
+                "backup.s3_max_object_mib",
+            ),
+            (
+                "repository = \"/r\"\ns3_max_object_mib = 64",
+                "backup.s3_max_object_mib",
             ),
         ];
         for (lines, key) in cases {

@@ -1044,10 +1044,13 @@ async fn new_replicas_start_from_the_newest_backup() {
 
 /// The S3 repository against a local S3-compatible server (moto): both
 /// servers archive WAL into the bucket under a prefix, a base backup is
-/// taken into it, and a restore to `latest` from it has every row
-/// committed before, including those only in archived WAL. The secret key
-/// stays in its private file: not in the rendered repository files, and a
-/// credentials file others can read is a configuration error (exit 2).
+/// taken into it, stored in pieces (`s3_max_object_mib` lowered to 1 MiB
+/// so that the test's small backup crosses it), and a restore to `latest`
+/// from it has every row committed before, including those only in
+/// archived WAL. A backup within the limit is one object; retention
+/// removes every piece. The secret key stays in its private file: not in
+/// the rendered repository files, and a credentials file others can read
+/// is a configuration error (exit 2).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_repository_archive_backup_and_restore_to_latest() {
     use crate::support::s3::{S3Server, SECRET};
@@ -1059,7 +1062,21 @@ async fn s3_repository_archive_backup_and_restore_to_latest() {
         ..ClusterOptions::default()
     };
     let cluster = Cluster::start("s3", 2, opts).await.unwrap();
-    let config = cluster.node("node1").config_path().display().to_string();
+    let node1_config = cluster.node("node1").config_path();
+    let config = node1_config.display().to_string();
+    // node1's file with more `[backup]` keys, beside it.
+    let with_keys = |name: &str, keys: &str| {
+        let text = std::fs::read_to_string(node1_config).unwrap();
+        assert!(text.contains("\n[backup]\n"), "{text}");
+        let path = node1_config.with_file_name(name);
+        std::fs::write(
+            &path,
+            text.replace("\n[backup]\n", &format!("\n[backup]\n{keys}\n")),
+        )
+        .unwrap();
+        path.display().to_string()
+    };
+    let pieces_config = with_keys("pieces.toml", "s3_max_object_mib = 1");
     let leader = cluster.leader().await.unwrap().unwrap();
     let node = cluster.node(&leader);
     node.psql(
@@ -1069,7 +1086,9 @@ async fn s3_repository_archive_backup_and_restore_to_latest() {
     .await
     .unwrap();
 
-    let (ok, out, err) = pgha(&["backup", "-c", &config, "--json"]).await.unwrap();
+    let (ok, out, err) = pgha(&["backup", "-c", &pieces_config, "--json"])
+        .await
+        .unwrap();
     assert!(ok, "pgha backup failed: {err}\n{}", cluster.log_tails(20));
     let summary: serde_json::Value = serde_json::from_str(&out).unwrap();
     let id = summary["id"].as_str().expect("a backup id").to_string();
@@ -1114,11 +1133,40 @@ async fn s3_repository_archive_backup_and_restore_to_latest() {
         "{segment} not in the bucket: {archived:?}"
     );
     let backups = s3.keys(&format!("{prefix}/backup/{id}/")).unwrap();
+    let (ok, out, err) = pgha(&["backup", "list", "-c", &config, "--json"])
+        .await
+        .unwrap();
+    assert!(ok, "{err}");
+    let list: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let file = &list[0]["files"][0];
+    let pieces: Vec<String> = file["pieces"]
+        .as_array()
+        .expect("the backup is in pieces")
+        .iter()
+        .map(|p| format!("{prefix}/{}", p["key"].as_str().unwrap()))
+        .collect();
+    assert!(pieces.len() >= 2, "{file}");
+    let dir = format!("{prefix}/backup/{id}");
+    let mut expected: Vec<String> = (1..=pieces.len())
+        .map(|n| match n {
+            1 => format!("{dir}/base.tar.zst"),
+            n => format!("{dir}/base.tar.zst.{n}"),
+        })
+        .collect();
+    assert_eq!(pieces, expected);
     assert!(
-        backups.iter().any(|k| k.ends_with("/manifest.json"))
-            && backups.iter().any(|k| k.ends_with("/base.tar.zst")),
-        "{backups:?}"
+        file["pieces"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["stored_size"].as_u64().unwrap() <= 1 << 20),
+        "{file}"
     );
+    expected.push(format!("{dir}/manifest.json"));
+    let mut backups = backups;
+    backups.sort();
+    expected.sort();
+    assert_eq!(backups, expected, "no staging object left");
     assert!(
         s3.keys("").unwrap().iter().all(|k| k.starts_with(prefix)),
         "every object under the prefix"
@@ -1161,6 +1209,29 @@ async fn s3_repository_archive_backup_and_restore_to_latest() {
     let ids = latest.ids("s3_rows").await.unwrap();
     assert_eq!(ids, (1..=2000).collect::<BTreeSet<i64>>());
     drop(latest);
+
+    // Within the limit (the default): one object, as before pieces. Then
+    // retention keeping one backup removes every piece of the first.
+    let (ok, out, err) = pgha(&["backup", "-c", &config, "--json"]).await.unwrap();
+    assert!(ok, "pgha backup failed: {err}\n{}", cluster.log_tails(20));
+    let summary: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let second = summary["id"].as_str().expect("a backup id").to_string();
+    let mut keys = s3.keys(&format!("{prefix}/backup/{second}/")).unwrap();
+    keys.sort();
+    assert_eq!(
+        keys,
+        [
+            format!("{prefix}/backup/{second}/base.tar.zst"),
+            format!("{prefix}/backup/{second}/manifest.json"),
+        ]
+    );
+    let keep_one = with_keys("keep-one.toml", "keep = 1");
+    let (ok, out, err) = pgha(&["backup", "expire", "-c", &keep_one, "--json"])
+        .await
+        .unwrap();
+    assert!(ok, "expire failed: {out}{err}");
+    assert_eq!(s3.keys(&format!("{dir}/")).unwrap(), Vec::<String>::new());
+    assert_eq!(backup_ids(&config).await, [second]);
 
     // A credentials file group and others can read: a configuration
     // error naming the file and key, exit 2, and the secret not echoed.
