@@ -673,7 +673,12 @@ async fn drop_table_failovers_retention_and_read_only_repository() {
         .unwrap();
     let manifest = format!("backup/{}/manifest.json", ids[0]);
     assert!(!ok && err.contains(&manifest), "{err}");
-    // The leader's archiver fails too, and keeps the segment.
+    // The leader's archiver fails too, and keeps the segment. A switch
+    // with no WAL written since the last one ends no segment: write some.
+    leader
+        .psql("SELECT pg_create_restore_point('read-only repository')")
+        .await
+        .unwrap();
     leader.psql("SELECT pg_switch_wal()").await.unwrap();
     let failing = leader
         .scalar("SELECT pg_walfile_name(pg_current_wal_lsn() - 1)")
