@@ -8,7 +8,8 @@
 //! needs local disk space. The WAL the backup needs comes from the
 //! archive, as for any restore.
 
-use std::io::{BufRead, Read, Write};
+use std::io::{BufRead, Read};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::SystemTime;
@@ -71,6 +72,15 @@ pub struct ManifestFile {
     /// file is the one object `key`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pieces: Vec<Piece>,
+    /// The server compressed the stored bytes (`pg_basebackup
+    /// --compress=server-zstd`): zstd frames without a checksum, and
+    /// `size` is the sum of the file sizes the server's `backup_manifest`
+    /// lists (the tar's headers not counted), so neither is checked while
+    /// reading; `pg_verifybackup` checks every file's size and CRC-32C
+    /// after a restore. Files compressed by pgha carry zstd's frame
+    /// checksum and their exact size.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub server_compressed: bool,
 }
 
 /// One object of a file stored in pieces.
@@ -240,6 +250,15 @@ fn lower_thread_priority() {
 }
 
 /// Takes a base backup into `repo` and returns its manifest.
+///
+/// The server compresses (`--compress=server-zstd`, `level`, `parallel`
+/// workers): what crosses the socket and reaches this host is the
+/// compressed tar, not the database. pg_basebackup cannot put the
+/// server's `backup_manifest` into a compressed tar on its standard
+/// output, so it writes into a private temporary directory:
+/// `base.tar.zst`, stored while it grows (its stored part released as it
+/// goes, see [`Follow`]), then `backup_manifest`, stored as a file of its
+/// own.
 pub fn take(repo: &dyn Repository, src: &BackupSource<'_>) -> Result<Manifest, BackupError> {
     let started = SystemTime::now();
     let id = naming::backup_id(started);
@@ -254,8 +273,20 @@ pub fn take(repo: &dyn Repository, src: &BackupSource<'_>) -> Result<Manifest, B
         });
     }
     let label = format!("pgha {id}");
+    let work = WorkDir::create(&id)?;
+    let out_dir = work.path.join("out");
+    let mut compress = format!("--compress=server-zstd:level={}", src.level);
+    if src.parallel > 1 {
+        compress.push_str(&format!(",workers={}", src.parallel));
+    }
     let mut child = Command::new(src.bin_dir.join("pg_basebackup"))
-        .args(["-D", "-", "-F", "t", "-X", "none", "-c", "fast", "-v", "-w"])
+        .arg("-D")
+        .arg(&out_dir)
+        .args(["-F", "t", "-X", "none", "-c", "fast", "-v", "-P", "-w"])
+        // The temporary files are removed once stored; the repository
+        // syncs what it stores.
+        .arg("--no-sync")
+        .arg(&compress)
         .args(["--manifest-checksums=CRC32C", "-l", &label])
         .args([
             "-h",
@@ -269,7 +300,7 @@ pub fn take(repo: &dyn Repository, src: &BackupSource<'_>) -> Result<Manifest, B
         .env_remove("PGPASSWORD")
         .env("LC_ALL", "C")
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
+        .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|source| BackupError::Local {
@@ -280,60 +311,34 @@ pub fn take(repo: &dyn Repository, src: &BackupSource<'_>) -> Result<Manifest, B
     if let Some(cancel) = src.cancel {
         cancel.started(child.id());
     }
-    let mut stdout = child.stdout.take().expect("piped");
-    let mut stderr = child.stderr.take().expect("piped");
-    let err_thread = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stderr.read_to_string(&mut s);
-        s
-    });
+    let stderr = child.stderr.take().expect("piped");
     let key = format!("backup/{id}/base.tar.zst");
-    // Compression runs on its own thread, writing into a pipe the
-    // repository reads from: the repository trait takes a reader, the zstd
-    // multi-threaded encoder is a writer. The same loop picks the server's
-    // backup_manifest (with the WAL range) out of the tar stream as it
-    // passes; what is stored is hashed on the storing side, piece by
-    // piece.
-    let (mut pipe_r, pipe_w) = std::io::pipe().map_err(|source| BackupError::Local {
-        action: "create a pipe for",
-        path: "pg_basebackup".into(),
-        source,
-    })?;
-    let (level, parallel, background) = (src.level, src.parallel, src.background);
     let max_object = repo.max_object_size();
-    let result = std::thread::scope(|scope| {
-        let compress = scope.spawn(move || -> std::io::Result<Compressed> {
+    let background = src.background;
+    let state = AtomicU8::new(RUNNING);
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let (exited, log, stored) = std::thread::scope(|scope| {
+        let log = scope.spawn(|| read_log(stderr, src.progress));
+        let storing = scope.spawn(|| {
             if background {
                 lower_thread_priority();
             }
-            let mut enc = zstd::stream::write::Encoder::new(pipe_w, level)?;
-            enc.include_checksum(true)?;
-            if parallel > 1 {
-                enc.multithread(parallel as u32)?;
-            }
-            let mut scanner = TarScanner::new("backup_manifest");
-            let mut buf = vec![0u8; 1 << 20];
-            let mut total = 0u64;
-            loop {
-                let n = stdout.read(&mut buf)?;
-                if n == 0 {
-                    break;
-                }
-                scanner.feed(&buf[..n]);
-                enc.write_all(&buf[..n])?;
-                total += n as u64;
-                (src.progress)(total);
-            }
-            enc.finish()?.flush()?;
-            Ok(Compressed {
-                size: total,
-                server_manifest: scanner.into_captured(),
-            })
+            let mut follow = Follow::new(out_dir.join("base.tar.zst"), &state);
+            store(repo, &key, &mut follow, max_object)
         });
-        let stored = store(repo, &key, &mut pipe_r, max_object);
-        drop(pipe_r);
-        let compressed = compress.join().expect("the compression thread panicked");
-        (stored, compressed)
+        let exited = wait_for_exit(pid, || storing.is_finished());
+        state.store(
+            if exited.as_ref().is_ok_and(|&ok| ok) {
+                EXITED_OK
+            } else {
+                EXITED_FAILED
+            },
+            Ordering::Release,
+        );
+        let stored = storing.join().expect("the store thread panicked");
+        // Its standard error ends when it exits.
+        let log = log.join().unwrap_or_default();
+        (exited, log, stored)
     });
     if let Some(cancel) = src.cancel {
         cancel.finished();
@@ -343,55 +348,78 @@ pub fn take(repo: &dyn Repository, src: &BackupSource<'_>) -> Result<Manifest, B
         path: "pg_basebackup".into(),
         source,
     })?;
-    let log = err_thread.join().unwrap_or_default();
-    if !status.success() {
+    let remove = |pieces: &[Piece]| {
+        for p in pieces {
+            let _ = repo.delete(&p.key);
+        }
+        let _ = repo.remove_empty_dir(&format!("backup/{id}"));
+    };
+    if !status.success() || exited.is_err() {
         // Nothing of a failed backup stays behind: a schedule would
         // otherwise leave one empty directory per failure. (A failed
         // `store` removed what it had created itself.)
-        if let Ok(pieces) = &result.0 {
-            for p in pieces {
-                let _ = repo.delete(&p.key);
-            }
-        }
-        let _ = repo.remove_empty_dir(&format!("backup/{id}"));
+        remove(stored.as_deref().unwrap_or_default());
         if src.cancel.is_some_and(Cancel::is_cancelled) {
             return Err(BackupError::Cancelled);
+        }
+        if let Err(e) = stored {
+            // The store failed first and pg_basebackup was stopped.
+            return Err(e);
         }
         return Err(BackupError::Tool {
             tool: "pg_basebackup".into(),
             detail: format!("{status}: {}", log.trim()),
         });
     }
-    let mut pieces = result.0?;
+    let mut pieces = stored?;
     let described = (|| {
-        let compressed = result.1.map_err(|source| BackupError::Local {
-            action: "compress the output of",
-            path: "pg_basebackup".into(),
+        let path = out_dir.join("backup_manifest");
+        let server = std::fs::read(&path).map_err(|source| BackupError::Local {
+            action: "read",
+            path,
             source,
         })?;
-        let server = String::from_utf8_lossy(&compressed.server_manifest).into_owned();
+        let text = String::from_utf8_lossy(&server);
         let (start_lsn, timeline, stop_lsn) =
-            parse_wal_range(&server).ok_or_else(|| BackupError::Tool {
+            parse_wal_range(&text).ok_or_else(|| BackupError::Tool {
                 tool: "pg_basebackup".into(),
                 detail: format!(
                     "no backup_manifest with a WAL range in its output: {}",
                     log.trim()
                 ),
             })?;
-        Ok((compressed.size, start_lsn, timeline, stop_lsn))
+        let content = content_size(&text);
+        let data = zstd::bulk::Compressor::new(src.level)
+            .and_then(|mut c| {
+                c.include_checksum(true)?;
+                c.compress(&server)
+            })
+            .map_err(|source| BackupError::Local {
+                action: "compress",
+                path: out_dir.join("backup_manifest"),
+                source,
+            })?;
+        let mut stored = store(
+            repo,
+            &format!("backup/{id}/backup_manifest.zst"),
+            &mut &data[..],
+            max_object,
+        )?;
+        let manifest_file = stored_file("backup_manifest", server.len() as u64, &mut stored);
+        Ok((content, manifest_file, start_lsn, timeline, stop_lsn))
     })();
-    let (size, start_lsn, timeline, stop_lsn) = match described {
+    let (content, manifest_file, start_lsn, timeline, stop_lsn) = match described {
         Ok(d) => d,
         Err(e) => {
             // Not after the manifest's write is tried: one that failed
             // only in our eyes would then name removed pieces.
-            for p in &pieces {
-                let _ = repo.delete(&p.key);
-            }
-            let _ = repo.remove_empty_dir(&format!("backup/{id}"));
+            remove(&pieces);
             return Err(e);
         }
     };
+    drop(work);
+    let mut tar = stored_file("base.tar", content, &mut pieces);
+    tar.server_compressed = true;
     let manifest = Manifest {
         id: id.clone(),
         label,
@@ -402,12 +430,198 @@ pub fn take(repo: &dyn Repository, src: &BackupSource<'_>) -> Result<Manifest, B
         start_time: humantime::format_rfc3339_seconds(started).to_string(),
         stop_time: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
         wal_segment_size: naming::DEFAULT_SEGMENT_SIZE,
-        server_manifest: "base.tar:backup_manifest".into(),
-        files: vec![stored_file("base.tar", size, &mut pieces)],
+        server_manifest: "backup_manifest".into(),
+        files: vec![tar, manifest_file],
     };
     let json = serde_json::to_vec_pretty(&manifest).expect("manifest serialises");
     repo.create(&manifest_key(&id), &mut &json[..])?;
     Ok(manifest)
+}
+
+const RUNNING: u8 = 0;
+const EXITED_OK: u8 = 1;
+const EXITED_FAILED: u8 = 2;
+
+/// Waits until the child `pid` exits, without reaping it (so that its pid
+/// cannot be reused while [`Cancel`] may still signal it), and says
+/// whether it succeeded. When `gave_up` turns true first (the store
+/// failed), the child is stopped.
+fn wait_for_exit(pid: nix::unistd::Pid, gave_up: impl Fn() -> bool) -> std::io::Result<bool> {
+    use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid};
+    let mut stopped = false;
+    loop {
+        let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT;
+        match waitid(Id::Pid(pid), flags) {
+            Ok(WaitStatus::Exited(_, code)) => return Ok(code == 0 && !stopped),
+            Ok(WaitStatus::Signaled(..)) => return Ok(false),
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+        if !stopped && gave_up() {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            stopped = true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// pg_basebackup's standard error: `-P` progress lines (`1234/5678 kB
+/// (21%), ...`) go to `progress` as bytes, the rest is returned for error
+/// messages.
+fn read_log(stderr: impl Read, progress: &(dyn Fn(u64) + Sync)) -> String {
+    let mut log = String::new();
+    for line in std::io::BufReader::new(stderr).split(b'\n') {
+        let Ok(line) = line else { break };
+        let line = String::from_utf8_lossy(&line);
+        for part in line.split('\r') {
+            match progress_kb(part) {
+                Some(kb) => progress(kb.saturating_mul(1024)),
+                None if part.trim().is_empty() => {}
+                None => {
+                    log.push_str(part);
+                    log.push('\n');
+                }
+            }
+        }
+    }
+    log
+}
+
+/// The kilobytes done of a pg_basebackup `-P` line.
+fn progress_kb(line: &str) -> Option<u64> {
+    let (done, rest) = line.trim_start().split_once('/')?;
+    let total = rest.split_once(" kB")?.0;
+    if total.is_empty() || !total.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    done.parse().ok()
+}
+
+/// The sum of the file sizes a server `backup_manifest` lists: the
+/// content of its tar, headers not counted.
+fn content_size(server_manifest: &str) -> u64 {
+    let v: serde_json::Value = serde_json::from_str(server_manifest).unwrap_or_default();
+    v.get("Files")
+        .and_then(|f| f.as_array())
+        .map(|files| {
+            files
+                .iter()
+                .filter_map(|f| f.get("Size")?.as_u64())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// A private directory for pg_basebackup's output (mode 0700 in the
+/// temporary directory, `TMPDIR`), removed when dropped.
+struct WorkDir {
+    path: std::path::PathBuf,
+}
+
+impl WorkDir {
+    fn create(id: &str) -> Result<WorkDir, BackupError> {
+        use std::os::unix::fs::DirBuilderExt;
+        let path = std::env::temp_dir().join(format!(".pgha-backup-{id}-{}", std::process::id()));
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&path)
+            .map_err(|source| BackupError::Local {
+                action: "create",
+                path: path.clone(),
+                source,
+            })?;
+        Ok(WorkDir { path })
+    }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// Reads a file another process is still writing, to its end once that
+/// process has exited (`state`): a failed writer is an error, so that a
+/// truncated stream is never taken for a whole one. What was read is
+/// released from the file (`FALLOC_FL_PUNCH_HOLE`, where the file system
+/// has it), so that the file holds only what the repository has not taken
+/// yet rather than the whole compressed backup.
+struct Follow<'a> {
+    path: std::path::PathBuf,
+    file: Option<std::fs::File>,
+    state: &'a AtomicU8,
+    read: u64,
+    released: u64,
+}
+
+impl<'a> Follow<'a> {
+    fn new(path: std::path::PathBuf, state: &'a AtomicU8) -> Self {
+        Follow {
+            path,
+            file: None,
+            state,
+            read: 0,
+            released: 0,
+        }
+    }
+
+    fn release(&mut self) {
+        use std::os::fd::AsRawFd;
+        const STEP: u64 = 32 << 20;
+        let Some(file) = &self.file else { return };
+        if self.read - self.released < STEP {
+            return;
+        }
+        // SAFETY: fallocate only reads its integer arguments; the
+        // descriptor is open for as long as `file` lives.
+        let rc = unsafe {
+            libc::fallocate(
+                file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                0,
+                self.read as libc::off_t,
+            )
+        };
+        // Unsupported: the file keeps its blocks until it is removed.
+        self.released = if rc == 0 { self.read } else { u64::MAX / 2 };
+    }
+}
+
+impl Read for Follow<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let failed = || {
+            std::io::Error::other("pg_basebackup failed before its output was complete")
+        };
+        loop {
+            // The state before the read: a read that finds nothing after
+            // the writer exited has reached the real end.
+            let state = self.state.load(Ordering::Acquire);
+            if state == EXITED_FAILED {
+                return Err(failed());
+            }
+            if self.file.is_none() {
+                match std::fs::File::open(&self.path) {
+                    Ok(f) => self.file = Some(f),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound && state == RUNNING => {
+                        std::thread::sleep(std::time::Duration::from_millis(20));
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            let n = self.file.as_mut().expect("opened").read(buf)?;
+            if n > 0 || buf.is_empty() {
+                self.read += n as u64;
+                self.release();
+                return Ok(n);
+            }
+            if state == EXITED_OK {
+                return Ok(0);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
 }
 
 /// The manifest entry of a file stored as `pieces` ([`store`]'s result):
@@ -424,6 +638,7 @@ pub(crate) fn stored_file(name: &str, size: u64, pieces: &mut Vec<Piece>) -> Man
             stored_size,
             stored_sha256: Some(one.stored_sha256.clone()),
             pieces: Vec::new(),
+            server_compressed: false,
         };
     }
     ManifestFile {
@@ -434,6 +649,7 @@ pub(crate) fn stored_file(name: &str, size: u64, pieces: &mut Vec<Piece>) -> Man
         stored_size,
         stored_sha256: None,
         pieces: std::mem::take(pieces),
+        server_compressed: false,
     }
 }
 
@@ -510,11 +726,6 @@ pub(crate) fn store(
             Err(e)
         }
     }
-}
-
-struct Compressed {
-    size: u64,
-    server_manifest: Vec<u8>,
 }
 
 /// A reader that hashes what passes through it and counts it.
@@ -653,177 +864,13 @@ pub(crate) fn read_checked(
             )));
         }
     }
-    if raw.bytes != f.stored_size || total != f.size {
+    if raw.bytes != f.stored_size || (total != f.size && !f.server_compressed) {
         return Err(corrupt(format!(
             "stored: {} bytes ({total} uncompressed), manifest says {} bytes ({} uncompressed)",
             raw.bytes, f.stored_size, f.size
         )));
     }
     Ok(())
-}
-
-/// Picks one entry's content out of a tar stream fed in arbitrary chunks,
-/// without copying the rest: pg_basebackup's tar is ustar (512-byte
-/// headers, data padded to 512 bytes, optional pax or GNU long-name
-/// headers before an entry).
-struct TarScanner {
-    wanted: &'static str,
-    header: Vec<u8>,
-    /// Data bytes of the current entry still to come, and the padding
-    /// after them.
-    data_left: u64,
-    pad_left: u64,
-    capturing: bool,
-    /// The name a pax (`x`) or GNU (`L`) header gave the next entry.
-    long_name: Option<Vec<u8>>,
-    meta: Option<(u8, Vec<u8>)>,
-    captured: Vec<u8>,
-    done: bool,
-}
-
-impl TarScanner {
-    fn new(wanted: &'static str) -> Self {
-        TarScanner {
-            wanted,
-            header: Vec::with_capacity(512),
-            data_left: 0,
-            pad_left: 0,
-            capturing: false,
-            long_name: None,
-            meta: None,
-            captured: Vec::new(),
-            done: false,
-        }
-    }
-
-    fn into_captured(self) -> Vec<u8> {
-        self.captured
-    }
-
-    fn feed(&mut self, mut buf: &[u8]) {
-        while !buf.is_empty() && !self.done {
-            if self.data_left > 0 {
-                let n = (self.data_left.min(buf.len() as u64)) as usize;
-                if self.capturing {
-                    self.captured.extend_from_slice(&buf[..n]);
-                } else if let Some((_, meta)) = &mut self.meta {
-                    meta.extend_from_slice(&buf[..n]);
-                }
-                self.data_left -= n as u64;
-                buf = &buf[n..];
-                if self.data_left == 0 {
-                    self.end_of_data();
-                }
-            } else if self.pad_left > 0 {
-                let n = (self.pad_left.min(buf.len() as u64)) as usize;
-                self.pad_left -= n as u64;
-                buf = &buf[n..];
-            } else {
-                let n = (512 - self.header.len()).min(buf.len());
-                self.header.extend_from_slice(&buf[..n]);
-                buf = &buf[n..];
-                if self.header.len() == 512 {
-                    let header = std::mem::take(&mut self.header);
-                    self.start_entry(&header);
-                }
-            }
-        }
-    }
-
-    fn start_entry(&mut self, h: &[u8]) {
-        if h.iter().all(|&b| b == 0) {
-            // The end-of-archive blocks (or padding): nothing follows.
-            self.done = true;
-            return;
-        }
-        let Some(size) = tar_size(&h[124..136]) else {
-            self.done = true;
-            return;
-        };
-        let kind = h[156];
-        let name = match self.long_name.take() {
-            Some(n) => n,
-            None => {
-                let field = |r: std::ops::Range<usize>| {
-                    let f = &h[r];
-                    f[..f.iter().position(|&b| b == 0).unwrap_or(f.len())].to_vec()
-                };
-                let (name, prefix) = (field(0..100), field(345..500));
-                if &h[257..262] == b"ustar" && !prefix.is_empty() {
-                    [prefix, b"/".to_vec(), name].concat()
-                } else {
-                    name
-                }
-            }
-        };
-        self.capturing = false;
-        self.meta = None;
-        match kind {
-            b'x' | b'L' => self.meta = Some((kind, Vec::new())),
-            _ => self.capturing = name == self.wanted.as_bytes(),
-        }
-        if self.capturing {
-            self.captured.clear();
-        }
-        self.data_left = size;
-        self.pad_left = (512 - size % 512) % 512;
-        if size == 0 {
-            self.end_of_data();
-        }
-    }
-
-    fn end_of_data(&mut self) {
-        self.capturing = false;
-        match self.meta.take() {
-            Some((b'L', name)) => {
-                let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
-                self.long_name = Some(name[..end].to_vec());
-            }
-            Some((_, pax)) => self.long_name = pax_path(&pax),
-            None => {}
-        }
-    }
-}
-
-/// A tar header's size field: octal digits, or base-256 when the first
-/// byte has its high bit set.
-fn tar_size(field: &[u8]) -> Option<u64> {
-    if field[0] & 0x80 != 0 {
-        let mut v: u64 = u64::from(field[0] & 0x7f);
-        for &b in &field[1..] {
-            v = v.checked_mul(256)?.checked_add(u64::from(b))?;
-        }
-        return Some(v);
-    }
-    let digits: Vec<u8> = field
-        .iter()
-        .copied()
-        .skip_while(|&b| b == b' ')
-        .take_while(|&b| (b'0'..=b'7').contains(&b))
-        .collect();
-    if digits.is_empty() {
-        return Some(0);
-    }
-    u64::from_str_radix(std::str::from_utf8(&digits).ok()?, 8).ok()
-}
-
-/// The `path` record of a pax extended header (`<len> path=<name>\n`).
-fn pax_path(pax: &[u8]) -> Option<Vec<u8>> {
-    let mut rest = pax;
-    while !rest.is_empty() {
-        let space = rest.iter().position(|&b| b == b' ')?;
-        let len: usize = std::str::from_utf8(&rest[..space]).ok()?.parse().ok()?;
-        if len <= space || len > rest.len() {
-            return None;
-        }
-        let record = &rest[space + 1..len];
-        let record = record.strip_suffix(b"\n").unwrap_or(record);
-        if let Some(path) = record.strip_prefix(b"path=") {
-            return Some(path.to_vec());
-        }
-        rest = &rest[len..];
-    }
-    None
 }
 
 /// The WAL range of the server's backup manifest:
@@ -984,6 +1031,7 @@ pub(crate) mod tests {
                 stored_size: 40,
                 stored_sha256: Some("00".repeat(32)),
                 pieces: Vec::new(),
+                server_compressed: false,
             }],
         };
         let json = serde_json::to_string(&m).unwrap();
@@ -993,62 +1041,6 @@ pub(crate) mod tests {
         // 0/7000000 is the first byte of segment 7: segment 6 is the last needed.
         assert_eq!(stop_segment(&m).as_str(), "000000020000000000000006");
         assert!(m.stop().unwrap() > m.start().unwrap());
-    }
-
-    /// A tar like pg_basebackup's, with entries before and after the one
-    /// wanted, a long name (GNU header) and a decoy in a subdirectory.
-    fn sample_tar(manifest: &[u8]) -> Vec<u8> {
-        let mut b = tar::Builder::new(Vec::new());
-        let mut add = |name: &str, data: &[u8]| {
-            let mut h = tar::Header::new_gnu();
-            h.set_size(data.len() as u64);
-            h.set_mode(0o600);
-            h.set_cksum();
-            b.append_data(&mut h, name, data).unwrap();
-        };
-        add("PG_VERSION", b"15\n");
-        add(&format!("base/1/{}", "x".repeat(150)), &vec![7u8; 10_000]);
-        add("global/backup_manifest", b"a decoy");
-        add("empty", b"");
-        add("backup_manifest", manifest);
-        add("after", &vec![1u8; 513]);
-        b.into_inner().unwrap()
-    }
-
-    #[test]
-    fn the_tar_scanner_finds_the_manifest_in_chunks_of_any_size() {
-        let manifest: Vec<u8> = (0..5000u32).flat_map(|i| i.to_le_bytes()).collect();
-        let tar = sample_tar(&manifest);
-        for chunk in [1, 7, 511, 512, 513, 4096, tar.len()] {
-            let mut scanner = TarScanner::new("backup_manifest");
-            for piece in tar.chunks(chunk) {
-                scanner.feed(piece);
-            }
-            assert_eq!(scanner.into_captured(), manifest, "chunks of {chunk}");
-        }
-        // A stream without the entry captures nothing; garbage stops it.
-        let mut scanner = TarScanner::new("backup_manifest");
-        scanner.feed(&sample_tar(b"")[..]);
-        assert!(scanner.into_captured().is_empty());
-        let mut scanner = TarScanner::new("backup_manifest");
-        scanner.feed(&[b'z'; 2048]);
-        assert!(scanner.into_captured().is_empty());
-    }
-
-    #[test]
-    fn tar_size_fields_in_octal_and_base_256() {
-        assert_eq!(tar_size(b"00000001750\0"), Some(1000));
-        assert_eq!(tar_size(b"     1750 \0\0\0"), Some(1000));
-        let mut big = [0u8; 12];
-        big[0] = 0x80;
-        big[11] = 1;
-        big[10] = 2;
-        assert_eq!(tar_size(&big), Some(513));
-        assert_eq!(
-            pax_path(b"25 path=a/backup_manifest\n"),
-            Some(b"a/backup_manifest".to_vec())
-        );
-        assert_eq!(pax_path(b"9 size=1\n"), None);
     }
 
     fn stored(repo: &super::super::repo::DirRepository, key: &str, content: &[u8]) -> ManifestFile {
@@ -1062,6 +1054,7 @@ pub(crate) mod tests {
             stored_size: data.len() as u64,
             stored_sha256: Some(super::super::file::sha256_hex(&data)),
             pieces: Vec::new(),
+            server_compressed: false,
         }
     }
 

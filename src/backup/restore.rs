@@ -166,8 +166,17 @@ pub fn unpack(
         // `progress` gets the bytes of the whole backup, not of one file.
         let mut before = 0u64;
         m.files.iter().try_for_each(|f| {
-            unpack_file(repo, f, dir, &|n| progress(before + n))?;
+            // The size of a tar the server compressed leaves its headers
+            // out: the total is reached when the file is done, not before.
+            let within = f.size.saturating_sub(1);
+            let file_progress = |n: u64| progress(before + n.min(within));
+            if f.name.ends_with(".tar") {
+                unpack_file(repo, f, dir, &file_progress)?;
+            } else {
+                write_file(repo, f, dir, &file_progress)?;
+            }
             before += f.size;
+            progress(before);
             Ok::<(), BackupError>(())
         })
     })?;
@@ -274,6 +283,43 @@ fn unpack_file(
         ))),
         (Err(e), Ok(())) => Err(e),
     }
+}
+
+/// Writes a stored file that is not a tar (the server's `backup_manifest`
+/// of a backup the server compressed) into `dir` under its name, as a new
+/// file.
+fn write_file(
+    repo: &dyn Repository,
+    f: &ManifestFile,
+    dir: &Path,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<(), BackupError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if f.name.is_empty() || f.name.starts_with('.') || f.name.contains('/') {
+        return Err(BackupError::Corrupt {
+            key: f.key.clone(),
+            detail: format!("{:?} is not a file name", f.name),
+        });
+    }
+    let path = dir.join(&f.name);
+    let local = |source| BackupError::Local {
+        action: "write",
+        path: path.clone(),
+        source,
+    };
+    let mut out = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(local)?;
+    let mut total = 0u64;
+    base::read_checked(repo, f, |chunk| {
+        total += chunk.len() as u64;
+        progress(total);
+        out.write_all(chunk).map_err(local)
+    })
 }
 
 /// Reads the chunks a channel delivers as one stream; the sender hanging

@@ -444,6 +444,7 @@ mod tests {
             stored_size: 1,
             stored_sha256: None,
             pieces: Vec::new(),
+            server_compressed: false,
         };
         evil.files = vec![file.clone()];
         let new = backup("20260102T000000Z", 1, "0/4000028");
