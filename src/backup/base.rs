@@ -9,9 +9,9 @@
 //! archive, as for any restore.
 
 use std::io::{BufRead, Read};
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
@@ -373,6 +373,27 @@ pub fn take(repo: &dyn Repository, src: &BackupSource<'_>) -> Result<Manifest, B
     }
     let mut pieces = stored?;
     let described = (|| {
+        // Another tablespace would be a tar of its own, which this backup
+        // does not store: refused rather than silently left out.
+        let mut others: Vec<String> = std::fs::read_dir(&out_dir)
+            .map_err(|source| BackupError::Local {
+                action: "read",
+                path: out_dir.clone(),
+                source,
+            })?
+            .filter_map(|e| Some(e.ok()?.file_name().to_string_lossy().into_owned()))
+            .filter(|n| n != "base.tar.zst" && n != "backup_manifest")
+            .collect();
+        if !others.is_empty() {
+            others.sort();
+            return Err(BackupError::Tool {
+                tool: "pg_basebackup".into(),
+                detail: format!(
+                    "the backup has more than the main tablespace ({}); tablespaces are not supported",
+                    others.join(", ")
+                ),
+            });
+        }
         let path = out_dir.join("backup_manifest");
         let server = std::fs::read(&path).map_err(|source| BackupError::Local {
             action: "read",
@@ -504,12 +525,7 @@ fn content_size(server_manifest: &str) -> u64 {
     let v: serde_json::Value = serde_json::from_str(server_manifest).unwrap_or_default();
     v.get("Files")
         .and_then(|f| f.as_array())
-        .map(|files| {
-            files
-                .iter()
-                .filter_map(|f| f.get("Size")?.as_u64())
-                .sum()
-        })
+        .map(|files| files.iter().filter_map(|f| f.get("Size")?.as_u64()).sum())
         .unwrap_or(0)
 }
 
@@ -590,9 +606,8 @@ impl<'a> Follow<'a> {
 
 impl Read for Follow<'_> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let failed = || {
-            std::io::Error::other("pg_basebackup failed before its output was complete")
-        };
+        let failed =
+            || std::io::Error::other("pg_basebackup failed before its output was complete");
         loop {
             // The state before the read: a read that finds nothing after
             // the writer exited has reached the real end.
@@ -1041,6 +1056,85 @@ pub(crate) mod tests {
         // 0/7000000 is the first byte of segment 7: segment 6 is the last needed.
         assert_eq!(stop_segment(&m).as_str(), "000000020000000000000006");
         assert!(m.stop().unwrap() > m.start().unwrap());
+    }
+
+    #[test]
+    fn progress_lines_of_pg_basebackup() {
+        assert_eq!(
+            progress_kb("  1234/3070000 kB (0%), 0/1 tablespace"),
+            Some(1234)
+        );
+        assert_eq!(
+            progress_kb("3070000/3070000 kB (100%), 1/1 tablespace (...base/5/1249)"),
+            Some(3_070_000)
+        );
+        assert_eq!(
+            progress_kb("pg_basebackup: write-ahead log start point: 0/2000028 on timeline 1"),
+            None
+        );
+        assert_eq!(progress_kb("0/2000028"), None);
+        let seen = std::sync::Mutex::new(Vec::new());
+        let log = read_log(
+            &b"pg_basebackup: initiating base backup\n  10/20 kB (50%), 0/1 tablespace\n20/20 kB (100%), 1/1 tablespace\npg_basebackup: base backup completed\n"[..],
+            &|n| seen.lock().unwrap().push(n),
+        );
+        assert_eq!(*seen.lock().unwrap(), [10 * 1024, 20 * 1024]);
+        assert_eq!(
+            log,
+            "pg_basebackup: initiating base backup\npg_basebackup: base backup completed\n"
+        );
+    }
+
+    #[test]
+    fn content_size_sums_the_servers_files() {
+        let text = r#"{ "PostgreSQL-Backup-Manifest-Version": 1,
+"Files": [
+{ "Path": "PG_VERSION", "Size": 3, "Last-Modified": "x", "Checksum-Algorithm": "CRC32C", "Checksum": "a" },
+{ "Path": "base/1/1249", "Size": 8192, "Last-Modified": "x" }
+], "WAL-Ranges": [] }"#;
+        assert_eq!(content_size(text), 8195);
+        assert_eq!(content_size("not json"), 0);
+    }
+
+    #[test]
+    fn a_followed_file_ends_when_its_writer_exits_and_fails_when_it_fails() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.zst");
+        let content = noise(3 << 20);
+        for outcome in [EXITED_OK, EXITED_FAILED] {
+            let _ = std::fs::remove_file(&path);
+            let state = AtomicU8::new(RUNNING);
+            let (read, ()) = std::thread::scope(|scope| {
+                let reader = scope.spawn(|| {
+                    let mut out = Vec::new();
+                    Follow::new(path.clone(), &state)
+                        .read_to_end(&mut out)
+                        .map(|_| out)
+                });
+                // The file appears late and grows in steps.
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                let mut f = std::fs::File::create(&path).unwrap();
+                for part in content.chunks(1 << 20) {
+                    f.write_all(part).unwrap();
+                    std::thread::sleep(std::time::Duration::from_millis(30));
+                }
+                state.store(outcome, Ordering::Release);
+                (reader.join().unwrap(), ())
+            });
+            if outcome == EXITED_OK {
+                assert!(read.unwrap() == content, "the whole file, in order");
+            } else {
+                assert!(read.is_err());
+            }
+        }
+        // A writer that exits without having written anything.
+        let state = AtomicU8::new(EXITED_OK);
+        let mut out = Vec::new();
+        let err = Follow::new(dir.path().join("never"), &state)
+            .read_to_end(&mut out)
+            .unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::NotFound);
     }
 
     fn stored(repo: &super::super::repo::DirRepository, key: &str, content: &[u8]) -> ManifestFile {

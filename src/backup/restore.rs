@@ -185,15 +185,24 @@ pub fn unpack(
     // from the backup's start and miss whatever no WAL record rewrites.
     // One syncfs instead of an fsync per file: the directory is new, and
     // nothing else of interest is dirty on its file system.
-    nix::unistd::syncfs(&dir_handle)
-        .map_err(std::io::Error::from)
-        .map_err(local("sync the file system of", dir.to_path_buf()))?;
-    let out = std::process::Command::new(bin_dir.join("pg_verifybackup"))
+    // pg_verifybackup runs meanwhile: it reads the files (from the page
+    // cache, whose content the sync does not change) while the disk
+    // writes them, and the restore is done only once both succeeded.
+    let verify = std::process::Command::new(bin_dir.join("pg_verifybackup"))
         .arg("-n")
         .arg(dir)
         .stdin(std::process::Stdio::null())
-        .output()
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .map_err(local("run", bin_dir.join("pg_verifybackup")))?;
+    let synced = nix::unistd::syncfs(&dir_handle);
+    let out = verify
+        .wait_with_output()
+        .map_err(local("wait for", bin_dir.join("pg_verifybackup")))?;
+    synced
+        .map_err(std::io::Error::from)
+        .map_err(local("sync the file system of", dir.to_path_buf()))?;
     if !out.status.success() {
         return Err(BackupError::Tool {
             tool: "pg_verifybackup".into(),

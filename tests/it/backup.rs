@@ -1167,6 +1167,7 @@ async fn s3_repository_archive_backup_and_restore_to_latest() {
             .all(|p| p["stored_size"].as_u64().unwrap() <= 1 << 20),
         "{file}"
     );
+    expected.push(format!("{dir}/backup_manifest.zst"));
     expected.push(format!("{dir}/manifest.json"));
     let mut backups = backups;
     backups.sort();
@@ -1226,6 +1227,7 @@ async fn s3_repository_archive_backup_and_restore_to_latest() {
     assert_eq!(
         keys,
         [
+            format!("{prefix}/backup/{second}/backup_manifest.zst"),
             format!("{prefix}/backup/{second}/base.tar.zst"),
             format!("{prefix}/backup/{second}/manifest.json"),
         ]
