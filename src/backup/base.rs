@@ -174,6 +174,10 @@ pub struct BackupSource<'a> {
     /// Compress at a lower CPU priority (nice 10): the agent's scheduled
     /// backups run beside its HA loop, which must not wait for CPU.
     pub background: bool,
+    /// The source's `wal_segment_size` in bytes (set at initdb): the
+    /// manifest records it, and every later walk of the WAL chain from
+    /// this backup counts segments with it.
+    pub wal_segment_size: u64,
 }
 
 /// Stops a running [`take`] from another thread: `take` records its
@@ -401,7 +405,7 @@ pub fn take(repo: &dyn Repository, src: &BackupSource<'_>) -> Result<Manifest, B
         stop_lsn,
         start_time: humantime::format_rfc3339_seconds(started).to_string(),
         stop_time: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
-        wal_segment_size: naming::DEFAULT_SEGMENT_SIZE,
+        wal_segment_size: src.wal_segment_size,
         server_manifest: "base.tar:backup_manifest".into(),
         files: vec![stored_file("base.tar", size, &mut pieces)],
     };

@@ -114,6 +114,8 @@ pub struct Instance {
     pub archiving: Option<conf::Archiving>,
     /// `backup.clone_from = "backup"`: replicas start from the repository.
     pub clone_from_backup: bool,
+    /// `bootstrap.wal_segment_size` in MiB, for initdb.
+    pub wal_segment_mib: Option<u32>,
 }
 
 /// Subdirectory of the state directory that belongs to the PostgreSQL
@@ -196,6 +198,7 @@ impl Instance {
                 .backup
                 .as_ref()
                 .is_some_and(|b| b.clone_from == crate::config::backup::CloneFrom::Backup),
+            wal_segment_mib: cfg.bootstrap.wal_segment_mib,
         };
         instance.prepare()?;
         Ok(instance)
@@ -301,20 +304,26 @@ impl Instance {
             self.superuser.password.expose().as_bytes(),
             0o600,
         )?;
+        let pwfile_arg = format!("--pwfile={}", pwfile.display());
+        let segsize_arg = self.wal_segment_mib.map(|m| format!("--wal-segsize={m}"));
+        let mut args: Vec<&std::ffi::OsStr> = vec![
+            "-D".as_ref(),
+            self.data_dir.as_os_str(),
+            "--data-checksums".as_ref(),
+            "--encoding=UTF8".as_ref(),
+            "--locale=C.UTF-8".as_ref(),
+            "--auth=scram-sha-256".as_ref(),
+            "-U".as_ref(),
+            self.superuser.username.as_ref(),
+            pwfile_arg.as_ref(),
+        ];
+        if let Some(a) = &segsize_arg {
+            args.push(a.as_ref());
+        }
         let result = self
             .run(
                 "initdb",
-                &[
-                    "-D".as_ref(),
-                    self.data_dir.as_os_str(),
-                    "--data-checksums".as_ref(),
-                    "--encoding=UTF8".as_ref(),
-                    "--locale=C.UTF-8".as_ref(),
-                    "--auth=scram-sha-256".as_ref(),
-                    "-U".as_ref(),
-                    self.superuser.username.as_ref(),
-                    format!("--pwfile={}", pwfile.display()).as_ref(),
-                ],
+                &args,
                 "initialize a new cluster",
                 Duration::from_secs(300),
             )

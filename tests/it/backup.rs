@@ -1469,3 +1469,72 @@ async fn a_bootstrap_from_an_unsuitable_backup_creates_no_cluster() {
         "a data directory was left behind"
     );
 }
+
+/// `bootstrap.wal_segment_size`: initdb makes 4 MB segments, replicas have
+/// them too, and backups record and follow them: after a failover, verify
+/// walks the WAL chain across the timeline switch with the cluster's real
+/// segment size (with PostgreSQL's default it would look for segments of
+/// the new timeline that never existed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_wal_segments_from_initdb_through_backup_and_failover() {
+    let options = ClusterOptions {
+        extra_toml: "\n[bootstrap]\nwal_segment_size = \"4MB\"\n".into(),
+        ..ClusterOptions::default().backup()
+    };
+    let mut cluster = Cluster::start("bk-seg", 2, options).await.unwrap();
+    let repo = cluster.dir().join("repo");
+    let config = cluster.node("node1").config_path().display().to_string();
+    for node in &cluster.nodes {
+        assert_eq!(
+            node.scalar("SHOW wal_segment_size")
+                .await
+                .unwrap()
+                .as_deref(),
+            Some("4MB"),
+            "{}",
+            node.name()
+        );
+    }
+    let leader = cluster.leader().await.unwrap().unwrap();
+    let node = cluster.node(&leader);
+    node.psql(
+        "CREATE TABLE seg_rows (id bigint PRIMARY KEY, pad text); \
+         INSERT INTO seg_rows SELECT i, repeat('x', 100) FROM generate_series(1, 100000) i",
+    )
+    .await
+    .unwrap();
+    let (ok, out, err) = pgha(&["backup", "-c", &config, "--json"]).await.unwrap();
+    assert!(ok, "pgha backup failed: {err}\n{}", cluster.log_tails(20));
+    let summary: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let id = summary["id"].as_str().unwrap().to_string();
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(repo.join(format!("backup/{id}/manifest.json"))).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(manifest["wal_segment_size"], 4 << 20);
+
+    {
+        let victim = cluster.node_mut(&leader);
+        victim.kill_agent().await.unwrap();
+        victim.kill_postgres().expect("the leader's postmaster");
+    }
+    let new_leader = cluster
+        .wait_for_leader_other_than(&leader, FAILOVER_TIMEOUT)
+        .await
+        .unwrap();
+    let new_node = cluster.node(&new_leader);
+    wait_until(FAILOVER_TIMEOUT, Duration::from_millis(200), || async {
+        new_node.is_writable().await.ok()?.then_some(())
+    })
+    .await
+    .unwrap();
+    new_node
+        .psql("INSERT INTO seg_rows SELECT i, repeat('y', 100) FROM generate_series(100001, 150000) i")
+        .await
+        .unwrap();
+    let tl = new_node.timeline().await.unwrap();
+    assert!(tl >= 2);
+    switch_and_wait_archived(new_node).await;
+    let (ok, out, err) = pgha(&["backup", "verify", "-c", &config]).await.unwrap();
+    assert!(ok, "verify failed: {out}{err}");
+}
