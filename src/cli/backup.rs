@@ -87,6 +87,9 @@ pub enum BackupAction {
         /// One backup by id; default: the newest that suits the target.
         #[arg(long)]
         backup: Option<String>,
+        /// The timeline to follow; default: the newest archived.
+        #[arg(long)]
+        timeline: Option<u32>,
     },
     /// Remove the backups beyond `keep` and the archived WAL no kept
     /// backup needs (also done after every `pgha backup`).
@@ -321,30 +324,33 @@ pub async fn action(action: BackupAction) -> anyhow::Result<()> {
             bin_dir,
             target,
             backup,
+            timeline,
         } => {
             let b = crate::config::backup::load_backup_config(&config)
                 .map_err(|e| UsageError(e.to_string()))?;
             let target =
                 restore::parse_target(&target).map_err(|e| UsageError(format!("--target {e}")))?;
             let repo = repository(&b)?;
-            let m = tokio::task::spawn_blocking(move || {
+            let (m, follow) = tokio::task::spawn_blocking(move || {
                 crate::backup::bootstrap::unpack(
                     repo.as_ref(),
                     &dir,
                     &bin_dir,
                     &target,
                     backup.as_deref(),
+                    timeline.map(crate::model::Timeline),
                     &unpack_progress(),
                 )
             })
             .await??;
-            // One line for the agent: it names the backup in its log and in
-            // the recovery settings.
+            // One line for the agent: the backup for its log and the
+            // recovery settings, and the timeline replay must follow.
             println!(
                 "{}",
                 serde_json::json!({
                     "backup": m.id,
                     "timeline": m.timeline,
+                    "follow_timeline": follow.0,
                     "stop_lsn": m.stop_lsn.to_string(),
                     "stop_time": m.stop_time,
                 })

@@ -33,6 +33,9 @@ pub struct RawFromBackup {
     /// One backup by id; default: the newest that suits the target.
     #[serde(default)]
     pub backup: Option<String>,
+    /// The timeline replay follows; default: the newest archived.
+    #[serde(default)]
+    pub timeline: Option<u32>,
     /// A repository file (a `[backup]` table alone) naming the repository
     /// to restore from; default: this cluster's `[backup]`.
     #[serde(default)]
@@ -54,10 +57,10 @@ pub struct FromBackup {
     /// The target as written (for the restore command's argument and logs).
     pub target_text: String,
     pub backup: Option<String>,
+    /// `None`: the newest timeline archived when the restore begins.
+    pub timeline: Option<u32>,
     /// The repository restored from: `repository_file`'s, or the cluster's.
     pub source: BackupConfig,
-    /// Whether `source` is another repository than the cluster's own.
-    pub foreign_source: bool,
 }
 
 impl BootstrapConfig {
@@ -99,9 +102,15 @@ impl BootstrapConfig {
                 ),
             ));
         }
-        let (source, foreign_source) = match (&raw.repository_file, cluster_backup) {
-            (Some(file), _) => (load_source(path, &resolve(file))?, true),
-            (None, Some(b)) => (b.clone(), false),
+        if raw.timeline == Some(0) {
+            return Err(bad(
+                "bootstrap.from_backup.timeline",
+                "timelines start at 1".into(),
+            ));
+        }
+        let source = match (&raw.repository_file, cluster_backup) {
+            (Some(file), _) => load_source(path, &resolve(file))?,
+            (None, Some(b)) => b.clone(),
             (None, None) => {
                 return Err(bad(
                     "bootstrap.from_backup",
@@ -115,8 +124,8 @@ impl BootstrapConfig {
                 target,
                 target_text,
                 backup: raw.backup,
+                timeline: raw.timeline,
                 source,
-                foreign_source,
             }),
         })
     }
@@ -203,7 +212,7 @@ mod tests {
         assert_eq!(f.target_text, "latest");
         assert_eq!(f.backup, None);
         assert_eq!(f.source, b);
-        assert!(!f.foreign_source);
+        assert_eq!(f.timeline, None);
     }
 
     #[test]
@@ -225,6 +234,10 @@ mod tests {
         );
         let err = load("[from_backup]\nbackup = \"last\"\n", Some(&b)).unwrap_err();
         assert!(err.contains("bootstrap.from_backup.backup"), "{err}");
+        let t = load("[from_backup]\ntimeline = 3\n", Some(&b)).unwrap();
+        assert_eq!(t.from_backup.unwrap().timeline, Some(3));
+        let err = load("[from_backup]\ntimeline = 0\n", Some(&b)).unwrap_err();
+        assert!(err.contains("bootstrap.from_backup.timeline"), "{err}");
         let err = load("[from_backup]\ntargett = \"latest\"\n", Some(&b)).unwrap_err();
         assert!(err.contains("targett"), "{err}");
     }
@@ -268,7 +281,6 @@ mod tests {
         let f = load(&text, None).unwrap().from_backup.unwrap();
         // Relative to the repository file's own directory.
         assert_eq!(f.source.repository, dir.path().join("old-repo"));
-        assert!(f.foreign_source);
 
         std::fs::write(&file, "cluster = \"c\"\nname = \"n\"\n").unwrap();
         let err = load(&text, None).unwrap_err();

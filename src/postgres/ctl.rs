@@ -126,6 +126,16 @@ pub const PG_SUBDIR: &str = "postgres";
 /// account's directory beside the cluster's own.
 pub const BOOTSTRAP_SOURCE_FILE: &str = "bootstrap-source.toml";
 
+/// What [`Instance::restore_for_bootstrap`] unpacked.
+#[derive(Clone, Debug)]
+pub struct BootstrapRestore {
+    pub backup: String,
+    /// The timeline replay follows (checked to carry the backup).
+    pub timeline: crate::model::Timeline,
+    /// Reads the WAL of the repository restored from.
+    pub restore_command: String,
+}
+
 impl Instance {
     /// Resolves the OS user and opens (creating when missing) the state
     /// directory and the PostgreSQL account's subdirectory, then writes the
@@ -667,24 +677,25 @@ impl Instance {
 
     /// Fills the data directory from the backup `[bootstrap.from_backup]`
     /// asks for, as the PostgreSQL account (`pgha backup
-    /// unpack-bootstrap`), for the first leader of a new cluster. Returns
-    /// the backup's id and the `restore_command` that reads the WAL of the
-    /// repository restored from; a failed attempt leaves no data directory.
+    /// unpack-bootstrap`), for the first leader of a new cluster. A failed
+    /// attempt leaves no data directory.
     pub async fn restore_for_bootstrap(
         &self,
         from: &crate::config::bootstrap::FromBackup,
-    ) -> Result<(String, String), PgError> {
+    ) -> Result<BootstrapRestore, PgError> {
         self.remove_data_dir()?;
         self.create_data_dir()?;
         let exe = std::env::current_exe().map_err(io("find the pgha binary"))?;
         // Its own file even when it is the cluster's repository: the
-        // command and the replay read it as the PostgreSQL account.
+        // command and the replay read it as the PostgreSQL account. Removed
+        // once the cluster is initialized (see remove_bootstrap_source).
         self.pg_dir.write(
             BOOTSTRAP_SOURCE_FILE,
             crate::config::backup::RepositoryFile::render(&from.source).as_bytes(),
             0o600,
         )?;
         let source_file = self.pg_dir.join(BOOTSTRAP_SOURCE_FILE);
+        let timeline = from.timeline.map(|t| t.to_string());
         let mut args: Vec<&std::ffi::OsStr> = vec![
             "backup".as_ref(),
             "unpack-bootstrap".as_ref(),
@@ -701,6 +712,10 @@ impl Instance {
             args.push("--backup".as_ref());
             args.push(id.as_ref());
         }
+        if let Some(t) = &timeline {
+            args.push("--timeline".as_ref());
+            args.push(t.as_ref());
+        }
         let result = self
             .run_unpack(
                 &exe,
@@ -710,25 +725,68 @@ impl Instance {
             )
             .await
             .and_then(|out| {
+                // Written by the PostgreSQL account: checked before it goes
+                // into the recovery settings and the log.
                 let report: serde_json::Value =
-                    serde_json::from_str(out.trim()).map_err(|e| PgError::Tool {
+                    serde_json::from_str(out.trim()).ok().unwrap_or_default();
+                let backup = report["backup"]
+                    .as_str()
+                    .filter(|id| crate::backup::naming::is_backup_id(id));
+                let follow = report["follow_timeline"]
+                    .as_u64()
+                    .and_then(|t| u32::try_from(t).ok())
+                    .filter(|t| *t >= 1);
+                match (backup, follow) {
+                    (Some(backup), Some(t)) => Ok((backup.to_string(), t)),
+                    _ => Err(PgError::Tool {
                         tool: "pgha backup unpack-bootstrap".into(),
                         action: "report the backup it restored".into(),
                         status: "exit 0".into(),
-                        stderr: format!("unreadable report {:?}: {e}", out.trim()),
-                    })?;
-                Ok(report["backup"].as_str().unwrap_or_default().to_string())
+                        stderr: format!("unreadable report {:?}", out.trim()),
+                    }),
+                }
             });
         match result {
-            Ok(id) => {
+            Ok((backup, timeline)) => {
                 let archiving = crate::backup::agent::archiving(&from.source, &exe, &source_file);
-                Ok((id, archiving.restore_command))
+                Ok(BootstrapRestore {
+                    backup,
+                    timeline: crate::model::Timeline(timeline),
+                    restore_command: archiving.restore_command,
+                })
             }
             Err(e) => {
                 let _ = self.remove_data_dir();
                 Err(e)
             }
         }
+    }
+
+    /// Removes the source repository's file once the cluster exists: it may
+    /// name another cluster's repository, which this one's PostgreSQL
+    /// account has no further business reading.
+    pub fn remove_bootstrap_source(&self) -> Result<(), PgError> {
+        Ok(self.pg_dir.remove(BOOTSTRAP_SOURCE_FILE)?)
+    }
+
+    /// The last `lines` lines of the server log, for an error message.
+    /// Read through the PostgreSQL account's directory handle (never
+    /// following a link planted there), and at most the last 64 KiB.
+    pub fn log_tail(&self, lines: usize) -> String {
+        use std::io::{Read, Seek, SeekFrom};
+        let Some(name) = self.log_file.file_name().and_then(|n| n.to_str()) else {
+            return String::new();
+        };
+        let Ok(mut file) = self.pg_dir.open_rw(name, 0o600) else {
+            return String::new();
+        };
+        let len = file.seek(SeekFrom::End(0)).unwrap_or(0);
+        let _ = file.seek(SeekFrom::Start(len.saturating_sub(64 << 10)));
+        let mut buf = Vec::new();
+        let _ = file.take(64 << 10).read_to_end(&mut buf);
+        let text = String::from_utf8_lossy(&buf);
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
     }
 
     /// Puts the recovery settings of a bootstrap from a backup in place

@@ -1385,6 +1385,50 @@ async fn a_new_cluster_bootstraps_from_a_backup_to_a_point_in_time() {
         "{}",
         restored.log_tails(30)
     );
+    // Nothing of the restore outlives it: no recovery settings in force or
+    // in the base configuration (replicas copy both), no copy of the
+    // source repository's file, and only the new cluster's superuser
+    // password opens it.
+    for file in [
+        "postgresql.auto.conf",
+        "postgresql.base.conf",
+        "postgresql.conf",
+    ] {
+        let text = std::fs::read_to_string(leader.data_dir().join(file)).unwrap_or_default();
+        let set: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.trim_start().starts_with('#'))
+            .filter(|l| {
+                [
+                    "recovery_target_time ",
+                    "recovery_target_lsn",
+                    "recovery_target_action",
+                    "bootstrap-source",
+                    "hot_standby = 'off'",
+                ]
+                .iter()
+                .any(|k| l.contains(k))
+            })
+            .collect();
+        assert!(set.is_empty(), "{file}: {set:?}");
+    }
+    assert!(!leader.data_dir().join("recovery.signal").exists());
+    assert!(
+        !leader
+            .state_dir()
+            .join("postgres/bootstrap-source.toml")
+            .exists()
+    );
+    let old_password = connect(
+        tokio_postgres::Config::new()
+            .host("127.0.0.1")
+            .port(leader.pg_port())
+            .user(SUPERUSER)
+            .password(source.superuser_password())
+            .dbname("postgres"),
+    )
+    .await;
+    assert!(old_password.is_err(), "the source's password still works");
     // The unpacking's progress reached the agent's log.
     assert!(
         log.lines().any(|l| l.contains(" INFO ")
@@ -1436,38 +1480,69 @@ async fn a_new_cluster_bootstraps_from_a_backup_to_a_point_in_time() {
 }
 
 /// A bootstrap from a backup that cannot be done (the target is before
-/// every backup) creates no cluster: the member says why, and no empty
-/// cluster takes the restore's place.
+/// the only backup) creates no cluster: both members wait, the one that
+/// tried says why and backs off, and no empty cluster takes the
+/// restore's place.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bootstrap_from_an_unsuitable_backup_creates_no_cluster() {
+    let source = Cluster::start("bk-nosrc", 1, ClusterOptions::default().backup())
+        .await
+        .unwrap();
+    let config = source.node("node1").config_path().display().to_string();
+    let (ok, _, err) = pgha(&["backup", "-c", &config, "--from", "leader"])
+        .await
+        .unwrap();
+    assert!(ok, "pgha backup failed: {err}");
+    let source_file = source.dir().join("source-repository.toml");
+    std::fs::write(
+        &source_file,
+        format!(
+            "[backup]\nrepository = {:?}\n",
+            source.dir().join("repo").display().to_string()
+        ),
+    )
+    .unwrap();
     let options = ClusterOptions {
-        extra_toml: "\n[bootstrap.from_backup]\ntarget = \"2001-01-01T00:00:00Z\"\n".into(),
+        extra_toml: format!(
+            "\n[bootstrap.from_backup]\ntarget = \"2001-01-01T00:00:00Z\"\nrepository_file = {:?}\n",
+            source_file.display().to_string()
+        ),
         ..ClusterOptions::default().backup()
     };
-    let mut cluster = Cluster::create("bk-noboot", 1, options).await.unwrap();
-    cluster.node_mut("node1").start().unwrap();
-    let node = cluster.node("node1");
+    let mut cluster = Cluster::create("bk-noboot", 2, options).await.unwrap();
+    for name in ["node1", "node2"] {
+        cluster.node_mut(name).start().unwrap();
+    }
     let said = wait_until(
         Duration::from_secs(60),
         Duration::from_millis(200),
         || async {
-            node.log_text()
-                .contains("the repository holds no complete backup")
+            cluster
+                .nodes
+                .iter()
+                .any(|n| {
+                    let log = n.log_text();
+                    log.contains("before the oldest backup") && log.contains("will be tried again")
+                })
                 .then_some(())
         },
     )
     .await;
     assert!(said.is_ok(), "{}", cluster.log_tails(30));
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert!(
-        !node.log_text().contains("cluster initialized"),
-        "{}",
-        cluster.log_tails(30)
-    );
-    assert!(
-        !node.data_dir().join("PG_VERSION").exists(),
-        "a data directory was left behind"
-    );
+    for node in &cluster.nodes {
+        let log = node.log_text();
+        assert!(
+            !log.contains("cluster initialized") && !log.contains("running initdb"),
+            "{}",
+            cluster.log_tails(30)
+        );
+        assert!(
+            !node.data_dir().join("PG_VERSION").exists(),
+            "{}: a data directory was left behind",
+            node.name()
+        );
+    }
 }
 
 /// `bootstrap.wal_segment_size`: initdb makes 4 MB segments, replicas have
