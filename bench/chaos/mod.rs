@@ -356,6 +356,7 @@ fn build(net: &Arc<Net>, args: &Args) -> anyhow::Result<Topology> {
         &Timing::default(),
         vec![format!("synchronous_mode={}", args.sync)],
         &[],
+        None,
         Some(&placement),
     )?;
     let mut disks = Vec::new();
