@@ -665,6 +665,21 @@ impl Instance {
         let timeout = Duration::from_secs(7 * 24 * 3600);
         let mut cmd = self.command(&tool);
         cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
+        // An agent killed outright (SIGKILL, OOM) cannot kill its command,
+        // and a restarted agent would restore into the same directory
+        // beside it: the command dies with the agent's thread that started
+        // it (the runtime's worker threads live as long as the agent).
+        // SAFETY: prctl is async-signal-safe and only reads its integer
+        // arguments; it runs after the switch to the PostgreSQL account,
+        // which would otherwise clear it.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         match tokio::time::timeout(timeout, super::relay::run(cmd, &tool, action, doing)).await {
             Ok(result) => result,
             Err(_) => Err(PgError::ToolTimeout {

@@ -1291,15 +1291,12 @@ async fn switch_and_wait_archived(node: &crate::support::Node) {
     assert!(archived.is_ok(), "{segment} was not archived");
 }
 
-/// `[bootstrap.from_backup]`: a new cluster, with its own repository and
-/// its own passwords, starts from another cluster's backup replayed to a
-/// time between two commits. It holds exactly the rows committed before
-/// that time, runs on a new timeline whose history reaches its own
-/// repository, is the same database system as the source, admits its own
-/// superuser, and its second member clones it and streams.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_new_cluster_bootstraps_from_a_backup_to_a_point_in_time() {
-    let source = Cluster::start("bk-src", 1, ClusterOptions::default().backup())
+/// A one-node source cluster for the bootstrap tests: rows 1-1000, a
+/// backup, rows 1001-2000, a target time, rows 2001-3000, all archived.
+/// Returns the cluster, the target time, its system identifier and a
+/// repository file naming its repository.
+async fn pitr_source(test: &str) -> (Cluster, String, Option<String>, PathBuf) {
+    let source = Cluster::start(test, 1, ClusterOptions::default().backup())
         .await
         .unwrap();
     let node = source.node("node1");
@@ -1330,11 +1327,10 @@ async fn a_new_cluster_bootstraps_from_a_backup_to_a_point_in_time() {
     // Recovery stops at the first commit after the target, so one must be
     // archived: the segment with the last insert is closed and archived.
     switch_and_wait_archived(node).await;
-    let source_system = node
+    let system = node
         .scalar("SELECT system_identifier::text FROM pg_control_system()")
         .await
         .unwrap();
-
     let source_file = source.dir().join("source-repository.toml");
     std::fs::write(
         &source_file,
@@ -1344,6 +1340,18 @@ async fn a_new_cluster_bootstraps_from_a_backup_to_a_point_in_time() {
         ),
     )
     .unwrap();
+    (source, target, system, source_file)
+}
+
+/// `[bootstrap.from_backup]`: a new cluster, with its own repository and
+/// its own passwords, starts from another cluster's backup replayed to a
+/// time between two commits. It holds exactly the rows committed before
+/// that time, runs on a new timeline whose history reaches its own
+/// repository, is the same database system as the source, admits its own
+/// superuser, and its second member clones it and streams.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_cluster_bootstraps_from_a_backup_to_a_point_in_time() {
+    let (source, target, source_system, source_file) = pitr_source("bk-src").await;
     let options = ClusterOptions {
         extra_toml: format!(
             "\n[bootstrap.from_backup]\ntarget = \"{target}\"\nrepository_file = {:?}\n",
@@ -1612,4 +1620,84 @@ async fn small_wal_segments_from_initdb_through_backup_and_failover() {
     switch_and_wait_archived(new_node).await;
     let (ok, out, err) = pgha(&["backup", "verify", "-c", &config]).await.unwrap();
     assert!(ok, "verify failed: {out}{err}");
+}
+
+/// Kills the agent of `node` as soon as its log has `marker` past
+/// `from_len` bytes (polling every 10 ms), and starts it again. Returns the
+/// log's length at the kill.
+async fn kill_agent_at(cluster: &mut Cluster, node: &str, marker: &str, from_len: usize) -> usize {
+    let seen = wait_until(
+        Duration::from_secs(60),
+        Duration::from_millis(10),
+        || async {
+            let log = cluster.node(node).log_text();
+            log.get(from_len..)
+                .is_some_and(|tail| tail.contains(marker))
+                .then_some(())
+        },
+    )
+    .await;
+    assert!(seen.is_ok(), "no {marker:?}\n{}", cluster.log_tails(30));
+    let n = cluster.node_mut(node);
+    n.kill_agent().await.unwrap();
+    let len = n.log_text().len();
+    n.start().unwrap();
+    len
+}
+
+/// The agent killed outright twice during a bootstrap from a backup: while
+/// it unpacks (a partial copy, restored again from scratch) and just after
+/// the restored server promoted (whole data, finished in place). Whatever
+/// the kills interrupt, the cluster ends initialized with exactly the rows
+/// before the target.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_killed_during_a_bootstrap_restore_ends_in_the_right_cluster() {
+    let (_source, target, _, source_file) = pitr_source("bk-ksrc").await;
+    let options = ClusterOptions {
+        extra_toml: format!(
+            "\n[bootstrap.from_backup]\ntarget = \"{target}\"\nrepository_file = {:?}\n",
+            source_file.display().to_string()
+        ),
+        ..ClusterOptions::default().backup()
+    };
+    let mut cluster = Cluster::create("bk-kill", 1, options).await.unwrap();
+    cluster.node_mut("node1").start().unwrap();
+    let at = kill_agent_at(
+        &mut cluster,
+        "node1",
+        "restoring the cluster from a backup",
+        0,
+    )
+    .await;
+    let at = kill_agent_at(
+        &mut cluster,
+        "node1",
+        "the restored server reached its target and promoted",
+        at,
+    )
+    .await;
+    cluster
+        .wait_healthy(Duration::from_secs(120))
+        .await
+        .with_context(|| cluster.log_tails(40))
+        .unwrap();
+    let node = cluster.node("node1");
+    assert_eq!(
+        node.scalar("SELECT count(*)::text || ' ' || max(id)::text FROM boot_rows")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("2000 2000"),
+        "{}",
+        cluster.log_tails(40)
+    );
+    assert!(node.is_writable().await.unwrap());
+    let log = node.log_text();
+    assert!(
+        log[..at].contains("restored server reached its target and promoted"),
+        "{log}"
+    );
+    // The first kill came during the unpacking: the partial copy was
+    // restored again, never adopted.
+    assert!(log.contains("restoring again"), "{log}");
 }
