@@ -123,6 +123,22 @@ fn repository(b: &BackupConfig) -> anyhow::Result<Arc<dyn Repository>> {
     }
 }
 
+/// The one line an unpack command reports to the agent: the backup (for
+/// its log and a bootstrap's recovery settings) and, for a bootstrap, the
+/// timeline replay must follow.
+fn print_unpack_report(m: &Manifest, follow: Option<crate::model::Timeline>) {
+    let mut report = serde_json::json!({
+        "backup": m.id,
+        "timeline": m.timeline,
+        "stop_lsn": m.stop_lsn.to_string(),
+        "stop_time": m.stop_time,
+    });
+    if let Some(t) = follow {
+        report["follow_timeline"] = t.0.into();
+    }
+    println!("{report}");
+}
+
 /// A byte progress bar on a terminal; nothing otherwise.
 fn progress_bar(what: &str) -> Option<indicatif::ProgressBar> {
     if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
@@ -306,16 +322,7 @@ pub async fn action(action: BackupAction) -> anyhow::Result<()> {
                 )
             })
             .await??;
-            // One line for the agent's log.
-            println!(
-                "{}",
-                serde_json::json!({
-                    "backup": m.id,
-                    "timeline": m.timeline,
-                    "stop_lsn": m.stop_lsn.to_string(),
-                    "stop_time": m.stop_time,
-                })
-            );
+            print_unpack_report(&m, None);
             Ok(())
         }
         BackupAction::UnpackBootstrap {
@@ -343,18 +350,7 @@ pub async fn action(action: BackupAction) -> anyhow::Result<()> {
                 )
             })
             .await??;
-            // One line for the agent: the backup for its log and the
-            // recovery settings, and the timeline replay must follow.
-            println!(
-                "{}",
-                serde_json::json!({
-                    "backup": m.id,
-                    "timeline": m.timeline,
-                    "follow_timeline": follow.0,
-                    "stop_lsn": m.stop_lsn.to_string(),
-                    "stop_time": m.stop_time,
-                })
-            );
+            print_unpack_report(&m, Some(follow));
             Ok(())
         }
         BackupAction::Expire { config, json } => {

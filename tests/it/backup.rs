@@ -45,6 +45,27 @@ fn archived(repo: &Path, timeline: u32) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// The leader's host dies (its agent and postmaster killed outright);
+/// returns the member that took over, once it accepts writes.
+async fn lose_the_leader(cluster: &mut Cluster, leader: &str) -> String {
+    {
+        let victim = cluster.node_mut(leader);
+        victim.kill_agent().await.unwrap();
+        victim.kill_postgres().expect("the leader's postmaster");
+    }
+    let new_leader = cluster
+        .wait_for_leader_other_than(leader, FAILOVER_TIMEOUT)
+        .await
+        .unwrap();
+    let node = cluster.node(&new_leader);
+    wait_until(FAILOVER_TIMEOUT, Duration::from_millis(200), || async {
+        node.is_writable().await.ok()?.then_some(())
+    })
+    .await
+    .unwrap();
+    new_leader
+}
+
 /// A restored server, run as the PostgreSQL account with plain `pg_ctl`;
 /// stopped on drop.
 struct Restored {
@@ -187,21 +208,8 @@ async fn archive_backup_failover_verify_and_restore() {
     }
 
     // Failover: the new leader archives its history file and its timeline.
-    {
-        let victim = cluster.node_mut(&leader);
-        victim.kill_agent().await.unwrap();
-        victim.kill_postgres().expect("the leader's postmaster");
-    }
-    let new_leader = cluster
-        .wait_for_leader_other_than(&leader, FAILOVER_TIMEOUT)
-        .await
-        .unwrap();
+    let new_leader = lose_the_leader(&mut cluster, &leader).await;
     let new_node = cluster.node(&new_leader);
-    wait_until(FAILOVER_TIMEOUT, Duration::from_millis(200), || async {
-        new_node.is_writable().await.ok()?.then_some(())
-    })
-    .await
-    .unwrap();
     new_node
         .psql("CREATE TABLE after_failover (id bigint); INSERT INTO after_failover SELECT generate_series(1, 1000)")
         .await
@@ -1596,21 +1604,8 @@ async fn small_wal_segments_from_initdb_through_backup_and_failover() {
     .unwrap();
     assert_eq!(manifest["wal_segment_size"], 4 << 20);
 
-    {
-        let victim = cluster.node_mut(&leader);
-        victim.kill_agent().await.unwrap();
-        victim.kill_postgres().expect("the leader's postmaster");
-    }
-    let new_leader = cluster
-        .wait_for_leader_other_than(&leader, FAILOVER_TIMEOUT)
-        .await
-        .unwrap();
+    let new_leader = lose_the_leader(&mut cluster, &leader).await;
     let new_node = cluster.node(&new_leader);
-    wait_until(FAILOVER_TIMEOUT, Duration::from_millis(200), || async {
-        new_node.is_writable().await.ok()?.then_some(())
-    })
-    .await
-    .unwrap();
     new_node
         .psql("INSERT INTO seg_rows SELECT i, repeat('y', 100) FROM generate_series(100001, 150000) i")
         .await
