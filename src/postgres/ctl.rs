@@ -468,8 +468,7 @@ impl Instance {
     /// milliseconds; PostgreSQL then refuses to start ("lock file already
     /// exists"). Wait, briefly, until its process is really gone.
     async fn wait_for_previous_server(&self, timeout: Duration) {
-        let Some(pid) = std::fs::read_to_string(self.data_dir.join("postmaster.pid"))
-            .ok()
+        let Some(pid) = read_pid_file(&self.data_dir)
             .and_then(|t| t.lines().next()?.trim().parse::<i32>().ok())
         else {
             return;
@@ -785,21 +784,8 @@ impl Instance {
     }
 
     /// The last `lines` lines of the server log, for an error message.
-    /// Read through the PostgreSQL account's directory handle (never
-    /// following a link planted there), and at most the last 64 KiB.
     pub fn log_tail(&self, lines: usize) -> String {
-        use std::io::{Read, Seek, SeekFrom};
-        let Some(name) = self.log_file.file_name().and_then(|n| n.to_str()) else {
-            return String::new();
-        };
-        let Ok(mut file) = self.pg_dir.open_rw(name, 0o600) else {
-            return String::new();
-        };
-        let len = file.seek(SeekFrom::End(0)).unwrap_or(0);
-        let _ = file.seek(SeekFrom::Start(len.saturating_sub(64 << 10)));
-        let mut buf = Vec::new();
-        let _ = file.take(64 << 10).read_to_end(&mut buf);
-        let text = String::from_utf8_lossy(&buf);
+        let text = super::promote::read_log_tail(&self.log_file);
         let all: Vec<&str> = text.lines().collect();
         all[all.len().saturating_sub(lines)..].join("\n")
     }
@@ -1011,6 +997,13 @@ pub fn reap_postgres_orphans() {
     }
 }
 
+/// `postmaster.pid`, written by the PostgreSQL account: read as an
+/// untrusted file (no symlink, a regular file, a few KiB at most).
+fn read_pid_file(data_dir: &Path) -> Option<String> {
+    let bytes = crate::safe_fs::read_untrusted(&data_dir.join("postmaster.pid"), 4096, false)?;
+    String::from_utf8(bytes).ok()
+}
+
 /// Reads `postmaster.pid` and checks that process is a live postmaster of
 /// this data directory's owner.
 ///
@@ -1020,7 +1013,7 @@ pub fn reap_postgres_orphans() {
 /// or fence keeper could be steered into signalling any process.
 pub fn postmaster_pid(data_dir: &Path) -> Option<i32> {
     use std::os::unix::fs::MetadataExt;
-    let text = std::fs::read_to_string(data_dir.join("postmaster.pid")).ok()?;
+    let text = read_pid_file(data_dir)?;
     let pid: i32 = text.lines().next()?.trim().parse().ok()?;
     if pid <= 0 {
         return None;
