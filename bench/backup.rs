@@ -294,6 +294,8 @@ fn pgha_run(env: &Env, args: &Args, run: usize, times: &mut Times) -> anyhow::Re
                 progress: &|_| {},
                 cancel: None,
                 background: false,
+                // The bench's own initdb keeps PostgreSQL's default.
+                wal_segment_size: pgha::backup::naming::DEFAULT_SEGMENT_SIZE,
             },
         )?)
     })?;

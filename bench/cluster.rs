@@ -351,8 +351,16 @@ impl Cluster {
         timing: &Timing,
         cluster_config: Vec<String>,
         pg_parameters: &[(&str, &str)],
+        wal_segment_size: Option<&str>,
     ) -> anyhow::Result<Cluster> {
-        Self::create_placed(nodes, timing, cluster_config, pg_parameters, None)
+        Self::create_placed(
+            nodes,
+            timing,
+            cluster_config,
+            pg_parameters,
+            wal_segment_size,
+            None,
+        )
     }
 
     /// Like [`create`](Cluster::create), with the nodes placed on the
@@ -362,6 +370,7 @@ impl Cluster {
         timing: &Timing,
         cluster_config: Vec<String>,
         pg_parameters: &[(&str, &str)],
+        wal_segment_size: Option<&str>,
         placement: Option<&Placement>,
     ) -> anyhow::Result<Cluster> {
         if let Some(p) = placement {
@@ -447,10 +456,13 @@ replication = {{ username = "replicator", password = "{replication_password}" }}
 [api]
 listen = "{addr}:{api_port}"
 token = "{api_token}"
-{parameters}"#,
+{parameters}{bootstrap}"#,
                 state = node_dir.join("state").display(),
                 data = data_dir.display(),
                 timing = timing.toml(),
+                bootstrap = wal_segment_size.map_or(String::new(), |size| {
+                    format!("\n[bootstrap]\nwal_segment_size = {size:?}\n")
+                }),
                 parameters = if pg_parameters.is_empty() {
                     String::new()
                 } else {

@@ -74,6 +74,10 @@ struct Common {
     /// them at once (see bench/reaper.rs; shows what a slow init costs).
     #[arg(long)]
     no_subreaper: bool,
+    /// `bootstrap.wal_segment_size` of the cluster, e.g. `4MB` (default:
+    /// PostgreSQL's 16MB).
+    #[arg(long)]
+    wal_segment_size: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -172,7 +176,13 @@ async fn run(cli: Cli) -> i32 {
     if let Some(mode) = &common.sync {
         cluster_config.push(format!("synchronous_mode={mode}"));
     }
-    let cluster = match Cluster::create(nodes, &common.timing, cluster_config, pg_parameters) {
+    let cluster = match Cluster::create(
+        nodes,
+        &common.timing,
+        cluster_config,
+        pg_parameters,
+        common.wal_segment_size.as_deref(),
+    ) {
         Ok(c) => Arc::new(c),
         Err(e) => {
             eprintln!("error: {e:#}");

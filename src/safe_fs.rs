@@ -75,6 +75,33 @@ pub enum SafeFsError {
     },
 }
 
+/// Reads at most `max` bytes of a file the PostgreSQL account can write
+/// (`postmaster.pid`, the server log): from its start, or its last `max`
+/// bytes with `tail`. The last component is never followed as a symlink,
+/// and anything but a regular file is refused, so a link to `/dev/zero` or
+/// a FIFO planted in its place can neither exhaust nor hang the (root)
+/// reader. `None` when it cannot be read so.
+pub fn read_untrusted(path: &Path, max: u64, tail: bool) -> Option<Vec<u8>> {
+    use std::io::{Read, Seek, SeekFrom};
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .ok()?;
+    let meta = file.metadata().ok()?;
+    if !meta.is_file() {
+        return None;
+    }
+    if tail {
+        file.seek(SeekFrom::Start(meta.len().saturating_sub(max)))
+            .ok()?;
+    }
+    let mut bytes = Vec::new();
+    file.take(max).read_to_end(&mut bytes).ok()?;
+    Some(bytes)
+}
+
 fn io_err(action: &'static str, path: &Path) -> impl FnOnce(Errno) -> SafeFsError {
     let path = path.to_path_buf();
     move |e| SafeFsError::Io {

@@ -252,3 +252,38 @@ fn concurrent_creators_all_find_the_directory_with_its_final_owner() {
         );
     }
 }
+
+#[test]
+fn untrusted_files_are_read_without_following_links_or_blocking() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("postmaster.pid");
+    std::fs::write(&file, b"1234\n/data\n").unwrap();
+    assert_eq!(
+        read_untrusted(&file, 4096, false).as_deref(),
+        Some(&b"1234\n/data\n"[..])
+    );
+    // At most `max` bytes, from the start or the end.
+    assert_eq!(
+        read_untrusted(&file, 4, false).as_deref(),
+        Some(&b"1234"[..])
+    );
+    assert_eq!(
+        read_untrusted(&file, 5, true).as_deref(),
+        Some(&b"data\n"[..])
+    );
+    // A link planted in its place, even to a readable file, is refused;
+    // so are a device that never ends and a FIFO nobody writes to.
+    let link = dir.path().join("link.pid");
+    std::os::unix::fs::symlink(&file, &link).unwrap();
+    assert_eq!(read_untrusted(&link, 4096, false), None);
+    let zero = dir.path().join("zero.pid");
+    std::os::unix::fs::symlink("/dev/zero", &zero).unwrap();
+    assert_eq!(read_untrusted(&zero, 4096, false), None);
+    let fifo = dir.path().join("fifo.pid");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    assert_eq!(read_untrusted(&fifo, 4096, false), None);
+    assert_eq!(
+        read_untrusted(&dir.path().join("missing"), 4096, false),
+        None
+    );
+}

@@ -149,6 +149,10 @@ pub struct Args {
     pub etcd_cut: Vec<Duration>,
     #[arg(long)]
     pub json_out: Option<PathBuf>,
+    /// `bootstrap.wal_segment_size` of the cluster, e.g. `4MB` (default:
+    /// PostgreSQL's 16MB).
+    #[arg(long)]
+    pub wal_segment_size: Option<String>,
     /// Keep the work directory (logs) after a successful run.
     #[arg(long)]
     pub keep: bool,
@@ -356,6 +360,7 @@ fn build(net: &Arc<Net>, args: &Args) -> anyhow::Result<Topology> {
         &Timing::default(),
         vec![format!("synchronous_mode={}", args.sync)],
         &[],
+        args.wal_segment_size.as_deref(),
         Some(&placement),
     )?;
     let mut disks = Vec::new();

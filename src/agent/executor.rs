@@ -123,23 +123,37 @@ impl Agent {
     }
 
     async fn bootstrap(&mut self, s: &Snapshot) -> anyhow::Result<()> {
+        let from_backup = self.cfg.bootstrap.from_backup.clone();
+        // A restore that keeps failing the same way (a target past the end
+        // of the archive, say) is not retried at once: each one may read
+        // the whole backup again.
+        if from_backup.is_some()
+            && let Some(at) = self.restore_retry_at
+            && tokio::time::Instant::now() < at
+        {
+            return Ok(());
+        }
         let resuming = matches!(s.dcs.as_ref().and_then(|v| v.initialize.as_ref()), Some(Initialize::Pending { by }) if by == &self.cfg.name);
         if !resuming && !self.dcs.claim_initialize().await? {
             tracing::info!("another member won the bootstrap race");
             return Ok(());
         }
-        let from_backup = self.cfg.bootstrap.from_backup.clone();
-        if from_backup.is_some() {
-            tracing::info!("won the bootstrap race; restoring the cluster from a backup");
-        } else {
-            tracing::info!("won the bootstrap race; running initdb");
-        }
         // initdb (or the restore) and the first start block this loop for
         // a while; once the lease is held, the waits keep it alive.
         self.lease.expect_busy(Duration::from_secs(360));
         let result = match &from_backup {
-            Some(from) => self.bootstrap_from_backup(from).await,
-            None => self.bootstrap_claimed().await,
+            Some(from) => {
+                tracing::info!("won the bootstrap race; restoring the cluster from a backup");
+                match self.restore_and_promote(from).await {
+                    // The data is whole from here: a failure keeps it.
+                    Ok(restored) => return self.finish_restored(&restored).await,
+                    Err(e) => Err(e),
+                }
+            }
+            None => {
+                tracing::info!("won the bootstrap race; running initdb");
+                self.bootstrap_claimed().await
+            }
         };
         match result {
             Ok(()) => Ok(()),
@@ -157,6 +171,16 @@ impl Agent {
                     let _ = self.set_bootstrap_restore_mark(false);
                 }
                 let _ = self.dcs.abandon_initialize().await;
+                if from_backup.is_some() {
+                    self.restore_failures += 1;
+                    let wait = restore_backoff(self.restore_failures);
+                    self.restore_retry_at = Some(tokio::time::Instant::now() + wait);
+                    tracing::warn!(
+                        failures = self.restore_failures,
+                        retry_in_s = wait.as_secs(),
+                        "the restore will be tried again (by this member; another may try sooner)"
+                    );
+                }
                 Err(e)
             }
         }
@@ -236,6 +260,9 @@ impl Agent {
         self.wait_until_running(Duration::from_secs(600)).await?;
         let system_id = self.read_system_id().await?;
         self.dcs.complete_initialize(&system_id).await?;
+        // Resuming a restored cluster ends here too: nothing of the
+        // restore is needed any more.
+        let _ = self.instance.remove_bootstrap_source();
         tracing::info!(
             system_id,
             "existing database adopted; this member leads (the original pg_hba.conf is kept as {})",
@@ -261,6 +288,9 @@ impl Agent {
 
     async fn bootstrap_claimed(&mut self) -> anyhow::Result<()> {
         self.instance.remove_data_dir()?;
+        // A mark left by a restore that was given up (the table removed
+        // since) would make a later failed adoption look like one.
+        self.set_bootstrap_restore_mark(false)?;
         self.instance.initdb().await?;
         // The lease comes before the first writable start, always.
         let Some(renewal) = self.dcs.acquire_leader().await? else {
@@ -294,16 +324,17 @@ impl Agent {
         Ok(())
     }
 
-    /// `[bootstrap.from_backup]`: the first leader's database is a backup
-    /// replayed to a target. The copy is unpacked and configured first;
-    /// the lease comes before the server starts, because recovery ends in
-    /// a promotion (the invariant of [`Self::bootstrap_claimed`]: nothing
-    /// writable without the lease). Then pgha's roles are set as on an
-    /// adopted database, since the backup carries the old cluster's.
-    async fn bootstrap_from_backup(
+    /// `[bootstrap.from_backup]`, first part: the backup unpacked and
+    /// replayed to its target, promoted. The copy is unpacked and
+    /// configured first; the lease comes before the server starts, because
+    /// recovery ends in a promotion (the invariant of
+    /// [`Self::bootstrap_claimed`]: nothing writable without the lease).
+    /// Ends with the recovery settings gone and the restore mark cleared:
+    /// from then on the data is whole and is never removed.
+    async fn restore_and_promote(
         &mut self,
         from: &crate::config::bootstrap::FromBackup,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<crate::postgres::ctl::BootstrapRestore> {
         // Marked before anything is written: a crash from here until the
         // promotion leaves a partial copy that the next loop restores
         // again instead of adopting (see `Reason::RestartingRestore`).
@@ -317,13 +348,15 @@ impl Agent {
                 .await?;
         }
         self.instance.remove_data_dir()?;
-        let (backup, restore_command) = self
-            .instance
-            .restore_for_bootstrap(from)
-            .await
-            .context("restore the backup")?;
+        let mut stop = self.stop_requested.clone();
+        let restored = tokio::select! {
+            r = self.instance.restore_for_bootstrap(from) => r.context("restore the backup")?,
+            // Dropping the restore kills its command.
+            _ = stop.wait_for(|s| *s) => anyhow::bail!("the agent is stopping"),
+        };
         tracing::info!(
-            backup,
+            backup = restored.backup,
+            timeline = restored.timeline.0,
             target = %from.target_text,
             "backup unpacked; taking the lease, then replaying archived WAL to the target"
         );
@@ -331,9 +364,13 @@ impl Agent {
         self.instance
             .write_bootstrap_recovery(&crate::backup::bootstrap::recovery_settings(
                 &from.target,
-                &restore_command,
-                &backup,
+                restored.timeline,
+                &restored.restore_command,
+                &restored.backup,
             ))?;
+        // The loop has been busy unpacking: say it is alive before the
+        // lease keeper is asked to renew.
+        self.lease.heartbeat();
         let Some(renewal) = self.dcs.acquire_leader().await? else {
             anyhow::bail!(
                 "the leader key is held by another member although the cluster was not initialized"
@@ -342,20 +379,52 @@ impl Agent {
         self.take_lease(renewal).await?;
         self.instance.start().await?;
         self.wait_until_restore_promoted().await?;
-        // From here the data is whole: a crash resumes the initialization
-        // on it (`Reason::ResumingInitialization`).
+        // PostgreSQL read its recovery settings at start; emptied now, so
+        // that nothing of them outlives the restore (a later start, or a
+        // replica's copy of this directory).
+        self.instance.write_config(false, None, None)?;
         self.set_bootstrap_restore_mark(false)
             .context("clear the restore mark")?;
-        // The backup's roles are the old cluster's: pgha's own are set in
-        // single-user mode, which needs the server stopped. The restart
-        // also drops the recovery settings (`write_config` empties
-        // postgresql.auto.conf).
-        self.lease.expect_busy(Duration::from_secs(900));
+        self.restore_failures = 0;
+        self.restore_retry_at = None;
+        Ok(restored)
+    }
+
+    /// `[bootstrap.from_backup]`, second part, on a promoted restore: the
+    /// backup's roles are the old cluster's, so pgha's own are set in
+    /// single-user mode (which needs the server stopped), as for an
+    /// adopted database; then the cluster is initialized. A failure keeps
+    /// the data and the claim, as an adoption does: the next loop finishes
+    /// the initialization on it (`Reason::ResumingInitialization`).
+    async fn finish_restored(
+        &mut self,
+        restored: &crate::postgres::ctl::BootstrapRestore,
+    ) -> anyhow::Result<()> {
+        let result = self.finish_restored_steps(restored).await;
+        if let Err(e) = &result {
+            tracing::error!(
+                error = format!("{e:#}"),
+                "finishing the restored cluster failed; retrying on the same data (nothing is removed)"
+            );
+            let _ = self
+                .instance
+                .stop(StopMode::Fast, Duration::from_secs(1800))
+                .await;
+            let _ = self.release().await;
+        }
+        result
+    }
+
+    async fn finish_restored_steps(
+        &mut self,
+        restored: &crate::postgres::ctl::BootstrapRestore,
+    ) -> anyhow::Result<()> {
+        // The shutdown checkpoint after a long replay may write much.
+        self.lease.expect_busy(Duration::from_secs(2400));
         self.instance
-            .stop(StopMode::Fast, Duration::from_secs(300))
+            .stop(StopMode::Fast, Duration::from_secs(1800))
             .await
             .context("stop the restored server to set pgha's roles")?;
-        self.instance.write_config(false, None, None)?;
         let verifier = |password: &crate::secret::SecretString| {
             postgres_protocol::password::scram_sha_256(password.expose().as_bytes())
         };
@@ -373,10 +442,13 @@ impl Agent {
         self.wait_until_running(Duration::from_secs(600)).await?;
         let system_id = self.read_system_id().await?;
         self.dcs.complete_initialize(&system_id).await?;
+        if let Err(e) = self.instance.remove_bootstrap_source() {
+            tracing::warn!(error = %crate::util::chain(&e), "cannot remove the bootstrap's repository file");
+        }
         tracing::info!(
             system_id,
-            backup,
-            target = %from.target_text,
+            backup = restored.backup,
+            timeline = restored.timeline.0,
             "cluster initialized from a backup; this member leads"
         );
         Ok(())
@@ -386,13 +458,16 @@ impl Agent {
     /// replayed to its target and promoted. Replay has no time limit (a
     /// week of WAL takes long); a server that stops (a missing segment, a
     /// target it cannot reach, the fence keeper after a lost lease) fails
-    /// the bootstrap.
+    /// the bootstrap, with the end of its log in the error.
     async fn wait_until_restore_promoted(&mut self) -> anyhow::Result<()> {
         let started = tokio::time::Instant::now();
         let mut last_report = started;
         let mut gone_since: Option<tokio::time::Instant> = None;
         loop {
             self.lease.heartbeat();
+            if *self.stop_requested.borrow() {
+                anyhow::bail!("the agent is stopping");
+            }
             if self.instance.bootstrap_recovery_finished()? {
                 tracing::info!(
                     elapsed_s = started.elapsed().as_secs(),
@@ -406,8 +481,9 @@ impl Agent {
                 let since = *gone_since.get_or_insert_with(tokio::time::Instant::now);
                 if since.elapsed() > Duration::from_secs(5) {
                     anyhow::bail!(
-                        "the restored server stopped before it promoted (a WAL segment missing from the repository, or a target it cannot reach?); see {}",
-                        self.instance.log_file.display()
+                        "the restored server stopped before it promoted; the end of {}:\n{}",
+                        self.instance.log_file.display(),
+                        self.instance.log_tail(15)
                     );
                 }
             } else {
@@ -415,15 +491,14 @@ impl Agent {
             }
             if last_report.elapsed() >= Duration::from_secs(30) {
                 last_report = tokio::time::Instant::now();
-                let replayed = match self.observer.observe().await.status {
-                    PgStatus::Running(r) => r.replay_lsn.map(|l| l.to_string()),
-                    _ => None,
-                };
+                // Hot standby is off during the replay: the control file,
+                // not a session, says how far it got.
+                let c = self.instance.controldata().await.unwrap_or_default();
+                let field = |k: &str| c.get(k).map_or("unknown", String::as_str).to_string();
                 tracing::info!(
                     elapsed_s = started.elapsed().as_secs(),
-                    replayed_to = replayed
-                        .as_deref()
-                        .unwrap_or("unknown (not yet consistent)"),
+                    checkpoint = field("Latest checkpoint location"),
+                    min_recovery_end = field("Minimum recovery ending location"),
                     "replaying archived WAL to the bootstrap target"
                 );
             }
@@ -934,4 +1009,12 @@ async fn restored_from_backup(
 async fn start_as_replica(instance: &Instance, up: Option<Upstream>) -> Result<(), PgError> {
     instance.write_config(true, up, None)?;
     instance.start().await
+}
+
+/// How long a member waits before restoring again after `failures`
+/// bootstraps from a backup failed in a row: 30 s, doubling, at most
+/// 10 minutes.
+fn restore_backoff(failures: u32) -> Duration {
+    let secs = 30u64.saturating_mul(1 << failures.saturating_sub(1).min(5));
+    Duration::from_secs(secs.min(600))
 }

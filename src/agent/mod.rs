@@ -114,6 +114,13 @@ pub struct Agent {
     parameters: parameters::Parameters,
     /// `backup.schedule`, when configured.
     schedule: Option<scheduled_backup::Scheduler>,
+    /// Turns true at SIGTERM/SIGINT: the loop stops, and so do the long
+    /// waits of a bootstrap from a backup.
+    stop_requested: watch::Receiver<bool>,
+    /// Bootstraps from a backup that failed in a row, and when this member
+    /// may try again (each failure doubles the wait).
+    restore_failures: u32,
+    restore_retry_at: Option<tokio::time::Instant>,
 }
 
 /// Runs the agent until SIGTERM/SIGINT, then shuts down cleanly.
@@ -208,6 +215,18 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
 
     let members = observe::load_membership(&instance.state);
     instance.set_cluster_parameters(parameters::load_accepted(&instance.state));
+    // Signals are listened for from the start, so that one arriving while
+    // the loop is busy (a bootstrap from a backup can take hours) is seen.
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = sigterm.recv() => {}
+            _ = sigint.recv() => {}
+        }
+        let _ = shutdown_tx.send(true);
+    });
     let mut agent = Agent {
         observer: Observer::new(instance.clone()),
         instance,
@@ -246,13 +265,18 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         vip,
         parameters: Default::default(),
         schedule: scheduled_backup::Scheduler::new(&cfg),
+        stop_requested: shutdown_rx,
+        restore_failures: 0,
+        restore_retry_at: None,
         cfg,
     };
     tracing::info!(member = %agent.cfg.name, cluster = %agent.cfg.cluster, "agent started");
 
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let mut shutdown = agent.stop_requested.clone();
     loop {
+        if *shutdown.borrow_and_update() {
+            break;
+        }
         let hurry = agent.run_once().await;
         let wait = if hurry {
             Duration::from_millis(20)
@@ -278,8 +302,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             _ = postmaster_exit(&agent.instance, postmaster) => {
                 tracing::warn!(pid = postmaster, "postmaster exited");
             }
-            _ = sigterm.recv() => break,
-            _ = sigint.recv() => break,
+            _ = shutdown.changed() => break,
         }
     }
     agent.shutdown().await;

@@ -181,9 +181,14 @@ pub struct BackupSource<'a> {
     /// Lets another thread stop the backup (the agent does when it loses
     /// the leader key or shuts down).
     pub cancel: Option<&'a Cancel>,
-    /// Compress at a lower CPU priority (nice 10): the agent's scheduled
-    /// backups run beside its HA loop, which must not wait for CPU.
+    /// Store at a lower CPU priority (nice 10): the agent's scheduled
+    /// backups run beside its HA loop, which must not wait for CPU. (The
+    /// compression runs in the source server, which this does not reach.)
     pub background: bool,
+    /// The source's `wal_segment_size` in bytes (set at initdb): the
+    /// manifest records it, and every later walk of the WAL chain from
+    /// this backup counts segments with it.
+    pub wal_segment_size: u64,
 }
 
 /// Stops a running [`take`] from another thread: `take` records its
@@ -450,7 +455,7 @@ pub fn take(repo: &dyn Repository, src: &BackupSource<'_>) -> Result<Manifest, B
         stop_lsn,
         start_time: humantime::format_rfc3339_seconds(started).to_string(),
         stop_time: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
-        wal_segment_size: naming::DEFAULT_SEGMENT_SIZE,
+        wal_segment_size: src.wal_segment_size,
         server_manifest: "backup_manifest".into(),
         files: vec![tar, manifest_file],
     };

@@ -18,20 +18,27 @@ use super::restore::{self, Target};
 use crate::model::Timeline;
 use crate::postgres::conf::quote_conf;
 
-/// The backup to restore: `id` if given (it must suit the target), else the
-/// newest that suits it. For `latest` that is the newest backup on the
-/// history of the newest archived timeline whose WAL is archived without a
-/// gap to the end: PostgreSQL would otherwise stop at the gap and promote
-/// there, as if the rest had never been written. For a time or an LSN the
-/// backup must have ended by the target; a gap before the target makes
-/// PostgreSQL stop with an error instead, which fails the bootstrap.
+/// The backup to restore and the timeline replay follows. The timeline is
+/// `timeline` if given, else the newest archived one, and is written into
+/// the recovery settings as a number: replay then follows exactly the
+/// history checked here (with `latest`, a timeline archived in between,
+/// say by another restore from this repository, would be followed
+/// instead). The backup is `id` if given, else the newest that suits the
+/// target, and must lie on that timeline's history (PostgreSQL refuses
+/// one that does not, but only after the whole unpack). For a `latest`
+/// target its WAL must also be archived without a gap to the end:
+/// PostgreSQL would otherwise stop at the gap and promote there, as if the
+/// rest had never been written. For a time or an LSN the backup must have
+/// ended by the target; a gap before the target makes PostgreSQL stop with
+/// an error instead, which fails the bootstrap.
 pub fn choose<'a>(
     backups: &'a [Manifest],
     target: &Target,
     id: Option<&str>,
+    timeline: Option<Timeline>,
     index: &ArchiveIndex,
     histories: &BTreeMap<Timeline, Vec<Switch>>,
-) -> Result<&'a Manifest, BackupError> {
+) -> Result<(&'a Manifest, Timeline), BackupError> {
     let candidates = match id {
         Some(id) => {
             let pos = backups.iter().position(|m| m.id == id).ok_or_else(|| {
@@ -41,30 +48,49 @@ pub fn choose<'a>(
         }
         None => backups,
     };
-    if *target != Target::Latest {
-        return restore::choose(candidates, target);
+    let timeline = timeline.unwrap_or_else(|| {
+        index
+            .timelines()
+            .into_iter()
+            .chain(backups.iter().map(|m| Timeline(m.timeline)))
+            .max()
+            .unwrap_or(Timeline(1))
+    });
+    if *target == Target::Latest {
+        let m = super::replica::pick(candidates, timeline, index, histories)?;
+        return Ok((m, timeline));
     }
-    let newest = index
-        .timelines()
-        .into_iter()
-        .chain(candidates.iter().map(|m| Timeline(m.timeline)))
-        .max()
-        .unwrap_or(Timeline(1));
-    let m = super::replica::pick(candidates, newest, index, histories)?;
-    // PostgreSQL finds the newest timeline by asking the archive for the
-    // history files after the backup's own, one by one: a missing one
-    // stops it early, on an older timeline.
-    if let Some(t) = (m.timeline + 1..=newest.0).find(|t| !index.histories.contains(&Timeline(*t)))
-    {
-        return Err(BackupError::Restore(format!(
-            "{} is not archived: replay from backup {} would end on timeline {} instead of the newest, {}",
-            naming::history_name(Timeline(t)),
-            m.id,
-            t - 1,
-            newest.0
-        )));
+    let history = match histories.get(&timeline) {
+        Some(h) => h.as_slice(),
+        None if timeline.0 <= 1 => &[],
+        None => {
+            return Err(BackupError::Restore(format!(
+                "{} (the history of timeline {}) is not archived",
+                naming::history_name(timeline),
+                timeline.0
+            )));
+        }
+    };
+    let on_history: Vec<Manifest> = candidates
+        .iter()
+        .filter(|m| super::replica::lies_on(m, timeline, history))
+        .cloned()
+        .collect();
+    if on_history.is_empty() {
+        return Err(BackupError::Restore(match id {
+            Some(id) => format!(
+                "backup {id} does not lie on the history of timeline {}",
+                timeline.0
+            ),
+            None => format!("no backup lies on the history of timeline {}", timeline.0),
+        }));
     }
-    Ok(m)
+    let m = restore::choose(&on_history, target)?;
+    let pos = candidates
+        .iter()
+        .position(|c| c.id == m.id)
+        .expect("chosen from the candidates");
+    Ok((&candidates[pos], timeline))
 }
 
 /// Lists the repository, chooses the backup (see [`choose`]) and unpacks
@@ -75,8 +101,9 @@ pub fn unpack(
     bin_dir: &std::path::Path,
     target: &Target,
     id: Option<&str>,
+    timeline: Option<Timeline>,
     progress: &(dyn Fn(&Manifest, u64) + Sync),
-) -> Result<Manifest, BackupError> {
+) -> Result<(Manifest, Timeline), BackupError> {
     let backups = base::list(repo)?;
     let Some(newest) = backups.last() else {
         return Err(BackupError::Restore(
@@ -84,24 +111,36 @@ pub fn unpack(
         ));
     };
     let (index, histories) = base::archive_index(repo, newest.wal_segment_size)?;
-    let m = choose(&backups, target, id, &index, &histories)?;
+    let (m, timeline) = choose(&backups, target, id, timeline, &index, &histories)?;
     progress(m, 0);
     restore::unpack(repo, m, dir, bin_dir, &|n| progress(m, n))?;
-    Ok(m.clone())
+    Ok((m.clone(), timeline))
 }
 
-/// The settings that make the restored server replay to `target` and then
-/// promote, for `postgresql.auto.conf` (which pgha otherwise keeps empty,
-/// and empties again once the server has promoted). Archiving stays as the
-/// cluster configures it: the new timeline's history file must reach the
-/// cluster's repository, and it is archived at the promotion.
-pub fn recovery_settings(target: &Target, restore_command: &str, backup: &str) -> String {
+/// The settings that make the restored server replay to `target` on
+/// `timeline` and then promote, for `postgresql.auto.conf` (which pgha
+/// otherwise keeps empty, and empties again before the restore counts as
+/// done). The first line is pgha's marker: a directory with these settings
+/// is pgha's, never a database to adopt. Archiving stays as the cluster
+/// configures it: the new timeline's history file must reach the
+/// cluster's repository, and it is archived at the promotion. Hot standby
+/// is off: nothing needs to read the server during replay, and with it on
+/// PostgreSQL 14+ *pauses* replay for good when the backup's
+/// `max_connections` (or another such limit) exceeds this cluster's.
+pub fn recovery_settings(
+    target: &Target,
+    timeline: Timeline,
+    restore_command: &str,
+    backup: &str,
+) -> String {
     let mut out = format!(
-        "# Written by pgha to bootstrap the cluster from backup {backup}; removed once the server has promoted.\n"
+        "{} (recovery settings of the bootstrap from backup {backup})\n",
+        crate::postgres::adopt::MANAGED_MARKER
     );
     let mut set = |k: &str, v: &str| out.push_str(&format!("{k} = {}\n", quote_conf(v)));
     set("restore_command", restore_command);
-    set("recovery_target_timeline", "latest");
+    set("recovery_target_timeline", &timeline.0.to_string());
+    set("hot_standby", "off");
     match target {
         Target::Latest => {}
         Target::Time(t) => {
@@ -176,7 +215,8 @@ mod tests {
 
     #[test]
     fn the_backup_suits_the_target() {
-        // a and b on timeline 1; the cluster failed over to 2 at 0/8000000.
+        // Both backups on timeline 1; the cluster failed over to 2 at
+        // 0/8000000.
         let backups = [
             backup(
                 "20261201T010000Z",
@@ -196,68 +236,125 @@ mod tests {
         let full = archive(&[(1, 2..=7), (2, 8..=10)], &[2]);
         let h = histories(&[(2, &[(1, "0/8000000")])]);
         let at = |s: &str| parse_target(s).unwrap();
-        let pick = |target: &Target, id: Option<&str>, index: &ArchiveIndex| {
-            choose(&backups, target, id, index, &h).map(|m| m.id.clone())
-        };
         type Case<'a> = (
             &'a str,
             Target,
             Option<&'a str>,
-            &'a ArchiveIndex,
-            Result<&'a str, &'a str>,
+            Option<u32>,
+            Result<(&'a str, u32), &'a str>,
         );
         let cases: Vec<Case> = vec![
             (
-                "latest: the newest",
+                "latest: the newest, on the newest timeline",
                 Target::Latest,
                 None,
-                &full,
-                Ok("20261201T020000Z"),
+                None,
+                Ok(("20261201T020000Z", 2)),
             ),
             (
                 "latest: a named older backup",
                 Target::Latest,
                 Some("20261201T010000Z"),
-                &full,
-                Ok("20261201T010000Z"),
+                None,
+                Ok(("20261201T010000Z", 2)),
+            ),
+            (
+                "latest on timeline 1, named",
+                Target::Latest,
+                None,
+                Some(1),
+                Ok(("20261201T020000Z", 1)),
             ),
             (
                 "a time between the backups",
                 at("2026-12-01T01:30:00Z"),
                 None,
-                &full,
-                Ok("20261201T010000Z"),
+                None,
+                Ok(("20261201T010000Z", 2)),
             ),
             (
                 "a named backup that ended after the target",
                 at("2026-12-01T01:30:00Z"),
                 Some("20261201T020000Z"),
-                &full,
+                None,
                 Err("before the oldest backup"),
             ),
             (
                 "an unknown id",
                 Target::Latest,
                 Some("20261201T030000Z"),
-                &full,
+                None,
                 Err("no complete backup 20261201T030000Z"),
             ),
             (
                 "an LSN",
                 at("0/6800000"),
                 None,
-                &full,
-                Ok("20261201T010000Z"),
+                None,
+                Ok(("20261201T010000Z", 2)),
+            ),
+            (
+                "a timeline whose history is not archived",
+                at("0/6800000"),
+                None,
+                Some(3),
+                Err("00000003.history (the history of timeline 3) is not archived"),
             ),
         ];
-        for (what, target, id, index, want) in cases {
-            let got = pick(&target, id, index);
+        for (what, target, id, timeline, want) in cases {
+            let got = choose(&backups, &target, id, timeline.map(Timeline), &full, &h)
+                .map(|(m, t)| (m.id.clone(), t.0));
             match (want, &got) {
-                (Ok(w), Ok(g)) => assert_eq!(g, w, "{what}"),
+                (Ok((w, wt)), Ok((g, gt))) => assert_eq!((g.as_str(), *gt), (w, wt), "{what}"),
                 (Err(w), Err(e)) => assert!(e.to_string().contains(w), "{what}: {e}"),
                 _ => panic!("{what}: {got:?}"),
             }
         }
+    }
+
+    #[test]
+    fn the_backup_must_lie_on_the_timelines_history() {
+        // Timeline 2 left 1 at 0/5000000; the second backup was taken on 1
+        // after that (the old primary went on for a while): it is not on
+        // 2's history.
+        let backups = [
+            backup(
+                "20261201T010000Z",
+                1,
+                "0/2000028",
+                "0/3000000",
+                "2026-12-01T01:00:10Z",
+            ),
+            backup(
+                "20261201T020000Z",
+                1,
+                "0/6000028",
+                "0/7000000",
+                "2026-12-01T02:00:10Z",
+            ),
+        ];
+        let index = archive(&[(1, 2..=7), (2, 5..=9)], &[2]);
+        let h = histories(&[(2, &[(1, "0/5000000")])]);
+        let target = parse_target("2026-12-01T03:00:00Z").unwrap();
+        let (m, t) = choose(&backups, &target, None, None, &index, &h).unwrap();
+        assert_eq!((m.id.as_str(), t.0), ("20261201T010000Z", 2));
+        let err = choose(
+            &backups,
+            &target,
+            Some("20261201T020000Z"),
+            None,
+            &index,
+            &h,
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("does not lie on the history of timeline 2"),
+            "{err}"
+        );
+        // On timeline 1 itself, it is the newest.
+        let (m, _) = choose(&backups, &target, None, Some(Timeline(1)), &index, &h).unwrap();
+        assert_eq!(m.id, "20261201T020000Z");
     }
 
     #[test]
@@ -281,64 +378,49 @@ mod tests {
         let h = histories(&[(2, &[(1, "0/8000000")])]);
         // Segment 4 is missing: only the newer backup replays to the end.
         let gap_before_newest = archive(&[(1, 2..=3), (1, 5..=7), (2, 8..=10)], &[2]);
+        let latest = |id, index| choose(&backups, &Target::Latest, id, None, index, &h);
         assert_eq!(
-            choose(&backups, &Target::Latest, None, &gap_before_newest, &h)
-                .unwrap()
-                .id,
+            latest(None, &gap_before_newest).unwrap().0.id,
             "20261201T020000Z"
         );
-        let err = choose(
-            &backups,
-            &Target::Latest,
-            Some("20261201T010000Z"),
-            &gap_before_newest,
-            &h,
-        )
-        .unwrap_err();
+        let err = latest(Some("20261201T010000Z"), &gap_before_newest).unwrap_err();
         assert!(err.to_string().contains("is not archived"), "{err}");
         // A gap on the newest timeline spoils every backup.
         let gap_after = archive(&[(1, 2..=7), (2, 8..=8), (2, 10..=10)], &[2]);
-        let err = choose(&backups, &Target::Latest, None, &gap_after, &h).unwrap_err();
+        let err = latest(None, &gap_after).unwrap_err();
         assert!(err.to_string().contains("00000002000000000000000"), "{err}");
-        // Timeline 3's history file is gone although 4's is there:
-        // PostgreSQL would stop looking at timeline 2.
-        let h4 = histories(&[
-            (2, &[(1, "0/8000000")]),
-            (4, &[(1, "0/8000000"), (2, "0/A000000"), (3, "0/B000000")]),
-        ]);
-        let holes = archive(
-            &[(1, 2..=7), (2, 8..=10), (3, 10..=11), (4, 11..=12)],
-            &[2, 4],
-        );
-        let err = choose(&backups, &Target::Latest, None, &holes, &h4).unwrap_err();
-        assert!(
-            err.to_string().contains("00000003.history is not archived"),
-            "{err}"
-        );
-        assert!(choose(&[], &Target::Latest, None, &holes, &h4).is_err());
+        assert!(choose(&[], &Target::Latest, None, None, &gap_after, &h).is_err());
     }
 
     #[test]
     fn recovery_settings_replay_to_the_target_and_promote() {
         let cmd = "'/bin/pgha' wal get -c '/s/backup.toml' %f %p";
-        let latest = recovery_settings(&Target::Latest, cmd, "20261201T010000Z");
+        let latest = recovery_settings(&Target::Latest, Timeline(3), cmd, "20261201T010000Z");
+        // pgha's marker first: never taken for a database to adopt.
+        assert!(latest.starts_with(crate::postgres::adopt::MANAGED_MARKER));
         assert!(latest.contains("from backup 20261201T010000Z"));
         assert!(
             latest.contains(
                 "restore_command = '''/bin/pgha'' wal get -c ''/s/backup.toml'' %f %p'\n"
             )
         );
-        assert!(latest.contains("recovery_target_timeline = 'latest'\n"));
+        assert!(latest.contains("recovery_target_timeline = '3'\n"));
+        assert!(latest.contains("hot_standby = 'off'\n"));
         assert!(!latest.contains("recovery_target_action"));
         // Archiving is left to the cluster's settings.
         assert!(!latest.contains("archive_mode"));
-        let at = recovery_settings(&parse_target("2026-12-01T01:30:00.25Z").unwrap(), cmd, "x");
+        let at = recovery_settings(
+            &parse_target("2026-12-01T01:30:00.25Z").unwrap(),
+            Timeline(1),
+            cmd,
+            "x",
+        );
         assert!(
             at.contains("recovery_target_time = '2026-12-01 01:30:00.250000+00'\n"),
             "{at}"
         );
         assert!(at.contains("recovery_target_action = 'promote'\n"));
-        let lsn = recovery_settings(&parse_target("0/6800000").unwrap(), cmd, "x");
+        let lsn = recovery_settings(&parse_target("0/6800000").unwrap(), Timeline(1), cmd, "x");
         assert!(lsn.contains("recovery_target_lsn = '0/6800000'\n"));
     }
 }

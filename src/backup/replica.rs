@@ -26,13 +26,17 @@ pub fn choose<'a>(
     timeline: Timeline,
     history: &[Switch],
 ) -> Option<&'a Manifest> {
-    backups.iter().rev().find(|m| {
-        let tl = Timeline(m.timeline);
-        tl == timeline
-            || history
-                .iter()
-                .any(|s| s.parent == tl && m.stop_lsn <= s.switch)
-    })
+    backups.iter().rev().find(|m| lies_on(m, timeline, history))
+}
+
+/// Whether replay of `m` can continue onto `timeline` (whose history is
+/// `history`): taken on it, or on an ancestor before the history left it.
+pub fn lies_on(m: &Manifest, timeline: Timeline, history: &[Switch]) -> bool {
+    let tl = Timeline(m.timeline);
+    tl == timeline
+        || history
+            .iter()
+            .any(|s| s.parent == tl && m.stop_lsn <= s.switch)
 }
 
 /// Unpacks into `dir` (empty or absent) the newest backup that fits a

@@ -59,6 +59,12 @@ pub enum RunError {
     },
     #[error("backup {id} is stored, but was cancelled while waiting for {stop} to be archived")]
     Cancelled { id: String, stop: String },
+    #[error("read wal_segment_size from {member}")]
+    SegmentSize {
+        member: MemberName,
+        #[source]
+        source: tokio_postgres::Error,
+    },
     #[error("the backup thread failed")]
     Thread(#[from] tokio::task::JoinError),
 }
@@ -99,11 +105,21 @@ pub async fn take(
 ) -> Result<Completed, RunError> {
     let from_replica = member.name != leader.name;
     let started = Instant::now();
+    // Chosen at initdb, the same on every member; asked of the source so
+    // that a backup always records the size its WAL really has.
+    let wal_segment_size =
+        segment_size(cfg, member)
+            .await
+            .map_err(|source| RunError::SegmentSize {
+                member: member.name.clone(),
+                source,
+            })?;
     let nudge = from_replica.then(|| {
         tokio::spawn(nudge_leader(
             cfg.clone(),
             (member.host.clone(), member.port),
             (leader.host.clone(), leader.port),
+            wal_segment_size,
         ))
     });
     let stored = {
@@ -129,6 +145,7 @@ pub async fn take(
                     progress: &progress,
                     cancel: Some(&cancel),
                     background,
+                    wal_segment_size,
                 },
             )
         })
@@ -202,6 +219,18 @@ pub async fn take(
 /// for archiving) a received segment only once it writes into the next.
 const END_SEGMENT: &str = "SELECT pg_create_restore_point('pgha backup'); SELECT pg_switch_wal()";
 
+/// The member's `wal_segment_size`, in bytes.
+async fn segment_size(cfg: &Config, member: &MemberRecord) -> Result<u64, tokio_postgres::Error> {
+    let client = connect(cfg, &member.host, member.port).await?;
+    let row = client
+        .query_one(
+            "SELECT pg_size_bytes(current_setting('wal_segment_size'))",
+            &[],
+        )
+        .await?;
+    Ok(row.get::<_, i64>(0) as u64)
+}
+
 /// A superuser session to a member's PostgreSQL.
 async fn connect(
     cfg: &Config,
@@ -228,7 +257,7 @@ async fn connect(
 /// when the replica's backup is seen waiting for the archive
 /// (`BackupWaitWalArchive`), the leader switches WAL segments (at most every
 /// 2 s). Errors are ignored: the backup's own result says what went wrong.
-async fn nudge_leader(cfg: Config, replica: (String, u16), leader: (String, u16)) {
+async fn nudge_leader(cfg: Config, replica: (String, u16), leader: (String, u16), seg: u64) {
     let mut sessions = None;
     loop {
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -254,7 +283,7 @@ async fn nudge_leader(cfg: Config, replica: (String, u16), leader: (String, u16)
         // both sessions afresh: a broken leader session kept would leave
         // the replica's backup waiting for its segment forever.
         let nudged = match waiting {
-            Ok(true) => match same_segment(r, l).await {
+            Ok(true) => match same_segment(r, l, seg).await {
                 Ok(true) => l.batch_execute(END_SEGMENT).await.map(|()| true),
                 Ok(false) => Ok(false),
                 Err(_) => {
@@ -281,8 +310,8 @@ async fn nudge_leader(cfg: Config, replica: (String, u16), leader: (String, u16)
 async fn same_segment(
     replica: &tokio_postgres::Client,
     leader: &tokio_postgres::Client,
+    seg: u64,
 ) -> anyhow::Result<bool> {
-    let seg = naming::DEFAULT_SEGMENT_SIZE;
     let row = replica
         .query_one(
             "SELECT pg_last_wal_replay_lsn()::text, coalesce(last_archived_wal, '') FROM pg_stat_archiver",

@@ -87,6 +87,9 @@ pub enum BackupAction {
         /// One backup by id; default: the newest that suits the target.
         #[arg(long)]
         backup: Option<String>,
+        /// The timeline to follow; default: the newest archived.
+        #[arg(long)]
+        timeline: Option<u32>,
     },
     /// Remove the backups beyond `keep` and the archived WAL no kept
     /// backup needs (also done after every `pgha backup`).
@@ -118,6 +121,22 @@ fn repository(b: &BackupConfig) -> anyhow::Result<Arc<dyn Repository>> {
         Err(OpenError::Config(e)) => Err(e.into()),
         Err(e) => Err(e.into()),
     }
+}
+
+/// The one line an unpack command reports to the agent: the backup (for
+/// its log and a bootstrap's recovery settings) and, for a bootstrap, the
+/// timeline replay must follow.
+fn print_unpack_report(m: &Manifest, follow: Option<crate::model::Timeline>) {
+    let mut report = serde_json::json!({
+        "backup": m.id,
+        "timeline": m.timeline,
+        "stop_lsn": m.stop_lsn.to_string(),
+        "stop_time": m.stop_time,
+    });
+    if let Some(t) = follow {
+        report["follow_timeline"] = t.0.into();
+    }
+    println!("{report}");
 }
 
 /// A byte progress bar on a terminal; nothing otherwise.
@@ -303,16 +322,7 @@ pub async fn action(action: BackupAction) -> anyhow::Result<()> {
                 )
             })
             .await??;
-            // One line for the agent's log.
-            println!(
-                "{}",
-                serde_json::json!({
-                    "backup": m.id,
-                    "timeline": m.timeline,
-                    "stop_lsn": m.stop_lsn.to_string(),
-                    "stop_time": m.stop_time,
-                })
-            );
+            print_unpack_report(&m, None);
             Ok(())
         }
         BackupAction::UnpackBootstrap {
@@ -321,34 +331,26 @@ pub async fn action(action: BackupAction) -> anyhow::Result<()> {
             bin_dir,
             target,
             backup,
+            timeline,
         } => {
             let b = crate::config::backup::load_backup_config(&config)
                 .map_err(|e| UsageError(e.to_string()))?;
             let target =
                 restore::parse_target(&target).map_err(|e| UsageError(format!("--target {e}")))?;
             let repo = repository(&b)?;
-            let m = tokio::task::spawn_blocking(move || {
+            let (m, follow) = tokio::task::spawn_blocking(move || {
                 crate::backup::bootstrap::unpack(
                     repo.as_ref(),
                     &dir,
                     &bin_dir,
                     &target,
                     backup.as_deref(),
+                    timeline.map(crate::model::Timeline),
                     &unpack_progress(),
                 )
             })
             .await??;
-            // One line for the agent: it names the backup in its log and in
-            // the recovery settings.
-            println!(
-                "{}",
-                serde_json::json!({
-                    "backup": m.id,
-                    "timeline": m.timeline,
-                    "stop_lsn": m.stop_lsn.to_string(),
-                    "stop_time": m.stop_time,
-                })
-            );
+            print_unpack_report(&m, Some(follow));
             Ok(())
         }
         BackupAction::Expire { config, json } => {

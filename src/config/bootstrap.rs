@@ -16,6 +16,9 @@ use crate::backup::restore::{Target, parse_target};
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawBootstrap {
+    /// initdb's `--wal-segsize`: `"16MB"`, `"4MB"`, `"1GB"`.
+    #[serde(default)]
+    pub wal_segment_size: Option<String>,
     #[serde(default)]
     pub from_backup: Option<RawFromBackup>,
 }
@@ -30,6 +33,9 @@ pub struct RawFromBackup {
     /// One backup by id; default: the newest that suits the target.
     #[serde(default)]
     pub backup: Option<String>,
+    /// The timeline replay follows; default: the newest archived.
+    #[serde(default)]
+    pub timeline: Option<u32>,
     /// A repository file (a `[backup]` table alone) naming the repository
     /// to restore from; default: this cluster's `[backup]`.
     #[serde(default)]
@@ -39,6 +45,8 @@ pub struct RawFromBackup {
 /// Validated `[bootstrap]`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct BootstrapConfig {
+    /// initdb's `--wal-segsize` in MiB; `None`: PostgreSQL's default (16).
+    pub wal_segment_mib: Option<u32>,
     pub from_backup: Option<FromBackup>,
 }
 
@@ -49,10 +57,10 @@ pub struct FromBackup {
     /// The target as written (for the restore command's argument and logs).
     pub target_text: String,
     pub backup: Option<String>,
+    /// `None`: the newest timeline archived when the restore begins.
+    pub timeline: Option<u32>,
     /// The repository restored from: `repository_file`'s, or the cluster's.
     pub source: BackupConfig,
-    /// Whether `source` is another repository than the cluster's own.
-    pub foreign_source: bool,
 }
 
 impl BootstrapConfig {
@@ -62,10 +70,25 @@ impl BootstrapConfig {
         cluster_backup: Option<&BackupConfig>,
         resolve: impl Fn(&Path) -> PathBuf,
     ) -> Result<BootstrapConfig, ConfigError> {
-        let Some(raw) = raw.from_backup else {
-            return Ok(BootstrapConfig::default());
-        };
         let bad = |key: &str, msg: String| ConfigError::invalid(path, key, msg);
+        let wal_segment_mib = match &raw.wal_segment_size {
+            None => None,
+            Some(text) => {
+                Some(parse_segment_size(text).map_err(|e| bad("bootstrap.wal_segment_size", e))?)
+            }
+        };
+        if wal_segment_mib.is_some() && raw.from_backup.is_some() {
+            return Err(bad(
+                "bootstrap.wal_segment_size",
+                "applies to initdb; a cluster restored from a backup keeps the backup's segment size".into(),
+            ));
+        }
+        let Some(raw) = raw.from_backup else {
+            return Ok(BootstrapConfig {
+                wal_segment_mib,
+                from_backup: None,
+            });
+        };
         let target_text = raw.target.unwrap_or_else(|| "latest".into());
         let target =
             parse_target(&target_text).map_err(|e| bad("bootstrap.from_backup.target", e))?;
@@ -79,9 +102,15 @@ impl BootstrapConfig {
                 ),
             ));
         }
-        let (source, foreign_source) = match (&raw.repository_file, cluster_backup) {
-            (Some(file), _) => (load_source(path, &resolve(file))?, true),
-            (None, Some(b)) => (b.clone(), false),
+        if raw.timeline == Some(0) {
+            return Err(bad(
+                "bootstrap.from_backup.timeline",
+                "timelines start at 1".into(),
+            ));
+        }
+        let source = match (&raw.repository_file, cluster_backup) {
+            (Some(file), _) => load_source(path, &resolve(file))?,
+            (None, Some(b)) => b.clone(),
             (None, None) => {
                 return Err(bad(
                     "bootstrap.from_backup",
@@ -90,15 +119,41 @@ impl BootstrapConfig {
             }
         };
         Ok(BootstrapConfig {
+            wal_segment_mib,
             from_backup: Some(FromBackup {
                 target,
                 target_text,
                 backup: raw.backup,
+                timeline: raw.timeline,
                 source,
-                foreign_source,
             }),
         })
     }
+}
+
+/// `"16MB"`-style sizes (PostgreSQL's own spelling, `MB` or `GB`): a
+/// power of two from 1 MB to 1 GB, as initdb accepts.
+fn parse_segment_size(text: &str) -> Result<u32, String> {
+    let t = text.trim();
+    let (digits, mib_per_unit) = if let Some(n) = t.strip_suffix("MB") {
+        (n, 1)
+    } else if let Some(n) = t.strip_suffix("GB") {
+        (n, 1024)
+    } else {
+        return Err(format!("{text:?} must be a size in MB or GB, as \"16MB\""));
+    };
+    let mib = digits
+        .trim()
+        .parse::<u32>()
+        .ok()
+        .and_then(|n| n.checked_mul(mib_per_unit))
+        .ok_or_else(|| format!("{text:?} must be a size in MB or GB, as \"16MB\""))?;
+    if !(1..=1024).contains(&mib) || !mib.is_power_of_two() {
+        return Err(format!(
+            "{text:?} must be a power of two from 1MB to 1GB (1, 2, 4, ... 1024 MB)"
+        ));
+    }
+    Ok(mib)
 }
 
 /// Reads the repository file `file` names. A node configuration is refused:
@@ -157,7 +212,7 @@ mod tests {
         assert_eq!(f.target_text, "latest");
         assert_eq!(f.backup, None);
         assert_eq!(f.source, b);
-        assert!(!f.foreign_source);
+        assert_eq!(f.timeline, None);
     }
 
     #[test]
@@ -179,8 +234,30 @@ mod tests {
         );
         let err = load("[from_backup]\nbackup = \"last\"\n", Some(&b)).unwrap_err();
         assert!(err.contains("bootstrap.from_backup.backup"), "{err}");
+        let t = load("[from_backup]\ntimeline = 3\n", Some(&b)).unwrap();
+        assert_eq!(t.from_backup.unwrap().timeline, Some(3));
+        let err = load("[from_backup]\ntimeline = 0\n", Some(&b)).unwrap_err();
+        assert!(err.contains("bootstrap.from_backup.timeline"), "{err}");
         let err = load("[from_backup]\ntargett = \"latest\"\n", Some(&b)).unwrap_err();
         assert!(err.contains("targett"), "{err}");
+    }
+
+    #[test]
+    fn wal_segment_size_is_a_power_of_two_for_initdb() {
+        let size =
+            |v: &str| load(&format!("wal_segment_size = {v:?}\n"), None).map(|c| c.wal_segment_mib);
+        assert_eq!(load("", None).unwrap().wal_segment_mib, None);
+        assert_eq!(size("16MB"), Ok(Some(16)));
+        assert_eq!(size("4MB"), Ok(Some(4)));
+        assert_eq!(size("1MB"), Ok(Some(1)));
+        assert_eq!(size("1GB"), Ok(Some(1024)));
+        for bad in ["3MB", "0MB", "2GB", "16", "16mb", "16 kB", "MB", "-4MB", ""] {
+            let err = size(bad).unwrap_err();
+            assert!(err.contains("bootstrap.wal_segment_size"), "{bad}: {err}");
+        }
+        let b = cluster_backup();
+        let err = load("wal_segment_size = \"4MB\"\n[from_backup]\n", Some(&b)).unwrap_err();
+        assert!(err.contains("keeps the backup's segment size"), "{err}");
     }
 
     #[test]
@@ -204,7 +281,6 @@ mod tests {
         let f = load(&text, None).unwrap().from_backup.unwrap();
         // Relative to the repository file's own directory.
         assert_eq!(f.source.repository, dir.path().join("old-repo"));
-        assert!(f.foreign_source);
 
         std::fs::write(&file, "cluster = \"c\"\nname = \"n\"\n").unwrap();
         let err = load(&text, None).unwrap_err();

@@ -79,7 +79,14 @@ fn decide_unguarded(s: &Snapshot) -> Decision {
     let unmanaged = s.local.data == DataDirState::Initialized && s.local.unmanaged.is_some();
     match &view.initialize {
         None => {
-            return match (&s.local.data, &s.local.unmanaged) {
+            // What a restore of ours left half-done is nobody's database:
+            // as good as empty (never adopted).
+            let data = if s.local.bootstrap_restore_unfinished {
+                &DataDirState::Empty
+            } else {
+                &s.local.data
+            };
+            return match (data, &s.local.unmanaged) {
                 (DataDirState::Empty, _) => match adopting_member(s, view) {
                     Some(by) => Decision::wait(Reason::WaitingForAdoption { by }),
                     // Race only once this member's own record is visible

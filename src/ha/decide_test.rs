@@ -1057,6 +1057,27 @@ fn initialize_key() {
             act(Action::Bootstrap, Reason::RestartingRestore),
         ),
         (
+            // The restore failed and its removal too: the partial copy
+            // looks like a database pgha never managed, but is never
+            // adopted; it is bootstrapped over like an empty directory.
+            "not initialized, a partial restore of mine: bootstrap over it",
+            F::new("n1")
+                .initialize(None)
+                .stopped(OnDisk::FormerPrimary)
+                .unmanaged(Unmanaged::Primary)
+                .restore_unfinished(),
+            act(Action::Bootstrap, Reason::NotInitialized),
+        ),
+        (
+            "not initialized, a partial restore of mine, another member adopting: wait",
+            F::new("n1")
+                .initialize(None)
+                .stopped(OnDisk::FormerPrimary)
+                .restore_unfinished()
+                .member_with("n2", |r| r.adoptable = true),
+            wait(Reason::WaitingForAdoption { by: m("n2") }),
+        ),
+        (
             "pending by another, my restore mark left over: wait for it",
             F::new("n1")
                 .initialize(pending("n2"))

@@ -114,6 +114,8 @@ pub struct Instance {
     pub archiving: Option<conf::Archiving>,
     /// `backup.clone_from = "backup"`: replicas start from the repository.
     pub clone_from_backup: bool,
+    /// `bootstrap.wal_segment_size` in MiB, for initdb.
+    pub wal_segment_mib: Option<u32>,
 }
 
 /// Subdirectory of the state directory that belongs to the PostgreSQL
@@ -123,6 +125,16 @@ pub const PG_SUBDIR: &str = "postgres";
 /// The repository file of a bootstrap from a backup, in the PostgreSQL
 /// account's directory beside the cluster's own.
 pub const BOOTSTRAP_SOURCE_FILE: &str = "bootstrap-source.toml";
+
+/// What [`Instance::restore_for_bootstrap`] unpacked.
+#[derive(Clone, Debug)]
+pub struct BootstrapRestore {
+    pub backup: String,
+    /// The timeline replay follows (checked to carry the backup).
+    pub timeline: crate::model::Timeline,
+    /// Reads the WAL of the repository restored from.
+    pub restore_command: String,
+}
 
 impl Instance {
     /// Resolves the OS user and opens (creating when missing) the state
@@ -196,6 +208,7 @@ impl Instance {
                 .backup
                 .as_ref()
                 .is_some_and(|b| b.clone_from == crate::config::backup::CloneFrom::Backup),
+            wal_segment_mib: cfg.bootstrap.wal_segment_mib,
         };
         instance.prepare()?;
         Ok(instance)
@@ -301,20 +314,26 @@ impl Instance {
             self.superuser.password.expose().as_bytes(),
             0o600,
         )?;
+        let pwfile_arg = format!("--pwfile={}", pwfile.display());
+        let segsize_arg = self.wal_segment_mib.map(|m| format!("--wal-segsize={m}"));
+        let mut args: Vec<&std::ffi::OsStr> = vec![
+            "-D".as_ref(),
+            self.data_dir.as_os_str(),
+            "--data-checksums".as_ref(),
+            "--encoding=UTF8".as_ref(),
+            "--locale=C.UTF-8".as_ref(),
+            "--auth=scram-sha-256".as_ref(),
+            "-U".as_ref(),
+            self.superuser.username.as_ref(),
+            pwfile_arg.as_ref(),
+        ];
+        if let Some(a) = &segsize_arg {
+            args.push(a.as_ref());
+        }
         let result = self
             .run(
                 "initdb",
-                &[
-                    "-D".as_ref(),
-                    self.data_dir.as_os_str(),
-                    "--data-checksums".as_ref(),
-                    "--encoding=UTF8".as_ref(),
-                    "--locale=C.UTF-8".as_ref(),
-                    "--auth=scram-sha-256".as_ref(),
-                    "-U".as_ref(),
-                    self.superuser.username.as_ref(),
-                    format!("--pwfile={}", pwfile.display()).as_ref(),
-                ],
+                &args,
                 "initialize a new cluster",
                 Duration::from_secs(300),
             )
@@ -449,8 +468,7 @@ impl Instance {
     /// milliseconds; PostgreSQL then refuses to start ("lock file already
     /// exists"). Wait, briefly, until its process is really gone.
     async fn wait_for_previous_server(&self, timeout: Duration) {
-        let Some(pid) = std::fs::read_to_string(self.data_dir.join("postmaster.pid"))
-            .ok()
+        let Some(pid) = read_pid_file(&self.data_dir)
             .and_then(|t| t.lines().next()?.trim().parse::<i32>().ok())
         else {
             return;
@@ -646,6 +664,21 @@ impl Instance {
         let timeout = Duration::from_secs(7 * 24 * 3600);
         let mut cmd = self.command(&tool);
         cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
+        // An agent killed outright (SIGKILL, OOM) cannot kill its command,
+        // and a restarted agent would restore into the same directory
+        // beside it: the command dies with the agent's thread that started
+        // it (the runtime's worker threads live as long as the agent).
+        // SAFETY: prctl is async-signal-safe and only reads its integer
+        // arguments; it runs after the switch to the PostgreSQL account,
+        // which would otherwise clear it.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         match tokio::time::timeout(timeout, super::relay::run(cmd, &tool, action, doing)).await {
             Ok(result) => result,
             Err(_) => Err(PgError::ToolTimeout {
@@ -658,24 +691,25 @@ impl Instance {
 
     /// Fills the data directory from the backup `[bootstrap.from_backup]`
     /// asks for, as the PostgreSQL account (`pgha backup
-    /// unpack-bootstrap`), for the first leader of a new cluster. Returns
-    /// the backup's id and the `restore_command` that reads the WAL of the
-    /// repository restored from; a failed attempt leaves no data directory.
+    /// unpack-bootstrap`), for the first leader of a new cluster. A failed
+    /// attempt leaves no data directory.
     pub async fn restore_for_bootstrap(
         &self,
         from: &crate::config::bootstrap::FromBackup,
-    ) -> Result<(String, String), PgError> {
+    ) -> Result<BootstrapRestore, PgError> {
         self.remove_data_dir()?;
         self.create_data_dir()?;
         let exe = std::env::current_exe().map_err(io("find the pgha binary"))?;
         // Its own file even when it is the cluster's repository: the
-        // command and the replay read it as the PostgreSQL account.
+        // command and the replay read it as the PostgreSQL account. Removed
+        // once the cluster is initialized (see remove_bootstrap_source).
         self.pg_dir.write(
             BOOTSTRAP_SOURCE_FILE,
             crate::config::backup::RepositoryFile::render(&from.source).as_bytes(),
             0o600,
         )?;
         let source_file = self.pg_dir.join(BOOTSTRAP_SOURCE_FILE);
+        let timeline = from.timeline.map(|t| t.to_string());
         let mut args: Vec<&std::ffi::OsStr> = vec![
             "backup".as_ref(),
             "unpack-bootstrap".as_ref(),
@@ -692,6 +726,10 @@ impl Instance {
             args.push("--backup".as_ref());
             args.push(id.as_ref());
         }
+        if let Some(t) = &timeline {
+            args.push("--timeline".as_ref());
+            args.push(t.as_ref());
+        }
         let result = self
             .run_unpack(
                 &exe,
@@ -701,25 +739,55 @@ impl Instance {
             )
             .await
             .and_then(|out| {
+                // Written by the PostgreSQL account: checked before it goes
+                // into the recovery settings and the log.
                 let report: serde_json::Value =
-                    serde_json::from_str(out.trim()).map_err(|e| PgError::Tool {
+                    serde_json::from_str(out.trim()).ok().unwrap_or_default();
+                let backup = report["backup"]
+                    .as_str()
+                    .filter(|id| crate::backup::naming::is_backup_id(id));
+                let follow = report["follow_timeline"]
+                    .as_u64()
+                    .and_then(|t| u32::try_from(t).ok())
+                    .filter(|t| *t >= 1);
+                match (backup, follow) {
+                    (Some(backup), Some(t)) => Ok((backup.to_string(), t)),
+                    _ => Err(PgError::Tool {
                         tool: "pgha backup unpack-bootstrap".into(),
                         action: "report the backup it restored".into(),
                         status: "exit 0".into(),
-                        stderr: format!("unreadable report {:?}: {e}", out.trim()),
-                    })?;
-                Ok(report["backup"].as_str().unwrap_or_default().to_string())
+                        stderr: format!("unreadable report {:?}", out.trim()),
+                    }),
+                }
             });
         match result {
-            Ok(id) => {
+            Ok((backup, timeline)) => {
                 let archiving = crate::backup::agent::archiving(&from.source, &exe, &source_file);
-                Ok((id, archiving.restore_command))
+                Ok(BootstrapRestore {
+                    backup,
+                    timeline: crate::model::Timeline(timeline),
+                    restore_command: archiving.restore_command,
+                })
             }
             Err(e) => {
                 let _ = self.remove_data_dir();
                 Err(e)
             }
         }
+    }
+
+    /// Removes the source repository's file once the cluster exists: it may
+    /// name another cluster's repository, which this one's PostgreSQL
+    /// account has no further business reading.
+    pub fn remove_bootstrap_source(&self) -> Result<(), PgError> {
+        Ok(self.pg_dir.remove(BOOTSTRAP_SOURCE_FILE)?)
+    }
+
+    /// The last `lines` lines of the server log, for an error message.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let text = super::promote::read_log_tail(&self.log_file);
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
     }
 
     /// Puts the recovery settings of a bootstrap from a backup in place
@@ -929,6 +997,13 @@ pub fn reap_postgres_orphans() {
     }
 }
 
+/// `postmaster.pid`, written by the PostgreSQL account: read as an
+/// untrusted file (no symlink, a regular file, a few KiB at most).
+fn read_pid_file(data_dir: &Path) -> Option<String> {
+    let bytes = crate::safe_fs::read_untrusted(&data_dir.join("postmaster.pid"), 4096, false)?;
+    String::from_utf8(bytes).ok()
+}
+
 /// Reads `postmaster.pid` and checks that process is a live postmaster of
 /// this data directory's owner.
 ///
@@ -938,7 +1013,7 @@ pub fn reap_postgres_orphans() {
 /// or fence keeper could be steered into signalling any process.
 pub fn postmaster_pid(data_dir: &Path) -> Option<i32> {
     use std::os::unix::fs::MetadataExt;
-    let text = std::fs::read_to_string(data_dir.join("postmaster.pid")).ok()?;
+    let text = read_pid_file(data_dir)?;
     let pid: i32 = text.lines().next()?.trim().parse().ok()?;
     if pid <= 0 {
         return None;

@@ -177,20 +177,9 @@ const LOG_TAIL_BYTES: u64 = 64 * 1024;
 /// The end of the server log (lossy UTF-8; empty when unreadable: the log
 /// only adds detail to an error report).
 pub fn read_log_tail(path: &std::path::Path) -> String {
-    use std::io::{Read, Seek, SeekFrom};
-    let Ok(mut file) = std::fs::File::open(path) else {
-        return String::new();
-    };
-    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
-    let mut bytes = Vec::new();
-    if file
-        .seek(SeekFrom::Start(len.saturating_sub(LOG_TAIL_BYTES)))
-        .and_then(|_| file.take(LOG_TAIL_BYTES).read_to_end(&mut bytes))
-        .is_err()
-    {
-        return String::new();
-    }
-    String::from_utf8_lossy(&bytes).into_owned()
+    crate::safe_fs::read_untrusted(path, LOG_TAIL_BYTES, true)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default()
 }
 
 /// Why the last promotion failed, from the server log: the last `FATAL`

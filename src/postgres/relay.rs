@@ -2,8 +2,10 @@
 //! (and `unpack-bootstrap` for [`super::Instance::restore_for_bootstrap`])
 //! while the agent's log shows how far it is: the command writes progress
 //! lines on its standard error ([`crate::backup::progress::PREFIX`]), and
-//! they are relayed at info level as they come. Runs in the background job
-//! of the restore, never in the HA loop itself.
+//! they are relayed at info level as they come. A replica's restore runs
+//! in a background job, never in the HA loop itself; the bootstrap's runs
+//! in the loop, which has nothing else to do before the cluster exists
+//! (see `docs/backup.md`).
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt};
 use tokio::process::Command;

@@ -45,6 +45,27 @@ fn archived(repo: &Path, timeline: u32) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// The leader's host dies (its agent and postmaster killed outright);
+/// returns the member that took over, once it accepts writes.
+async fn lose_the_leader(cluster: &mut Cluster, leader: &str) -> String {
+    {
+        let victim = cluster.node_mut(leader);
+        victim.kill_agent().await.unwrap();
+        victim.kill_postgres().expect("the leader's postmaster");
+    }
+    let new_leader = cluster
+        .wait_for_leader_other_than(leader, FAILOVER_TIMEOUT)
+        .await
+        .unwrap();
+    let node = cluster.node(&new_leader);
+    wait_until(FAILOVER_TIMEOUT, Duration::from_millis(200), || async {
+        node.is_writable().await.ok()?.then_some(())
+    })
+    .await
+    .unwrap();
+    new_leader
+}
+
 /// A restored server, run as the PostgreSQL account with plain `pg_ctl`;
 /// stopped on drop.
 struct Restored {
@@ -187,21 +208,8 @@ async fn archive_backup_failover_verify_and_restore() {
     }
 
     // Failover: the new leader archives its history file and its timeline.
-    {
-        let victim = cluster.node_mut(&leader);
-        victim.kill_agent().await.unwrap();
-        victim.kill_postgres().expect("the leader's postmaster");
-    }
-    let new_leader = cluster
-        .wait_for_leader_other_than(&leader, FAILOVER_TIMEOUT)
-        .await
-        .unwrap();
+    let new_leader = lose_the_leader(&mut cluster, &leader).await;
     let new_node = cluster.node(&new_leader);
-    wait_until(FAILOVER_TIMEOUT, Duration::from_millis(200), || async {
-        new_node.is_writable().await.ok()?.then_some(())
-    })
-    .await
-    .unwrap();
     new_node
         .psql("CREATE TABLE after_failover (id bigint); INSERT INTO after_failover SELECT generate_series(1, 1000)")
         .await
@@ -1293,15 +1301,12 @@ async fn switch_and_wait_archived(node: &crate::support::Node) {
     assert!(archived.is_ok(), "{segment} was not archived");
 }
 
-/// `[bootstrap.from_backup]`: a new cluster, with its own repository and
-/// its own passwords, starts from another cluster's backup replayed to a
-/// time between two commits. It holds exactly the rows committed before
-/// that time, runs on a new timeline whose history reaches its own
-/// repository, is the same database system as the source, admits its own
-/// superuser, and its second member clones it and streams.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_new_cluster_bootstraps_from_a_backup_to_a_point_in_time() {
-    let source = Cluster::start("bk-src", 1, ClusterOptions::default().backup())
+/// A one-node source cluster for the bootstrap tests: rows 1-1000, a
+/// backup, rows 1001-2000, a target time, rows 2001-3000, all archived.
+/// Returns the cluster, the target time, its system identifier and a
+/// repository file naming its repository.
+async fn pitr_source(test: &str) -> (Cluster, String, Option<String>, PathBuf) {
+    let source = Cluster::start(test, 1, ClusterOptions::default().backup())
         .await
         .unwrap();
     let node = source.node("node1");
@@ -1332,11 +1337,10 @@ async fn a_new_cluster_bootstraps_from_a_backup_to_a_point_in_time() {
     // Recovery stops at the first commit after the target, so one must be
     // archived: the segment with the last insert is closed and archived.
     switch_and_wait_archived(node).await;
-    let source_system = node
+    let system = node
         .scalar("SELECT system_identifier::text FROM pg_control_system()")
         .await
         .unwrap();
-
     let source_file = source.dir().join("source-repository.toml");
     std::fs::write(
         &source_file,
@@ -1346,6 +1350,18 @@ async fn a_new_cluster_bootstraps_from_a_backup_to_a_point_in_time() {
         ),
     )
     .unwrap();
+    (source, target, system, source_file)
+}
+
+/// `[bootstrap.from_backup]`: a new cluster, with its own repository and
+/// its own passwords, starts from another cluster's backup replayed to a
+/// time between two commits. It holds exactly the rows committed before
+/// that time, runs on a new timeline whose history reaches its own
+/// repository, is the same database system as the source, admits its own
+/// superuser, and its second member clones it and streams.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_cluster_bootstraps_from_a_backup_to_a_point_in_time() {
+    let (source, target, source_system, source_file) = pitr_source("bk-src").await;
     let options = ClusterOptions {
         extra_toml: format!(
             "\n[bootstrap.from_backup]\ntarget = \"{target}\"\nrepository_file = {:?}\n",
@@ -1387,6 +1403,50 @@ async fn a_new_cluster_bootstraps_from_a_backup_to_a_point_in_time() {
         "{}",
         restored.log_tails(30)
     );
+    // Nothing of the restore outlives it: no recovery settings in force or
+    // in the base configuration (replicas copy both), no copy of the
+    // source repository's file, and only the new cluster's superuser
+    // password opens it.
+    for file in [
+        "postgresql.auto.conf",
+        "postgresql.base.conf",
+        "postgresql.conf",
+    ] {
+        let text = std::fs::read_to_string(leader.data_dir().join(file)).unwrap_or_default();
+        let set: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.trim_start().starts_with('#'))
+            .filter(|l| {
+                [
+                    "recovery_target_time ",
+                    "recovery_target_lsn",
+                    "recovery_target_action",
+                    "bootstrap-source",
+                    "hot_standby = 'off'",
+                ]
+                .iter()
+                .any(|k| l.contains(k))
+            })
+            .collect();
+        assert!(set.is_empty(), "{file}: {set:?}");
+    }
+    assert!(!leader.data_dir().join("recovery.signal").exists());
+    assert!(
+        !leader
+            .state_dir()
+            .join("postgres/bootstrap-source.toml")
+            .exists()
+    );
+    let old_password = connect(
+        tokio_postgres::Config::new()
+            .host("127.0.0.1")
+            .port(leader.pg_port())
+            .user(SUPERUSER)
+            .password(source.superuser_password())
+            .dbname("postgres"),
+    )
+    .await;
+    assert!(old_password.is_err(), "the source's password still works");
     // The unpacking's progress reached the agent's log.
     assert!(
         log.lines().any(|l| l.contains(" INFO ")
@@ -1438,36 +1498,203 @@ async fn a_new_cluster_bootstraps_from_a_backup_to_a_point_in_time() {
 }
 
 /// A bootstrap from a backup that cannot be done (the target is before
-/// every backup) creates no cluster: the member says why, and no empty
-/// cluster takes the restore's place.
+/// the only backup) creates no cluster: both members wait, the one that
+/// tried says why and backs off, and no empty cluster takes the
+/// restore's place.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bootstrap_from_an_unsuitable_backup_creates_no_cluster() {
+    let source = Cluster::start("bk-nosrc", 1, ClusterOptions::default().backup())
+        .await
+        .unwrap();
+    let config = source.node("node1").config_path().display().to_string();
+    let (ok, _, err) = pgha(&["backup", "-c", &config, "--from", "leader"])
+        .await
+        .unwrap();
+    assert!(ok, "pgha backup failed: {err}");
+    let source_file = source.dir().join("source-repository.toml");
+    std::fs::write(
+        &source_file,
+        format!(
+            "[backup]\nrepository = {:?}\n",
+            source.dir().join("repo").display().to_string()
+        ),
+    )
+    .unwrap();
     let options = ClusterOptions {
-        extra_toml: "\n[bootstrap.from_backup]\ntarget = \"2001-01-01T00:00:00Z\"\n".into(),
+        extra_toml: format!(
+            "\n[bootstrap.from_backup]\ntarget = \"2001-01-01T00:00:00Z\"\nrepository_file = {:?}\n",
+            source_file.display().to_string()
+        ),
         ..ClusterOptions::default().backup()
     };
-    let mut cluster = Cluster::create("bk-noboot", 1, options).await.unwrap();
-    cluster.node_mut("node1").start().unwrap();
-    let node = cluster.node("node1");
+    let mut cluster = Cluster::create("bk-noboot", 2, options).await.unwrap();
+    for name in ["node1", "node2"] {
+        cluster.node_mut(name).start().unwrap();
+    }
     let said = wait_until(
         Duration::from_secs(60),
         Duration::from_millis(200),
         || async {
-            node.log_text()
-                .contains("the repository holds no complete backup")
+            cluster
+                .nodes
+                .iter()
+                .any(|n| {
+                    let log = n.log_text();
+                    log.contains("before the oldest backup") && log.contains("will be tried again")
+                })
                 .then_some(())
         },
     )
     .await;
     assert!(said.is_ok(), "{}", cluster.log_tails(30));
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert!(
-        !node.log_text().contains("cluster initialized"),
+    for node in &cluster.nodes {
+        let log = node.log_text();
+        assert!(
+            !log.contains("cluster initialized") && !log.contains("running initdb"),
+            "{}",
+            cluster.log_tails(30)
+        );
+        assert!(
+            !node.data_dir().join("PG_VERSION").exists(),
+            "{}: a data directory was left behind",
+            node.name()
+        );
+    }
+}
+
+/// `bootstrap.wal_segment_size`: initdb makes 4 MB segments, replicas have
+/// them too, and backups record and follow them: after a failover, verify
+/// walks the WAL chain across the timeline switch with the cluster's real
+/// segment size (with PostgreSQL's default it would look for segments of
+/// the new timeline that never existed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_wal_segments_from_initdb_through_backup_and_failover() {
+    let options = ClusterOptions {
+        extra_toml: "\n[bootstrap]\nwal_segment_size = \"4MB\"\n".into(),
+        ..ClusterOptions::default().backup()
+    };
+    let mut cluster = Cluster::start("bk-seg", 2, options).await.unwrap();
+    let repo = cluster.dir().join("repo");
+    let config = cluster.node("node1").config_path().display().to_string();
+    for node in &cluster.nodes {
+        assert_eq!(
+            node.scalar("SHOW wal_segment_size")
+                .await
+                .unwrap()
+                .as_deref(),
+            Some("4MB"),
+            "{}",
+            node.name()
+        );
+    }
+    let leader = cluster.leader().await.unwrap().unwrap();
+    let node = cluster.node(&leader);
+    node.psql(
+        "CREATE TABLE seg_rows (id bigint PRIMARY KEY, pad text); \
+         INSERT INTO seg_rows SELECT i, repeat('x', 100) FROM generate_series(1, 100000) i",
+    )
+    .await
+    .unwrap();
+    let (ok, out, err) = pgha(&["backup", "-c", &config, "--json"]).await.unwrap();
+    assert!(ok, "pgha backup failed: {err}\n{}", cluster.log_tails(20));
+    let summary: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let id = summary["id"].as_str().unwrap().to_string();
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(repo.join(format!("backup/{id}/manifest.json"))).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(manifest["wal_segment_size"], 4 << 20);
+
+    let new_leader = lose_the_leader(&mut cluster, &leader).await;
+    let new_node = cluster.node(&new_leader);
+    new_node
+        .psql("INSERT INTO seg_rows SELECT i, repeat('y', 100) FROM generate_series(100001, 150000) i")
+        .await
+        .unwrap();
+    let tl = new_node.timeline().await.unwrap();
+    assert!(tl >= 2);
+    switch_and_wait_archived(new_node).await;
+    let (ok, out, err) = pgha(&["backup", "verify", "-c", &config]).await.unwrap();
+    assert!(ok, "verify failed: {out}{err}");
+}
+
+/// Kills the agent of `node` as soon as its log has `marker` past
+/// `from_len` bytes (polling every 10 ms), and starts it again. Returns the
+/// log's length at the kill.
+async fn kill_agent_at(cluster: &mut Cluster, node: &str, marker: &str, from_len: usize) -> usize {
+    let seen = wait_until(
+        Duration::from_secs(60),
+        Duration::from_millis(10),
+        || async {
+            let log = cluster.node(node).log_text();
+            log.get(from_len..)
+                .is_some_and(|tail| tail.contains(marker))
+                .then_some(())
+        },
+    )
+    .await;
+    assert!(seen.is_ok(), "no {marker:?}\n{}", cluster.log_tails(30));
+    let n = cluster.node_mut(node);
+    n.kill_agent().await.unwrap();
+    let len = n.log_text().len();
+    n.start().unwrap();
+    len
+}
+
+/// The agent killed outright twice during a bootstrap from a backup: while
+/// it unpacks (a partial copy, restored again from scratch) and just after
+/// the restored server promoted (whole data, finished in place). Whatever
+/// the kills interrupt, the cluster ends initialized with exactly the rows
+/// before the target.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_killed_during_a_bootstrap_restore_ends_in_the_right_cluster() {
+    let (_source, target, _, source_file) = pitr_source("bk-ksrc").await;
+    let options = ClusterOptions {
+        extra_toml: format!(
+            "\n[bootstrap.from_backup]\ntarget = \"{target}\"\nrepository_file = {:?}\n",
+            source_file.display().to_string()
+        ),
+        ..ClusterOptions::default().backup()
+    };
+    let mut cluster = Cluster::create("bk-kill", 1, options).await.unwrap();
+    cluster.node_mut("node1").start().unwrap();
+    let at = kill_agent_at(
+        &mut cluster,
+        "node1",
+        "restoring the cluster from a backup",
+        0,
+    )
+    .await;
+    let at = kill_agent_at(
+        &mut cluster,
+        "node1",
+        "the restored server reached its target and promoted",
+        at,
+    )
+    .await;
+    cluster
+        .wait_healthy(Duration::from_secs(120))
+        .await
+        .with_context(|| cluster.log_tails(40))
+        .unwrap();
+    let node = cluster.node("node1");
+    assert_eq!(
+        node.scalar("SELECT count(*)::text || ' ' || max(id)::text FROM boot_rows")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("2000 2000"),
         "{}",
-        cluster.log_tails(30)
+        cluster.log_tails(40)
     );
+    assert!(node.is_writable().await.unwrap());
+    let log = node.log_text();
     assert!(
-        !node.data_dir().join("PG_VERSION").exists(),
-        "a data directory was left behind"
+        log[..at].contains("restored server reached its target and promoted"),
+        "{log}"
     );
+    // The first kill came during the unpacking: the partial copy was
+    // restored again, never adopted.
+    assert!(log.contains("restoring again"), "{log}");
 }
