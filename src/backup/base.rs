@@ -1,12 +1,14 @@
 //! Base backups: `pg_basebackup` streamed into the repository, the
 //! manifest that describes the result, listing and verification.
 //!
-//! `pg_basebackup -D - -Ft -X none` writes one tar to stdout, with the
-//! server's `backup_manifest` injected at its end; that stream is
-//! compressed (zstd, `parallel` worker threads, frame checksum on) straight
-//! into the repository and the stored bytes are hashed, so the backup never
-//! needs local disk space. The WAL the backup needs comes from the
-//! archive, as for any restore.
+//! `pg_basebackup -Ft -X none --compress=server-zstd` has the server
+//! compress its tar (`parallel` worker threads there), writes it into a
+//! private temporary directory, and pgha stores it into the repository
+//! while it grows, hashing the stored bytes and releasing the stored part
+//! of the temporary file; the server's `backup_manifest` is stored beside
+//! it. The WAL the backup needs comes from the archive, as for any
+//! restore. Backups of earlier versions (one tar compressed by pgha, the
+//! `backup_manifest` inside it) are read as before.
 
 use std::io::{BufRead, Read};
 use std::path::Path;
@@ -39,9 +41,11 @@ pub struct Manifest {
     pub start_time: String,
     pub stop_time: String,
     pub wal_segment_size: u64,
-    /// The server's `backup_manifest` is inside `base.tar` (pg_basebackup
-    /// injects it there when it writes to stdout); `pgha restore` checks
-    /// the restored files against it with `pg_verifybackup`.
+    /// Where the server's `backup_manifest` is: `backup_manifest`, a file
+    /// of the backup of its own, or `base.tar:backup_manifest`, inside the
+    /// tar (backups taken when pg_basebackup wrote to stdout and pgha
+    /// compressed). `pgha restore` checks the restored files against it
+    /// with `pg_verifybackup`.
     pub server_manifest: String,
     pub files: Vec<ManifestFile>,
 }

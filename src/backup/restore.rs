@@ -378,6 +378,120 @@ mod tests {
         }
     }
 
+    /// A tar of `files`, as pg_basebackup writes one.
+    fn tar_of(files: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (name, data) in files {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o600);
+            h.set_cksum();
+            b.append_data(&mut h, name, *data).unwrap();
+        }
+        b.into_inner().unwrap()
+    }
+
+    /// Stores `content` zstd-compressed (`checksum`: with the frame
+    /// checksum, as pgha compresses; without, as the server does).
+    fn put(
+        repo: &super::super::repo::DirRepository,
+        name: &str,
+        key: &str,
+        content: &[u8],
+        checksum: bool,
+    ) -> ManifestFile {
+        let mut c = zstd::bulk::Compressor::new(3).unwrap();
+        c.include_checksum(checksum).unwrap();
+        let data = c.compress(content).unwrap();
+        repo.create(key, &mut &data[..]).unwrap();
+        ManifestFile {
+            name: name.into(),
+            key: key.into(),
+            size: content.len() as u64,
+            sha256: String::new(),
+            stored_size: data.len() as u64,
+            stored_sha256: Some(super::super::file::sha256_hex(&data)),
+            pieces: Vec::new(),
+            server_compressed: !checksum,
+        }
+    }
+
+    /// Both layouts unpack to the same directory, `backup_manifest`
+    /// included: one tar holding it (backups of earlier versions), and a
+    /// tar the server compressed beside the manifest as a file of its own.
+    #[test]
+    fn both_layouts_unpack_with_the_server_manifest_in_place() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let repo = super::super::repo::DirRepository::new(tmp.path().join("repo"));
+        std::fs::create_dir(tmp.path().join("repo")).unwrap();
+        // A pg_verifybackup that checks only that the manifest is there.
+        let bin = tmp.path().join("bin");
+        std::fs::create_dir(&bin).unwrap();
+        let fake = bin.join("pg_verifybackup");
+        std::fs::write(&fake, "#!/bin/sh\ntest -f \"$2/backup_manifest\"\n").unwrap();
+        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let server_manifest = br#"{"PostgreSQL-Backup-Manifest-Version": 1}"#;
+        let relation = super::super::base::tests::noise(100_000);
+        let data: [(&str, &[u8]); 2] = [("PG_VERSION", b"15\n"), ("base/1/1259", &relation)];
+
+        let mut legacy = manifest("20260131T010000Z", "2026-01-31T01:00:10Z", "0/3000000");
+        legacy.server_manifest = "base.tar:backup_manifest".into();
+        let mut with_manifest = data.to_vec();
+        with_manifest.push(("backup_manifest", server_manifest));
+        legacy.files = vec![put(
+            &repo,
+            "base.tar",
+            "backup/20260131T010000Z/base.tar.zst",
+            &tar_of(&with_manifest),
+            true,
+        )];
+
+        let mut current = manifest("20260131T020000Z", "2026-01-31T02:00:10Z", "0/5000000");
+        current.server_manifest = "backup_manifest".into();
+        current.files = vec![
+            put(
+                &repo,
+                "base.tar",
+                "backup/20260131T020000Z/base.tar.zst",
+                &tar_of(&data),
+                false,
+            ),
+            put(
+                &repo,
+                "backup_manifest",
+                "backup/20260131T020000Z/backup_manifest.zst",
+                server_manifest,
+                true,
+            ),
+        ];
+        // The server's tar is larger than the sizes its manifest lists.
+        current.files[0].size = 100_003;
+
+        for m in [&legacy, &current] {
+            let dir = tmp.path().join(&m.id);
+            let seen = std::sync::Mutex::new(Vec::new());
+            unpack(&repo, m, &dir, &bin, &|n| seen.lock().unwrap().push(n)).unwrap();
+            assert_eq!(std::fs::read(dir.join("PG_VERSION")).unwrap(), b"15\n");
+            assert!(std::fs::read(dir.join("base/1/1259")).unwrap() == relation);
+            assert_eq!(
+                std::fs::read(dir.join("backup_manifest")).unwrap(),
+                server_manifest
+            );
+            let seen = seen.into_inner().unwrap();
+            let total: u64 = m.files.iter().map(|f| f.size).sum();
+            assert!(seen.windows(2).all(|w| w[0] <= w[1]), "{seen:?}");
+            assert_eq!(seen.iter().filter(|&&n| n >= total).count(), 1, "{seen:?}");
+        }
+
+        // A stored manifest that would land outside the directory.
+        let mut evil = current.clone();
+        evil.id = "20260131T030000Z".into();
+        evil.files[1].name = "../backup_manifest".into();
+        let err = unpack(&repo, &evil, &tmp.path().join("evil"), &bin, &|_| {}).unwrap_err();
+        assert!(matches!(err, BackupError::Corrupt { .. }), "{err}");
+    }
+
     #[test]
     fn targets_parse() {
         let t = UNIX_EPOCH + Duration::from_secs(1_769_824_800);
