@@ -577,7 +577,11 @@ struct Follow<'a> {
     file: Option<std::fs::File>,
     state: &'a AtomicU8,
     read: u64,
-    released: u64,
+    /// Where the released part ends; `None` once the file system
+    /// refused.
+    released: Option<u64>,
+    /// Bytes read between two releases.
+    release_step: u64,
 }
 
 impl<'a> Follow<'a> {
@@ -587,15 +591,17 @@ impl<'a> Follow<'a> {
             file: None,
             state,
             read: 0,
-            released: 0,
+            released: Some(0),
+            release_step: 32 << 20,
         }
     }
 
     fn release(&mut self) {
         use std::os::fd::AsRawFd;
-        const STEP: u64 = 32 << 20;
-        let Some(file) = &self.file else { return };
-        if self.read - self.released < STEP {
+        let (Some(file), Some(released)) = (&self.file, self.released) else {
+            return;
+        };
+        if self.read.saturating_sub(released) < self.release_step {
             return;
         }
         // SAFETY: fallocate only reads its integer arguments; the
@@ -609,7 +615,7 @@ impl<'a> Follow<'a> {
             )
         };
         // Unsupported: the file keeps its blocks until it is removed.
-        self.released = if rc == 0 { self.read } else { u64::MAX / 2 };
+        self.released = (rc == 0).then_some(self.read);
     }
 }
 
@@ -625,7 +631,13 @@ impl Read for Follow<'_> {
                 return Err(failed());
             }
             if self.file.is_none() {
-                match std::fs::File::open(&self.path) {
+                // Read and write: punching a hole needs a descriptor open
+                // for writing. Nothing is written through it.
+                match std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(&self.path)
+                {
                     Ok(f) => self.file = Some(f),
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound && state == RUNNING => {
                         std::thread::sleep(std::time::Duration::from_millis(20));
@@ -1117,9 +1129,9 @@ pub(crate) mod tests {
             let (read, ()) = std::thread::scope(|scope| {
                 let reader = scope.spawn(|| {
                     let mut out = Vec::new();
-                    Follow::new(path.clone(), &state)
-                        .read_to_end(&mut out)
-                        .map(|_| out)
+                    let mut follow = Follow::new(path.clone(), &state);
+                    follow.release_step = 1 << 20;
+                    follow.read_to_end(&mut out).map(|_| (out, follow.released))
                 });
                 // The file appears late and grows in steps.
                 std::thread::sleep(std::time::Duration::from_millis(50));
@@ -1132,7 +1144,16 @@ pub(crate) mod tests {
                 (reader.join().unwrap(), ())
             });
             if outcome == EXITED_OK {
-                assert!(read.unwrap() == content, "the whole file, in order");
+                let (read, released) = read.unwrap();
+                assert!(read == content, "the whole file, in order");
+                // What was read is no longer on disk, where the file
+                // system can release it (ext4, xfs, tmpfs can).
+                if let Some(released) = released {
+                    use std::os::unix::fs::MetadataExt;
+                    assert!(released >= 2 << 20, "{released}");
+                    let blocks = std::fs::metadata(&path).unwrap().blocks() * 512;
+                    assert!(blocks <= content.len() as u64 - released, "{blocks}");
+                }
             } else {
                 assert!(read.is_err());
             }
