@@ -291,7 +291,7 @@ fn pgha_run(env: &Env, args: &Args, run: usize, times: &mut Times) -> anyhow::Re
                 passfile: &passfile,
                 level: args.level,
                 parallel: args.parallel,
-                progress: &|_| {},
+                progress: &|_, _| {},
                 cancel: None,
                 background: false,
                 // The bench's own initdb keeps PostgreSQL's default.

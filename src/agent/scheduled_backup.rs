@@ -323,7 +323,7 @@ async fn take_scheduled(
         &leader,
         &source,
         run::Options {
-            progress: Box::new(|_| {}),
+            progress: Box::new(|_, _| {}),
             cancel,
             background: true,
         },

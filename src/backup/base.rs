@@ -181,7 +181,7 @@ pub struct BackupSource<'a> {
     pub level: i32,
     pub parallel: usize,
     /// Called with the bytes read from pg_basebackup so far.
-    pub progress: &'a (dyn Fn(u64) + Sync),
+    pub progress: &'a (dyn Fn(u64, u64) + Sync),
     /// Lets another thread stop the backup (the agent does when it loses
     /// the leader key or shuts down).
     pub cancel: Option<&'a Cancel>,
@@ -499,14 +499,16 @@ fn wait_for_exit(pid: nix::unistd::Pid, gave_up: impl Fn() -> bool) -> std::io::
 /// pg_basebackup's standard error: `-P` progress lines (`1234/5678 kB
 /// (21%), ...`) go to `progress` as bytes, the rest is returned for error
 /// messages.
-fn read_log(stderr: impl Read, progress: &(dyn Fn(u64) + Sync)) -> String {
+fn read_log(stderr: impl Read, progress: &(dyn Fn(u64, u64) + Sync)) -> String {
     let mut log = String::new();
     for line in std::io::BufReader::new(stderr).split(b'\n') {
         let Ok(line) = line else { break };
         let line = String::from_utf8_lossy(&line);
         for part in line.split('\r') {
             match progress_kb(part) {
-                Some(kb) => progress(kb.saturating_mul(1024)),
+                Some((done, total)) => {
+                    progress(done.saturating_mul(1024), total.saturating_mul(1024))
+                }
                 None if part.trim().is_empty() => {}
                 None => {
                     log.push_str(part);
@@ -518,14 +520,15 @@ fn read_log(stderr: impl Read, progress: &(dyn Fn(u64) + Sync)) -> String {
     log
 }
 
-/// The kilobytes done of a pg_basebackup `-P` line.
-fn progress_kb(line: &str) -> Option<u64> {
+/// The kilobytes done and in all (the server's estimate) of a
+/// pg_basebackup `-P` line.
+fn progress_kb(line: &str) -> Option<(u64, u64)> {
     let (done, rest) = line.trim_start().split_once('/')?;
     let total = rest.split_once(" kB")?.0;
     if total.is_empty() || !total.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    done.parse().ok()
+    Some((done.parse().ok()?, total.parse().ok()?))
 }
 
 /// The sum of the file sizes a server `backup_manifest` lists: the
@@ -1083,11 +1086,11 @@ pub(crate) mod tests {
     fn progress_lines_of_pg_basebackup() {
         assert_eq!(
             progress_kb("  1234/3070000 kB (0%), 0/1 tablespace"),
-            Some(1234)
+            Some((1234, 3_070_000))
         );
         assert_eq!(
             progress_kb("3070000/3070000 kB (100%), 1/1 tablespace (...base/5/1249)"),
-            Some(3_070_000)
+            Some((3_070_000, 3_070_000))
         );
         assert_eq!(
             progress_kb("pg_basebackup: write-ahead log start point: 0/2000028 on timeline 1"),
@@ -1097,9 +1100,12 @@ pub(crate) mod tests {
         let seen = std::sync::Mutex::new(Vec::new());
         let log = read_log(
             &b"pg_basebackup: initiating base backup\n  10/20 kB (50%), 0/1 tablespace\n20/20 kB (100%), 1/1 tablespace\npg_basebackup: base backup completed\n"[..],
-            &|n| seen.lock().unwrap().push(n),
+            &|n, total| seen.lock().unwrap().push((n, total)),
         );
-        assert_eq!(*seen.lock().unwrap(), [10 * 1024, 20 * 1024]);
+        assert_eq!(
+            *seen.lock().unwrap(),
+            [(10 * 1024, 20 * 1024), (20 * 1024, 20 * 1024)]
+        );
         assert_eq!(
             log,
             "pg_basebackup: initiating base backup\npg_basebackup: base backup completed\n"

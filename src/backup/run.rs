@@ -83,8 +83,9 @@ pub fn least_lagging_replica<'a>(
 
 /// How [`take`] reports and can be stopped.
 pub struct Options {
-    /// Called with the bytes read from pg_basebackup so far.
-    pub progress: Box<dyn Fn(u64) + Send + Sync>,
+    /// Called with the bytes pg_basebackup has sent so far and the
+    /// server's estimate of the total.
+    pub progress: Box<dyn Fn(u64, u64) + Send + Sync>,
     pub cancel: Arc<Cancel>,
     /// See [`BackupSource::background`].
     pub background: bool,

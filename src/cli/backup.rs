@@ -139,15 +139,18 @@ fn print_unpack_report(m: &Manifest, follow: Option<crate::model::Timeline>) {
     println!("{report}");
 }
 
-/// A byte progress bar on a terminal; nothing otherwise.
-fn progress_bar(what: &str) -> Option<indicatif::ProgressBar> {
+/// A byte progress bar on a terminal (done of the total, rate, time
+/// left); nothing otherwise. The total may come later
+/// (`ProgressBar::set_length`): pg_basebackup reports its estimate with
+/// its first progress line.
+fn progress_bar(what: &str, total: u64) -> Option<indicatif::ProgressBar> {
     if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         return None;
     }
-    let bar = indicatif::ProgressBar::new_spinner();
+    let bar = indicatif::ProgressBar::new(total);
     bar.set_style(
         indicatif::ProgressStyle::with_template(
-            "{spinner} {msg} {bytes} ({binary_bytes_per_sec}, {elapsed})",
+            "{msg} {bytes}/{total_bytes} ({binary_bytes_per_sec}, {elapsed}, about {eta} left)",
         )
         .expect("valid template"),
     );
@@ -205,11 +208,13 @@ pub async fn take(cfg: &Config, from: From, json: bool) -> anyhow::Result<()> {
             .context("no streaming replica to back up from; use --from leader")?,
     };
     let repo = repository(&b)?;
-    let bar = progress_bar(&format!("backing up {}", member.name));
+    let bar = progress_bar(&format!("backing up {}", member.name), 0);
     let progress = {
         let bar = bar.clone();
-        Box::new(move |n: u64| {
+        Box::new(move |n: u64, total: u64| {
             if let Some(bar) = &bar {
+                // The server's estimate; the last files may add a little.
+                bar.set_length(total.max(n));
                 bar.set_position(n);
             }
         })
@@ -442,7 +447,10 @@ pub async fn restore(
         }
         None => restore::choose(&list, &target)?.clone(),
     };
-    let bar = progress_bar(&format!("restoring {}", manifest.id));
+    let bar = progress_bar(
+        &format!("restoring {}", manifest.id),
+        manifest.files.iter().map(|f| f.size).sum(),
+    );
     {
         let (repo, m, dir, bin) = (
             repo.clone(),
@@ -454,6 +462,11 @@ pub async fn restore(
         tokio::task::spawn_blocking(move || {
             let progress = move |n: u64| {
                 if let Some(bar) = &bar {
+                    // A server-compressed backup's size leaves out the
+                    // tar's headers: the count may pass it a little.
+                    if bar.length().is_some_and(|l| n > l) {
+                        bar.set_length(n);
+                    }
                     bar.set_position(n);
                 }
             };
