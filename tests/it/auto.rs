@@ -300,6 +300,21 @@ async fn reads_never_go_back_behind_the_clients_own_writes() {
     let replica = replica(&cluster).await;
     wait_reads_reach(&with, replica).await;
     wait_reads_reach(&without, replica).await;
+    // The replica applies the table 200 ms late: reads routed to it
+    // before that fail ("relation does not exist") instead of being stale.
+    wait_until(
+        Duration::from_secs(30),
+        Duration::from_millis(50),
+        || async {
+            replica
+                .scalar("SELECT v FROM kv WHERE k = 1")
+                .await
+                .ok()
+                .flatten()
+        },
+    )
+    .await
+    .expect("the replica has the table");
 
     // Without read-your-writes the delayed replica serves stale reads: the
     // check below can fail.
