@@ -123,9 +123,9 @@ pub struct Args {
     pub faults: usize,
     #[arg(long, default_value = "on", value_parser = ["off", "on", "strict"])]
     pub sync: String,
-    /// Cluster-wide `failsafe_mode` (reported, and left off, when this
-    /// pgha build does not know the key).
-    #[arg(long, default_value = "off", value_parser = ["on", "off"])]
+    /// Cluster-wide `failsafe_mode`, set either way (reported as
+    /// `default` when the setting fails). pgha's default is on.
+    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
     pub failsafe: String,
     /// Seed for fault order (with `--random-order`), moments, durations
     /// and targets; printed and reported, so a run can be repeated.

@@ -78,22 +78,16 @@ pub async fn run(topo: Arc<Topology>, plan: Plan, seed: u64) -> anyhow::Result<V
     wait_etcd(&topo).await?;
     log("etcd cluster healthy");
     topo.cluster.start().await?;
-    let failsafe_error = if plan.failsafe {
-        match topo
-            .cluster
-            .config_set(&["failsafe_mode=on".to_string()])
-            .await
-        {
-            Ok(()) => None,
-            Err(e) => {
-                log(&format!(
-                    "failsafe_mode not set, running with it off: {e:#}"
-                ));
-                Some(format!("{e:#}"))
-            }
+    // Set either way: `off` must really be off whatever pgha's default.
+    let failsafe_setting = format!("failsafe_mode={}", if plan.failsafe { "on" } else { "off" });
+    let failsafe_error = match topo.cluster.config_set(&[failsafe_setting]).await {
+        Ok(()) => None,
+        Err(e) => {
+            log(&format!(
+                "failsafe_mode not set, running with pgha's default: {e:#}"
+            ));
+            Some(format!("{e:#}"))
         }
-    } else {
-        None
     };
     let client_config = topo.cluster.writer_config();
     create_table(&client_config).await?;
@@ -319,7 +313,11 @@ fn report(
         "ha": ha_json(&outcomes.iter().map(|o| o.ha.clone()).collect::<Vec<_>>()),
         "aborted": aborted,
         "synchronous_mode": plan.sync,
-        "failsafe_mode": if plan.failsafe && failsafe_error.is_none() { "on" } else { "off" },
+        "failsafe_mode": match (&failsafe_error, plan.failsafe) {
+            (Some(_), _) => "default",
+            (None, true) => "on",
+            (None, false) => "off",
+        },
         "failsafe_error": failsafe_error,
         "seed": seed,
         "slow_network": if topo.netem { "netem delay 200ms 50ms loss 5%" } else { "nft loss 5% + tbf 1mbit (no sch_netem)" },

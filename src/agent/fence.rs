@@ -154,7 +154,9 @@ impl Fence {
     pub fn set(&self, state: FenceState) -> Result<(), FenceError> {
         self.dir
             .write(STATE_FILE, state.render().as_bytes(), 0o600)
-            .map_err(FenceError::Write)
+            .map_err(FenceError::Write)?;
+        self.supervisor.nudge();
+        Ok(())
     }
 
     /// Arms the keeper with a new deadline. An error is the caller's to act
@@ -252,7 +254,13 @@ impl Fence {
                 .arg("--vip-interface")
                 .arg(&a.interface);
         }
-        cmd.stdin(std::process::Stdio::null())
+        // Its standard input is the nudge pipe (see `fence_keeper`). Both
+        // ends are close-on-exec, so no other child inherits them; the
+        // read end becomes descriptor 0 of the keeper alone.
+        let (nudge_read, nudge_write) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)
+                .map_err(|e| FenceError::Spawn(e.into()))?;
+        cmd.stdin(std::process::Stdio::from(nudge_read))
             .stdout(log.try_clone().map_err(FenceError::Spawn)?)
             .stderr(log);
         // SAFETY: only async-signal-safe calls (dup2, fcntl) between fork
@@ -273,6 +281,8 @@ impl Fence {
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         let child = cmd.spawn().map_err(FenceError::Spawn)?;
         drop(dir_fd);
+        // Replaces (closes) the pipe of a keeper this one replaces.
+        *self.supervisor.nudge_pipe.lock().unwrap() = Some(std::fs::File::from(nudge_write));
         Ok(child)
     }
 
@@ -362,6 +372,8 @@ impl Fence {
 struct FenceSupervisor {
     child: Mutex<(Option<i32>, bool)>,
     shutting_down: AtomicBool,
+    /// The write end of the current keeper's nudge pipe.
+    nudge_pipe: Mutex<Option<std::fs::File>>,
 }
 
 impl FenceSupervisor {
@@ -370,6 +382,16 @@ impl FenceSupervisor {
     }
     fn set_child(&self, pid: Option<i32>, stopped: bool) {
         *self.child.lock().unwrap() = (pid, stopped);
+    }
+
+    /// Wakes the keeper to read the state now. Best effort: a full pipe
+    /// (EAGAIN) already holds a nudge it has not read, and without a pipe
+    /// the keeper reads the state at its next poll anyway.
+    fn nudge(&self) {
+        use std::io::Write;
+        if let Some(pipe) = self.nudge_pipe.lock().unwrap().as_mut() {
+            let _ = pipe.write(&[1]);
+        }
     }
 }
 
