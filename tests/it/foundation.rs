@@ -522,6 +522,7 @@ async fn restarted_agent_leaves_exactly_one_fence_keeper() {
         .expect("start a 1-node cluster");
     let node = cluster.node_mut("node1");
     assert_eq!(node.fence_keeper_pids().len(), 1, "one keeper after start");
+    assert_nudge_pipe(&node.fence_keeper_pids());
     for round in 1..=2 {
         node.kill_agent().await.unwrap();
         node.start().unwrap();
@@ -543,6 +544,19 @@ async fn restarted_agent_leaves_exactly_one_fence_keeper() {
             "round {round}: fence keepers guarding {}: {keepers:?}\nfence-keeper.log:\n{}",
             node.data_dir().display(),
             node.fence_log()
+        );
+        assert_nudge_pipe(&keepers);
+    }
+}
+
+/// Each keeper's standard input is its own nudge pipe from the agent
+/// that started it.
+fn assert_nudge_pipe(keepers: &[i32]) {
+    for pid in keepers {
+        let stdin = std::fs::read_link(format!("/proc/{pid}/fd/0")).unwrap();
+        assert!(
+            stdin.to_string_lossy().starts_with("pipe:"),
+            "keeper {pid}: standard input is {stdin:?}, not the nudge pipe"
         );
     }
 }
