@@ -128,19 +128,50 @@ pub fn rebuild_target(tag: u8, kind: u8, name: &str) -> Bytes {
     })
 }
 
-/// Whether a simple query drops every prepared statement of the server
-/// (`DISCARD ALL`, `DEALLOCATE ALL`), so the proxy must forget them too.
-pub fn drops_all_statements(query: &str) -> bool {
-    let words: Vec<String> = query
-        .split(|c: char| c.is_whitespace() || c == ';')
-        .filter(|w| !w.is_empty())
-        .take(3)
-        .map(str::to_ascii_lowercase)
-        .collect();
-    matches!(
-        words.iter().map(String::as_str).collect::<Vec<_>>()[..],
-        ["discard", "all", ..] | ["deallocate", "all", ..] | ["deallocate", "prepare", "all"]
-    )
+/// Whether a simple query (its text, without the terminating NUL) may
+/// drop every prepared statement of the server (`DISCARD ALL`,
+/// `DEALLOCATE [PREPARE] ALL`), so the proxy must forget them before it
+/// forwards anything after it.
+///
+/// Every `;`-separated part is checked, after leading whitespace and
+/// comments. A `;` inside a literal can make it answer yes for a query
+/// that drops nothing, which costs one needless re-`Parse`; answering no
+/// for one that does would make the next `Bind` fail, and the server's own
+/// answer ([`completes_drop_all`]) catches what this misses.
+pub fn drops_all_statements(query: &[u8]) -> bool {
+    query.split(|&b| b == b';').any(|part| {
+        let mut words = skip_comments(part)
+            .split(|b| b.is_ascii_whitespace())
+            .filter(|w| !w.is_empty());
+        let mut next = || words.next().unwrap_or_default();
+        let (first, second) = (next(), next());
+        let is = |w: &[u8], keyword: &str| w.eq_ignore_ascii_case(keyword.as_bytes());
+        (is(first, "discard") && is(second, "all"))
+            || (is(first, "deallocate")
+                && (is(second, "all") || (is(second, "prepare") && is(next(), "all"))))
+    })
+}
+
+/// `text` after its leading whitespace and `--` / `/* */` comments.
+fn skip_comments(mut text: &[u8]) -> &[u8] {
+    loop {
+        text = text.trim_ascii_start();
+        if let Some(rest) = text.strip_prefix(b"--") {
+            let end = rest.iter().position(|&b| b == b'\n').unwrap_or(rest.len());
+            text = &rest[end..];
+        } else if let Some(rest) = text.strip_prefix(b"/*") {
+            let end = rest.windows(2).position(|w| w == b"*/");
+            text = end.map_or(&[][..], |e| &rest[e + 2..]);
+        } else {
+            return text;
+        }
+    }
+}
+
+/// Whether a server's CommandComplete body says every prepared statement
+/// was dropped: the authoritative check behind [`drops_all_statements`].
+pub fn completes_drop_all(body: &[u8]) -> bool {
+    body == b"DISCARD ALL\0" || body == b"DEALLOCATE ALL\0"
 }
 
 #[cfg(test)]
@@ -230,8 +261,24 @@ mod tests {
             ("discard plans", false),
             ("deallocate p1", false),
             ("select 'discard all'", false),
+            ("select 1; discard all", true),
+            ("/* pool reset */ DISCARD ALL", true),
+            ("-- reset\n  deallocate all", true),
+            ("/* unterminated discard all", false),
+            ("deallocate prepare p1", false),
+            ("", false),
+            (";;", false),
         ] {
-            assert_eq!(drops_all_statements(q), want, "{q}");
+            assert_eq!(drops_all_statements(q.as_bytes()), want, "{q}");
         }
+    }
+
+    #[test]
+    fn a_drop_all_is_read_from_the_command_tag() {
+        assert!(completes_drop_all(b"DISCARD ALL\0"));
+        assert!(completes_drop_all(b"DEALLOCATE ALL\0"));
+        assert!(!completes_drop_all(b"DEALLOCATE\0"));
+        assert!(!completes_drop_all(b"DISCARD PLANS\0"));
+        assert!(!completes_drop_all(b"SELECT 1\0"));
     }
 }

@@ -712,8 +712,7 @@ impl Session {
             }
             b'S' | b'Q' | b'F' => {
                 if frame.tag == b'Q'
-                    && let Some(q) = codec::cstr(&mut &body[..])
-                    && prepared::drops_all_statements(&q)
+                    && prepared::drops_all_statements(body.strip_suffix(b"\0").unwrap_or(body))
                 {
                     server.prepared.clear();
                 }
@@ -742,6 +741,17 @@ impl Session {
                 if front.close.pop_front().unwrap_or(true) {
                     self.client_out.extend_from_slice(&frame.raw);
                 }
+            }
+            b'C' => {
+                // However it was sent (through the extended protocol, or
+                // in a query the text check missed), the server says so
+                // when it dropped them all.
+                if prepared::completes_drop_all(frame.body())
+                    && let Some(l) = self.server.as_mut()
+                {
+                    l.server_mut().prepared.clear();
+                }
+                self.client_out.extend_from_slice(&frame.raw);
             }
             b'E' => {
                 // The server skips the rest of the batch: statements it

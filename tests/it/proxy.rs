@@ -109,6 +109,27 @@ async fn transaction_pooling_routes_authenticates_and_survives_bad_input() {
             assert_eq!(v, i + 1);
         }
     }
+    // A server whose statements were all dropped, in ways a plain
+    // `DISCARD ALL` query would not show (behind a comment, through the
+    // extended protocol): the proxy prepares them there again.
+    for round in 0..3 {
+        let (c, _) = &clients[round % clients.len()];
+        if round % 2 == 0 {
+            c.batch_execute("/* pool reset */ DISCARD ALL")
+                .await
+                .unwrap();
+        } else {
+            c.execute("DISCARD ALL", &[]).await.unwrap();
+        }
+        for (k, (c, st)) in clients.iter().enumerate() {
+            let v: i32 = c
+                .query_one(st, &[&(k as i32)])
+                .await
+                .unwrap_or_else(|e| panic!("round {round}, client {k}: {e}"))
+                .get(0);
+            assert_eq!(v, k as i32 + 1);
+        }
+    }
     // A transaction keeps its server connection; temp state of one
     // transaction is visible within it.
     let (c, _) = &clients[0];
