@@ -1011,37 +1011,44 @@ fn short_intervals_are_rejected_below_100ms() {
 #[test]
 fn timing_budget_must_fit_in_ttl() {
     run_cases(&[
-        // Defaults (500ms + 1s + 500ms = 2s) with a 2s ttl fit exactly; 1ms more does not.
+        // 500ms + 600ms + 500ms + the agent's 400ms lead = 2s fit a 2s ttl
+        // exactly; 1ms more does not, and neither do the defaults.
         (
             "ha",
-            "ttl = \"2s\"\nretry_timeout = \"1001ms\"",
+            "ttl = \"2s\"\nretry_timeout = \"601ms\"",
             "ha.ttl",
-            "must be at least loop_wait + retry_timeout + fence_margin = 2s 1ms (got 2s)",
+            "must be at least loop_wait + retry_timeout + fence_margin + 400ms (the agent demotes itself that much before the fence keeper's deadline) = 2s 1ms (got 2s); lower retry_timeout or raise ttl",
         ),
-        ("ha", "loop_wait = \"2s\"", "ha.ttl", "= 3s 500ms (got 3s)"),
+        ("ha", "ttl = \"2s\"", "ha.ttl", "= 2s 400ms (got 2s)"),
+        ("ha", "loop_wait = \"2s\"", "ha.ttl", "= 3s 900ms (got 3s)"),
         (
             "ha",
-            "ttl = \"10s\"\nloop_wait = \"5s\"\nretry_timeout = \"5s\"\nfence_margin = \"100ms\"",
+            "ttl = \"10s\"\nloop_wait = \"5s\"\nretry_timeout = \"4700ms\"\nfence_margin = \"100ms\"",
             "ha.ttl",
-            "= 10s 100ms (got 10s)",
+            "= 10s 200ms (got 10s)",
         ),
         (
             "ha",
             "ttl = \"10s\"\nfence_margin = \"9s\"",
             "ha.ttl",
-            "= 10s 500ms (got 10s)",
+            "= 10s 900ms (got 10s)",
         ),
     ]);
     // Boundary: the sum equal to ttl is accepted.
-    let c = doc().set("ha", "ttl = \"2s\"").ok();
+    let c = doc()
+        .set("ha", "ttl = \"2s\"\nretry_timeout = \"600ms\"")
+        .ok();
     assert_eq!(
-        c.ha.loop_wait + c.ha.retry_timeout + c.ha.fence_margin,
+        c.ha.loop_wait
+            + c.ha.retry_timeout
+            + c.ha.fence_margin
+            + Duration::from_millis(crate::ha::lease::AGENT_LEAD_MS),
         c.ha.ttl
     );
     let c = doc()
         .set(
             "ha",
-            "ttl = \"10s\"\nloop_wait = \"5s\"\nretry_timeout = \"4s\"\nfence_margin = \"1s\"",
+            "ttl = \"10s\"\nloop_wait = \"5s\"\nretry_timeout = \"3600ms\"\nfence_margin = \"1s\"",
         )
         .ok();
     assert_eq!(c.ha.ttl, Duration::from_secs(10));

@@ -701,14 +701,17 @@ pub(crate) fn validate_ha(path: &Path, raw: &super::raw::RawHa) -> Result<HaConf
     }
     // The leader renews every loop_wait and gives one renewal up to
     // retry_timeout; it must then still have fence_margin left before the
-    // lease can expire, to stop PostgreSQL. If the sum exceeded the TTL, a
-    // single slow renewal would fence a healthy leader.
-    let budget = raw.loop_wait + raw.retry_timeout + raw.fence_margin;
+    // lease can expire, to stop PostgreSQL, plus the agent's own lead on
+    // the fence keeper (it demotes itself that much earlier). If the sum
+    // exceeded the TTL, a single slow renewal would demote a healthy leader.
+    let lead = Duration::from_millis(crate::ha::lease::AGENT_LEAD_MS);
+    let budget = raw.loop_wait + raw.retry_timeout + raw.fence_margin + lead;
     if budget > raw.ttl {
         return Err(bad(
             "ha.ttl",
             format!(
-                "must be at least loop_wait + retry_timeout + fence_margin = {} (got {})",
+                "must be at least loop_wait + retry_timeout + fence_margin + {} (the agent demotes itself that much before the fence keeper's deadline) = {} (got {}); lower retry_timeout or raise ttl",
+                ms(lead),
                 ms(budget),
                 ms(raw.ttl)
             ),
