@@ -385,8 +385,9 @@ impl FenceSupervisor {
     }
 
     /// Wakes the keeper to read the state now. Best effort: a full pipe
-    /// (EAGAIN) already holds a nudge it has not read, and without a pipe
-    /// the keeper reads the state at its next poll anyway.
+    /// (EAGAIN) already holds a nudge it has not read, a dead keeper's
+    /// pipe answers EPIPE (Rust programs ignore SIGPIPE), and without a
+    /// pipe the keeper reads the state at its next poll anyway.
     fn nudge(&self) {
         use std::io::Write;
         if let Some(pipe) = self.nudge_pipe.lock().unwrap().as_mut() {

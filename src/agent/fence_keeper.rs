@@ -216,12 +216,25 @@ struct Nudges {
 }
 
 impl Nudges {
-    /// The keeper's standard input, where the agent puts the pipe.
+    /// The keeper's standard input, where the agent puts the pipe. Only a
+    /// pipe counts, made non-blocking here: a keeper started by hand with
+    /// a terminal, a file or `/dev/zero` there must neither stop on a read
+    /// nor spin, and plainly sleeps.
     fn from_stdin() -> Nudges {
+        use nix::fcntl::{FcntlArg, OFlag, fcntl};
+        use nix::sys::stat::{SFlag, fstat};
         use std::os::fd::AsFd;
-        Nudges {
-            pipe: std::io::stdin().as_fd().try_clone_to_owned().ok(),
-        }
+        let pipe = std::io::stdin()
+            .as_fd()
+            .try_clone_to_owned()
+            .ok()
+            .filter(|fd| {
+                fstat(fd).is_ok_and(|st| {
+                    SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFIFO
+                })
+            })
+            .filter(|fd| fcntl(fd, FcntlArg::F_SETFL(OFlag::O_NONBLOCK)).is_ok());
+        Nudges { pipe }
     }
 
     /// Waits up to `timeout`, less when a nudge arrives.
@@ -234,19 +247,21 @@ impl Nudges {
             return;
         };
         let mut fds = [PollFd::new(pipe.as_fd(), PollFlags::POLLIN)];
-        let ms = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
+        // At least 1 ms: a zero timeout would make the keeper spin.
+        let ms = u16::try_from(timeout.as_millis().max(1)).unwrap_or(u16::MAX);
         let open = match poll(&mut fds, ms) {
             Ok(0) | Err(Errno::EINTR) => true,
-            // Drain what is there. A non-blocking pipe answers EAGAIN
-            // when empty; anything but a poll that found no byte (EOF, a
-            // descriptor that is no pipe) ends the nudges.
-            Ok(_) => {
+            // Drain what is there, until the non-blocking pipe answers
+            // EAGAIN. The end of the pipe (the agent is gone) or any other
+            // error ends the nudges.
+            Ok(_) => loop {
                 let mut buf = [0u8; 64];
-                matches!(
-                    nix::unistd::read(pipe.as_fd(), &mut buf),
-                    Ok(1..) | Err(Errno::EAGAIN | Errno::EINTR)
-                )
-            }
+                match nix::unistd::read(pipe.as_fd(), &mut buf) {
+                    Ok(1..) | Err(Errno::EINTR) => continue,
+                    Err(Errno::EAGAIN) => break true,
+                    Ok(0) | Err(_) => break false,
+                }
+            },
             Err(_) => false,
         };
         if !open {
