@@ -133,11 +133,13 @@ pub fn rebuild_target(tag: u8, kind: u8, name: &str) -> Bytes {
 /// `DEALLOCATE [PREPARE] ALL`), so the proxy must forget them before it
 /// forwards anything after it.
 ///
-/// Every `;`-separated part is checked, after leading whitespace and
-/// comments. A `;` inside a literal can make it answer yes for a query
-/// that drops nothing, which costs one needless re-`Parse`; answering no
-/// for one that does would make the next `Bind` fail, and the server's own
-/// answer ([`completes_drop_all`]) catches what this misses.
+/// Every `;`-separated part is checked, after its leading whitespace and
+/// comments. This is a text check, not a parser: a `;` inside a literal
+/// can make it answer yes for a query that drops nothing (one needless
+/// re-`Parse`), and a `;` inside a comment, or a comment between the
+/// keywords, can make it miss one. What it misses, the server's own
+/// answer ([`completes_drop_all`]) catches for every later batch; only a
+/// `Bind` pipelined behind such a query, before that answer, can fail.
 pub fn drops_all_statements(query: &[u8]) -> bool {
     query.split(|&b| b == b';').any(|part| {
         let mut words = skip_comments(part)
@@ -166,6 +168,28 @@ fn skip_comments(mut text: &[u8]) -> &[u8] {
             return text;
         }
     }
+}
+
+/// Whether a server's ErrorResponse body reports a missing prepared
+/// statement (SQLSTATE 26000): the proxy's idea of what that server holds
+/// was wrong (dropped in a way it could not see), so it must forget it all
+/// rather than fail every later `Bind` of that statement there.
+pub fn reports_missing_statement(body: &[u8]) -> bool {
+    let mut fields = body;
+    // Fields: a type byte and a NUL-terminated value each, then a NUL.
+    while let Some((&kind, rest)) = fields.split_first() {
+        if kind == 0 {
+            break;
+        }
+        let Some(end) = rest.iter().position(|&b| b == 0) else {
+            break;
+        };
+        if kind == b'C' {
+            return &rest[..end] == b"26000";
+        }
+        fields = &rest[end + 1..];
+    }
+    false
 }
 
 /// Whether a server's CommandComplete body says every prepared statement
@@ -271,6 +295,25 @@ mod tests {
         ] {
             assert_eq!(drops_all_statements(q.as_bytes()), want, "{q}");
         }
+    }
+
+    #[test]
+    fn a_missing_statement_is_read_from_the_error_code() {
+        let error = |code: &str| {
+            let mut out = BytesMut::new();
+            crate::proxy::codec::error_response(
+                &mut out,
+                crate::proxy::codec::Severity::Error,
+                code,
+                "prepared statement \"pgha_1\" does not exist",
+            );
+            out.split_off(5).freeze()
+        };
+        assert!(reports_missing_statement(&error("26000")));
+        assert!(!reports_missing_statement(&error("42P01")));
+        assert!(!reports_missing_statement(b"SERROR\0M26000\0\0"));
+        assert!(!reports_missing_statement(b"C26000"));
+        assert!(!reports_missing_statement(b""));
     }
 
     #[test]

@@ -757,8 +757,12 @@ impl Session {
                 // The server skips the rest of the batch: statements it
                 // was to parse may not exist.
                 if let Some(l) = self.server.as_mut() {
+                    let prepared = &mut l.server_mut().prepared;
                     for name in front.parsed.drain(..) {
-                        l.server_mut().prepared.remove(&name);
+                        prepared.remove(&name);
+                    }
+                    if prepared::reports_missing_statement(frame.body()) {
+                        prepared.clear();
                     }
                 }
                 self.client_out.extend_from_slice(&frame.raw);

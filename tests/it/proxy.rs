@@ -130,6 +130,31 @@ async fn transaction_pooling_routes_authenticates_and_survives_bad_input() {
             assert_eq!(v, k as i32 + 1);
         }
     }
+    // One the proxy cannot see at all (a DO block): the next Bind of a
+    // statement on that server fails once, with the server's "does not
+    // exist", and then the proxy prepares its statements there again.
+    clients[0]
+        .0
+        .batch_execute("DO $$BEGIN EXECUTE 'DEALLOCATE ALL'; END$$")
+        .await
+        .unwrap();
+    if let Err(e) = clients[0].0.query_one(&clients[0].1, &[&0i32]).await {
+        assert_eq!(
+            e.code(),
+            Some(&tokio_postgres::error::SqlState::INVALID_SQL_STATEMENT_NAME),
+            "{e}"
+        );
+    }
+    for round in 0..2 {
+        for (k, (c, st)) in clients.iter().enumerate() {
+            let v: i32 = c
+                .query_one(st, &[&(k as i32)])
+                .await
+                .unwrap_or_else(|e| panic!("after DO, round {round}, client {k}: {e}"))
+                .get(0);
+            assert_eq!(v, k as i32 + 1);
+        }
+    }
     // A transaction keeps its server connection; temp state of one
     // transaction is visible within it.
     let (c, _) = &clients[0];
