@@ -170,26 +170,18 @@ fn skip_comments(mut text: &[u8]) -> &[u8] {
     }
 }
 
-/// Whether a server's ErrorResponse body reports a missing prepared
-/// statement (SQLSTATE 26000): the proxy's idea of what that server holds
-/// was wrong (dropped in a way it could not see), so it must forget it all
-/// rather than fail every later `Bind` of that statement there.
-pub fn reports_missing_statement(body: &[u8]) -> bool {
-    let mut fields = body;
-    // Fields: a type byte and a NUL-terminated value each, then a NUL.
-    while let Some((&kind, rest)) = fields.split_first() {
-        if kind == 0 {
-            break;
-        }
-        let Some(end) = rest.iter().position(|&b| b == 0) else {
-            break;
-        };
-        if kind == b'C' {
-            return &rest[..end] == b"26000";
-        }
-        fields = &rest[end + 1..];
+/// Whether a server's message (a whole frame) is an ErrorResponse about a
+/// missing prepared statement (SQLSTATE 26000): the proxy's idea of what
+/// that server holds was wrong (dropped in a way it could not see), so it
+/// must forget it all rather than fail every later `Bind` of that
+/// statement there. Errors are rare: parsing one here costs nothing that
+/// matters.
+pub fn reports_missing_statement(frame: &[u8]) -> bool {
+    use postgres_protocol::message::backend::Message;
+    match Message::parse(&mut BytesMut::from(frame)) {
+        Ok(Some(Message::ErrorResponse(body))) => super::server::error_fields(&body).0 == "26000",
+        _ => false,
     }
-    false
 }
 
 /// Whether a server's CommandComplete body says every prepared statement
@@ -307,12 +299,15 @@ mod tests {
                 code,
                 "prepared statement \"pgha_1\" does not exist",
             );
-            out.split_off(5).freeze()
+            out
         };
         assert!(reports_missing_statement(&error("26000")));
         assert!(!reports_missing_statement(&error("42P01")));
-        assert!(!reports_missing_statement(b"SERROR\0M26000\0\0"));
-        assert!(!reports_missing_statement(b"C26000"));
+        // A notice with the same code, a truncated frame, no frame.
+        let mut notice = error("26000");
+        notice[0] = b'N';
+        assert!(!reports_missing_statement(&notice));
+        assert!(!reports_missing_statement(&error("26000")[..8]));
         assert!(!reports_missing_statement(b""));
     }
 

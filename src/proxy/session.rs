@@ -761,7 +761,7 @@ impl Session {
                     for name in front.parsed.drain(..) {
                         prepared.remove(&name);
                     }
-                    if prepared::reports_missing_statement(frame.body()) {
+                    if prepared::reports_missing_statement(&frame.raw) {
                         prepared.clear();
                     }
                 }

@@ -52,6 +52,21 @@ async fn raw_exchange(port: u16, bytes: &[u8]) -> Vec<u8> {
     out
 }
 
+/// Each client's prepared `select $1::int4 + 1` answers right.
+async fn every_statement_runs(
+    clients: &[(tokio_postgres::Client, tokio_postgres::Statement)],
+    when: &str,
+) {
+    for (k, (c, st)) in clients.iter().enumerate() {
+        let v: i32 = c
+            .query_one(st, &[&(k as i32)])
+            .await
+            .unwrap_or_else(|e| panic!("{when}, client {k}: {e}"))
+            .get(0);
+        assert_eq!(v, k as i32 + 1);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn transaction_pooling_routes_authenticates_and_survives_bad_input() {
     let cluster = Cluster::start("pxtx", 3, ClusterOptions::default())
@@ -121,14 +136,7 @@ async fn transaction_pooling_routes_authenticates_and_survives_bad_input() {
         } else {
             c.execute("DISCARD ALL", &[]).await.unwrap();
         }
-        for (k, (c, st)) in clients.iter().enumerate() {
-            let v: i32 = c
-                .query_one(st, &[&(k as i32)])
-                .await
-                .unwrap_or_else(|e| panic!("round {round}, client {k}: {e}"))
-                .get(0);
-            assert_eq!(v, k as i32 + 1);
-        }
+        every_statement_runs(&clients, &format!("round {round}")).await;
     }
     // One the proxy cannot see at all (a DO block): the next Bind of a
     // statement on that server fails once, with the server's "does not
@@ -146,14 +154,7 @@ async fn transaction_pooling_routes_authenticates_and_survives_bad_input() {
         );
     }
     for round in 0..2 {
-        for (k, (c, st)) in clients.iter().enumerate() {
-            let v: i32 = c
-                .query_one(st, &[&(k as i32)])
-                .await
-                .unwrap_or_else(|e| panic!("after DO, round {round}, client {k}: {e}"))
-                .get(0);
-            assert_eq!(v, k as i32 + 1);
-        }
+        every_statement_runs(&clients, &format!("after DO, round {round}")).await;
     }
     // A transaction keeps its server connection; temp state of one
     // transaction is visible within it.
