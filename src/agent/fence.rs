@@ -342,10 +342,14 @@ impl Fence {
     }
 
     /// Kills a keeper that stopped making progress; the supervisor thread
-    /// then starts another.
+    /// then starts another. Only a process that is still a fence keeper
+    /// of this account: the supervisor may have reaped the child a moment
+    /// ago, and its number may already belong to another process.
     pub fn replace_hung_keeper(&self) {
         let (pid, _) = self.supervisor.child();
-        if let Some(pid) = pid {
+        if let Some(pid) = pid
+            && is_our_keeper(pid)
+        {
             tracing::error!(pid, "the fence keeper stopped acknowledging; replacing it");
             kill(pid, nix::sys::signal::Signal::SIGKILL);
         }

@@ -16,7 +16,11 @@ use crate::util::boottime_ms;
 
 const MARGIN_MS: u64 = 500;
 const TTL: Duration = Duration::from_secs(3);
-const KEEPER_PID: i32 = 4242;
+/// The pretended keeper: a number no process can have (above the largest
+/// possible `pid_max`), because a stopped keeper is replaced with SIGKILL.
+/// With a small number, that signal could reach whatever process had it,
+/// the test binary included (with `pid_max` at 32768, numbers wrap fast).
+const KEEPER_PID: i32 = 0x3fff_fff0;
 
 struct Setup {
     _tmp: tempfile::TempDir,
