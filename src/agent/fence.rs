@@ -420,6 +420,72 @@ fn is_our_keeper(pid: i32) -> bool {
 mod tests {
     use super::*;
 
+    /// A hung keeper is killed only while its number still names a fence
+    /// keeper of this account; any other process with that number lives.
+    #[test]
+    fn a_hung_keeper_is_replaced_but_no_other_process() {
+        use crate::safe_fs::{Owner, Strictness};
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = TrustedDir::create(
+            &tmp.path().join("state"),
+            Owner::current(),
+            0o700,
+            Strictness::Private,
+        )
+        .unwrap();
+        let fence = Fence::new(Arc::new(dir));
+        // `sh -c CMD NAME`: NAME is only the script's $0, but it is in the
+        // command line, which is what identifies a keeper. (`; :` keeps the
+        // shell from replacing itself with `sleep`.)
+        let spawn = |name: &str| {
+            let child = std::process::Command::new("sh")
+                .args(["-c", "sleep 60; :", name])
+                .spawn()
+                .unwrap();
+            // Until the new program runs, the command line is empty.
+            let started = |pid: u32| {
+                procfs::process::Process::new(pid as i32)
+                    .and_then(|p| p.cmdline())
+                    .is_ok_and(|args| !args.is_empty())
+            };
+            for _ in 0..500 {
+                if started(child.id()) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            child
+        };
+        // SIGKILL is sent before `replace_hung_keeper` returns: a killed
+        // process is gone within moments.
+        let wait = |child: &mut std::process::Child, tries: u32| {
+            for _ in 0..tries {
+                if let Some(status) = child.try_wait().unwrap() {
+                    return Some(status);
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            None
+        };
+        let mut other = spawn("not-a-keeper");
+        fence.pretend_keeper(Some(other.id() as i32), false);
+        fence.replace_hung_keeper();
+        assert_eq!(
+            wait(&mut other, 50),
+            None,
+            "an unrelated process was killed"
+        );
+        other.kill().unwrap();
+        other.wait().unwrap();
+
+        let mut keeper = spawn("fence-keeper");
+        fence.pretend_keeper(Some(keeper.id() as i32), false);
+        fence.replace_hung_keeper();
+        let status = wait(&mut keeper, 500).expect("the hung keeper was not killed");
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(status.signal(), Some(libc::SIGKILL));
+    }
+
     #[test]
     fn state_round_trips() {
         for s in [
